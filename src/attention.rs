@@ -1,0 +1,235 @@
+//! Multi-head self-attention with one positional hook, a KV cache and an exact query-chunked
+//! path.
+//!
+//! For query rows `i` and key columns `j`, the logits are `A = QKᵀ / sqrt(d_head)` after the
+//! rotary hook, then the encoding's logit hook (bias, Shaw, CoPE, DAPE), then the causal mask
+//! and the softmax. Rows are independent, so query chunks of `C` rows give exactly the full
+//! result; a causal chunk only reads the keys up to its last row, so the largest tensor is
+//! `[batch, heads, C, keys]` (and `[batch, C, keys, D]` inside DAPE).
+
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+
+use crate::encoding::{Hook, PositionalEncoding, PositionalEncodingConfig, Span};
+use crate::error::{ensure, Error, Result};
+
+/// Configuration of [`MultiHeadAttention`].
+#[derive(Config, Debug)]
+pub struct AttentionConfig {
+    /// Model width; must be a multiple of `n_heads`.
+    pub d_model: usize,
+    /// Number of heads.
+    pub n_heads: usize,
+    /// The positional encoding. Absolute encodings (sinusoidal, learned) act on embeddings,
+    /// not here: the attention layer treats them as NoPE and the model applies them.
+    #[config(default = "PositionalEncodingConfig::Nope")]
+    pub encoding: PositionalEncodingConfig,
+    /// Causal (decoder) or bidirectional (encoder) attention.
+    #[config(default = true)]
+    pub causal: bool,
+    /// Query rows per chunk; `None` processes all rows at once. The result is the same.
+    #[config(default = "None")]
+    pub chunk_size: Option<usize>,
+    /// Whether the projections have biases.
+    #[config(default = true)]
+    pub bias: bool,
+}
+
+impl AttentionConfig {
+    /// Builds the layer, or an error naming the offending value.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<MultiHeadAttention<B>> {
+        ensure(self.n_heads > 0, "n_heads", self.n_heads, "must be at least 1")?;
+        ensure(
+            self.d_model > 0 && self.d_model % self.n_heads == 0,
+            "d_model",
+            self.d_model,
+            &format!("must be a positive multiple of n_heads = {}", self.n_heads),
+        )?;
+        if let Some(c) = self.chunk_size {
+            ensure(c > 0, "chunk_size", c, "must be at least 1")?;
+        }
+        let head_dim = self.d_model / self.n_heads;
+        let encoding = match self.encoding.hook() {
+            Hook::Embedding => {
+                // Validate it anyway, so a bad absolute config is reported here too.
+                self.encoding.init::<B>(self.n_heads, head_dim, device)?;
+                PositionalEncodingConfig::Nope.init(self.n_heads, head_dim, device)?
+            }
+            _ => self.encoding.init(self.n_heads, head_dim, device)?,
+        };
+        let linear = |d_out| {
+            LinearConfig::new(self.d_model, d_out)
+                .with_bias(self.bias)
+                .init(device)
+        };
+        Ok(MultiHeadAttention {
+            qkv: linear(3 * self.d_model),
+            output: linear(self.d_model),
+            encoding,
+            n_heads: self.n_heads,
+            head_dim,
+            causal: self.causal,
+            chunk_size: self.chunk_size.unwrap_or(0),
+        })
+    }
+}
+
+/// Keys and values of the positions seen so far, for incremental decoding. Keys are stored
+/// before the rotary hook, so that rotary encodings whose frequencies depend on the length
+/// (dynamic NTK) stay exact.
+#[derive(Clone, Debug)]
+pub struct KvCache<B: Backend> {
+    keys: Option<Tensor<B, 4>>,
+    values: Option<Tensor<B, 4>>,
+}
+
+impl<B: Backend> Default for KvCache<B> {
+    fn default() -> Self {
+        Self {
+            keys: None,
+            values: None,
+        }
+    }
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.keys.as_ref().map_or(0, |k| k.dims()[2])
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let k = match self.keys.take() {
+            Some(old) => Tensor::cat(vec![old, k], 2),
+            None => k,
+        };
+        let v = match self.values.take() {
+            Some(old) => Tensor::cat(vec![old, v], 2),
+            None => v,
+        };
+        self.keys = Some(k.clone());
+        self.values = Some(v.clone());
+        (k, v)
+    }
+}
+
+/// Multi-head self-attention with a positional hook. Built by [`AttentionConfig::init`].
+#[derive(Module, Debug)]
+pub struct MultiHeadAttention<B: Backend> {
+    /// Joint query/key/value projection `d_model -> 3 d_model`.
+    pub qkv: Linear<B>,
+    /// Output projection.
+    pub output: Linear<B>,
+    /// The positional encoding acting inside attention.
+    pub encoding: PositionalEncoding<B>,
+    /// Number of heads.
+    pub n_heads: usize,
+    /// Size of each head.
+    pub head_dim: usize,
+    /// Causal or bidirectional.
+    pub causal: bool,
+    /// Query rows per chunk; 0 for no chunking.
+    pub chunk_size: usize,
+}
+
+impl<B: Backend> MultiHeadAttention<B> {
+    /// Self-attention over `x: [batch, seq, d_model]` -> `[batch, seq, d_model]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.attend(x, None)
+    }
+
+    /// Incremental (causal) self-attention: `x: [batch, new, d_model]` holds the positions that
+    /// follow those in `cache`; they are appended to it. Equals the matching rows of
+    /// [`forward`](Self::forward) over the whole sequence.
+    pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
+        if !self.causal {
+            return Err(Error::InvalidInput(
+                "a KV cache needs causal attention; this layer is bidirectional".into(),
+            ));
+        }
+        if let Some(k) = &cache.keys {
+            let [b, ..] = k.dims();
+            let [bx, ..] = x.dims();
+            if b != bx {
+                return Err(Error::InvalidInput(format!(
+                    "batch size {bx} does not match the cache's batch size {b}"
+                )));
+            }
+        }
+        Ok(self.attend(x, Some(cache)))
+    }
+
+    /// The same layer with another chunk size (`None` or `Some(0)`: no chunking).
+    pub fn with_chunk_size(mut self, chunk_size: Option<usize>) -> Self {
+        self.chunk_size = chunk_size.unwrap_or(0);
+        self
+    }
+
+    fn attend(&self, x: Tensor<B, 3>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let [b, l, d_model] = x.dims();
+        let (h, dh) = (self.n_heads, self.head_dim);
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([b, l, 3, h, dh])
+            .permute([2, 0, 3, 1, 4]); // [3, b, h, l, dh]
+        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, h, l, dh]);
+        let (q, k, v) = (part(0), part(1), part(2));
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v),
+            None => (k, v),
+        };
+        let (q, k) = self.encoding.rotate(q, k, offset);
+        let total = offset + l;
+        let chunk = if self.chunk_size == 0 {
+            l
+        } else {
+            self.chunk_size
+        };
+        let scale = (dh as f64).sqrt().recip();
+        let mut outputs = Vec::with_capacity(l.div_ceil(chunk));
+        let mut r0 = 0;
+        while r0 < l {
+            let rows = chunk.min(l - r0);
+            let span = Span {
+                query_start: offset + r0,
+                query_len: rows,
+                key_len: if self.causal { offset + r0 + rows } else { total },
+                causal: self.causal,
+            };
+            let qc = q.clone().narrow(2, r0, rows);
+            let kc = k.clone().narrow(2, 0, span.key_len);
+            let vc = v.clone().narrow(2, 0, span.key_len);
+            let logits = qc.clone().matmul(kc.transpose()) * scale;
+            let mut logits = self.encoding.adjust_logits(logits, qc, &span);
+            if span.has_future() {
+                let mask = span
+                    .future_mask::<B>(&logits.device())
+                    .unsqueeze::<4>()
+                    .expand([b, h, rows, span.key_len]);
+                logits = logits.mask_fill(mask, f32::NEG_INFINITY);
+            }
+            outputs.push(softmax(logits, 3).matmul(vc));
+            r0 += rows;
+        }
+        let out = if outputs.len() == 1 {
+            outputs.pop().expect("one chunk")
+        } else {
+            Tensor::cat(outputs, 2)
+        };
+        self.output
+            .forward(out.permute([0, 2, 1, 3]).reshape([b, l, d_model]))
+    }
+}

@@ -1,0 +1,402 @@
+//! Data-independent additive biases `B[h, i, j]` on the attention logits: T5 buckets (Raffel et
+//! al., 2020), ALiBi (Press et al., 2022), Kerple log and power (Chi et al., 2022) and FIRE (Li
+//! et al., 2024). Each returns `[1, heads, seq_q, seq_k]` for a [`Span`]; every entry is finite,
+//! also at future keys (DAPE reads them before the causal mask). With non-causal attention the
+//! distance is `|i - j|`.
+
+use burn::module::Param;
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, leaky_relu, relu};
+use serde::{Deserialize, Serialize};
+
+use super::{default_from_new, uniform_param, Span};
+use crate::error::{ensure, Result};
+
+/// A data-independent additive bias.
+#[derive(Module, Debug)]
+pub enum AdditiveBias<B: Backend> {
+    /// ALiBi.
+    Alibi(Alibi<B>),
+    /// Kerple log or power.
+    Kerple(Kerple<B>),
+    /// FIRE.
+    Fire(Fire<B>),
+    /// T5 buckets.
+    T5(T5Bias<B>),
+}
+
+impl<B: Backend> AdditiveBias<B> {
+    /// The bias for `span`: `[1, heads, seq_q, seq_k]`.
+    pub fn forward(&self, span: &Span, device: &B::Device) -> Tensor<B, 4> {
+        match self {
+            Self::Alibi(m) => m.forward(span, device),
+            Self::Kerple(m) => m.forward(span, device),
+            Self::Fire(m) => m.forward(span, device),
+            Self::T5(m) => m.forward(span, device),
+        }
+    }
+
+    /// Number of heads.
+    pub fn n_heads(&self) -> usize {
+        match self {
+            Self::Alibi(m) => m.slopes.dims()[0],
+            Self::Kerple(m) => m.p.dims()[0],
+            Self::Fire(m) => m.mlp_out.weight.dims()[1],
+            Self::T5(m) => m.embedding.dims()[1],
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------- ALiBi
+
+/// Configuration of [`Alibi`].
+#[derive(Config, Debug, PartialEq)]
+pub struct AlibiConfig {}
+default_from_new!(AlibiConfig);
+
+/// The standard ALiBi slopes for `n` heads: `2^(-8h/n)`, `h = 1..n`, for powers of two; for
+/// other counts, the slopes of the largest power of two `m < n` followed by every other slope
+/// of `2m` heads.
+pub fn alibi_slopes(n: usize) -> Vec<f64> {
+    fn power_of_two(n: usize) -> Vec<f64> {
+        let start = 2f64.powf(-8.0 / n as f64);
+        (1..=n).map(|h| start.powi(h as i32)).collect()
+    }
+    if n == 0 {
+        return Vec::new();
+    }
+    if n.is_power_of_two() {
+        return power_of_two(n);
+    }
+    let m = 1usize << (usize::BITS - 1 - n.leading_zeros());
+    let mut slopes = power_of_two(m);
+    slopes.extend(power_of_two(2 * m).into_iter().step_by(2).take(n - m));
+    slopes
+}
+
+impl AlibiConfig {
+    /// Builds ALiBi with the standard slopes for `n_heads` heads.
+    pub fn init<B: Backend>(&self, n_heads: usize, device: &B::Device) -> Result<Alibi<B>> {
+        ensure(n_heads > 0, "n_heads", n_heads, "must be at least 1")?;
+        let slopes: Vec<f32> = alibi_slopes(n_heads).into_iter().map(|s| s as f32).collect();
+        Ok(Alibi {
+            slopes: Tensor::from_data(TensorData::new(slopes, [n_heads]), device),
+        })
+    }
+}
+
+/// ALiBi: `B[h, i, j] = -m_h · |i - j|` with fixed slopes `m_h`.
+#[derive(Module, Debug)]
+pub struct Alibi<B: Backend> {
+    /// Slopes `[heads]` (a fixed buffer).
+    pub slopes: Tensor<B, 1>,
+}
+
+impl<B: Backend> Alibi<B> {
+    /// `[1, heads, seq_q, seq_k]`.
+    pub fn forward(&self, span: &Span, device: &B::Device) -> Tensor<B, 4> {
+        let h = self.slopes.dims()[0];
+        let d = span.distance::<B>(device).unsqueeze::<4>();
+        d * self.slopes.clone().reshape([1, h, 1, 1]).neg()
+    }
+}
+
+// --------------------------------------------------------------------------------------- Kerple
+
+/// Which Kerple kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KerpleKind {
+    /// `-p · ln(1 + a · d)`.
+    Log,
+    /// `-p · d^a`, `a ∈ (0, 2]`.
+    Power,
+}
+
+/// Configuration of [`Kerple`]: parameters are initialised uniformly as in the reference.
+#[derive(Config, Debug, PartialEq)]
+pub struct KerpleConfig {
+    /// Upper end of the uniform initialisation of `p` (from 0).
+    #[config(default = 2.0)]
+    pub init_p_max: f64,
+    /// Upper end of the uniform initialisation of `a` (from 0).
+    #[config(default = 1.0)]
+    pub init_a_max: f64,
+    /// Lower clamp of both parameters in the forward pass.
+    #[config(default = 0.01)]
+    pub eps: f64,
+}
+default_from_new!(KerpleConfig);
+
+impl KerpleConfig {
+    /// Builds Kerple of the given kind for `n_heads` heads.
+    pub fn init<B: Backend>(
+        &self,
+        n_heads: usize,
+        kind: KerpleKind,
+        device: &B::Device,
+    ) -> Result<Kerple<B>> {
+        ensure(n_heads > 0, "n_heads", n_heads, "must be at least 1")?;
+        ensure(self.eps > 0.0, "eps", self.eps, "must be positive")?;
+        ensure(self.init_p_max > 0.0, "init_p_max", self.init_p_max, "must be positive")?;
+        ensure(self.init_a_max > 0.0, "init_a_max", self.init_a_max, "must be positive")?;
+        Ok(Kerple {
+            p: uniform_param([n_heads], 0.0, self.init_p_max, device),
+            a: uniform_param([n_heads], 0.0, self.init_a_max, device),
+            kind,
+            eps: self.eps,
+        })
+    }
+}
+
+/// Kerple (Chi et al., 2022). Log: `B = -p_h · ln(1 + a_h · |i-j|)`; power:
+/// `B = -p_h · |i-j|^(a_h)`. Both parameters are clamped to `>= eps` in the forward pass (and `a`
+/// to `<= 2` for the power kernel), as the reference clamps them.
+#[derive(Module, Debug)]
+pub struct Kerple<B: Backend> {
+    /// `p` per head, `[heads]` (PyTorch `bias_p`).
+    pub p: Param<Tensor<B, 1>>,
+    /// `a` per head, `[heads]` (PyTorch `bias_a`).
+    pub a: Param<Tensor<B, 1>>,
+    /// Log or power kernel.
+    #[module(skip)]
+    pub kind: KerpleKind,
+    /// Lower clamp.
+    pub eps: f64,
+}
+
+impl<B: Backend> Kerple<B> {
+    /// `[1, heads, seq_q, seq_k]`.
+    pub fn forward(&self, span: &Span, device: &B::Device) -> Tensor<B, 4> {
+        let h = self.p.dims()[0];
+        let d = span.distance::<B>(device).unsqueeze::<4>();
+        let p = self.p.val().clamp_min(self.eps).reshape([1, h, 1, 1]);
+        let a = self.a.val().clamp_min(self.eps);
+        match self.kind {
+            KerpleKind::Log => (d * a.reshape([1, h, 1, 1])).log1p() * p.neg(),
+            KerpleKind::Power => {
+                let a = a.clamp_max(2.0).reshape([1, h, 1, 1]);
+                // d^a = exp(a ln d); at d = 0 the result is 0 and ln is taken of 1 so that no
+                // gradient is NaN.
+                let positive = d.clone().greater_elem(0.0).float();
+                let pow = (d.clamp_min(1.0).log() * a).exp() * positive;
+                pow * p.neg()
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------- FIRE
+
+/// Activation of FIRE's MLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FireActivation {
+    /// ReLU (the standalone FIRE module of the reference).
+    Relu,
+    /// LeakyReLU with slope 0.01 (FIRE inside the reference's DAPE).
+    LeakyRelu,
+    /// GELU.
+    Gelu,
+}
+
+/// Configuration of [`Fire`].
+#[derive(Config, Debug, PartialEq)]
+pub struct FireConfig {
+    /// Hidden width of the MLP `1 -> width -> heads`.
+    #[config(default = 32)]
+    pub mlp_width: usize,
+    /// Initial value of the learnable `c` in `ψ(x) = ln(|c·x| + 1)`.
+    #[config(default = 0.1)]
+    pub init_c: f64,
+    /// Frozen `L0`; the threshold is `L = |L_multiplier · L0|` with a learnable multiplier.
+    #[config(default = 512.0)]
+    pub init_l: f64,
+    /// Added to the normaliser.
+    #[config(default = 1e-6)]
+    pub eps: f64,
+    /// MLP activation.
+    #[config(default = "FireActivation::Relu")]
+    pub activation: FireActivation,
+}
+default_from_new!(FireConfig);
+
+impl FireConfig {
+    /// The FIRE settings used under DAPE in the reference (LeakyReLU activation).
+    pub fn for_dape() -> Self {
+        Self::new().with_activation(FireActivation::LeakyRelu)
+    }
+
+    /// Builds FIRE for `n_heads` heads.
+    pub fn init<B: Backend>(&self, n_heads: usize, device: &B::Device) -> Result<Fire<B>> {
+        ensure(n_heads > 0, "n_heads", n_heads, "must be at least 1")?;
+        ensure(self.mlp_width > 0, "mlp_width", self.mlp_width, "must be at least 1")?;
+        ensure(self.init_l > 0.0, "init_l", self.init_l, "must be positive")?;
+        ensure(self.eps >= 0.0, "eps", self.eps, "must not be negative")?;
+        let scalar = |v: f64| Param::from_tensor(Tensor::<B, 1>::from_floats([v as f32], device));
+        Ok(Fire {
+            c: scalar(self.init_c),
+            l_multiplier: scalar(1.0),
+            init_l: self.init_l,
+            mlp_in: LinearConfig::new(1, self.mlp_width).init(device),
+            mlp_out: LinearConfig::new(self.mlp_width, n_heads).init(device),
+            activation: self.activation,
+            eps: self.eps,
+        })
+    }
+}
+
+/// FIRE: `B[h, i, j] = MLP(ψ(i - j) / (ψ(max(L, i)) + eps))_h`, `ψ(x) = ln(|c·x| + 1)`,
+/// `L = |L_multiplier · L0|`, positions 0-based. With non-causal attention `|i - j|` is used.
+#[derive(Module, Debug)]
+pub struct Fire<B: Backend> {
+    /// Learnable `c`, `[1]`.
+    pub c: Param<Tensor<B, 1>>,
+    /// Learnable multiplier of `L0`, `[1]`.
+    pub l_multiplier: Param<Tensor<B, 1>>,
+    /// Frozen `L0`.
+    pub init_l: f64,
+    /// First MLP layer `1 -> width`.
+    pub mlp_in: Linear<B>,
+    /// Second MLP layer `width -> heads`.
+    pub mlp_out: Linear<B>,
+    /// MLP activation.
+    #[module(skip)]
+    pub activation: FireActivation,
+    /// Normaliser epsilon.
+    pub eps: f64,
+}
+
+impl<B: Backend> Fire<B> {
+    /// `[1, heads, seq_q, seq_k]`.
+    pub fn forward(&self, span: &Span, device: &B::Device) -> Tensor<B, 4> {
+        let (lq, lk) = (span.query_len, span.key_len);
+        let c = self.c.val().reshape([1, 1]);
+        // ψ is even, so |i - j| serves both causal and non-causal attention.
+        let psi_rel = (span.distance::<B>(device) * c.clone()).abs().log1p();
+        let threshold = (self.l_multiplier.val() * self.init_l).abs().reshape([1, 1]);
+        let start = span.query_start as i64;
+        let pos = Tensor::<B, 1, Int>::arange(start..start + lq as i64, device)
+            .float()
+            .reshape([lq, 1]);
+        let normaliser = (pos.max_pair(threshold.expand([lq, 1])) * c).abs().log1p() + self.eps;
+        let x = (psi_rel / normaliser).reshape([lq, lk, 1]);
+        let hidden = self.mlp_in.forward(x);
+        let hidden = match self.activation {
+            FireActivation::Relu => relu(hidden),
+            FireActivation::LeakyRelu => leaky_relu(hidden, 0.01),
+            FireActivation::Gelu => gelu(hidden),
+        };
+        let out = self.mlp_out.forward(hidden); // [lq, lk, heads]
+        out.permute([2, 0, 1]).unsqueeze::<4>()
+    }
+}
+
+// ------------------------------------------------------------------------------------------- T5
+
+/// Configuration of [`T5Bias`].
+#[derive(Config, Debug, PartialEq)]
+pub struct T5Config {
+    /// Number of buckets.
+    #[config(default = 32)]
+    pub num_buckets: usize,
+    /// Distance from which all positions share the last bucket.
+    #[config(default = 128)]
+    pub max_distance: usize,
+}
+default_from_new!(T5Config);
+
+/// The T5 bucket of relative position `j - i`. Causal: distances `n = max(i - j, 0)`; the first
+/// half of the buckets hold `n` exactly, the rest grow logarithmically up to `max_distance`.
+/// Bidirectional: half of the buckets for each direction.
+pub fn t5_bucket(relative: i64, causal: bool, num_buckets: usize, max_distance: usize) -> usize {
+    let mut buckets = num_buckets as i64;
+    let mut offset = 0i64;
+    let n = if causal {
+        (-relative).max(0)
+    } else {
+        buckets /= 2;
+        if relative > 0 {
+            offset = buckets;
+        }
+        relative.abs()
+    };
+    let max_exact = buckets / 2;
+    let bucket = if n < max_exact {
+        n
+    } else {
+        let large = max_exact as f64
+            + ((n as f64 / max_exact as f64).ln() / (max_distance as f64 / max_exact as f64).ln()
+                * (buckets - max_exact) as f64);
+        (large as i64).min(buckets - 1)
+    };
+    (offset + bucket) as usize
+}
+
+impl T5Config {
+    /// Builds the T5 bias for `n_heads` heads.
+    pub fn init<B: Backend>(&self, n_heads: usize, device: &B::Device) -> Result<T5Bias<B>> {
+        ensure(n_heads > 0, "n_heads", n_heads, "must be at least 1")?;
+        ensure(
+            self.num_buckets >= 4,
+            "num_buckets",
+            self.num_buckets,
+            "must be at least 4",
+        )?;
+        ensure(
+            self.max_distance > self.num_buckets / 2,
+            "max_distance",
+            self.max_distance,
+            "must exceed half the number of buckets",
+        )?;
+        Ok(T5Bias {
+            embedding: burn::nn::Initializer::Normal {
+                mean: 0.0,
+                std: 0.02,
+            }
+            .init([self.num_buckets, n_heads], device),
+            num_buckets: self.num_buckets,
+            max_distance: self.max_distance,
+        })
+    }
+}
+
+/// T5 relative bias: a learned scalar per (bucket, head).
+#[derive(Module, Debug)]
+pub struct T5Bias<B: Backend> {
+    /// `[num_buckets, heads]`.
+    pub embedding: Param<Tensor<B, 2>>,
+    /// Number of buckets.
+    pub num_buckets: usize,
+    /// Maximum distance.
+    pub max_distance: usize,
+}
+
+impl<B: Backend> T5Bias<B> {
+    /// Bucket ids `[seq_q * seq_k]` for a span, row-major.
+    pub fn buckets(&self, span: &Span) -> Vec<i64> {
+        let mut ids = Vec::with_capacity(span.query_len * span.key_len);
+        for i in span.query_start..span.query_start + span.query_len {
+            for j in 0..span.key_len {
+                let rel = j as i64 - i as i64;
+                ids.push(t5_bucket(rel, span.causal, self.num_buckets, self.max_distance) as i64);
+            }
+        }
+        ids
+    }
+
+    /// `[1, heads, seq_q, seq_k]`.
+    pub fn forward(&self, span: &Span, device: &B::Device) -> Tensor<B, 4> {
+        let ids = self.buckets(span);
+        let n = ids.len();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), device);
+        let h = self.embedding.dims()[1];
+        self.embedding
+            .val()
+            .select(0, ids)
+            .reshape([span.query_len, span.key_len, h])
+            .permute([2, 0, 1])
+            .unsqueeze::<4>()
+    }
+}

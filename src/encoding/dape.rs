@@ -1,0 +1,191 @@
+//! DAPE, "Data-Adaptive Positional Encoding" (Zheng et al., NeurIPS 2024, arXiv 2405.14722), and
+//! its V2 ("DAPE V2: Process Attention Score as Feature Map", Zheng et al., 2024).
+//!
+//! DAPE: for every query row `i` and key column `j`, a small MLP reads the vector of all heads'
+//! scaled logits and bias values, `[A_1..A_H, B_1..B_H](i, j)`, and returns one correction per
+//! head: `A + B + f([A ‖ B])`, `f = Linear(2H → D) → LeakyReLU(0.01) → Linear(D → H)`.
+//! Over NoPE the input is `A` alone (`H → D`).
+//!
+//! DAPE V2: `f` is two `1 × k` convolutions along the key axis over the map with future entries
+//! (`j > i`) set to zero, so a row never sees keys it may not attend to.
+//!
+//! `f` is pointwise in the query row (V1 even in `(i, j)`), so processing query rows in chunks is
+//! exact, and every input of `f` is finite: the causal mask is applied afterwards.
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::activation::leaky_relu;
+
+use super::{default_from_new, AdditiveBias, Span};
+use crate::error::{ensure, Result};
+
+/// Configuration of [`Dape`].
+#[derive(Config, Debug, PartialEq)]
+pub struct DapeConfig {
+    /// Hidden width `D` of `f`.
+    #[config(default = 32)]
+    pub mlp_width: usize,
+    /// LeakyReLU negative slope.
+    #[config(default = 0.01)]
+    pub negative_slope: f64,
+}
+default_from_new!(DapeConfig);
+
+/// Configuration of [`DapeV2`].
+#[derive(Config, Debug, PartialEq)]
+pub struct DapeV2Config {
+    /// Hidden channels `D` of `f`.
+    #[config(default = 32)]
+    pub mlp_width: usize,
+    /// Kernel width `k` along the key axis (odd).
+    #[config(default = 3)]
+    pub kernel_size: usize,
+    /// LeakyReLU negative slope.
+    #[config(default = 0.01)]
+    pub negative_slope: f64,
+}
+default_from_new!(DapeV2Config);
+
+fn check_bias<B: Backend>(n_heads: usize, bias: &Option<AdditiveBias<B>>) -> Result<usize> {
+    ensure(n_heads > 0, "n_heads", n_heads, "must be at least 1")?;
+    if let Some(b) = bias {
+        ensure(
+            b.n_heads() == n_heads,
+            "n_heads",
+            n_heads,
+            &format!("the base bias has {} heads", b.n_heads()),
+        )?;
+    }
+    Ok(if bias.is_some() { 2 * n_heads } else { n_heads })
+}
+
+impl DapeConfig {
+    /// Builds DAPE over `bias` (or over NoPE when `None`) for `n_heads` heads.
+    pub fn init<B: Backend>(
+        &self,
+        n_heads: usize,
+        bias: Option<AdditiveBias<B>>,
+        device: &B::Device,
+    ) -> Result<Dape<B>> {
+        let channels = check_bias(n_heads, &bias)?;
+        ensure(self.mlp_width > 0, "mlp_width", self.mlp_width, "must be at least 1")?;
+        Ok(Dape {
+            bias,
+            mlp_in: LinearConfig::new(channels, self.mlp_width).init(device),
+            mlp_out: LinearConfig::new(self.mlp_width, n_heads).init(device),
+            negative_slope: self.negative_slope,
+        })
+    }
+}
+
+/// DAPE V1.
+#[derive(Module, Debug)]
+pub struct Dape<B: Backend> {
+    /// The base bias `B`; `None` for DAPE over NoPE.
+    pub bias: Option<AdditiveBias<B>>,
+    /// `Linear(C → D)`, `C = 2H` (or `H` without bias); input rows are `[A heads.., B heads..]`.
+    pub mlp_in: Linear<B>,
+    /// `Linear(D → H)`.
+    pub mlp_out: Linear<B>,
+    /// LeakyReLU slope.
+    pub negative_slope: f64,
+}
+
+impl<B: Backend> Dape<B> {
+    /// `logits + B + f([logits ‖ B])` for `logits: [batch, heads, seq_q, seq_k]`.
+    ///
+    /// The batch-independent bias goes through its half of the first layer once, not once per
+    /// batch row; the largest intermediate is `[batch, seq_q, seq_k, D]`.
+    pub fn forward(&self, logits: Tensor<B, 4>, span: &Span) -> Tensor<B, 4> {
+        let device = logits.device();
+        let [b, h, lq, lk] = logits.dims();
+        let weight = self.mlp_in.weight.val(); // [C, D]
+        let d = weight.dims()[1];
+        let rows = b * lq * lk;
+        let x = logits.clone().permute([0, 2, 3, 1]).reshape([rows, h]);
+        let mut hidden = x
+            .matmul(weight.clone().narrow(0, 0, h))
+            .reshape([b, lq, lk, d]);
+        let mut base = logits;
+        if let Some(bias) = &self.bias {
+            let bmap = bias.forward(span, &device); // [1, h, lq, lk]
+            let bt = bmap.clone().permute([0, 2, 3, 1]).reshape([lq * lk, h]);
+            hidden = hidden + bt.matmul(weight.narrow(0, h, h)).reshape([1, lq, lk, d]);
+            base = base + bmap;
+        }
+        if let Some(b1) = &self.mlp_in.bias {
+            hidden = hidden + b1.val().reshape([1, 1, 1, d]);
+        }
+        let hidden = leaky_relu(hidden, self.negative_slope);
+        let f = self.mlp_out.forward(hidden).permute([0, 3, 1, 2]);
+        base + f
+    }
+}
+
+impl DapeV2Config {
+    /// Builds DAPE V2 over `bias` (or over NoPE when `None`) for `n_heads` heads.
+    pub fn init<B: Backend>(
+        &self,
+        n_heads: usize,
+        bias: Option<AdditiveBias<B>>,
+        device: &B::Device,
+    ) -> Result<DapeV2<B>> {
+        let channels = check_bias(n_heads, &bias)?;
+        ensure(self.mlp_width > 0, "mlp_width", self.mlp_width, "must be at least 1")?;
+        ensure(
+            self.kernel_size % 2 == 1,
+            "kernel_size",
+            self.kernel_size,
+            "must be odd so that the output keeps the key length",
+        )?;
+        let k = self.kernel_size;
+        let conv = |cin: usize, cout: usize| {
+            Conv2dConfig::new([cin, cout], [1, k])
+                .with_padding(PaddingConfig2d::Explicit(0, k / 2, 0, k / 2))
+                .init(device)
+        };
+        Ok(DapeV2 {
+            bias,
+            conv_in: conv(channels, self.mlp_width),
+            conv_out: conv(self.mlp_width, n_heads),
+            negative_slope: self.negative_slope,
+        })
+    }
+}
+
+/// DAPE V2.
+#[derive(Module, Debug)]
+pub struct DapeV2<B: Backend> {
+    /// The base bias `B`; `None` for DAPE V2 over NoPE.
+    pub bias: Option<AdditiveBias<B>>,
+    /// `Conv2d(C → D, kernel (1, k))` over `[batch, C, seq_q, seq_k]`.
+    pub conv_in: Conv2d<B>,
+    /// `Conv2d(D → H, kernel (1, k))`.
+    pub conv_out: Conv2d<B>,
+    /// LeakyReLU slope.
+    pub negative_slope: f64,
+}
+
+impl<B: Backend> DapeV2<B> {
+    /// `logits + B + f(tril([logits ‖ B]))` for `logits: [batch, heads, seq_q, seq_k]`.
+    pub fn forward(&self, logits: Tensor<B, 4>, span: &Span) -> Tensor<B, 4> {
+        let device = logits.device();
+        let [b, h, lq, lk] = logits.dims();
+        let (mut map, base) = match &self.bias {
+            Some(bias) => {
+                let bmap = bias.forward(span, &device);
+                let map = Tensor::cat(vec![logits.clone(), bmap.clone().expand([b, h, lq, lk])], 1);
+                (map, logits + bmap)
+            }
+            None => (logits.clone(), logits),
+        };
+        if span.has_future() {
+            let c = map.dims()[1];
+            let future = span.future_mask::<B>(&device).unsqueeze::<4>().expand([b, c, lq, lk]);
+            map = map.mask_fill(future, 0.0);
+        }
+        let hidden = leaky_relu(self.conv_in.forward(map), self.negative_slope);
+        base + self.conv_out.forward(hidden)
+    }
+}

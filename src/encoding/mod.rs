@@ -1,0 +1,539 @@
+//! Positional encodings: one family per file, one config enum to name them all.
+//!
+//! | family | file | where it acts |
+//! | --- | --- | --- |
+//! | NoPE, sinusoidal, learned | [`absolute`] | added to the token embeddings before the first block |
+//! | RoPE (+ linear, NTK, dynamic NTK, YaRN), xPos | [`rotary`] | rotates `q` and `k` by absolute position |
+//! | T5, ALiBi, Kerple, FIRE | [`bias`] | adds a data-independent `B[h, i, j]` to the logits |
+//! | Shaw | [`shaw`] | adds `q_i · a_clip(j-i) / sqrt(d_head)` |
+//! | CoPE | [`cope`] | adds `q_i · e(p_ij)` with contextual positions `p_ij` |
+//! | DAPE, DAPE V2 | [`dape`] | `A + B + f([A ‖ B])` with an MLP (V1) or 1×k convolutions (V2) |
+//!
+//! All logit hooks receive *scaled* logits `A = QKᵀ/√d_head` of shape
+//! `[batch, heads, queries, keys]` before the causal mask, together with a [`Span`] that says
+//! which absolute positions the rows and columns hold (so a KV-cache decode step or a query chunk
+//! sees exactly what the full forward sees).
+
+pub mod absolute;
+pub mod bias;
+pub mod cope;
+pub mod dape;
+pub mod rotary;
+pub mod shaw;
+
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ensure, Error, Result};
+pub use absolute::{LearnedConfig, LearnedPositions, NoPe, Sinusoidal, SinusoidalConfig};
+pub use bias::{
+    AdditiveBias, Alibi, AlibiConfig, Fire, FireActivation, FireConfig, Kerple, KerpleConfig,
+    KerpleKind, T5Bias, T5Config,
+};
+pub use cope::{Cope, CopeConfig};
+pub use dape::{Dape, DapeConfig, DapeV2, DapeV2Config};
+pub use rotary::{RopeConfig, RopeLayout, RopeScaling, Rotary, XposConfig};
+pub use shaw::{Shaw, ShawConfig};
+
+/// Implements `Default` as `Config::new()` for configs whose fields all have defaults.
+macro_rules! default_from_new {
+    ($($t:ty),* $(,)?) => {
+        $(impl Default for $t {
+            fn default() -> Self {
+                <$t>::new()
+            }
+        })*
+    };
+}
+pub(crate) use default_from_new;
+
+/// Which absolute positions a block of attention logits covers.
+///
+/// Rows are queries at absolute positions `query_start .. query_start + query_len`; columns are
+/// keys at positions `0 .. key_len`. A full forward has `query_start = 0` and
+/// `key_len = query_len`; a KV-cache decode step has `query_len = 1` and
+/// `key_len = query_start + 1`; a causal query chunk stops its keys after its last row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// Absolute position of the first query row.
+    pub query_start: usize,
+    /// Number of query rows.
+    pub query_len: usize,
+    /// Number of key columns (keys are at positions `0..key_len`).
+    pub key_len: usize,
+    /// Whether attention is causal (keys after a row's own position are masked).
+    pub causal: bool,
+}
+
+impl Span {
+    /// The span of a full causal forward over `len` tokens.
+    pub fn full(len: usize) -> Self {
+        Self {
+            query_start: 0,
+            query_len: len,
+            key_len: len,
+            causal: true,
+        }
+    }
+
+    /// Query positions `i` broadcast over keys: `[queries, keys]`.
+    pub fn query_positions<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
+        let start = self.query_start as i64;
+        Tensor::<B, 1, Int>::arange(start..start + self.query_len as i64, device)
+            .reshape([self.query_len, 1])
+            .expand([self.query_len, self.key_len])
+    }
+
+    /// Key positions `j` broadcast over queries: `[queries, keys]`.
+    pub fn key_positions<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
+        Tensor::<B, 1, Int>::arange(0..self.key_len as i64, device)
+            .reshape([1, self.key_len])
+            .expand([self.query_len, self.key_len])
+    }
+
+    /// Signed distance `i - j` as floats: `[queries, keys]`.
+    pub fn signed_distance<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
+        (self.query_positions::<B>(device) - self.key_positions::<B>(device)).float()
+    }
+
+    /// Distance `|i - j|` as floats: `[queries, keys]`. Finite everywhere, also at future keys.
+    pub fn distance<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
+        self.signed_distance::<B>(device).abs()
+    }
+
+    /// `true` where the key lies in the future of the query (`j > i`): `[queries, keys]`.
+    pub fn future_mask<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Bool> {
+        self.key_positions::<B>(device)
+            .greater(self.query_positions::<B>(device))
+    }
+
+    /// Whether any entry of this block lies in the future (and needs masking).
+    pub fn has_future(&self) -> bool {
+        self.causal && self.query_start + 1 < self.key_len
+    }
+}
+
+/// Configuration of any positional encoding. Serialises as `{"type": "<name>", ...fields}`.
+///
+/// Build one from its name with [`PositionalEncodingConfig::from_name`] (all defaults), from JSON
+/// with [`PositionalEncodingConfig::from_json`], or directly from its variant.
+/// DAPE variants carry their base bias under `bias` and DAPE's own settings under `dape`:
+/// `{"type": "dape_kerple_log", "dape": {"mlp_width": 32}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[allow(missing_docs)]
+pub enum PositionalEncodingConfig {
+    /// No positional encoding.
+    Nope,
+    /// Fixed sinusoidal absolute positions (Vaswani et al., 2017).
+    Sinusoidal(SinusoidalConfig),
+    /// Learned absolute position embeddings.
+    Learned(LearnedConfig),
+    /// RoPE (Su et al., 2021) without frequency scaling.
+    Rope(RopeConfig),
+    /// RoPE with linear position interpolation (Chen et al., 2023).
+    RopeLinear(RopeConfig),
+    /// RoPE with NTK-aware base scaling.
+    RopeNtk(RopeConfig),
+    /// RoPE with dynamic NTK scaling (base grows with the sequence length seen).
+    RopeDynamicNtk(RopeConfig),
+    /// RoPE with YaRN scaling and attention factor (Peng et al., 2023).
+    RopeYarn(RopeConfig),
+    /// xPos (Sun et al., 2022): RoPE with exponential decay.
+    Xpos(XposConfig),
+    /// T5 bucketed relative bias (Raffel et al., 2020).
+    T5(T5Config),
+    /// ALiBi (Press et al., 2022).
+    Alibi(AlibiConfig),
+    /// Kerple logarithmic kernel (Chi et al., 2022).
+    KerpleLog(KerpleConfig),
+    /// Kerple power kernel (Chi et al., 2022).
+    KerplePower(KerpleConfig),
+    /// FIRE (Li et al., 2024).
+    Fire(FireConfig),
+    /// Shaw et al. (2018) clipped relative keys.
+    Shaw(ShawConfig),
+    /// CoPE (Golovneva et al., 2024).
+    Cope(CopeConfig),
+    DapeNope {
+        #[serde(default)]
+        dape: DapeConfig,
+    },
+    DapeAlibi {
+        #[serde(default)]
+        bias: AlibiConfig,
+        #[serde(default)]
+        dape: DapeConfig,
+    },
+    DapeKerpleLog {
+        #[serde(default)]
+        bias: KerpleConfig,
+        #[serde(default)]
+        dape: DapeConfig,
+    },
+    DapeKerplePower {
+        #[serde(default)]
+        bias: KerpleConfig,
+        #[serde(default)]
+        dape: DapeConfig,
+    },
+    DapeFire {
+        #[serde(default = "FireConfig::for_dape")]
+        bias: FireConfig,
+        #[serde(default)]
+        dape: DapeConfig,
+    },
+    DapeT5 {
+        #[serde(default)]
+        bias: T5Config,
+        #[serde(default)]
+        dape: DapeConfig,
+    },
+    Dapev2Nope {
+        #[serde(default)]
+        dape: DapeV2Config,
+    },
+    Dapev2Alibi {
+        #[serde(default)]
+        bias: AlibiConfig,
+        #[serde(default)]
+        dape: DapeV2Config,
+    },
+    Dapev2KerpleLog {
+        #[serde(default)]
+        bias: KerpleConfig,
+        #[serde(default)]
+        dape: DapeV2Config,
+    },
+    Dapev2KerplePower {
+        #[serde(default)]
+        bias: KerpleConfig,
+        #[serde(default)]
+        dape: DapeV2Config,
+    },
+    Dapev2Fire {
+        #[serde(default = "FireConfig::for_dape")]
+        bias: FireConfig,
+        #[serde(default)]
+        dape: DapeV2Config,
+    },
+    Dapev2T5 {
+        #[serde(default)]
+        bias: T5Config,
+        #[serde(default)]
+        dape: DapeV2Config,
+    },
+}
+
+/// A data-independent additive bias, as the base of a DAPE variant or on its own.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BiasConfig {
+    /// ALiBi.
+    Alibi(AlibiConfig),
+    /// Kerple log.
+    KerpleLog(KerpleConfig),
+    /// Kerple power.
+    KerplePower(KerpleConfig),
+    /// FIRE.
+    Fire(FireConfig),
+    /// T5 buckets.
+    T5(T5Config),
+}
+
+/// Which DAPE function sits on top of a base bias.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DapeKind {
+    /// DAPE V1 (MLP over heads, pointwise in (i, j)).
+    V1(DapeConfig),
+    /// DAPE V2 (1×k convolutions along the key axis).
+    V2(DapeV2Config),
+}
+
+/// Where an encoding acts on the attention computation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// Nothing at all (NoPE).
+    None,
+    /// Added to the token embeddings before the first block.
+    Embedding,
+    /// Rotates queries and keys.
+    Rotary,
+    /// Acts on the scaled logits.
+    Logits,
+}
+
+/// Every encoding name that [`PositionalEncodingConfig::from_name`] accepts.
+pub const ENCODING_NAMES: &[&str] = &[
+    "nope",
+    "sinusoidal",
+    "learned",
+    "rope",
+    "rope_linear",
+    "rope_ntk",
+    "rope_dynamic_ntk",
+    "rope_yarn",
+    "xpos",
+    "t5",
+    "alibi",
+    "kerple_log",
+    "kerple_power",
+    "fire",
+    "shaw",
+    "cope",
+    "dape_nope",
+    "dape_alibi",
+    "dape_kerple_log",
+    "dape_kerple_power",
+    "dape_fire",
+    "dape_t5",
+    "dapev2_nope",
+    "dapev2_alibi",
+    "dapev2_kerple_log",
+    "dapev2_kerple_power",
+    "dapev2_fire",
+    "dapev2_t5",
+];
+
+impl PositionalEncodingConfig {
+    /// The config of the encoding `name` (see [`ENCODING_NAMES`]) with all defaults.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::from_json(&format!("{{\"type\": {}}}", serde_json::Value::from(name)))
+    }
+
+    /// Parses a JSON config such as `{"type": "dape_kerple_log", "dape": {"mlp_width": 64}}`.
+    pub fn from_json(json: &str) -> Result<Self> {
+        let value: serde_json::Value = serde_json::from_str(json)?;
+        Self::from_value(value)
+    }
+
+    /// Parses a JSON value; unknown encoding names give [`Error::UnknownEncoding`].
+    pub fn from_value(value: serde_json::Value) -> Result<Self> {
+        if let Some(name) = value.get("type").and_then(|t| t.as_str()) {
+            if !ENCODING_NAMES.contains(&name) {
+                return Err(Error::UnknownEncoding {
+                    name: name.to_string(),
+                    known: ENCODING_NAMES.join(", "),
+                });
+            }
+        }
+        Ok(serde_json::from_value(value)?)
+    }
+
+    /// The snake_case name of this encoding (its `type` tag).
+    pub fn name(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+            .unwrap_or_else(|| "nope".to_string())
+    }
+
+    /// Where this encoding acts.
+    pub fn hook(&self) -> Hook {
+        use PositionalEncodingConfig as C;
+        match self {
+            C::Nope => Hook::None,
+            C::Sinusoidal(_) | C::Learned(_) => Hook::Embedding,
+            C::Rope(_)
+            | C::RopeLinear(_)
+            | C::RopeNtk(_)
+            | C::RopeDynamicNtk(_)
+            | C::RopeYarn(_)
+            | C::Xpos(_) => Hook::Rotary,
+            _ => Hook::Logits,
+        }
+    }
+
+    /// The base bias and DAPE function of a DAPE variant; `None` for other encodings.
+    /// The bias is `None` for DAPE over NoPE.
+    pub fn dape_parts(&self) -> Option<(Option<BiasConfig>, DapeKind)> {
+        use PositionalEncodingConfig as C;
+        let v1 = |d: &DapeConfig| DapeKind::V1(d.clone());
+        let v2 = |d: &DapeV2Config| DapeKind::V2(d.clone());
+        Some(match self {
+            C::DapeNope { dape } => (None, v1(dape)),
+            C::DapeAlibi { bias, dape } => (Some(BiasConfig::Alibi(bias.clone())), v1(dape)),
+            C::DapeKerpleLog { bias, dape } => {
+                (Some(BiasConfig::KerpleLog(bias.clone())), v1(dape))
+            }
+            C::DapeKerplePower { bias, dape } => {
+                (Some(BiasConfig::KerplePower(bias.clone())), v1(dape))
+            }
+            C::DapeFire { bias, dape } => (Some(BiasConfig::Fire(bias.clone())), v1(dape)),
+            C::DapeT5 { bias, dape } => (Some(BiasConfig::T5(bias.clone())), v1(dape)),
+            C::Dapev2Nope { dape } => (None, v2(dape)),
+            C::Dapev2Alibi { bias, dape } => (Some(BiasConfig::Alibi(bias.clone())), v2(dape)),
+            C::Dapev2KerpleLog { bias, dape } => {
+                (Some(BiasConfig::KerpleLog(bias.clone())), v2(dape))
+            }
+            C::Dapev2KerplePower { bias, dape } => {
+                (Some(BiasConfig::KerplePower(bias.clone())), v2(dape))
+            }
+            C::Dapev2Fire { bias, dape } => (Some(BiasConfig::Fire(bias.clone())), v2(dape)),
+            C::Dapev2T5 { bias, dape } => (Some(BiasConfig::T5(bias.clone())), v2(dape)),
+            _ => return None,
+        })
+    }
+
+    /// Builds the module for attention with `n_heads` heads of size `head_dim`.
+    /// Absolute encodings act on `d_model = n_heads * head_dim` features.
+    pub fn init<B: Backend>(
+        &self,
+        n_heads: usize,
+        head_dim: usize,
+        device: &B::Device,
+    ) -> Result<PositionalEncoding<B>> {
+        use PositionalEncoding as P;
+        use PositionalEncodingConfig as C;
+        ensure(n_heads > 0, "n_heads", n_heads, "must be at least 1")?;
+        ensure(head_dim > 0, "head_dim", head_dim, "must be at least 1")?;
+        let d_model = n_heads * head_dim;
+        if let Some((bias, kind)) = self.dape_parts() {
+            let bias = bias
+                .map(|b| b.init::<B>(n_heads, device))
+                .transpose()?;
+            return Ok(match kind {
+                DapeKind::V1(c) => P::Dape(c.init(n_heads, bias, device)?),
+                DapeKind::V2(c) => P::DapeV2(c.init(n_heads, bias, device)?),
+            });
+        }
+        Ok(match self {
+            C::Nope => P::Nope(NoPe),
+            C::Sinusoidal(c) => P::Sinusoidal(c.init(d_model)?),
+            C::Learned(c) => P::Learned(c.init(d_model, device)?),
+            C::Rope(c) => P::Rotary(c.init(head_dim, RopeScaling::None)?),
+            C::RopeLinear(c) => P::Rotary(c.init(head_dim, RopeScaling::Linear)?),
+            C::RopeNtk(c) => P::Rotary(c.init(head_dim, RopeScaling::Ntk)?),
+            C::RopeDynamicNtk(c) => P::Rotary(c.init(head_dim, RopeScaling::DynamicNtk)?),
+            C::RopeYarn(c) => P::Rotary(c.init(head_dim, RopeScaling::Yarn)?),
+            C::Xpos(c) => P::Rotary(c.init(head_dim)?),
+            C::T5(c) => P::Bias(BiasConfig::T5(c.clone()).init(n_heads, device)?),
+            C::Alibi(c) => P::Bias(BiasConfig::Alibi(c.clone()).init(n_heads, device)?),
+            C::KerpleLog(c) => P::Bias(BiasConfig::KerpleLog(c.clone()).init(n_heads, device)?),
+            C::KerplePower(c) => {
+                P::Bias(BiasConfig::KerplePower(c.clone()).init(n_heads, device)?)
+            }
+            C::Fire(c) => P::Bias(BiasConfig::Fire(c.clone()).init(n_heads, device)?),
+            C::Shaw(c) => P::Shaw(c.init(head_dim, device)?),
+            C::Cope(c) => P::Cope(c.init(head_dim, device)?),
+            _ => unreachable!("DAPE variants are handled above"),
+        })
+    }
+}
+
+impl std::str::FromStr for PositionalEncodingConfig {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::from_name(s)
+    }
+}
+
+impl burn::config::Config for PositionalEncodingConfig {}
+
+impl BiasConfig {
+    /// Builds the bias module for `n_heads` heads.
+    pub fn init<B: Backend>(&self, n_heads: usize, device: &B::Device) -> Result<AdditiveBias<B>> {
+        Ok(match self {
+            BiasConfig::Alibi(c) => AdditiveBias::Alibi(c.init(n_heads, device)?),
+            BiasConfig::KerpleLog(c) => {
+                AdditiveBias::Kerple(c.init(n_heads, KerpleKind::Log, device)?)
+            }
+            BiasConfig::KerplePower(c) => {
+                AdditiveBias::Kerple(c.init(n_heads, KerpleKind::Power, device)?)
+            }
+            BiasConfig::Fire(c) => AdditiveBias::Fire(c.init(n_heads, device)?),
+            BiasConfig::T5(c) => AdditiveBias::T5(c.init(n_heads, device)?),
+        })
+    }
+}
+
+/// Any positional encoding, as a Burn module. Built by [`PositionalEncodingConfig::init`].
+///
+/// The attention layer calls the hook that matches [`PositionalEncoding::hook`]:
+/// [`embed`](Self::embed) for absolute encodings, [`rotate`](Self::rotate) for rotary ones and
+/// [`adjust_logits`](Self::adjust_logits) for everything that acts on the logits. Each method is
+/// the identity for encodings that do not act there.
+#[derive(Module, Debug)]
+pub enum PositionalEncoding<B: Backend> {
+    /// No positional information.
+    Nope(NoPe),
+    /// Sinusoidal absolute positions.
+    Sinusoidal(Sinusoidal),
+    /// Learned absolute positions.
+    Learned(LearnedPositions<B>),
+    /// RoPE with any scaling, or xPos.
+    Rotary(Rotary),
+    /// T5, ALiBi, Kerple or FIRE.
+    Bias(AdditiveBias<B>),
+    /// Shaw relative keys.
+    Shaw(Shaw<B>),
+    /// CoPE.
+    Cope(Cope<B>),
+    /// DAPE V1 over a bias or NoPE.
+    Dape(Dape<B>),
+    /// DAPE V2 over a bias or NoPE.
+    DapeV2(DapeV2<B>),
+}
+
+impl<B: Backend> PositionalEncoding<B> {
+    /// Where this encoding acts.
+    pub fn hook(&self) -> Hook {
+        match self {
+            Self::Nope(_) => Hook::None,
+            Self::Sinusoidal(_) | Self::Learned(_) => Hook::Embedding,
+            Self::Rotary(_) => Hook::Rotary,
+            _ => Hook::Logits,
+        }
+    }
+
+    /// Adds absolute positions `start .. start + seq` to embeddings `x: [batch, seq, d_model]`.
+    /// Identity for encodings that do not act on embeddings.
+    pub fn embed(&self, x: Tensor<B, 3>, start: usize) -> Result<Tensor<B, 3>> {
+        match self {
+            Self::Sinusoidal(s) => Ok(s.forward(x, start)),
+            Self::Learned(l) => l.forward(x, start),
+            _ => Ok(x),
+        }
+    }
+
+    /// Rotates queries `q: [batch, heads, seq_q, d_head]` at positions
+    /// `q_start .. q_start + seq_q` and keys `k: [batch, heads, seq_k, d_head]` at positions
+    /// `0 .. seq_k`. Identity for non-rotary encodings.
+    pub fn rotate(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        q_start: usize,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        match self {
+            Self::Rotary(r) => r.forward(q, k, q_start),
+            _ => (q, k),
+        }
+    }
+
+    /// Adds this encoding's terms to scaled logits `[batch, heads, seq_q, seq_k]` (before the
+    /// causal mask). `q: [batch, heads, seq_q, d_head]` are the queries of these rows.
+    pub fn adjust_logits(&self, logits: Tensor<B, 4>, q: Tensor<B, 4>, span: &Span) -> Tensor<B, 4> {
+        match self {
+            Self::Bias(b) => logits + b.forward(span, &q.device()),
+            Self::Shaw(s) => s.forward(logits, q, span),
+            Self::Cope(c) => c.forward(logits, q, span),
+            Self::Dape(d) => d.forward(logits, span),
+            Self::DapeV2(d) => d.forward(logits, span),
+            _ => logits,
+        }
+    }
+}
+
+/// Uniform initialisation of a parameter tensor in `[low, high)`.
+pub(crate) fn uniform_param<B: Backend, const D: usize>(
+    shape: [usize; D],
+    low: f64,
+    high: f64,
+    device: &B::Device,
+) -> burn::module::Param<Tensor<B, D>> {
+    burn::nn::Initializer::Uniform {
+        min: low,
+        max: high,
+    }
+    .init(shape, device)
+}

@@ -1,0 +1,340 @@
+//! Rotary encodings: RoPE (Su et al., 2021) in the interleaved layout (pairs `(2i, 2i+1)`, as in
+//! burn-nn) and the half-split layout (pairs `(i, i + r/2)`, as in GPT-NeoX and Llama), with a
+//! partial rotary fraction and the frequency-scaling methods used to stretch RoPE past its
+//! training length: linear position interpolation (Chen et al., 2023), NTK-aware base scaling,
+//! dynamic NTK, and YaRN with its attention factor (Peng et al., 2023). Also xPos (Sun et al.,
+//! 2022), RoPE with a per-frequency exponential decay.
+//!
+//! Queries at positions `m` and keys at positions `n` are rotated by angles `m·θ_i` and `n·θ_i`,
+//! so `q_m · k_n` depends on `m - n` only. Keys are rotated at every forward from their raw
+//! (cached) values, so dynamic NTK, whose base depends on the sequence length, stays consistent
+//! between the KV-cache path and the full forward.
+
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::default_from_new;
+use crate::error::{ensure, Result};
+
+/// How the rotated dimensions are paired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeLayout {
+    /// Pairs `(2i, 2i+1)` (burn-nn, the original RoFormer, xPos).
+    Interleaved,
+    /// Pairs `(i, i + r/2)` (GPT-NeoX, Llama).
+    HalfSplit,
+}
+
+/// Frequency scaling; chosen by the encoding name (`rope`, `rope_linear`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Position interpolation: `θ_i / s`.
+    Linear,
+    /// NTK-aware: base `b · s^(r/(r-2))`.
+    Ntk,
+    /// Dynamic NTK: base `b · (s·L/L0 - (s-1))^(r/(r-2))` once the length `L` passes `L0`.
+    DynamicNtk,
+    /// YaRN: per-frequency blend of interpolation and extrapolation, plus an attention factor.
+    Yarn,
+}
+
+/// Configuration of RoPE and its scaled variants.
+#[derive(Config, Debug, PartialEq)]
+pub struct RopeConfig {
+    /// Frequency base `b` in `θ_i = b^(-2i/r)`.
+    #[config(default = 10000.0)]
+    pub base: f64,
+    /// Pairing of rotated dimensions.
+    #[config(default = "RopeLayout::HalfSplit")]
+    pub layout: RopeLayout,
+    /// Fraction of each head's dimensions that are rotated (GPT-NeoX `rotary_pct`); the rotated
+    /// width `r = head_dim · fraction` must be even.
+    #[config(default = 1.0)]
+    pub rotary_fraction: f64,
+    /// Scaling factor `s` (ignored by plain `rope`).
+    #[config(default = 4.0)]
+    pub scale_factor: f64,
+    /// Training length `L0` (used by dynamic NTK and YaRN).
+    #[config(default = 512)]
+    pub original_max_len: usize,
+    /// YaRN: rotations above which a frequency is extrapolated (not interpolated).
+    #[config(default = 32.0)]
+    pub beta_fast: f64,
+    /// YaRN: rotations below which a frequency is fully interpolated.
+    #[config(default = 1.0)]
+    pub beta_slow: f64,
+    /// YaRN attention factor multiplying cos/sin; default `0.1·ln(s) + 1`.
+    #[config(default = "None")]
+    pub attention_factor: Option<f64>,
+}
+default_from_new!(RopeConfig);
+
+/// Configuration of xPos.
+#[derive(Config, Debug, PartialEq)]
+pub struct XposConfig {
+    /// Frequency base.
+    #[config(default = 10000.0)]
+    pub base: f64,
+    /// Decay scale base: `q` is scaled by `ζ_i^(n/scale_base)`, `k` by `ζ_i^(-n/scale_base)`.
+    #[config(default = 512.0)]
+    pub scale_base: f64,
+    /// Pairing of rotated dimensions.
+    #[config(default = "RopeLayout::Interleaved")]
+    pub layout: RopeLayout,
+    /// Fraction of each head's dimensions that are rotated.
+    #[config(default = 1.0)]
+    pub rotary_fraction: f64,
+}
+default_from_new!(XposConfig);
+
+fn rotary_dim(head_dim: usize, fraction: f64) -> Result<usize> {
+    ensure(
+        fraction > 0.0 && fraction <= 1.0,
+        "rotary_fraction",
+        fraction,
+        "must be in (0, 1]",
+    )?;
+    let r = (head_dim as f64 * fraction).round() as usize;
+    ensure(
+        r >= 2 && r % 2 == 0,
+        "rotary_dim",
+        r,
+        &format!("head_dim {head_dim} × rotary_fraction {fraction} must give an even rotary dimension of at least 2"),
+    )?;
+    Ok(r)
+}
+
+impl RopeConfig {
+    /// Builds RoPE with the given scaling for heads of size `head_dim`.
+    pub fn init(&self, head_dim: usize, scaling: RopeScaling) -> Result<Rotary> {
+        let r = rotary_dim(head_dim, self.rotary_fraction)?;
+        ensure(self.base > 1.0, "base", self.base, "must be greater than 1")?;
+        if scaling != RopeScaling::None {
+            ensure(
+                self.scale_factor >= 1.0,
+                "scale_factor",
+                self.scale_factor,
+                "must be at least 1",
+            )?;
+            ensure(
+                self.original_max_len > 0,
+                "original_max_len",
+                self.original_max_len,
+                "must be at least 1",
+            )?;
+        }
+        if matches!(scaling, RopeScaling::Ntk | RopeScaling::DynamicNtk) {
+            ensure(r > 2, "rotary_dim", r, "NTK scaling needs a rotary dimension above 2")?;
+        }
+        if scaling == RopeScaling::Yarn {
+            ensure(
+                self.beta_fast > self.beta_slow && self.beta_slow > 0.0,
+                "beta_fast",
+                self.beta_fast,
+                "YaRN needs beta_fast > beta_slow > 0",
+            )?;
+        }
+        let attention_factor = match scaling {
+            RopeScaling::Yarn => self
+                .attention_factor
+                .unwrap_or(0.1 * self.scale_factor.ln() + 1.0),
+            _ => 1.0,
+        };
+        Ok(Rotary {
+            rotary_dim: r,
+            layout: self.layout,
+            base: self.base,
+            scaling,
+            scale_factor: self.scale_factor,
+            original_max_len: self.original_max_len,
+            beta_fast: self.beta_fast,
+            beta_slow: self.beta_slow,
+            attention_factor,
+            xpos_scale_base: None,
+        })
+    }
+}
+
+impl XposConfig {
+    /// Builds xPos for heads of size `head_dim`.
+    pub fn init(&self, head_dim: usize) -> Result<Rotary> {
+        let r = rotary_dim(head_dim, self.rotary_fraction)?;
+        ensure(self.base > 1.0, "base", self.base, "must be greater than 1")?;
+        ensure(self.scale_base > 0.0, "scale_base", self.scale_base, "must be positive")?;
+        Ok(Rotary {
+            rotary_dim: r,
+            layout: self.layout,
+            base: self.base,
+            scaling: RopeScaling::None,
+            scale_factor: 1.0,
+            original_max_len: 1,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attention_factor: 1.0,
+            xpos_scale_base: Some(self.scale_base),
+        })
+    }
+}
+
+/// RoPE (any scaling) or xPos. Holds no parameters; tables are computed in f64.
+#[derive(Module, Clone, Debug)]
+pub struct Rotary {
+    /// Number of rotated dimensions per head (`r`, even).
+    pub rotary_dim: usize,
+    /// Pairing of dimensions.
+    pub layout: RopeLayout,
+    /// Frequency base.
+    pub base: f64,
+    /// Frequency scaling.
+    pub scaling: RopeScaling,
+    /// Scaling factor `s`.
+    pub scale_factor: f64,
+    /// Training length `L0`.
+    pub original_max_len: usize,
+    /// YaRN `β_fast`.
+    pub beta_fast: f64,
+    /// YaRN `β_slow`.
+    pub beta_slow: f64,
+    /// Multiplies cos and sin (YaRN's `mscale`; 1 otherwise).
+    pub attention_factor: f64,
+    /// xPos decay scale base; `None` for RoPE.
+    pub xpos_scale_base: Option<f64>,
+}
+
+impl Rotary {
+    /// Inverse frequencies `θ_i`, `i < r/2`, for a sequence whose keys span `total_len` positions.
+    pub fn inv_freq(&self, total_len: usize) -> Vec<f64> {
+        let r = self.rotary_dim as f64;
+        let s = self.scale_factor;
+        let ntk_exp = r / (r - 2.0);
+        let base = match self.scaling {
+            RopeScaling::Ntk => self.base * s.powf(ntk_exp),
+            RopeScaling::DynamicNtk if total_len > self.original_max_len => {
+                let ratio = s * total_len as f64 / self.original_max_len as f64 - (s - 1.0);
+                self.base * ratio.powf(ntk_exp)
+            }
+            _ => self.base,
+        };
+        let half = self.rotary_dim / 2;
+        let extrapolated: Vec<f64> = (0..half)
+            .map(|i| base.powf(-(2.0 * i as f64) / r))
+            .collect();
+        match self.scaling {
+            RopeScaling::Linear => extrapolated.iter().map(|f| f / s).collect(),
+            RopeScaling::Yarn => {
+                // Dimension index at which a frequency makes `rotations` turns over L0.
+                let correction = |rotations: f64| {
+                    r * (self.original_max_len as f64 / (rotations * 2.0 * std::f64::consts::PI))
+                        .ln()
+                        / (2.0 * self.base.ln())
+                };
+                let low = correction(self.beta_fast).floor().max(0.0);
+                let mut high = correction(self.beta_slow).ceil().min(half as f64 - 1.0);
+                if high <= low {
+                    high = low + 0.001;
+                }
+                extrapolated
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &f)| {
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        let keep = 1.0 - ramp; // share of the extrapolated frequency
+                        (f / s) * (1.0 - keep) + f * keep
+                    })
+                    .collect()
+            }
+            _ => extrapolated,
+        }
+    }
+
+    /// cos and sin tables `[len, r/2]` for positions `start..start+len`. For xPos, `sign` is +1
+    /// for queries and -1 for keys and `center` is subtracted from positions in the decay.
+    fn tables<B: Backend>(
+        &self,
+        inv_freq: &[f64],
+        start: usize,
+        len: usize,
+        sign: f64,
+        center: f64,
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        let r = self.rotary_dim as f64;
+        for p in start..start + len {
+            for (i, f) in inv_freq.iter().enumerate() {
+                let angle = p as f64 * f;
+                let mut scale = self.attention_factor;
+                if let Some(sb) = self.xpos_scale_base {
+                    let zeta = (2.0 * i as f64 / r + 0.4) / 1.4;
+                    scale *= zeta.powf(sign * (p as f64 - center) / sb);
+                }
+                cos.push((angle.cos() * scale) as f32);
+                sin.push((angle.sin() * scale) as f32);
+            }
+        }
+        (
+            Tensor::from_data(TensorData::new(cos, [len, half]), device),
+            Tensor::from_data(TensorData::new(sin, [len, half]), device),
+        )
+    }
+
+    /// Rotates `x: [batch, heads, seq, d_head]` with tables `[seq, r/2]`.
+    fn apply<B: Backend>(&self, x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
+        let [b, h, l, d] = x.dims();
+        let r = self.rotary_dim;
+        let half = r / 2;
+        let cos = cos.reshape([1, 1, l, half]);
+        let sin = sin.reshape([1, 1, l, half]);
+        let rot = x.clone().narrow(3, 0, r);
+        let rotated = match self.layout {
+            RopeLayout::HalfSplit => {
+                let x1 = rot.clone().narrow(3, 0, half);
+                let x2 = rot.narrow(3, half, half);
+                Tensor::cat(
+                    vec![
+                        x1.clone() * cos.clone() - x2.clone() * sin.clone(),
+                        x2 * cos + x1 * sin,
+                    ],
+                    3,
+                )
+            }
+            RopeLayout::Interleaved => {
+                let pairs = rot.reshape([b, h, l, half, 2]);
+                let x1 = pairs.clone().narrow(4, 0, 1).reshape([b, h, l, half]);
+                let x2 = pairs.narrow(4, 1, 1).reshape([b, h, l, half]);
+                let o1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
+                let o2 = x2 * cos + x1 * sin;
+                Tensor::stack::<5>(vec![o1, o2], 4).reshape([b, h, l, r])
+            }
+        };
+        if r < d {
+            Tensor::cat(vec![rotated, x.narrow(3, r, d - r)], 3)
+        } else {
+            rotated
+        }
+    }
+
+    /// Rotates queries at positions `q_start..` and keys at positions `0..seq_k`.
+    /// `q: [batch, heads, seq_q, d_head]`, `k: [batch, heads, seq_k, d_head]`.
+    pub fn forward<B: Backend>(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        q_start: usize,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let device = q.device();
+        let lq = q.dims()[2];
+        let lk = k.dims()[2];
+        let inv = self.inv_freq(lk.max(q_start + lq));
+        let center = (lk / 2) as f64;
+        let (qc, qs) = self.tables::<B>(&inv, q_start, lq, 1.0, center, &device);
+        let (kc, ks) = self.tables::<B>(&inv, 0, lk, -1.0, center, &device);
+        (self.apply(q, qc, qs), self.apply(k, kc, ks))
+    }
+}

@@ -1,0 +1,68 @@
+//! # dape
+//!
+//! The positional encodings behind Transformer length extrapolation as Burn modules, generic
+//! over `B: Backend`: DAPE (Data-Adaptive Positional Encoding, NeurIPS 2024) and the baselines it
+//! is measured against — NoPE, sinusoidal, learned, RoPE with its scaling methods (linear, NTK,
+//! dynamic NTK, YaRN), xPos, T5, ALiBi, Kerple, FIRE, Shaw, CoPE and DAPE V2.
+//!
+//! * [`encoding`]: one config enum ([`PositionalEncodingConfig`]) names and builds any encoding;
+//!   one module enum ([`PositionalEncoding`]) holds it.
+//! * [`attention`]: causal (or bidirectional) multi-head self-attention with the positional
+//!   hook, an exact KV cache for every encoding, and an exact query-chunked path whose memory
+//!   is bounded by the chunk size.
+//! * [`model`]: a decoder-only language model and the bidirectional sequence model of the CHE
+//!   tasks, built from the same blocks.
+//!
+//! ## Use in your Burn model
+//!
+//! Put DAPE-Kerple attention into your own module:
+//!
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::prelude::*;
+//! use dape::{AttentionConfig, MultiHeadAttention, PositionalEncodingConfig};
+//!
+//! #[derive(Module, Debug)]
+//! struct MyBlock<B: Backend> {
+//!     attention: MultiHeadAttention<B>,
+//!     proj: burn::nn::Linear<B>,
+//! }
+//!
+//! impl<B: Backend> MyBlock<B> {
+//!     fn new(device: &B::Device) -> dape::Result<Self> {
+//!         let encoding = PositionalEncodingConfig::from_name("dape_kerple_log")?;
+//!         let attention = AttentionConfig::new(64, 4) // d_model 64, 4 heads
+//!             .with_encoding(encoding)
+//!             .init(device)?;
+//!         Ok(Self { attention, proj: burn::nn::LinearConfig::new(64, 64).init(device) })
+//!     }
+//!
+//!     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+//!         x.clone() + self.proj.forward(self.attention.forward(x))
+//!     }
+//! }
+//!
+//! let device = Default::default();
+//! let block = MyBlock::<NdArray>::new(&device).unwrap();
+//! let x = Tensor::<NdArray, 3>::random([2, 10, 64], burn::tensor::Distribution::Default, &device);
+//! assert_eq!(block.forward(x).dims(), [2, 10, 64]);
+//! ```
+//!
+//! Decode incrementally with a [`KvCache`] ([`MultiHeadAttention::forward_cached`]), or set
+//! `chunk_size` to evaluate long sequences in bounded memory; both give the full forward's
+//! result.
+
+#![warn(missing_docs)]
+
+pub mod attention;
+pub mod encoding;
+pub mod error;
+pub mod model;
+
+pub use attention::{AttentionConfig, KvCache, MultiHeadAttention};
+pub use encoding::{PositionalEncoding, PositionalEncodingConfig, Span, ENCODING_NAMES};
+pub use error::{Error, Result};
+pub use model::{
+    LanguageModel, LanguageModelConfig, LmCache, SequenceModel, SequenceModelConfig,
+    TransformerConfig,
+};

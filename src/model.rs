@@ -1,0 +1,367 @@
+//! Two models built from the same pre-LN blocks: a decoder-only language model (GPT-NeoX-like,
+//! untied head) and the bidirectional sequence model used for the CHE tasks.
+
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::gelu;
+
+use crate::attention::{AttentionConfig, KvCache, MultiHeadAttention};
+use crate::encoding::{Hook, PositionalEncoding, PositionalEncodingConfig};
+use crate::error::{ensure, Error, Result};
+
+/// Position-wise feed-forward network: `Linear(d -> r·d) -> GELU -> Linear(r·d -> d)`.
+#[derive(Module, Debug)]
+pub struct FeedForward<B: Backend> {
+    /// Expansion.
+    pub fc_in: Linear<B>,
+    /// Projection back.
+    pub fc_out: Linear<B>,
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// `[.., d_model] -> [.., d_model]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.fc_out.forward(gelu(self.fc_in.forward(x)))
+    }
+}
+
+/// A pre-LN transformer block: `x + attn(ln1(x))`, then `x + ffn(ln2(x))`; with
+/// `parallel_residual`, GPT-NeoX's `x + attn(ln1(x)) + ffn(ln2(x))`.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    /// Norm before attention.
+    pub norm_attn: LayerNorm<B>,
+    /// Self-attention with the positional hook.
+    pub attention: MultiHeadAttention<B>,
+    /// Norm before the feed-forward network.
+    pub norm_ffn: LayerNorm<B>,
+    /// Feed-forward network.
+    pub ffn: FeedForward<B>,
+    /// GPT-NeoX parallel residual.
+    pub parallel_residual: bool,
+}
+
+impl<B: Backend> Block<B> {
+    fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut KvCache<B>>) -> Result<Tensor<B, 3>> {
+        let normed = self.norm_attn.forward(x.clone());
+        let attended = match cache {
+            Some(c) => self.attention.forward_cached(normed, c)?,
+            None => self.attention.forward(normed),
+        };
+        Ok(if self.parallel_residual {
+            let ffn = self.ffn.forward(self.norm_ffn.forward(x.clone()));
+            x + attended + ffn
+        } else {
+            let x = x + attended;
+            x.clone() + self.ffn.forward(self.norm_ffn.forward(x))
+        })
+    }
+}
+
+/// The shape of a stack of blocks, shared by both models.
+#[derive(Config, Debug)]
+pub struct TransformerConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Number of blocks.
+    pub n_layers: usize,
+    /// Heads per block.
+    pub n_heads: usize,
+    /// Feed-forward expansion ratio.
+    #[config(default = 4)]
+    pub ffn_ratio: usize,
+    /// The positional encoding.
+    #[config(default = "PositionalEncodingConfig::Nope")]
+    pub encoding: PositionalEncodingConfig,
+    /// Query rows per attention chunk (`None`: no chunking).
+    #[config(default = "None")]
+    pub chunk_size: Option<usize>,
+    /// GPT-NeoX parallel residual.
+    #[config(default = false)]
+    pub parallel_residual: bool,
+    /// LayerNorm epsilon.
+    #[config(default = 1e-5)]
+    pub layer_norm_eps: f64,
+}
+
+/// Token embedding, absolute positions (if any), blocks and final norm.
+#[derive(Module, Debug)]
+pub struct Transformer<B: Backend> {
+    /// Token embedding.
+    pub embedding: Embedding<B>,
+    /// Absolute positional encoding (sinusoidal, learned); `None` otherwise.
+    pub absolute: Option<PositionalEncoding<B>>,
+    /// The blocks.
+    pub blocks: Vec<Block<B>>,
+    /// Final norm.
+    pub norm: LayerNorm<B>,
+}
+
+impl TransformerConfig {
+    /// Builds the stack over `vocab` input ids; `causal` selects decoder or encoder attention.
+    pub fn init<B: Backend>(
+        &self,
+        vocab: usize,
+        causal: bool,
+        device: &B::Device,
+    ) -> Result<Transformer<B>> {
+        ensure(vocab > 0, "vocab_size", vocab, "must be at least 1")?;
+        ensure(self.n_layers > 0, "n_layers", self.n_layers, "must be at least 1")?;
+        ensure(self.ffn_ratio > 0, "ffn_ratio", self.ffn_ratio, "must be at least 1")?;
+        let attention = AttentionConfig::new(self.d_model, self.n_heads)
+            .with_encoding(self.encoding.clone())
+            .with_causal(causal)
+            .with_chunk_size(self.chunk_size);
+        let norm = || {
+            LayerNormConfig::new(self.d_model)
+                .with_epsilon(self.layer_norm_eps)
+                .init(device)
+        };
+        let hidden = self.ffn_ratio * self.d_model;
+        let blocks = (0..self.n_layers)
+            .map(|_| {
+                Ok(Block {
+                    norm_attn: norm(),
+                    attention: attention.init(device)?,
+                    norm_ffn: norm(),
+                    ffn: FeedForward {
+                        fc_in: LinearConfig::new(self.d_model, hidden).init(device),
+                        fc_out: LinearConfig::new(hidden, self.d_model).init(device),
+                    },
+                    parallel_residual: self.parallel_residual,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let absolute = match self.encoding.hook() {
+            Hook::Embedding => Some(self.encoding.init(
+                self.n_heads,
+                self.d_model / self.n_heads,
+                device,
+            )?),
+            _ => None,
+        };
+        Ok(Transformer {
+            embedding: EmbeddingConfig::new(vocab, self.d_model).init(device),
+            absolute,
+            blocks,
+            norm: norm(),
+        })
+    }
+}
+
+impl<B: Backend> Transformer<B> {
+    fn vocab(&self) -> usize {
+        self.embedding.weight.dims()[0]
+    }
+
+    /// Hidden states `[batch, seq, d_model]` for `tokens: [batch, seq]`. With `caches` (one per
+    /// block, causal only) the tokens continue the cached positions.
+    pub fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        mut caches: Option<&mut [KvCache<B>]>,
+    ) -> Result<Tensor<B, 3>> {
+        let [batch, len] = tokens.dims();
+        if batch == 0 || len == 0 {
+            return Err(Error::InvalidInput(format!(
+                "token batch of shape [{batch}, {len}] is empty; batch and length must be at least 1"
+            )));
+        }
+        let start = match caches.as_deref() {
+            Some(c) => {
+                if c.len() != self.blocks.len() {
+                    return Err(Error::InvalidInput(format!(
+                        "{} caches given for {} blocks",
+                        c.len(),
+                        self.blocks.len()
+                    )));
+                }
+                c.first().map_or(0, KvCache::len)
+            }
+            None => 0,
+        };
+        let mut x = self.embedding.forward(tokens);
+        if let Some(abs) = &self.absolute {
+            x = abs.embed(x, start)?;
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            x = block.forward(x, cache)?;
+        }
+        Ok(self.norm.forward(x))
+    }
+
+    /// Checks that every token id is below the vocabulary size.
+    fn check_tokens(&self, tokens: &Tensor<B, 2, Int>) -> Result<()> {
+        let max = tokens.clone().max().into_scalar().elem::<i64>();
+        let min = tokens.clone().min().into_scalar().elem::<i64>();
+        if min < 0 || max >= self.vocab() as i64 {
+            let bad = if min < 0 { min } else { max };
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary 0..{}",
+                self.vocab()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The same stack with another attention chunk size (`None`: no chunking).
+    pub fn with_chunk_size(mut self, chunk_size: Option<usize>) -> Self {
+        self.blocks = self
+            .blocks
+            .into_iter()
+            .map(|mut b| {
+                b.attention = b.attention.with_chunk_size(chunk_size);
+                b
+            })
+            .collect();
+        self
+    }
+}
+
+/// Configuration of [`LanguageModel`].
+#[derive(Config, Debug)]
+pub struct LanguageModelConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// The blocks.
+    pub transformer: TransformerConfig,
+}
+
+impl LanguageModelConfig {
+    /// Builds the model, or an error naming the offending value.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<LanguageModel<B>> {
+        Ok(LanguageModel {
+            transformer: self.transformer.init(self.vocab_size, true, device)?,
+            head: LinearConfig::new(self.transformer.d_model, self.vocab_size)
+                .with_bias(false)
+                .init(device),
+        })
+    }
+}
+
+/// A decoder-only language model: causal pre-LN blocks and an untied output head.
+#[derive(Module, Debug)]
+pub struct LanguageModel<B: Backend> {
+    /// Embedding, positions and blocks.
+    pub transformer: Transformer<B>,
+    /// Output head `d_model -> vocab` (untied).
+    pub head: Linear<B>,
+}
+
+/// Per-block KV caches of a [`LanguageModel`], for incremental decoding.
+#[derive(Clone, Debug)]
+pub struct LmCache<B: Backend> {
+    /// One cache per block.
+    pub layers: Vec<KvCache<B>>,
+}
+
+impl<B: Backend> LmCache<B> {
+    /// Number of positions seen.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, KvCache::len)
+    }
+
+    /// Whether nothing was seen yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<B: Backend> LanguageModel<B> {
+    /// Next-token logits `[batch, seq, vocab]` for `tokens: [batch, seq]`.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
+        self.transformer.check_tokens(&tokens)?;
+        Ok(self.head.forward(self.transformer.forward(tokens, None)?))
+    }
+
+    /// An empty cache for incremental decoding.
+    pub fn new_cache(&self) -> LmCache<B> {
+        LmCache {
+            layers: vec![KvCache::new(); self.transformer.blocks.len()],
+        }
+    }
+
+    /// Logits for `tokens` that continue the positions in `cache` (which they extend). Equal to
+    /// the matching rows of [`forward`](Self::forward) over the whole sequence.
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut LmCache<B>,
+    ) -> Result<Tensor<B, 3>> {
+        self.transformer.check_tokens(&tokens)?;
+        let hidden = self
+            .transformer
+            .forward(tokens, Some(cache.layers.as_mut_slice()))?;
+        Ok(self.head.forward(hidden))
+    }
+
+    /// The same model with another attention chunk size (`None`: no chunking).
+    pub fn with_chunk_size(mut self, chunk_size: Option<usize>) -> Self {
+        self.transformer = self.transformer.with_chunk_size(chunk_size);
+        self
+    }
+}
+
+/// Configuration of [`SequenceModel`], the bidirectional model of the CHE tasks.
+#[derive(Config, Debug)]
+pub struct SequenceModelConfig {
+    /// Input vocabulary (the task's ids); one more id is added for the output placeholder.
+    pub input_vocab: usize,
+    /// Output classes.
+    pub output_vocab: usize,
+    /// The blocks (attention is bidirectional).
+    pub transformer: TransformerConfig,
+}
+
+impl SequenceModelConfig {
+    /// Builds the model, or an error naming the offending value.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<SequenceModel<B>> {
+        ensure(
+            self.output_vocab > 0,
+            "output_vocab",
+            self.output_vocab,
+            "must be at least 1",
+        )?;
+        Ok(SequenceModel {
+            transformer: self.transformer.init(self.input_vocab + 1, false, device)?,
+            head: LinearConfig::new(self.transformer.d_model, self.output_vocab).init(device),
+            placeholder: self.input_vocab,
+        })
+    }
+}
+
+/// A bidirectional encoder with a classification head at every position. For a CHE task the
+/// input is `[x_1..x_L, e, .., e]` with `e` = [`SequenceModel::placeholder`] repeated for
+/// each output position, and predictions are read from the last positions.
+#[derive(Module, Debug)]
+pub struct SequenceModel<B: Backend> {
+    /// Embedding, positions and blocks.
+    pub transformer: Transformer<B>,
+    /// Output head `d_model -> output_vocab`.
+    pub head: Linear<B>,
+    /// The id of the output placeholder `e` (= the input vocabulary size).
+    pub placeholder: usize,
+}
+
+impl<B: Backend> SequenceModel<B> {
+    /// Logits `[batch, seq, output_vocab]` at every position.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
+        self.transformer.check_tokens(&tokens)?;
+        Ok(self.head.forward(self.transformer.forward(tokens, None)?))
+    }
+
+    /// Appends `output_len` placeholders to `inputs: [batch, L]` and returns the logits of the
+    /// output positions, `[batch, output_len, output_vocab]`.
+    pub fn predict(&self, inputs: Tensor<B, 2, Int>, output_len: usize) -> Result<Tensor<B, 3>> {
+        ensure(output_len > 0, "output_len", output_len, "must be at least 1")?;
+        let [batch, len] = inputs.dims();
+        let fill = Tensor::<B, 2, Int>::full(
+            [batch, output_len],
+            self.placeholder as i64,
+            &inputs.device(),
+        );
+        let logits = self.forward(Tensor::cat(vec![inputs, fill], 1))?;
+        Ok(logits.narrow(1, len, output_len))
+    }
+}
