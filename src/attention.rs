@@ -39,7 +39,12 @@ pub struct AttentionConfig {
 impl AttentionConfig {
     /// Builds the layer, or an error naming the offending value.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<MultiHeadAttention<B>> {
-        ensure(self.n_heads > 0, "n_heads", self.n_heads, "must be at least 1")?;
+        ensure(
+            self.n_heads > 0,
+            "n_heads",
+            self.n_heads,
+            "must be at least 1",
+        )?;
         ensure(
             self.d_model > 0 && self.d_model % self.n_heads == 0,
             "d_model",
@@ -63,7 +68,7 @@ impl AttentionConfig {
                 .with_bias(self.bias)
                 .init(device)
         };
-        Ok(MultiHeadAttention {
+        Ok(crate::model::materialize(MultiHeadAttention {
             qkv: linear(3 * self.d_model),
             output: linear(self.d_model),
             encoding,
@@ -71,7 +76,7 @@ impl AttentionConfig {
             head_dim,
             causal: self.causal,
             chunk_size: self.chunk_size.unwrap_or(0),
-        })
+        }))
     }
 }
 
@@ -199,6 +204,7 @@ impl<B: Backend> MultiHeadAttention<B> {
             self.chunk_size
         };
         let scale = (dh as f64).sqrt().recip();
+        let lookahead = usize::from(self.encoding.reads_next_column());
         let mut outputs = Vec::with_capacity(l.div_ceil(chunk));
         let mut r0 = 0;
         while r0 < l {
@@ -206,7 +212,11 @@ impl<B: Backend> MultiHeadAttention<B> {
             let span = Span {
                 query_start: offset + r0,
                 query_len: rows,
-                key_len: if self.causal { offset + r0 + rows } else { total },
+                key_len: if self.causal {
+                    (offset + r0 + rows + lookahead).min(total)
+                } else {
+                    total
+                },
                 causal: self.causal,
             };
             let qc = q.clone().narrow(2, r0, rows);

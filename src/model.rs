@@ -1,6 +1,7 @@
 //! Two models built from the same pre-LN blocks: a decoder-only language model (GPT-NeoX-like,
 //! untied head) and the bidirectional sequence model used for the CHE tasks.
 
+use burn::module::{ModuleVisitor, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
@@ -8,6 +9,22 @@ use burn::tensor::activation::gelu;
 use crate::attention::{AttentionConfig, KvCache, MultiHeadAttention};
 use crate::encoding::{Hook, PositionalEncoding, PositionalEncodingConfig};
 use crate::error::{ensure, Error, Result};
+
+/// Initialises every lazily initialised parameter of `module` now.
+///
+/// Burn initialises parameters on first use, and a clone of a module whose parameters were
+/// never used draws *new* random values. Our `init` functions materialise the parameters so
+/// that `model.clone()` is always the same model.
+pub fn materialize<B: Backend, M: Module<B>>(module: M) -> M {
+    struct Touch;
+    impl<B: Backend> ModuleVisitor<B> for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
+    module
+}
 
 /// Position-wise feed-forward network: `Linear(d -> r·d) -> GELU -> Linear(r·d -> d)`.
 #[derive(Module, Debug)]
@@ -106,8 +123,18 @@ impl TransformerConfig {
         device: &B::Device,
     ) -> Result<Transformer<B>> {
         ensure(vocab > 0, "vocab_size", vocab, "must be at least 1")?;
-        ensure(self.n_layers > 0, "n_layers", self.n_layers, "must be at least 1")?;
-        ensure(self.ffn_ratio > 0, "ffn_ratio", self.ffn_ratio, "must be at least 1")?;
+        ensure(
+            self.n_layers > 0,
+            "n_layers",
+            self.n_layers,
+            "must be at least 1",
+        )?;
+        ensure(
+            self.ffn_ratio > 0,
+            "ffn_ratio",
+            self.ffn_ratio,
+            "must be at least 1",
+        )?;
         let attention = AttentionConfig::new(self.d_model, self.n_heads)
             .with_encoding(self.encoding.clone())
             .with_causal(causal)
@@ -231,12 +258,12 @@ pub struct LanguageModelConfig {
 impl LanguageModelConfig {
     /// Builds the model, or an error naming the offending value.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<LanguageModel<B>> {
-        Ok(LanguageModel {
+        Ok(materialize(LanguageModel {
             transformer: self.transformer.init(self.vocab_size, true, device)?,
             head: LinearConfig::new(self.transformer.d_model, self.vocab_size)
                 .with_bias(false)
                 .init(device),
-        })
+        }))
     }
 }
 
@@ -323,11 +350,11 @@ impl SequenceModelConfig {
             self.output_vocab,
             "must be at least 1",
         )?;
-        Ok(SequenceModel {
+        Ok(materialize(SequenceModel {
             transformer: self.transformer.init(self.input_vocab + 1, false, device)?,
             head: LinearConfig::new(self.transformer.d_model, self.output_vocab).init(device),
             placeholder: self.input_vocab,
-        })
+        }))
     }
 }
 
@@ -354,7 +381,12 @@ impl<B: Backend> SequenceModel<B> {
     /// Appends `output_len` placeholders to `inputs: [batch, L]` and returns the logits of the
     /// output positions, `[batch, output_len, output_vocab]`.
     pub fn predict(&self, inputs: Tensor<B, 2, Int>, output_len: usize) -> Result<Tensor<B, 3>> {
-        ensure(output_len > 0, "output_len", output_len, "must be at least 1")?;
+        ensure(
+            output_len > 0,
+            "output_len",
+            output_len,
+            "must be at least 1",
+        )?;
         let [batch, len] = inputs.dims();
         let fill = Tensor::<B, 2, Int>::full(
             [batch, output_len],

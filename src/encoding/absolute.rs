@@ -83,12 +83,21 @@ default_from_new!(LearnedConfig);
 
 impl LearnedConfig {
     /// Builds the embedding table for `d_model` features.
-    pub fn init<B: Backend>(&self, d_model: usize, device: &B::Device) -> Result<LearnedPositions<B>> {
-        ensure(self.max_len > 0, "max_len", self.max_len, "must be at least 1")?;
+    pub fn init<B: Backend>(
+        &self,
+        d_model: usize,
+        device: &B::Device,
+    ) -> Result<LearnedPositions<B>> {
+        ensure(
+            self.max_len > 0,
+            "max_len",
+            self.max_len,
+            "must be at least 1",
+        )?;
         ensure(d_model > 0, "d_model", d_model, "must be at least 1")?;
         let std = self.init_std;
-        let weight: Param<Tensor<B, 2>> = burn::nn::Initializer::Normal { mean: 0.0, std }
-            .init([self.max_len, d_model], device);
+        let weight: Param<Tensor<B, 2>> =
+            burn::nn::Initializer::Normal { mean: 0.0, std }.init([self.max_len, d_model], device);
         Ok(LearnedPositions {
             weight,
             max_len: self.max_len,

@@ -79,7 +79,10 @@ impl AlibiConfig {
     /// Builds ALiBi with the standard slopes for `n_heads` heads.
     pub fn init<B: Backend>(&self, n_heads: usize, device: &B::Device) -> Result<Alibi<B>> {
         ensure(n_heads > 0, "n_heads", n_heads, "must be at least 1")?;
-        let slopes: Vec<f32> = alibi_slopes(n_heads).into_iter().map(|s| s as f32).collect();
+        let slopes: Vec<f32> = alibi_slopes(n_heads)
+            .into_iter()
+            .map(|s| s as f32)
+            .collect();
         Ok(Alibi {
             slopes: Tensor::from_data(TensorData::new(slopes, [n_heads]), device),
         })
@@ -139,8 +142,18 @@ impl KerpleConfig {
     ) -> Result<Kerple<B>> {
         ensure(n_heads > 0, "n_heads", n_heads, "must be at least 1")?;
         ensure(self.eps > 0.0, "eps", self.eps, "must be positive")?;
-        ensure(self.init_p_max > 0.0, "init_p_max", self.init_p_max, "must be positive")?;
-        ensure(self.init_a_max > 0.0, "init_a_max", self.init_a_max, "must be positive")?;
+        ensure(
+            self.init_p_max > 0.0,
+            "init_p_max",
+            self.init_p_max,
+            "must be positive",
+        )?;
+        ensure(
+            self.init_a_max > 0.0,
+            "init_a_max",
+            self.init_a_max,
+            "must be positive",
+        )?;
         Ok(Kerple {
             p: uniform_param([n_heads], 0.0, self.init_p_max, device),
             a: uniform_param([n_heads], 0.0, self.init_a_max, device),
@@ -231,7 +244,12 @@ impl FireConfig {
     /// Builds FIRE for `n_heads` heads.
     pub fn init<B: Backend>(&self, n_heads: usize, device: &B::Device) -> Result<Fire<B>> {
         ensure(n_heads > 0, "n_heads", n_heads, "must be at least 1")?;
-        ensure(self.mlp_width > 0, "mlp_width", self.mlp_width, "must be at least 1")?;
+        ensure(
+            self.mlp_width > 0,
+            "mlp_width",
+            self.mlp_width,
+            "must be at least 1",
+        )?;
         ensure(self.init_l > 0.0, "init_l", self.init_l, "must be positive")?;
         ensure(self.eps >= 0.0, "eps", self.eps, "must not be negative")?;
         let scalar = |v: f64| Param::from_tensor(Tensor::<B, 1>::from_floats([v as f32], device));
@@ -275,7 +293,9 @@ impl<B: Backend> Fire<B> {
         let c = self.c.val().reshape([1, 1]);
         // ψ is even, so |i - j| serves both causal and non-causal attention.
         let psi_rel = (span.distance::<B>(device) * c.clone()).abs().log1p();
-        let threshold = (self.l_multiplier.val() * self.init_l).abs().reshape([1, 1]);
+        let threshold = (self.l_multiplier.val() * self.init_l)
+            .abs()
+            .reshape([1, 1]);
         let start = span.query_start as i64;
         let pos = Tensor::<B, 1, Int>::arange(start..start + lq as i64, device)
             .float()

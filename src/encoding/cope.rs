@@ -23,7 +23,12 @@ default_from_new!(CopeConfig);
 impl CopeConfig {
     /// Builds CoPE for heads of size `head_dim` (embeddings shared across heads).
     pub fn init<B: Backend>(&self, head_dim: usize, device: &B::Device) -> Result<Cope<B>> {
-        ensure(self.npos_max >= 2, "npos_max", self.npos_max, "must be at least 2")?;
+        ensure(
+            self.npos_max >= 2,
+            "npos_max",
+            self.npos_max,
+            "must be at least 2",
+        )?;
         // The reference initialises with zeros; a small normal start lets gradients reach the
         // gates from the first step as well.
         Ok(Cope {
@@ -57,7 +62,10 @@ impl<B: Backend> Cope<B> {
         let shape = [b, h, lq, lk];
         let mut gates = sigmoid(logits.clone());
         if span.has_future() {
-            let future = span.future_mask::<B>(&device).unsqueeze::<4>().expand(shape);
+            let future = span
+                .future_mask::<B>(&device)
+                .unsqueeze::<4>()
+                .expand(shape);
             gates = gates.mask_fill(future, 0.0);
         }
         // S_j = Σ_{t<=j} g_t along keys; the row's own column i holds S_i.
@@ -76,7 +84,10 @@ impl<B: Backend> Cope<B> {
             // j > i: Σ_{t=i..j} g = S_j - S_i + g_i.
             let g_i = gates.gather(3, own);
             let forward = cumsum - s_i + g_i;
-            let ahead = span.future_mask::<B>(&device).unsqueeze::<4>().expand(shape);
+            let ahead = span
+                .future_mask::<B>(&device)
+                .unsqueeze::<4>()
+                .expand(shape);
             backward.mask_where(ahead, forward)
         };
         let pos = pos.clamp_max((self.npos_max - 1) as f64);

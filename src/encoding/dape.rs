@@ -44,6 +44,17 @@ pub struct DapeV2Config {
     /// LeakyReLU negative slope.
     #[config(default = 0.01)]
     pub negative_slope: f64,
+    /// Also zero the hidden channels at future keys, between the two convolutions (default).
+    ///
+    /// The reference zeroes only the input map. Its second convolution then reads the hidden
+    /// value at column `i + 1`, `LeakyReLU(b + w·[A_i, 0, 0])`, so the diagonal logit of row `i`
+    /// depends on whether key `i + 1` exists: the last row of a sequence differs from the same
+    /// row inside a longer one, and a KV-cache step (always a last row) cannot equal the full
+    /// forward of a multi-layer model. With `true` every row is independent of what follows it
+    /// and decoding is exact. `false` reproduces the reference's numbers exactly (the golden
+    /// tests use it); chunked attention stays exact in both modes.
+    #[config(default = true)]
+    pub mask_future_hidden: bool,
 }
 default_from_new!(DapeV2Config);
 
@@ -69,7 +80,12 @@ impl DapeConfig {
         device: &B::Device,
     ) -> Result<Dape<B>> {
         let channels = check_bias(n_heads, &bias)?;
-        ensure(self.mlp_width > 0, "mlp_width", self.mlp_width, "must be at least 1")?;
+        ensure(
+            self.mlp_width > 0,
+            "mlp_width",
+            self.mlp_width,
+            "must be at least 1",
+        )?;
         Ok(Dape {
             bias,
             mlp_in: LinearConfig::new(channels, self.mlp_width).init(device),
@@ -132,7 +148,12 @@ impl DapeV2Config {
         device: &B::Device,
     ) -> Result<DapeV2<B>> {
         let channels = check_bias(n_heads, &bias)?;
-        ensure(self.mlp_width > 0, "mlp_width", self.mlp_width, "must be at least 1")?;
+        ensure(
+            self.mlp_width > 0,
+            "mlp_width",
+            self.mlp_width,
+            "must be at least 1",
+        )?;
         ensure(
             self.kernel_size % 2 == 1,
             "kernel_size",
@@ -150,6 +171,7 @@ impl DapeV2Config {
             conv_in: conv(channels, self.mlp_width),
             conv_out: conv(self.mlp_width, n_heads),
             negative_slope: self.negative_slope,
+            mask_future_hidden: self.mask_future_hidden,
         })
     }
 }
@@ -165,6 +187,8 @@ pub struct DapeV2<B: Backend> {
     pub conv_out: Conv2d<B>,
     /// LeakyReLU slope.
     pub negative_slope: f64,
+    /// See [`DapeV2Config::mask_future_hidden`].
+    pub mask_future_hidden: bool,
 }
 
 impl<B: Backend> DapeV2<B> {
@@ -180,12 +204,24 @@ impl<B: Backend> DapeV2<B> {
             }
             None => (logits.clone(), logits),
         };
-        if span.has_future() {
+        let future = span
+            .has_future()
+            .then(|| span.future_mask::<B>(&device).unsqueeze::<4>());
+        if let Some(future) = &future {
             let c = map.dims()[1];
-            let future = span.future_mask::<B>(&device).unsqueeze::<4>().expand([b, c, lq, lk]);
-            map = map.mask_fill(future, 0.0);
+            map = map.mask_fill(future.clone().expand([b, c, lq, lk]), 0.0);
         }
-        let hidden = leaky_relu(self.conv_in.forward(map), self.negative_slope);
+        let mut hidden = leaky_relu(self.conv_in.forward(map), self.negative_slope);
+        if let (true, Some(future)) = (self.mask_future_hidden, future) {
+            let c = hidden.dims()[1];
+            hidden = hidden.mask_fill(future.expand([b, c, lq, lk]), 0.0);
+        }
         base + self.conv_out.forward(hidden)
+    }
+
+    /// Whether a row's result depends on the key column right after it (see
+    /// [`DapeV2Config::mask_future_hidden`]); query chunks then keep that one extra column.
+    pub fn reads_next_column(&self) -> bool {
+        !self.mask_future_hidden
     }
 }

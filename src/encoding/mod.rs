@@ -120,7 +120,7 @@ impl Span {
 /// DAPE variants carry their base bias under `bias` and DAPE's own settings under `dape`:
 /// `{"type": "dape_kerple_log", "dape": {"mlp_width": 32}}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(remote = "Self", tag = "type", rename_all = "snake_case")]
 #[allow(missing_docs)]
 pub enum PositionalEncodingConfig {
     /// No positional encoding.
@@ -297,34 +297,128 @@ pub const ENCODING_NAMES: &[&str] = &[
 impl PositionalEncodingConfig {
     /// The config of the encoding `name` (see [`ENCODING_NAMES`]) with all defaults.
     pub fn from_name(name: &str) -> Result<Self> {
-        Self::from_json(&format!("{{\"type\": {}}}", serde_json::Value::from(name)))
+        use PositionalEncodingConfig as C;
+        Ok(match name {
+            "nope" => C::Nope,
+            "sinusoidal" => C::Sinusoidal(Default::default()),
+            "learned" => C::Learned(Default::default()),
+            "rope" => C::Rope(Default::default()),
+            "rope_linear" => C::RopeLinear(Default::default()),
+            "rope_ntk" => C::RopeNtk(Default::default()),
+            "rope_dynamic_ntk" => C::RopeDynamicNtk(Default::default()),
+            "rope_yarn" => C::RopeYarn(Default::default()),
+            "xpos" => C::Xpos(Default::default()),
+            "t5" => C::T5(Default::default()),
+            "alibi" => C::Alibi(Default::default()),
+            "kerple_log" => C::KerpleLog(Default::default()),
+            "kerple_power" => C::KerplePower(Default::default()),
+            "fire" => C::Fire(Default::default()),
+            "shaw" => C::Shaw(Default::default()),
+            "cope" => C::Cope(Default::default()),
+            "dape_nope" => C::DapeNope {
+                dape: Default::default(),
+            },
+            "dape_alibi" => C::DapeAlibi {
+                bias: Default::default(),
+                dape: Default::default(),
+            },
+            "dape_kerple_log" => C::DapeKerpleLog {
+                bias: Default::default(),
+                dape: Default::default(),
+            },
+            "dape_kerple_power" => C::DapeKerplePower {
+                bias: Default::default(),
+                dape: Default::default(),
+            },
+            "dape_fire" => C::DapeFire {
+                bias: FireConfig::for_dape(),
+                dape: Default::default(),
+            },
+            "dape_t5" => C::DapeT5 {
+                bias: Default::default(),
+                dape: Default::default(),
+            },
+            "dapev2_nope" => C::Dapev2Nope {
+                dape: Default::default(),
+            },
+            "dapev2_alibi" => C::Dapev2Alibi {
+                bias: Default::default(),
+                dape: Default::default(),
+            },
+            "dapev2_kerple_log" => C::Dapev2KerpleLog {
+                bias: Default::default(),
+                dape: Default::default(),
+            },
+            "dapev2_kerple_power" => C::Dapev2KerplePower {
+                bias: Default::default(),
+                dape: Default::default(),
+            },
+            "dapev2_fire" => C::Dapev2Fire {
+                bias: FireConfig::for_dape(),
+                dape: Default::default(),
+            },
+            "dapev2_t5" => C::Dapev2T5 {
+                bias: Default::default(),
+                dape: Default::default(),
+            },
+            _ => {
+                return Err(Error::UnknownEncoding {
+                    name: name.to_string(),
+                    known: ENCODING_NAMES.join(", "),
+                })
+            }
+        })
     }
 
     /// Parses a JSON config such as `{"type": "dape_kerple_log", "dape": {"mlp_width": 64}}`.
+    /// Fields left out take their defaults; unknown names and fields are errors.
     pub fn from_json(json: &str) -> Result<Self> {
         let value: serde_json::Value = serde_json::from_str(json)?;
         Self::from_value(value)
     }
 
-    /// Parses a JSON value; unknown encoding names give [`Error::UnknownEncoding`].
+    /// Parses a JSON value: the `type` names the encoding, the other fields override its
+    /// defaults. Unknown names give [`Error::UnknownEncoding`]; unknown fields an
+    /// [`Error::InvalidConfig`] naming them.
     pub fn from_value(value: serde_json::Value) -> Result<Self> {
-        if let Some(name) = value.get("type").and_then(|t| t.as_str()) {
-            if !ENCODING_NAMES.contains(&name) {
-                return Err(Error::UnknownEncoding {
-                    name: name.to_string(),
-                    known: ENCODING_NAMES.join(", "),
-                });
+        let name = match &value {
+            serde_json::Value::String(name) => name.clone(),
+            serde_json::Value::Object(map) => match map.get("type") {
+                Some(serde_json::Value::String(name)) => name.clone(),
+                other => {
+                    return Err(Error::invalid(
+                        "type",
+                        other.map_or("(missing)".to_string(), |v| v.to_string()),
+                        "an encoding config needs a string `type` naming the encoding",
+                    ))
+                }
+            },
+            other => {
+                return Err(Error::invalid(
+                    "encoding",
+                    other,
+                    "expected an encoding name or an object with a `type`",
+                ))
             }
+        };
+        let mut merged = Self::to_value(&Self::from_name(&name)?);
+        if value.is_object() {
+            overlay(&mut merged, value, &name)?;
         }
-        Ok(serde_json::from_value(value)?)
+        Ok(Self::deserialize(merged)?)
+    }
+
+    fn to_value(&self) -> serde_json::Value {
+        Self::serialize(self, serde_json::value::Serializer)
+            .expect("encoding configs serialise to JSON")
     }
 
     /// The snake_case name of this encoding (its `type` tag).
     pub fn name(&self) -> String {
-        serde_json::to_value(self)
-            .ok()
-            .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
-            .unwrap_or_else(|| "nope".to_string())
+        self.to_value()
+            .get("type")
+            .and_then(|t| t.as_str())
+            .map_or_else(|| "nope".to_string(), str::to_string)
     }
 
     /// Where this encoding acts.
@@ -388,9 +482,7 @@ impl PositionalEncodingConfig {
         ensure(head_dim > 0, "head_dim", head_dim, "must be at least 1")?;
         let d_model = n_heads * head_dim;
         if let Some((bias, kind)) = self.dape_parts() {
-            let bias = bias
-                .map(|b| b.init::<B>(n_heads, device))
-                .transpose()?;
+            let bias = bias.map(|b| b.init::<B>(n_heads, device)).transpose()?;
             return Ok(match kind {
                 DapeKind::V1(c) => P::Dape(c.init(n_heads, bias, device)?),
                 DapeKind::V2(c) => P::DapeV2(c.init(n_heads, bias, device)?),
@@ -409,9 +501,7 @@ impl PositionalEncodingConfig {
             C::T5(c) => P::Bias(BiasConfig::T5(c.clone()).init(n_heads, device)?),
             C::Alibi(c) => P::Bias(BiasConfig::Alibi(c.clone()).init(n_heads, device)?),
             C::KerpleLog(c) => P::Bias(BiasConfig::KerpleLog(c.clone()).init(n_heads, device)?),
-            C::KerplePower(c) => {
-                P::Bias(BiasConfig::KerplePower(c.clone()).init(n_heads, device)?)
-            }
+            C::KerplePower(c) => P::Bias(BiasConfig::KerplePower(c.clone()).init(n_heads, device)?),
             C::Fire(c) => P::Bias(BiasConfig::Fire(c.clone()).init(n_heads, device)?),
             C::Shaw(c) => P::Shaw(c.init(head_dim, device)?),
             C::Cope(c) => P::Cope(c.init(head_dim, device)?),
@@ -428,6 +518,48 @@ impl std::str::FromStr for PositionalEncodingConfig {
 }
 
 impl burn::config::Config for PositionalEncodingConfig {}
+
+impl Serialize for PositionalEncodingConfig {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        Self::serialize(self, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for PositionalEncodingConfig {
+    /// Accepts `"name"` or `{"type": "name", ...overrides}`; see
+    /// [`PositionalEncodingConfig::from_value`].
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        Self::from_value(value).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Writes the fields of `over` into `base` (recursively for objects); a field that `base` does
+/// not have is an error naming it.
+fn overlay(base: &mut serde_json::Value, over: serde_json::Value, path: &str) -> Result<()> {
+    match (base, over) {
+        (serde_json::Value::Object(base), serde_json::Value::Object(over)) => {
+            for (key, value) in over {
+                match base.get_mut(&key) {
+                    Some(slot) => overlay(slot, value, &format!("{path}.{key}"))?,
+                    None => {
+                        let known: Vec<&str> = base.keys().map(String::as_str).collect();
+                        return Err(Error::invalid(
+                            &format!("{path}.{key}"),
+                            value,
+                            format!("unknown field; known fields: {}", known.join(", ")),
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+        (slot, value) => {
+            *slot = value;
+            Ok(())
+        }
+    }
+}
 
 impl BiasConfig {
     /// Builds the bias module for `n_heads` heads.
@@ -485,6 +617,13 @@ impl<B: Backend> PositionalEncoding<B> {
         }
     }
 
+    /// Whether the logits of row `i` depend on key column `i + 1` existing (DAPE V2 in the
+    /// reference's form). The chunked attention path then keeps one extra (masked) column per
+    /// chunk so that it stays equal to the unchunked forward.
+    pub fn reads_next_column(&self) -> bool {
+        matches!(self, Self::DapeV2(d) if d.reads_next_column())
+    }
+
     /// Adds absolute positions `start .. start + seq` to embeddings `x: [batch, seq, d_model]`.
     /// Identity for encodings that do not act on embeddings.
     pub fn embed(&self, x: Tensor<B, 3>, start: usize) -> Result<Tensor<B, 3>> {
@@ -512,7 +651,12 @@ impl<B: Backend> PositionalEncoding<B> {
 
     /// Adds this encoding's terms to scaled logits `[batch, heads, seq_q, seq_k]` (before the
     /// causal mask). `q: [batch, heads, seq_q, d_head]` are the queries of these rows.
-    pub fn adjust_logits(&self, logits: Tensor<B, 4>, q: Tensor<B, 4>, span: &Span) -> Tensor<B, 4> {
+    pub fn adjust_logits(
+        &self,
+        logits: Tensor<B, 4>,
+        q: Tensor<B, 4>,
+        span: &Span,
+    ) -> Tensor<B, 4> {
         match self {
             Self::Bias(b) => logits + b.forward(span, &q.device()),
             Self::Shaw(s) => s.forward(logits, q, span),

@@ -128,7 +128,12 @@ impl RopeConfig {
             )?;
         }
         if matches!(scaling, RopeScaling::Ntk | RopeScaling::DynamicNtk) {
-            ensure(r > 2, "rotary_dim", r, "NTK scaling needs a rotary dimension above 2")?;
+            ensure(
+                r > 2,
+                "rotary_dim",
+                r,
+                "NTK scaling needs a rotary dimension above 2",
+            )?;
         }
         if scaling == RopeScaling::Yarn {
             ensure(
@@ -164,7 +169,12 @@ impl XposConfig {
     pub fn init(&self, head_dim: usize) -> Result<Rotary> {
         let r = rotary_dim(head_dim, self.rotary_fraction)?;
         ensure(self.base > 1.0, "base", self.base, "must be greater than 1")?;
-        ensure(self.scale_base > 0.0, "scale_base", self.scale_base, "must be positive")?;
+        ensure(
+            self.scale_base > 0.0,
+            "scale_base",
+            self.scale_base,
+            "must be positive",
+        )?;
         Ok(Rotary {
             rotary_dim: r,
             layout: self.layout,
@@ -285,7 +295,12 @@ impl Rotary {
     }
 
     /// Rotates `x: [batch, heads, seq, d_head]` with tables `[seq, r/2]`.
-    fn apply<B: Backend>(&self, x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
+    fn apply<B: Backend>(
+        &self,
+        x: Tensor<B, 4>,
+        cos: Tensor<B, 2>,
+        sin: Tensor<B, 2>,
+    ) -> Tensor<B, 4> {
         let [b, h, l, d] = x.dims();
         let r = self.rotary_dim;
         let half = r / 2;

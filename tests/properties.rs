@@ -1,0 +1,387 @@
+//! Properties every encoding must have, checked on small models on ndarray:
+//! causality, KV-cache decoding == full forward, chunked == unchunked (causal and
+//! bidirectional), and gradients reaching every trainable parameter.
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+
+use dape::{
+    LanguageModel, LanguageModelConfig, PositionalEncodingConfig, SequenceModelConfig,
+    TransformerConfig, ENCODING_NAMES,
+};
+
+type B = NdArray<f32>;
+type AD = Autodiff<NdArray<f32>>;
+
+const VOCAB: usize = 13;
+
+/// Every encoding, with settings that make its length-dependent parts act at these tiny lengths
+/// (scaling already active, few buckets, small clip distances).
+fn encodings() -> Vec<(String, PositionalEncodingConfig)> {
+    ENCODING_NAMES
+        .iter()
+        .map(|name| {
+            let json = match *name {
+                "rope_linear" | "rope_ntk" | "rope_dynamic_ntk" | "rope_yarn" => format!(
+                    r#"{{"type": "{name}", "original_max_len": 4, "scale_factor": 3.0}}"#
+                ),
+                "xpos" => r#"{"type": "xpos", "scale_base": 8.0}"#.to_string(),
+                "t5" => r#"{"type": "t5", "num_buckets": 8, "max_distance": 10}"#.to_string(),
+                "shaw" => r#"{"type": "shaw", "max_distance": 3}"#.to_string(),
+                "cope" => r#"{"type": "cope", "npos_max": 5}"#.to_string(),
+                "learned" => r#"{"type": "learned", "max_len": 32}"#.to_string(),
+                "fire" => r#"{"type": "fire", "init_l": 4.0}"#.to_string(),
+                "dape_fire" | "dapev2_fire" => {
+                    format!(r#"{{"type": "{name}", "bias": {{"init_l": 4.0, "activation": "leaky_relu"}}}}"#)
+                }
+                _ => format!(r#"{{"type": "{name}"}}"#),
+            };
+            let config = PositionalEncodingConfig::from_json(&json)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            (name.to_string(), config)
+        })
+        .chain(std::iter::once((
+            "dapev2_kerple_log/reference".to_string(),
+            PositionalEncodingConfig::from_json(
+                r#"{"type": "dapev2_kerple_log", "dape": {"mask_future_hidden": false}}"#,
+            )
+            .unwrap(),
+        )))
+        .collect()
+}
+
+/// Encodings whose row `i` depends on the sequence length (dynamic NTK's frequencies; DAPE V2 in
+/// the reference's form reads key column `i + 1`): a KV-cache step equals the last row of the
+/// full forward over the tokens seen so far, not the row of a longer forward. In a multi-layer
+/// model the cached states of earlier steps then differ from a fresh forward's, so their decode
+/// property is checked on one layer.
+fn length_dependent(name: &str) -> bool {
+    name == "rope_dynamic_ntk" || name.ends_with("/reference")
+}
+
+/// What decoding `ids[prompt..]` one token at a time after `ids[..prompt]` must give.
+fn decode_reference(model: &LanguageModel<B>, name: &str, ids: &[i64], prompt: usize) -> Vec<f32> {
+    if !length_dependent(name) {
+        return to_vec(model.forward(tokens(ids)).unwrap());
+    }
+    let mut rows = to_vec(model.forward(tokens(&ids[..prompt])).unwrap());
+    for t in prompt..ids.len() {
+        let full = model.forward(tokens(&ids[..=t])).unwrap();
+        rows.extend(to_vec(full.narrow(1, t, 1)));
+    }
+    rows
+}
+
+fn config_of(name: &str) -> PositionalEncodingConfig {
+    encodings()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, c)| c)
+        .expect("known test encoding")
+}
+
+fn transformer(encoding: PositionalEncodingConfig) -> TransformerConfig {
+    TransformerConfig::new(16, 2, 4).with_encoding(encoding)
+}
+
+fn lm<Bk: Backend>(encoding: PositionalEncodingConfig) -> LanguageModel<Bk> {
+    lm_layers(encoding, 2)
+}
+
+/// A small LM whose attention is peaked (query/key weights scaled up), so that positional
+/// differences show in the outputs instead of averaging away in near-uniform attention.
+fn lm_layers<Bk: Backend>(encoding: PositionalEncodingConfig, layers: usize) -> LanguageModel<Bk> {
+    let mut shape = transformer(encoding);
+    shape.n_layers = layers;
+    let mut model = LanguageModelConfig::new(VOCAB, shape)
+        .init::<Bk>(&Default::default())
+        .expect("valid config");
+    for block in model.transformer.blocks.iter_mut() {
+        let w = block.attention.qkv.weight.val();
+        block.attention.qkv.weight = Param::from_tensor((w * 3.0).detach());
+    }
+    model
+}
+
+fn tokens<Bk: Backend>(ids: &[i64]) -> Tensor<Bk, 2, Int> {
+    Tensor::from_data(
+        TensorData::new(ids.to_vec(), [1, ids.len()]),
+        &Default::default(),
+    )
+}
+
+fn batch_tokens(rows: &[Vec<i64>]) -> Tensor<B, 2, Int> {
+    let len = rows[0].len();
+    let flat: Vec<i64> = rows.iter().flatten().copied().collect();
+    Tensor::from_data(
+        TensorData::new(flat, [rows.len(), len]),
+        &Default::default(),
+    )
+}
+
+fn pseudo_random(n: usize, seed: u64) -> Vec<i64> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % VOCAB as u64) as i64
+        })
+        .collect()
+}
+
+fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().to_vec().expect("f32 data")
+}
+
+/// Largest |a - b| relative to 1 + |b|.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0.0, f32::max)
+}
+
+const TOL: f32 = 2e-5;
+
+#[test]
+fn causality_future_tokens_never_change_past_outputs() {
+    let len = 12;
+    let cut = 7;
+    for (name, config) in encodings() {
+        let model = lm::<B>(config);
+        let a = pseudo_random(len, 1);
+        let mut b = a.clone();
+        for t in b.iter_mut().skip(cut) {
+            *t = (*t + 5) % VOCAB as i64;
+        }
+        let la = model.forward(tokens(&a)).unwrap();
+        let lb = model.forward(tokens(&b)).unwrap();
+        let past = |t: Tensor<B, 3>| to_vec(t.narrow(1, 0, cut));
+        let d = max_diff(&past(la.clone()), &past(lb.clone()));
+        assert!(
+            d < TOL,
+            "{name}: changing tokens from {cut} on changed earlier outputs by {d}"
+        );
+        // And the change is visible from the cut on: the test can tell.
+        let later = |t: Tensor<B, 3>| to_vec(t.narrow(1, cut, len - cut));
+        assert!(
+            max_diff(&later(la), &later(lb)) > 1e-4,
+            "{name}: the future change left later outputs unchanged"
+        );
+    }
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_forward() {
+    let len = 11;
+    let prompt = 4;
+    for (name, config) in encodings() {
+        let layers = if length_dependent(&name) { 1 } else { 2 };
+        let model = lm_layers::<B>(config, layers);
+        let ids = pseudo_random(len, 2);
+        let mut cache = model.new_cache();
+        let mut decoded = vec![model
+            .forward_cached(tokens(&ids[..prompt]), &mut cache)
+            .unwrap()];
+        for t in prompt..len {
+            decoded.push(
+                model
+                    .forward_cached(tokens(&ids[t..=t]), &mut cache)
+                    .unwrap(),
+            );
+        }
+        assert_eq!(cache.len(), len, "{name}: cache length");
+        let decoded = to_vec(Tensor::cat(decoded, 1));
+        let d = max_diff(&decoded, &decode_reference(&model, &name, &ids, prompt));
+        assert!(
+            d < 1e-4,
+            "{name}: KV-cache decode differs from the full forward by {d}"
+        );
+    }
+}
+
+#[test]
+fn chunked_equals_unchunked_causal_and_with_cache() {
+    let len = 13;
+    for (name, config) in encodings() {
+        let model = lm::<B>(config);
+        let ids = batch_tokens(&[pseudo_random(len, 3), pseudo_random(len, 4)]);
+        let full = to_vec(model.forward(ids.clone()).unwrap());
+        for chunk in [1, 3, 5] {
+            let chunked = model.clone().with_chunk_size(Some(chunk));
+            let d = max_diff(&to_vec(chunked.forward(ids.clone()).unwrap()), &full);
+            assert!(
+                d < 1e-4,
+                "{name}: chunk {chunk} differs from unchunked by {d}"
+            );
+        }
+        // A chunked prompt through the cache, then one more token.
+        let single = pseudo_random(len, 3);
+        let model = lm_layers::<B>(
+            config_of(&name),
+            if length_dependent(&name) { 1 } else { 2 },
+        );
+        let chunked = model.clone().with_chunk_size(Some(4));
+        let mut cache = chunked.new_cache();
+        let mut out = vec![chunked
+            .forward_cached(tokens(&single[..len - 1]), &mut cache)
+            .unwrap()];
+        out.push(
+            chunked
+                .forward_cached(tokens(&single[len - 1..]), &mut cache)
+                .unwrap(),
+        );
+        let reference = decode_reference(&model, &name, &single, len - 1);
+        let d = max_diff(&to_vec(Tensor::cat(out, 1)), &reference);
+        assert!(d < 1e-4, "{name}: chunked prompt + decode differs by {d}");
+    }
+}
+
+#[test]
+fn bidirectional_model_chunked_equals_unchunked_and_sees_the_future() {
+    let len = 10;
+    for (name, config) in encodings() {
+        let model = SequenceModelConfig::new(5, 3, transformer(config))
+            .init::<B>(&Default::default())
+            .unwrap();
+        let ids: Vec<Vec<i64>> = [5, 6]
+            .iter()
+            .map(|&s| pseudo_random(len, s).iter().map(|t| t % 5).collect())
+            .collect();
+        let ids = batch_tokens(&ids);
+        let full = model.predict(ids.clone(), 3).unwrap();
+        assert_eq!(full.dims(), [2, 3, 3], "{name}: prediction shape");
+        let full = to_vec(full);
+        let mut chunked = model.clone();
+        chunked.transformer = chunked.transformer.with_chunk_size(Some(4));
+        let d = max_diff(&to_vec(chunked.predict(ids.clone(), 3).unwrap()), &full);
+        assert!(d < 1e-4, "{name}: bidirectional chunked differs by {d}");
+        // Changing the last input token changes the first output position (not causal).
+        let mut changed = to_vec(ids.clone().float());
+        changed[len - 1] = ((changed[len - 1] as i64 + 1) % 5) as f32;
+        let changed: Vec<i64> = changed.iter().map(|&x| x as i64).collect();
+        let changed =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(changed, [2, len]), &Default::default());
+        let other = to_vec(model.predict(changed, 3).unwrap());
+        assert!(
+            max_diff(&other[..3], &full[..3]) > 1e-6,
+            "{name}: encoder ignores later tokens"
+        );
+    }
+}
+
+/// Collects every float parameter of a module whose gradient is missing, non-finite or zero.
+struct GradCheck<'a, Bk: AutodiffBackend> {
+    grads: &'a Bk::Gradients,
+    prefix: &'static str,
+    path: Vec<String>,
+    seen: usize,
+    bad: Vec<String>,
+}
+
+impl<'a, Bk: AutodiffBackend> GradCheck<'a, Bk> {
+    fn new(grads: &'a Bk::Gradients, prefix: &'static str) -> Self {
+        Self {
+            grads,
+            prefix,
+            path: Vec::new(),
+            seen: 0,
+            bad: Vec::new(),
+        }
+    }
+}
+
+impl<Bk: AutodiffBackend> ModuleVisitor<Bk> for GradCheck<'_, Bk> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Bk, D>>) {
+        let name = self.path.join(".");
+        if !name.starts_with(self.prefix) {
+            return;
+        }
+        self.seen += 1;
+        match param.val().grad(self.grads) {
+            None => self.bad.push(format!("{name}: no gradient")),
+            Some(g) => {
+                let v: Vec<f32> = g.into_data().to_vec().expect("f32");
+                if v.iter().any(|x| !x.is_finite()) {
+                    self.bad.push(format!("{name}: non-finite gradient"));
+                } else if v.iter().all(|x| *x == 0.0) {
+                    self.bad.push(format!("{name}: zero gradient"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gradients_reach_every_trainable_parameter() {
+    for (name, config) in encodings() {
+        let model = lm::<AD>(config);
+        let ids = pseudo_random(12, 7);
+        let logits = model.forward(tokens(&ids)).unwrap();
+        let targets: Vec<i64> = ids.iter().map(|t| (t + 1) % VOCAB as i64).collect();
+        let loss = burn::nn::loss::CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(
+                logits.reshape([12, VOCAB]),
+                tokens::<AD>(&targets).reshape([12]),
+            );
+        let grads = loss.backward();
+        let mut check = GradCheck::<AD>::new(&grads, "");
+        model.visit(&mut check);
+        assert!(check.bad.is_empty(), "{name}: {:?}", check.bad);
+        assert!(
+            check.seen > 10,
+            "{name}: only {} parameters visited",
+            check.seen
+        );
+    }
+}
+
+#[test]
+fn encoding_parameters_are_visited_and_trained() {
+    // The encoding's own parameters must be module parameters (saved, loaded, optimised).
+    let expected = [
+        ("learned", 1),
+        ("t5", 1),
+        ("kerple_log", 2),
+        ("kerple_power", 2),
+        ("fire", 6),
+        ("shaw", 1),
+        ("cope", 1),
+        ("dape_nope", 4),
+        ("dape_kerple_log", 6),
+        ("dapev2_alibi", 4),
+        ("dapev2_fire", 10),
+    ];
+    for (name, count) in expected {
+        let config = PositionalEncodingConfig::from_name(name).unwrap();
+        let model = lm::<AD>(config);
+        let ids = pseudo_random(9, 8);
+        let loss = model.forward(tokens(&ids)).unwrap().powf_scalar(2.0).mean();
+        let grads = loss.backward();
+        let prefix = if name == "learned" {
+            "transformer.absolute"
+        } else {
+            "transformer.blocks.0.attention.encoding"
+        };
+        let mut check = GradCheck::<AD>::new(&grads, prefix);
+        model.visit(&mut check);
+        assert_eq!(check.seen, count, "{name}: encoding parameter count");
+        assert!(check.bad.is_empty(), "{name}: {:?}", check.bad);
+    }
+}
