@@ -188,12 +188,7 @@ impl<B: Backend> Transformer<B> {
         tokens: Tensor<B, 2, Int>,
         mut caches: Option<&mut [KvCache<B>]>,
     ) -> Result<Tensor<B, 3>> {
-        let [batch, len] = tokens.dims();
-        if batch == 0 || len == 0 {
-            return Err(Error::InvalidInput(format!(
-                "token batch of shape [{batch}, {len}] is empty; batch and length must be at least 1"
-            )));
-        }
+        self.check_tokens(&tokens)?;
         let start = match caches.as_deref() {
             Some(c) => {
                 if c.len() != self.blocks.len() {
@@ -220,6 +215,12 @@ impl<B: Backend> Transformer<B> {
 
     /// Checks that every token id is below the vocabulary size.
     fn check_tokens(&self, tokens: &Tensor<B, 2, Int>) -> Result<()> {
+        let [batch, len] = tokens.dims();
+        if batch == 0 || len == 0 {
+            return Err(Error::InvalidInput(format!(
+                "token batch of shape [{batch}, {len}] is empty; batch and length must be at least 1"
+            )));
+        }
         let max = tokens.clone().max().into_scalar().elem::<i64>();
         let min = tokens.clone().min().into_scalar().elem::<i64>();
         if min < 0 || max >= self.vocab() as i64 {
@@ -298,7 +299,6 @@ impl<B: Backend> LmCache<B> {
 impl<B: Backend> LanguageModel<B> {
     /// Next-token logits `[batch, seq, vocab]` for `tokens: [batch, seq]`.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
-        self.transformer.check_tokens(&tokens)?;
         Ok(self.head.forward(self.transformer.forward(tokens, None)?))
     }
 
@@ -316,7 +316,6 @@ impl<B: Backend> LanguageModel<B> {
         tokens: Tensor<B, 2, Int>,
         cache: &mut LmCache<B>,
     ) -> Result<Tensor<B, 3>> {
-        self.transformer.check_tokens(&tokens)?;
         let hidden = self
             .transformer
             .forward(tokens, Some(cache.layers.as_mut_slice()))?;
@@ -374,7 +373,6 @@ pub struct SequenceModel<B: Backend> {
 impl<B: Backend> SequenceModel<B> {
     /// Logits `[batch, seq, output_vocab]` at every position.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
-        self.transformer.check_tokens(&tokens)?;
         Ok(self.head.forward(self.transformer.forward(tokens, None)?))
     }
 

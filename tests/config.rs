@@ -1,0 +1,204 @@
+//! Configs: every encoding survives a JSON round-trip, partial JSON takes defaults, and invalid
+//! configs and inputs are rejected with an error that names the offending value.
+
+use burn::backend::NdArray;
+use burn::prelude::*;
+
+use dape::{
+    AttentionConfig, Error, LanguageModelConfig, PositionalEncodingConfig, SequenceModelConfig,
+    TransformerConfig, ENCODING_NAMES,
+};
+
+type B = NdArray<f32>;
+
+fn dev() -> burn::backend::ndarray::NdArrayDevice {
+    Default::default()
+}
+
+#[test]
+fn every_encoding_round_trips_through_json() {
+    for name in ENCODING_NAMES {
+        let config = PositionalEncodingConfig::from_name(name).unwrap();
+        assert_eq!(config.name(), *name);
+        let json = serde_json::to_string(&config).unwrap();
+        let back: PositionalEncodingConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, config, "{name}: {json}");
+        // Every encoding also builds.
+        config
+            .init::<B>(4, 8, &dev())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+#[test]
+fn non_default_values_round_trip_and_partial_json_takes_defaults() {
+    let json = r#"{"type": "dapev2_kerple_log", "dape": {"mlp_width": 48, "kernel_size": 5},
+                   "bias": {"eps": 0.02}}"#;
+    let config = PositionalEncodingConfig::from_json(json).unwrap();
+    match &config {
+        PositionalEncodingConfig::Dapev2KerpleLog { bias, dape } => {
+            assert_eq!(dape.mlp_width, 48);
+            assert_eq!(dape.kernel_size, 5);
+            assert!(dape.mask_future_hidden, "default kept");
+            assert_eq!(bias.eps, 0.02);
+            assert_eq!(bias.init_p_max, 2.0, "default kept");
+        }
+        other => panic!("parsed as {other:?}"),
+    }
+    let text = serde_json::to_string(&config).unwrap();
+    assert_eq!(PositionalEncodingConfig::from_json(&text).unwrap(), config);
+
+    // A bare name is accepted where a config is expected.
+    let alibi: PositionalEncodingConfig = serde_json::from_str(r#""alibi""#).unwrap();
+    assert_eq!(alibi, PositionalEncodingConfig::from_name("alibi").unwrap());
+
+    // Nested in a model config, saved and loaded with Burn's Config.
+    let model = TransformerConfig::new(32, 2, 4)
+        .with_encoding(config.clone())
+        .with_chunk_size(Some(128));
+    let text =
+        burn::config::Config::save(&model, std::env::temp_dir().join("dape-config-test.json"));
+    assert!(text.is_ok());
+    let loaded = <TransformerConfig as burn::config::Config>::load(
+        std::env::temp_dir().join("dape-config-test.json"),
+    )
+    .unwrap();
+    assert_eq!(loaded.encoding, config);
+    assert_eq!(loaded.chunk_size, Some(128));
+}
+
+fn message(result: Result<impl std::fmt::Debug, Error>) -> String {
+    match result {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn unknown_encoding_names_and_fields_are_rejected() {
+    let err = PositionalEncodingConfig::from_name("dape_kerple_lgo").unwrap_err();
+    assert!(matches!(err, Error::UnknownEncoding { .. }));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("dape_kerple_lgo") && msg.contains("dape_kerple_log"),
+        "{msg}"
+    );
+
+    let msg = message(PositionalEncodingConfig::from_json(
+        r#"{"type": "alibi", "slope": 2}"#,
+    ));
+    assert!(msg.contains("alibi.slope"), "{msg}");
+    let msg = message(PositionalEncodingConfig::from_json(
+        r#"{"type": "dape_alibi", "dape": {"mlp_widht": 8}}"#,
+    ));
+    assert!(
+        msg.contains("mlp_widht") && msg.contains("mlp_width"),
+        "{msg}"
+    );
+    let msg = message(PositionalEncodingConfig::from_json(r#"{"mlp_width": 8}"#));
+    assert!(msg.contains("type"), "{msg}");
+}
+
+#[test]
+fn invalid_configs_name_the_offending_value() {
+    // Heads not dividing d_model.
+    let msg = message(AttentionConfig::new(10, 3).init::<B>(&dev()));
+    assert!(
+        msg.contains("d_model") && msg.contains("10") && msg.contains('3'),
+        "{msg}"
+    );
+    // An odd rotary dimension: head_dim 6 with half of it rotated gives 3.
+    let rope =
+        PositionalEncodingConfig::from_json(r#"{"type": "rope", "rotary_fraction": 0.5}"#).unwrap();
+    let msg = message(
+        AttentionConfig::new(12, 2)
+            .with_encoding(rope)
+            .init::<B>(&dev()),
+    );
+    assert!(msg.contains("rotary_dim") && msg.contains('3'), "{msg}");
+    // Zero widths.
+    for json in [
+        r#"{"type": "dape_kerple_log", "dape": {"mlp_width": 0}}"#,
+        r#"{"type": "dapev2_alibi", "dape": {"mlp_width": 0}}"#,
+        r#"{"type": "fire", "mlp_width": 0}"#,
+    ] {
+        let config = PositionalEncodingConfig::from_json(json).unwrap();
+        let msg = message(config.init::<B>(4, 8, &dev()));
+        assert!(
+            msg.contains("mlp_width") && msg.contains('0'),
+            "{json}: {msg}"
+        );
+    }
+    // An even DAPE V2 kernel, a zero-length learned table, zero heads, zero chunk.
+    let even = PositionalEncodingConfig::from_json(
+        r#"{"type": "dapev2_nope", "dape": {"kernel_size": 4}}"#,
+    )
+    .unwrap();
+    assert!(message(even.init::<B>(4, 8, &dev())).contains("kernel_size"));
+    let learned =
+        PositionalEncodingConfig::from_json(r#"{"type": "learned", "max_len": 0}"#).unwrap();
+    assert!(message(learned.init::<B>(4, 8, &dev())).contains("max_len"));
+    assert!(message(AttentionConfig::new(8, 0).init::<B>(&dev())).contains("n_heads"));
+    let chunk = AttentionConfig::new(8, 2).with_chunk_size(Some(0));
+    assert!(message(chunk.init::<B>(&dev())).contains("chunk_size"));
+    let layers = TransformerConfig::new(8, 0, 2);
+    assert!(message(LanguageModelConfig::new(10, layers).init::<B>(&dev())).contains("n_layers"));
+}
+
+#[test]
+fn invalid_inputs_are_errors_not_panics() {
+    let learned =
+        PositionalEncodingConfig::from_json(r#"{"type": "learned", "max_len": 8}"#).unwrap();
+    let model =
+        LanguageModelConfig::new(10, TransformerConfig::new(8, 1, 2).with_encoding(learned))
+            .init::<B>(&dev())
+            .unwrap();
+    let tokens = |n: usize, v: i64| Tensor::<B, 2, Int>::full([1, n], v, &dev());
+
+    // A length of zero.
+    let msg = message(model.forward(tokens(0, 1)));
+    assert!(msg.contains("[1, 0]"), "{msg}");
+    // Past the learned table, also through the cache.
+    let err = model.forward(tokens(9, 1)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::SequenceTooLong {
+                length: 9,
+                max: 8,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut cache = model.new_cache();
+    model.forward_cached(tokens(8, 1), &mut cache).unwrap();
+    let err = model.forward_cached(tokens(1, 1), &mut cache).unwrap_err();
+    assert!(
+        matches!(err, Error::SequenceTooLong { length: 9, .. }),
+        "{err}"
+    );
+    // Token ids outside the vocabulary.
+    assert!(message(model.forward(tokens(3, 10))).contains("10"));
+    assert!(message(model.forward(tokens(3, -1))).contains("-1"));
+    // A batch that does not match the cache.
+    let mut cache = model.new_cache();
+    model.forward_cached(tokens(2, 1), &mut cache).unwrap();
+    let two = Tensor::<B, 2, Int>::full([2, 1], 1, &dev());
+    assert!(message(model.forward_cached(two, &mut cache)).contains("batch"));
+
+    // A KV cache on bidirectional attention is refused.
+    let attention = AttentionConfig::new(8, 2)
+        .with_causal(false)
+        .init::<B>(&dev())
+        .unwrap();
+    let mut kv = dape::KvCache::new();
+    let x = Tensor::<B, 3>::zeros([1, 2, 8], &dev());
+    assert!(message(attention.forward_cached(x, &mut kv)).contains("causal"));
+
+    // No output positions for the sequence model.
+    let seq = SequenceModelConfig::new(2, 2, TransformerConfig::new(8, 1, 2))
+        .init::<B>(&dev())
+        .unwrap();
+    assert!(message(seq.predict(tokens(3, 1), 0)).contains("output_len"));
+}

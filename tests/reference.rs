@@ -1,0 +1,327 @@
+//! Reference values from the formulas: ALiBi slopes, Kerple, FIRE, T5 buckets, sinusoidal
+//! tables, and the rotary family (relative property, agreement with burn-nn's RoPE, scaling
+//! rules).
+
+use burn::backend::NdArray;
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+
+use dape::encoding::bias::{alibi_slopes, t5_bucket};
+use dape::encoding::{
+    AlibiConfig, FireActivation, FireConfig, KerpleConfig, KerpleKind, RopeConfig, RopeLayout,
+    RopeScaling, Rotary, SinusoidalConfig, T5Config, XposConfig,
+};
+use dape::Span;
+
+type B = NdArray<f32>;
+
+fn dev() -> burn::backend::ndarray::NdArrayDevice {
+    Default::default()
+}
+
+fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().to_vec().unwrap()
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * (1.0 + b.abs())
+}
+
+#[test]
+fn alibi_slopes_for_8_and_12_heads() {
+    let eight: Vec<f64> = (1..=8).map(|h| 2f64.powi(-h)).collect();
+    assert_eq!(alibi_slopes(8), eight);
+    // 12 heads: the 8-head slopes, then every other slope of 16 heads (2^-0.5, 2^-1.5, ...).
+    let mut twelve = eight.clone();
+    twelve.extend([-0.5f64, -1.5, -2.5, -3.5].iter().map(|e| 2f64.powf(*e)));
+    let got = alibi_slopes(12);
+    assert_eq!(got.len(), 12);
+    for (g, w) in got.iter().zip(&twelve) {
+        assert!(close(*g, *w, 1e-12), "slopes {got:?} != {twelve:?}");
+    }
+}
+
+#[test]
+fn alibi_bias_is_minus_slope_times_distance() {
+    let alibi = AlibiConfig::new().init::<B>(8, &dev()).unwrap();
+    let span = Span::full(6);
+    let bias = values(alibi.forward(&span, &dev())); // [1, 8, 6, 6]
+    for h in 0..8 {
+        for i in 0..6 {
+            for j in 0..=i {
+                let got = bias[(h * 6 + i) * 6 + j] as f64;
+                let want = -2f64.powi(-(h as i32 + 1)) * (i - j) as f64;
+                assert!(close(got, want, 1e-6), "h{h} ({i},{j}): {got} vs {want}");
+            }
+        }
+    }
+}
+
+#[test]
+fn kerple_log_and_power_match_their_formulas_with_clamping() {
+    let ps = [0.5f64, 1.3, -2.0]; // the last is clamped to eps = 0.01
+    let as_ = [0.2f64, 0.9, 5.0]; // power: clamped to 2
+    for kind in [KerpleKind::Log, KerpleKind::Power] {
+        let mut kerple = KerpleConfig::new().init::<B>(3, kind, &dev()).unwrap();
+        let t = |v: &[f64]| {
+            Param::from_tensor(Tensor::<B, 1>::from_floats(
+                TensorData::new(v.iter().map(|x| *x as f32).collect::<Vec<_>>(), [3]),
+                &dev(),
+            ))
+        };
+        kerple.p = t(&ps);
+        kerple.a = t(&as_);
+        let span = Span {
+            query_start: 3,
+            query_len: 4,
+            key_len: 7,
+            causal: true,
+        };
+        let bias = values(kerple.forward(&span, &dev()));
+        for h in 0..3 {
+            let p = ps[h].max(0.01);
+            for r in 0..4 {
+                for j in 0..7 {
+                    let d = ((3 + r) as f64 - j as f64).abs();
+                    let want = match kind {
+                        KerpleKind::Log => -p * (1.0 + as_[h].max(0.01) * d).ln(),
+                        KerpleKind::Power => -p * d.powf(as_[h].clamp(0.01, 2.0)),
+                    };
+                    let got = bias[(h * 4 + r) * 7 + j] as f64;
+                    assert!(
+                        close(got, want, 1e-5),
+                        "{kind:?} h{h} r{r} j{j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fire_matches_its_formula() {
+    let mut fire = FireConfig::new()
+        .with_mlp_width(4)
+        .with_init_l(6.0)
+        .with_activation(FireActivation::Relu)
+        .init::<B>(2, &dev())
+        .unwrap();
+    fire.c = Param::from_tensor(Tensor::from_floats([0.3], &dev()));
+    fire.l_multiplier = Param::from_tensor(Tensor::from_floats([-1.5], &dev()));
+    let w1 = values(fire.mlp_in.weight.val()); // [1, 4]
+    let b1 = values(fire.mlp_in.bias.as_ref().unwrap().val());
+    let w2 = values(fire.mlp_out.weight.val()); // [4, 2]
+    let b2 = values(fire.mlp_out.bias.as_ref().unwrap().val());
+    let len = 12;
+    let bias = values(fire.forward(&Span::full(len), &dev()));
+    let psi = |x: f64| (0.3 * x).abs().ln_1p();
+    let threshold = (-1.5f64 * 6.0).abs();
+    for i in 0..len {
+        for j in 0..=i {
+            let x = psi((i - j) as f64) / (psi((i as f64).max(threshold)) + 1e-6);
+            let hidden: Vec<f64> = (0..4)
+                .map(|k| (w1[k] as f64 * x + b1[k] as f64).max(0.0))
+                .collect();
+            for h in 0..2 {
+                let want: f64 = b2[h] as f64
+                    + (0..4)
+                        .map(|k| hidden[k] * w2[k * 2 + h] as f64)
+                        .sum::<f64>();
+                let got = bias[(h * len + i) * len + j] as f64;
+                assert!(close(got, want, 1e-5), "h{h} ({i},{j}): {got} vs {want}");
+            }
+        }
+    }
+}
+
+#[test]
+fn t5_buckets_follow_the_t5_rule() {
+    // Causal, 32 buckets, max distance 128: exact below 16, logarithmic up to 31.
+    let causal = |n: i64| t5_bucket(-n, true, 32, 128);
+    for n in 0..16 {
+        assert_eq!(causal(n), n as usize);
+    }
+    assert_eq!(causal(16), 16);
+    assert_eq!(causal(20), 17); // 16 + floor(ln(20/16) / ln(8) * 16) = 16 + 1
+    assert_eq!(causal(64), 26); // 16 + floor(16 * 2/3)
+    assert_eq!(causal(127), 31);
+    assert_eq!(causal(128), 31);
+    assert_eq!(causal(10_000), 31);
+    assert_eq!(t5_bucket(5, true, 32, 128), 0, "future keys share bucket 0");
+    // Bidirectional: 16 buckets per direction, keys ahead offset by 16.
+    assert_eq!(t5_bucket(-3, false, 32, 128), 3);
+    assert_eq!(t5_bucket(3, false, 32, 128), 19);
+    assert_eq!(t5_bucket(-8, false, 32, 128), 8);
+    assert_eq!(t5_bucket(-100, false, 32, 128), 15);
+    assert_eq!(t5_bucket(200, false, 32, 128), 31);
+
+    // The module looks the buckets up per head.
+    let t5 = T5Config::new().init::<B>(2, &dev()).unwrap();
+    let table = values(t5.embedding.val()); // [32, 2]
+    let bias = values(t5.forward(&Span::full(40), &dev()));
+    let (i, j) = (37, 1); // distance 36
+    let bucket = causal(36);
+    for h in 0..2 {
+        assert_eq!(bias[(h * 40 + i) * 40 + j], table[bucket * 2 + h]);
+    }
+}
+
+#[test]
+fn sinusoidal_table_values() {
+    let sin = SinusoidalConfig::new().init(8).unwrap();
+    let table = values(sin.table::<B>(3, 2, &dev())); // positions 3 and 4
+    for (row, p) in [3.0f64, 4.0].iter().enumerate() {
+        for i in 0..4 {
+            let angle = p / 10000f64.powf(2.0 * i as f64 / 8.0);
+            assert!(close(table[row * 8 + 2 * i] as f64, angle.sin(), 1e-6));
+            assert!(close(table[row * 8 + 2 * i + 1] as f64, angle.cos(), 1e-6));
+        }
+    }
+    assert!(
+        SinusoidalConfig::new().init(7).is_err(),
+        "odd width must be rejected"
+    );
+}
+
+fn rotaries() -> Vec<(&'static str, Rotary)> {
+    let rope = |layout, fraction, scaling| {
+        RopeConfig::new()
+            .with_layout(layout)
+            .with_rotary_fraction(fraction)
+            .with_original_max_len(8)
+            .init(16, scaling)
+            .unwrap()
+    };
+    vec![
+        (
+            "rope half-split",
+            rope(RopeLayout::HalfSplit, 1.0, RopeScaling::None),
+        ),
+        (
+            "rope interleaved",
+            rope(RopeLayout::Interleaved, 1.0, RopeScaling::None),
+        ),
+        (
+            "rope partial",
+            rope(RopeLayout::HalfSplit, 0.5, RopeScaling::None),
+        ),
+        (
+            "rope linear",
+            rope(RopeLayout::HalfSplit, 1.0, RopeScaling::Linear),
+        ),
+        (
+            "rope ntk",
+            rope(RopeLayout::Interleaved, 1.0, RopeScaling::Ntk),
+        ),
+        (
+            "rope dynamic ntk",
+            rope(RopeLayout::HalfSplit, 1.0, RopeScaling::DynamicNtk),
+        ),
+        (
+            "rope yarn",
+            rope(RopeLayout::HalfSplit, 1.0, RopeScaling::Yarn),
+        ),
+        (
+            "xpos",
+            XposConfig::new().with_scale_base(16.0).init(16).unwrap(),
+        ),
+    ]
+}
+
+/// `q` rotated at position `m` dotted with `k` rotated at position `n` (keys span 24 positions).
+fn rotated_dot(rotary: &Rotary, q: &Tensor<B, 4>, k: &Tensor<B, 4>, m: usize, n: usize) -> f64 {
+    let keys = k.clone().repeat_dim(2, 24);
+    let (qr, kr) = rotary.forward(q.clone(), keys, m);
+    let kn = kr.narrow(2, n, 1);
+    (qr * kn).sum().into_scalar() as f64
+}
+
+#[test]
+fn rotary_scores_depend_only_on_relative_position() {
+    let q = Tensor::<B, 4>::random([1, 1, 1, 16], Distribution::Normal(0.0, 1.0), &dev());
+    let k = Tensor::<B, 4>::random([1, 1, 1, 16], Distribution::Normal(0.0, 1.0), &dev());
+    for (name, rotary) in rotaries() {
+        let base = rotated_dot(&rotary, &q, &k, 5, 2);
+        for (m, n) in [(9, 6), (3, 0), (20, 17)] {
+            let other = rotated_dot(&rotary, &q, &k, m, n);
+            assert!(
+                close(other, base, 1e-4),
+                "{name}: q{m}·k{n} = {other} != q5·k2 = {base}"
+            );
+        }
+        let further = rotated_dot(&rotary, &q, &k, 9, 2);
+        assert!(
+            !close(further, base, 1e-3),
+            "{name}: a different distance gave the same score"
+        );
+    }
+}
+
+#[test]
+fn interleaved_rope_matches_burn_nn() {
+    let ours = RopeConfig::new()
+        .with_layout(RopeLayout::Interleaved)
+        .init(16, RopeScaling::None)
+        .unwrap();
+    let theirs = burn::nn::RotaryEncodingConfig::new(64, 16).init::<B>(&dev());
+    let x = Tensor::<B, 4>::random([2, 3, 10, 16], Distribution::Normal(0.0, 1.0), &dev());
+    let (q, _) = ours.forward(x.clone(), x.clone(), 7);
+    let reference = theirs.apply(x, 7);
+    let diff = (q - reference).abs().max().into_scalar();
+    assert!(diff < 1e-4, "max difference {diff}");
+}
+
+#[test]
+fn rope_scaling_rules() {
+    let plain = RopeConfig::new().init(16, RopeScaling::None).unwrap();
+    let linear = RopeConfig::new()
+        .with_scale_factor(2.0)
+        .init(16, RopeScaling::Linear)
+        .unwrap();
+    let q = Tensor::<B, 4>::random([1, 1, 1, 16], Distribution::Normal(0.0, 1.0), &dev());
+    // Position interpolation: position 2m under factor 2 is position m without scaling.
+    let (a, _) = linear.forward(q.clone(), q.clone(), 10);
+    let (b, _) = plain.forward(q.clone(), q.clone(), 5);
+    assert!((a - b).abs().max().into_scalar() < 1e-5);
+
+    // NTK: the highest frequency stays 1, the lowest is divided by the factor.
+    let ntk = RopeConfig::new()
+        .with_scale_factor(4.0)
+        .init(16, RopeScaling::Ntk)
+        .unwrap();
+    let f = ntk.inv_freq(1);
+    let p = plain.inv_freq(1);
+    assert!(close(f[0], 1.0, 1e-12));
+    assert!(close(f[7], p[7] / 4.0, 1e-9), "{} vs {}", f[7], p[7] / 4.0);
+
+    // Dynamic NTK: unscaled up to the training length, scaled past it.
+    let dynamic = RopeConfig::new()
+        .with_scale_factor(2.0)
+        .with_original_max_len(16)
+        .init(16, RopeScaling::DynamicNtk)
+        .unwrap();
+    assert_eq!(dynamic.inv_freq(16), plain.inv_freq(16));
+    assert!(dynamic.inv_freq(64)[7] < plain.inv_freq(64)[7]);
+
+    // YaRN: high frequencies kept, low ones interpolated, norms scaled by the attention factor.
+    let yarn = RopeConfig::new()
+        .with_scale_factor(4.0)
+        .with_original_max_len(64)
+        .init(16, RopeScaling::Yarn)
+        .unwrap();
+    let y = yarn.inv_freq(1);
+    assert!(close(y[0], p[0], 1e-12), "highest frequency extrapolated");
+    assert!(
+        close(y[7], p[7] / 4.0, 1e-12),
+        "lowest frequency interpolated"
+    );
+    let (rotated, _) = yarn.forward(q.clone(), q.clone(), 3);
+    let ratio = (rotated.powf_scalar(2.0).sum().into_scalar()
+        / q.powf_scalar(2.0).sum().into_scalar())
+    .sqrt() as f64;
+    assert!(
+        close(ratio, 0.1 * 4f64.ln() + 1.0, 1e-4),
+        "YaRN attention factor {ratio}"
+    );
+}
