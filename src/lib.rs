@@ -55,6 +55,9 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod backend;
+pub mod consistency;
+pub mod data;
 pub mod encoding;
 pub mod error;
 pub mod model;

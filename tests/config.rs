@@ -202,3 +202,20 @@ fn invalid_inputs_are_errors_not_panics() {
         .unwrap();
     assert!(message(seq.predict(tokens(3, 1), 0)).contains("output_len"));
 }
+
+#[test]
+fn shipped_config_files_parse() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/encodings");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = PositionalEncodingConfig::from_json(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        config
+            .init::<B>(8, 16, &dev())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        count += 1;
+    }
+    assert!(count >= 3, "expected config files in {}", dir.display());
+}

@@ -1,0 +1,1 @@
+//! CHE task generators (in progress).

@@ -1,0 +1,3 @@
+//! Data: the CHE (Chomsky hierarchy) task generators.
+
+pub mod che;
