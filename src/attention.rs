@@ -46,7 +46,7 @@ impl AttentionConfig {
             "must be at least 1",
         )?;
         ensure(
-            self.d_model > 0 && self.d_model % self.n_heads == 0,
+            self.d_model > 0 && self.d_model.is_multiple_of(self.n_heads),
             "d_model",
             self.d_model,
             &format!("must be a positive multiple of n_heads = {}", self.n_heads),

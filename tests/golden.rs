@@ -228,7 +228,9 @@ fn run(case: &Case) -> Result<Tensor<B, 4>, String> {
     if let Some(base) = m.strip_suffix("_dapev2") {
         let bias = build_bias(&p, base, heads, true)?;
         let w = p.get("mlp2.0.weight")?.shape.clone();
+        // The reference zeroes only the input map (see `DapeV2Config::mask_future_hidden`).
         let mut dape = DapeV2Config::new()
+            .with_mask_future_hidden(false)
             .with_mlp_width(w[0])
             .with_kernel_size(w[3])
             .init::<B>(heads, bias, &device)

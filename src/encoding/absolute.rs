@@ -24,7 +24,7 @@ impl SinusoidalConfig {
     /// Builds the encoding for `d_model` features (must be even).
     pub fn init(&self, d_model: usize) -> Result<Sinusoidal> {
         ensure(
-            d_model > 0 && d_model % 2 == 0,
+            d_model > 0 && d_model.is_multiple_of(2),
             "d_model",
             d_model,
             "sinusoidal positions need an even, non-zero model width",
@@ -126,7 +126,7 @@ impl<B: Backend> LearnedPositions<B> {
                 max: self.max_len,
             });
         }
-        let rows = self.weight.val().slice([start..start + len]);
+        let rows = self.weight.val().narrow(0, start, len);
         Ok(x + rows.unsqueeze::<3>())
     }
 }

@@ -15,6 +15,7 @@ use crate::error::{ensure, Result};
 
 /// A data-independent additive bias.
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // a handful per model; boxing would hide the modules from Burn
 pub enum AdditiveBias<B: Backend> {
     /// ALiBi.
     Alibi(Alibi<B>),

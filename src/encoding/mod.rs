@@ -585,6 +585,7 @@ impl BiasConfig {
 /// [`adjust_logits`](Self::adjust_logits) for everything that acts on the logits. Each method is
 /// the identity for encodings that do not act there.
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // one per layer; boxing would hide the modules from Burn
 pub enum PositionalEncoding<B: Backend> {
     /// No positional information.
     Nope(NoPe),

@@ -100,7 +100,7 @@ fn rotary_dim(head_dim: usize, fraction: f64) -> Result<usize> {
     )?;
     let r = (head_dim as f64 * fraction).round() as usize;
     ensure(
-        r >= 2 && r % 2 == 0,
+        r >= 2 && r.is_multiple_of(2),
         "rotary_dim",
         r,
         &format!("head_dim {head_dim} × rotary_fraction {fraction} must give an even rotary dimension of at least 2"),
