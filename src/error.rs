@@ -40,6 +40,14 @@ pub enum Error {
     /// An input tensor or argument is unusable (empty, wrong shape, misuse of a cache).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A plot could not be drawn or written.
+    #[error("plot {}: {message}", path.display())]
+    Plot {
+        /// The output file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// A JSON document could not be parsed.
     #[error("JSON error: {0}")]
     Json(#[from] serde_json::Error),

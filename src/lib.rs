@@ -60,7 +60,9 @@ pub mod consistency;
 pub mod data;
 pub mod encoding;
 pub mod error;
+pub mod eval;
 pub mod model;
+pub mod train;
 
 pub use attention::{AttentionConfig, KvCache, MultiHeadAttention};
 pub use encoding::{PositionalEncoding, PositionalEncodingConfig, Span, ENCODING_NAMES};

@@ -376,6 +376,12 @@ impl<B: Backend> SequenceModel<B> {
         Ok(self.head.forward(self.transformer.forward(tokens, None)?))
     }
 
+    /// The same model with another attention chunk size (`None`: no chunking).
+    pub fn with_chunk_size(mut self, chunk_size: Option<usize>) -> Self {
+        self.transformer = self.transformer.with_chunk_size(chunk_size);
+        self
+    }
+
     /// Appends `output_len` placeholders to `inputs: [batch, L]` and returns the logits of the
     /// output positions, `[batch, output_len, output_vocab]`.
     pub fn predict(&self, inputs: Tensor<B, 2, Int>, output_len: usize) -> Result<Tensor<B, 3>> {

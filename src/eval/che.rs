@@ -1,0 +1,465 @@
+//! CHE evaluation: accuracy by length on unseen lengths, written as `che.json`, `che.csv` and
+//! `che.svg`; and the tasks × encodings suite table of mean accuracy, like the papers'.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+use super::plot::{line_chart_svg, Chart, Series};
+use crate::data::che::{Rng, Task};
+use crate::encoding::PositionalEncodingConfig;
+use crate::error::{ensure, Error, Result};
+use crate::model::SequenceModel;
+use crate::train::che::{che_forward, train, write_atomic, CheBatch, CheTrainConfig, Progress};
+
+/// Settings of an evaluation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheEvalConfig {
+    /// The lengths to test.
+    pub lengths: Vec<usize>,
+    /// Sequences per length (512 in the papers).
+    pub sequences: usize,
+    /// Largest number of sequences per forward pass (smaller for long inputs).
+    pub batch: usize,
+    /// Seed of the test data (independent of the training data).
+    pub seed: u64,
+}
+
+impl Default for CheEvalConfig {
+    fn default() -> Self {
+        Self {
+            lengths: (41..=500).collect(),
+            sequences: 512,
+            batch: 128,
+            seed: 0x7E57,
+        }
+    }
+}
+
+impl CheEvalConfig {
+    /// Checks the values a user can get wrong.
+    pub fn validate(&self) -> Result<()> {
+        ensure(
+            !self.lengths.is_empty(),
+            "lengths",
+            "[]",
+            "must not be empty",
+        )?;
+        if let Some(bad) = self.lengths.iter().find(|&&l| l == 0) {
+            return Err(Error::invalid("lengths", bad, "CHE lengths start at 1"));
+        }
+        ensure(
+            self.sequences > 0,
+            "sequences",
+            self.sequences,
+            "must be at least 1",
+        )?;
+        ensure(self.batch > 0, "batch", self.batch, "must be at least 1")?;
+        Ok(())
+    }
+}
+
+/// Parses `a..b` (inclusive), `a..b:step` or a comma list such as `41,100,200`.
+pub fn parse_lengths(text: &str) -> Result<Vec<usize>> {
+    let bad = |why: &str| Error::invalid("lengths", text, why.to_string());
+    let number = |s: &str| {
+        s.trim()
+            .parse::<usize>()
+            .map_err(|_| bad("expected `a..b`, `a..b:step` or a comma-separated list of integers"))
+    };
+    let lengths: Vec<usize> = if let Some((range, step)) = text.split_once(':') {
+        let (a, b) = range
+            .split_once("..")
+            .ok_or_else(|| bad("a step needs a range `a..b:step`"))?;
+        let step = number(step)?;
+        ensure(step > 0, "lengths", text, "the step must be at least 1")?;
+        (number(a)?..=number(b.trim_start_matches('='))?)
+            .step_by(step)
+            .collect()
+    } else if let Some((a, b)) = text.split_once("..") {
+        (number(a)?..=number(b.trim_start_matches('='))?).collect()
+    } else {
+        text.split(',').map(number).collect::<Result<_>>()?
+    };
+    ensure(!lengths.is_empty(), "lengths", text, "the range is empty")?;
+    if lengths.contains(&0) {
+        return Err(bad("CHE lengths start at 1"));
+    }
+    Ok(lengths)
+}
+
+/// Accuracy at one length.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LengthAccuracy {
+    /// Input length.
+    pub length: usize,
+    /// Correct masked-in output positions over all masked-in positions.
+    pub accuracy: f64,
+    /// Sequences evaluated.
+    pub sequences: usize,
+    /// Seconds spent on this length.
+    pub seconds: f64,
+}
+
+/// The evaluation of one trained run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheEvalReport {
+    /// Run folder.
+    pub run: String,
+    /// Task name.
+    pub task: String,
+    /// Encoding name.
+    pub encoding: String,
+    /// Backend name.
+    pub backend: String,
+    /// Training lengths `[min, max]`.
+    pub train_lengths: [usize; 2],
+    /// Training steps.
+    pub train_steps: usize,
+    /// Sequences per length.
+    pub sequences_per_length: usize,
+    /// Mean accuracy over the test lengths (the papers' score).
+    pub score: f64,
+    /// Accuracy by length.
+    pub lengths: Vec<LengthAccuracy>,
+    /// Seconds of the whole evaluation.
+    pub seconds: f64,
+}
+
+/// Sequences per forward pass for inputs of `total` tokens: keeps the attention maps (and
+/// DAPE's hidden maps) to a few hundred MiB.
+fn batch_for(total: usize, max: usize) -> usize {
+    let budget = 1usize << 21;
+    (budget / (total * total.min(128)).max(1)).clamp(1, max)
+}
+
+/// Accuracy of `model` on `task` at every length of `config`.
+pub fn accuracy_by_length<B: Backend>(
+    model: &SequenceModel<B>,
+    task: Task,
+    config: &CheEvalConfig,
+    device: &B::Device,
+    mut on_length: impl FnMut(&LengthAccuracy),
+) -> Result<Vec<LengthAccuracy>> {
+    config.validate()?;
+    let mut results = Vec::with_capacity(config.lengths.len());
+    for &length in &config.lengths {
+        let start = Instant::now();
+        let mut rng = Rng::new(config.seed ^ (length as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let total = length + task.output_len(length);
+        // Query-chunk long inputs: exact, and bounded memory.
+        let model = model.clone().with_chunk_size((total > 256).then_some(128));
+        let per_batch = batch_for(total, config.batch);
+        let (mut correct, mut counted, mut done) = (0.0, 0.0, 0);
+        while done < config.sequences {
+            let n = per_batch.min(config.sequences - done);
+            let samples = (0..n)
+                .map(|_| task.sample(length, &mut rng))
+                .collect::<Result<Vec<_>>>()?;
+            let output = che_forward(&model, CheBatch::from_samples(&samples, device));
+            let (c, m) = output.counts();
+            correct += c;
+            counted += m;
+            done += n;
+        }
+        let result = LengthAccuracy {
+            length,
+            accuracy: if counted > 0.0 {
+                correct / counted
+            } else {
+                0.0
+            },
+            sequences: done,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        on_length(&result);
+        results.push(result);
+    }
+    Ok(results)
+}
+
+/// Mean accuracy over lengths.
+pub fn mean_accuracy(lengths: &[LengthAccuracy]) -> f64 {
+    lengths.iter().map(|l| l.accuracy).sum::<f64>() / lengths.len().max(1) as f64
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `che.json`, `che.csv` and `che.svg` into `dir`.
+pub fn write_report(dir: &Path, report: &CheEvalReport) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    write_atomic(
+        &dir.join("che.json"),
+        &serde_json::to_string_pretty(report)?,
+    )?;
+    let mut csv = String::from("length,accuracy,sequences,seconds\n");
+    for l in &report.lengths {
+        csv.push_str(&format!(
+            "{},{:.6},{},{:.3}\n",
+            l.length, l.accuracy, l.sequences, l.seconds
+        ));
+    }
+    write_atomic(&dir.join("che.csv"), &csv)?;
+    let series = [Series {
+        name: report.encoding.clone(),
+        points: report
+            .lengths
+            .iter()
+            .map(|l| (l.length as f64, 100.0 * l.accuracy))
+            .collect(),
+    }];
+    plot_accuracy(
+        &dir.join("che.svg"),
+        &report.task,
+        report.train_lengths[1],
+        &series,
+    )
+}
+
+fn plot_accuracy(path: &Path, task: &str, train_max: usize, series: &[Series]) -> Result<()> {
+    let title = format!("{task}: accuracy by length (trained on lengths ≤ {train_max})");
+    line_chart_svg(
+        path,
+        &Chart {
+            title: &title,
+            x_label: "input length",
+            y_label: "accuracy (%)",
+            log2_x: false,
+            marker: Some((train_max as f64, "longest training length")),
+            y_range: Some((0.0, 100.0)),
+        },
+        series,
+    )
+}
+
+/// Settings of a suite run.
+#[derive(Clone, Debug)]
+pub struct SuiteConfig {
+    /// Tasks (rows).
+    pub tasks: Vec<Task>,
+    /// Encodings (columns).
+    pub encodings: Vec<PositionalEncodingConfig>,
+    /// Training settings shared by every cell (task and encoding are set per cell).
+    pub train: CheTrainConfig,
+    /// Evaluation settings shared by every cell.
+    pub eval: CheEvalConfig,
+    /// Output folder: one run folder per cell plus `suite.md`, `suite.json` and one plot per task.
+    pub out: PathBuf,
+    /// Reuse cells whose `che.json` already exists (resume an interrupted suite).
+    pub resume: bool,
+}
+
+/// One cell of the suite table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SuiteCell {
+    /// Task name.
+    pub task: String,
+    /// Encoding name.
+    pub encoding: String,
+    /// Mean accuracy over the test lengths.
+    pub score: f64,
+    /// Training seconds.
+    pub train_seconds: f64,
+    /// The cell's evaluation.
+    pub report: CheEvalReport,
+}
+
+/// The whole suite.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SuiteReport {
+    /// Backend.
+    pub backend: String,
+    /// Training steps per cell.
+    pub steps: usize,
+    /// Test lengths.
+    pub lengths: Vec<usize>,
+    /// Sequences per length.
+    pub sequences_per_length: usize,
+    /// Cells, row by row.
+    pub cells: Vec<SuiteCell>,
+}
+
+impl SuiteReport {
+    /// The tasks × encodings table of mean accuracy (%) in markdown; the best score of each
+    /// row is in bold.
+    pub fn markdown(&self) -> String {
+        let mut encodings: Vec<&str> = Vec::new();
+        let mut tasks: Vec<&str> = Vec::new();
+        for c in &self.cells {
+            if !encodings.contains(&c.encoding.as_str()) {
+                encodings.push(&c.encoding);
+            }
+            if !tasks.contains(&c.task.as_str()) {
+                tasks.push(&c.task);
+            }
+        }
+        let mut out = format!(
+            "| task | {} |\n|---|{}\n",
+            encodings.join(" | "),
+            "---|".repeat(encodings.len())
+        );
+        for task in &tasks {
+            let scores: Vec<Option<f64>> = encodings
+                .iter()
+                .map(|e| {
+                    self.cells
+                        .iter()
+                        .find(|c| c.task == *task && c.encoding == *e)
+                        .map(|c| 100.0 * c.score)
+                })
+                .collect();
+            let best = scores
+                .iter()
+                .flatten()
+                .cloned()
+                .fold(f64::NEG_INFINITY, f64::max);
+            let cells: Vec<String> = scores
+                .iter()
+                .map(|s| match s {
+                    Some(v) if (*v - best).abs() < 1e-9 => format!("**{v:.1}**"),
+                    Some(v) => format!("{v:.1}"),
+                    None => "–".into(),
+                })
+                .collect();
+            out.push_str(&format!("| {task} | {} |\n", cells.join(" | ")));
+        }
+        out
+    }
+}
+
+/// Trains and evaluates every (task, encoding) pair, writing each run into
+/// `out/<task>/<encoding>/`, then `suite.md`, `suite.json` and `out/<task>.svg`.
+pub fn run_suite<B: AutodiffBackend>(
+    config: &SuiteConfig,
+    backend: &str,
+    device: &B::Device,
+) -> Result<SuiteReport> {
+    config.eval.validate()?;
+    ensure(!config.tasks.is_empty(), "tasks", "[]", "must not be empty")?;
+    ensure(
+        !config.encodings.is_empty(),
+        "encodings",
+        "[]",
+        "must not be empty",
+    )?;
+    let mut cells = Vec::new();
+    let total = config.tasks.len() * config.encodings.len();
+    for task in &config.tasks {
+        let mut series = Vec::new();
+        for encoding in &config.encodings {
+            let dir = config.out.join(task.name()).join(encoding.name());
+            let index = cells.len() + 1;
+            let existing = dir.join("che.json");
+            let (report, train_seconds) = if config.resume && existing.exists() {
+                let text = std::fs::read_to_string(&existing).map_err(io(&existing))?;
+                println!(
+                    "[{index}/{total}] {task} / {}: reusing {}",
+                    encoding.name(),
+                    existing.display()
+                );
+                (serde_json::from_str::<CheEvalReport>(&text)?, 0.0)
+            } else {
+                let mut train_config = config.train.clone();
+                train_config.task = *task;
+                train_config.encoding = encoding.clone();
+                let prefix = format!("[{index}/{total}] {task} / {}: ", encoding.name());
+                let every = (train_config.steps / 10).max(1);
+                let (model, summary) = train::<B>(
+                    &train_config,
+                    &dir,
+                    device,
+                    Progress::Lines(prefix.clone(), every),
+                )?;
+                let report = evaluate_run(
+                    &model,
+                    &train_config,
+                    &config.eval,
+                    &dir,
+                    backend,
+                    device,
+                    |l| {
+                        if l.length == *config.eval.lengths.last().unwrap_or(&0) {
+                            println!("{prefix}evaluated up to length {}", l.length);
+                        }
+                    },
+                )?;
+                write_report(&dir, &report)?;
+                println!(
+                    "{prefix}score {:.1}% (trained {:.0}s, evaluated {:.0}s)",
+                    100.0 * report.score,
+                    summary.seconds,
+                    report.seconds
+                );
+                (report, summary.seconds)
+            };
+            series.push(Series {
+                name: encoding.name(),
+                points: report
+                    .lengths
+                    .iter()
+                    .map(|l| (l.length as f64, 100.0 * l.accuracy))
+                    .collect(),
+            });
+            cells.push(SuiteCell {
+                task: task.name().to_string(),
+                encoding: encoding.name(),
+                score: report.score,
+                train_seconds,
+                report,
+            });
+        }
+        plot_accuracy(
+            &config.out.join(format!("{task}.svg")),
+            task.name(),
+            config.train.max_train_length,
+            &series,
+        )?;
+    }
+    let report = SuiteReport {
+        backend: backend.to_string(),
+        steps: config.train.steps,
+        lengths: config.eval.lengths.clone(),
+        sequences_per_length: config.eval.sequences,
+        cells,
+    };
+    write_atomic(
+        &config.out.join("suite.json"),
+        &serde_json::to_string_pretty(&report)?,
+    )?;
+    write_atomic(&config.out.join("suite.md"), &report.markdown())?;
+    Ok(report)
+}
+
+/// Evaluates a trained model and assembles its report (not yet written).
+pub fn evaluate_run<B: Backend>(
+    model: &SequenceModel<B>,
+    train_config: &CheTrainConfig,
+    eval: &CheEvalConfig,
+    run: &Path,
+    backend: &str,
+    device: &B::Device,
+    on_length: impl FnMut(&LengthAccuracy),
+) -> Result<CheEvalReport> {
+    let start = Instant::now();
+    let lengths = accuracy_by_length(model, train_config.task, eval, device, on_length)?;
+    Ok(CheEvalReport {
+        run: run.display().to_string(),
+        task: train_config.task.name().to_string(),
+        encoding: train_config.encoding.name(),
+        backend: backend.to_string(),
+        train_lengths: [train_config.min_train_length, train_config.max_train_length],
+        train_steps: train_config.steps,
+        sequences_per_length: eval.sequences,
+        score: mean_accuracy(&lengths),
+        lengths,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}

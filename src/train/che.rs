@@ -1,0 +1,495 @@
+//! Training the bidirectional [`SequenceModel`] on a CHE task with burn-train's Learner.
+//!
+//! The protocol of Delétang et al. (2023) and Ruoss et al. (2023): each step draws one length
+//! `L ~ U{1..40}` for the whole batch of 128 sequences; Adam at 1e-3 with gradient-norm
+//! clipping at 1.0; the loss is the cross-entropy summed over the output positions, averaged
+//! over the batch. A dataset item is one whole step (one length, one batch), so burn-train's
+//! data loader runs with batch size 1 and every step keeps its single length.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataloader::DataLoaderBuilder;
+use burn::data::dataset::Dataset;
+use burn::grad_clipping::GradientClippingConfig;
+use burn::lr_scheduler::constant::ConstantLr;
+use burn::optim::AdamConfig;
+use burn::prelude::*;
+use burn::record::CompactRecorder;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::{InferenceStep, ItemLazy, Learner, SupervisedTraining, TrainOutput, TrainStep};
+
+use super::metrics::{LossMetric, MaskedAccuracyMetric, StepStats};
+use super::renderer::LineRenderer;
+use crate::data::che::{Rng, Sample, Task};
+use crate::encoding::PositionalEncodingConfig;
+use crate::error::{ensure, Error, Result};
+use crate::model::{SequenceModel, SequenceModelConfig, TransformerConfig};
+
+/// Configuration of a CHE training run (saved as `config.json` in the run folder).
+#[derive(Config, Debug)]
+pub struct CheTrainConfig {
+    /// The task.
+    pub task: Task,
+    /// The positional encoding.
+    pub encoding: PositionalEncodingConfig,
+    /// Model width.
+    #[config(default = 64)]
+    pub d_model: usize,
+    /// Number of blocks.
+    #[config(default = 5)]
+    pub n_layers: usize,
+    /// Heads per block.
+    #[config(default = 8)]
+    pub n_heads: usize,
+    /// Optimiser steps.
+    #[config(default = 10000)]
+    pub steps: usize,
+    /// Sequences per step.
+    #[config(default = 128)]
+    pub batch_size: usize,
+    /// Adam learning rate.
+    #[config(default = 1e-3)]
+    pub learning_rate: f64,
+    /// Gradient-norm clipping threshold.
+    #[config(default = 1.0)]
+    pub grad_clip: f64,
+    /// Shortest training length.
+    #[config(default = 1)]
+    pub min_train_length: usize,
+    /// Longest training length.
+    #[config(default = 40)]
+    pub max_train_length: usize,
+    /// Held-out lengths for the validation round at the end of training.
+    #[config(default = "vec![41, 50, 60]")]
+    pub valid_lengths: Vec<usize>,
+    /// Sequences per validation length.
+    #[config(default = 64)]
+    pub valid_sequences: usize,
+    /// Seed of weights and data.
+    #[config(default = 0)]
+    pub seed: u64,
+}
+
+impl CheTrainConfig {
+    /// Checks the values a user can get wrong.
+    pub fn validate(&self) -> Result<()> {
+        ensure(self.steps > 0, "steps", self.steps, "must be at least 1")?;
+        ensure(
+            self.batch_size > 0,
+            "batch_size",
+            self.batch_size,
+            "must be at least 1",
+        )?;
+        ensure(
+            self.min_train_length >= 1 && self.min_train_length <= self.max_train_length,
+            "min_train_length",
+            self.min_train_length,
+            &format!(
+                "must be in 1..=max_train_length ({})",
+                self.max_train_length
+            ),
+        )?;
+        ensure(
+            self.learning_rate > 0.0 && self.learning_rate.is_finite(),
+            "learning_rate",
+            self.learning_rate,
+            "must be positive",
+        )?;
+        ensure(
+            self.grad_clip > 0.0,
+            "grad_clip",
+            self.grad_clip,
+            "must be positive",
+        )?;
+        ensure(
+            !self.valid_lengths.is_empty() && self.valid_lengths.iter().all(|&l| l > 0),
+            "valid_lengths",
+            format!("{:?}", self.valid_lengths),
+            "must be a non-empty list of positive lengths",
+        )?;
+        ensure(
+            self.valid_sequences > 0,
+            "valid_sequences",
+            self.valid_sequences,
+            "must be at least 1",
+        )?;
+        Ok(())
+    }
+
+    /// The model this run trains.
+    pub fn model(&self) -> SequenceModelConfig {
+        SequenceModelConfig::new(
+            self.task.input_vocab(),
+            self.task.output_vocab(),
+            TransformerConfig::new(self.d_model, self.n_layers, self.n_heads)
+                .with_encoding(self.encoding.clone()),
+        )
+    }
+}
+
+/// One optimiser step's data: one length, a batch of samples.
+#[derive(Clone, Debug)]
+pub struct CheItem {
+    /// The length all samples share.
+    pub length: usize,
+    /// The samples.
+    pub samples: Vec<Sample>,
+}
+
+/// Mixes a seed and an index into an independent stream seed.
+fn stream_seed(seed: u64, index: u64) -> u64 {
+    let mut rng = Rng::new(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    rng.next_u64()
+}
+
+/// A dataset whose item `i` is a whole step: either a random length in a range (training) or
+/// the `i`-th of a list of lengths (validation). Deterministic in `(seed, i)`.
+#[derive(Clone, Debug)]
+pub struct CheStepDataset {
+    task: Task,
+    lengths: StepLengths,
+    batch: usize,
+    seed: u64,
+}
+
+#[derive(Clone, Debug)]
+enum StepLengths {
+    Random {
+        min: usize,
+        max: usize,
+        steps: usize,
+    },
+    Fixed(Vec<usize>),
+}
+
+impl CheStepDataset {
+    /// `steps` items, each of `batch` samples at one length drawn from `U{min..max}`.
+    pub fn random(
+        task: Task,
+        min: usize,
+        max: usize,
+        steps: usize,
+        batch: usize,
+        seed: u64,
+    ) -> Self {
+        Self {
+            task,
+            lengths: StepLengths::Random { min, max, steps },
+            batch,
+            seed,
+        }
+    }
+
+    /// One item per length, each of `batch` samples.
+    pub fn fixed(task: Task, lengths: Vec<usize>, batch: usize, seed: u64) -> Self {
+        Self {
+            task,
+            lengths: StepLengths::Fixed(lengths),
+            batch,
+            seed,
+        }
+    }
+}
+
+impl Dataset<CheItem> for CheStepDataset {
+    fn get(&self, index: usize) -> Option<CheItem> {
+        let mut rng = Rng::new(stream_seed(self.seed, index as u64));
+        let length = match &self.lengths {
+            StepLengths::Random { min, max, steps } => {
+                if index >= *steps {
+                    return None;
+                }
+                rng.range_inclusive(*min as u64, *max as u64) as usize
+            }
+            StepLengths::Fixed(lengths) => *lengths.get(index)?,
+        };
+        let samples = (0..self.batch)
+            .map(|_| self.task.sample(length, &mut rng))
+            .collect::<Result<Vec<_>>>()
+            .ok()?;
+        Some(CheItem { length, samples })
+    }
+
+    fn len(&self) -> usize {
+        match &self.lengths {
+            StepLengths::Random { steps, .. } => *steps,
+            StepLengths::Fixed(lengths) => lengths.len(),
+        }
+    }
+}
+
+/// A batch on a device: inputs without the output placeholders, targets and mask.
+#[derive(Clone, Debug)]
+pub struct CheBatch<B: Backend> {
+    /// `[batch, input_len]`.
+    pub inputs: Tensor<B, 2, Int>,
+    /// `[batch, output_len]`.
+    pub targets: Tensor<B, 2, Int>,
+    /// `[batch, output_len]`, 1 where a position counts.
+    pub mask: Tensor<B, 2>,
+}
+
+impl<B: Backend> CheBatch<B> {
+    /// Stacks samples of equal input and output length.
+    pub fn from_samples(samples: &[Sample], device: &B::Device) -> Self {
+        let n = samples.len();
+        assert!(n > 0, "a CHE batch needs at least one sample");
+        let (lin, lout) = (samples[0].input.len(), samples[0].target.len());
+        assert!(
+            samples
+                .iter()
+                .all(|s| s.input.len() == lin && s.target.len() == lout),
+            "all samples of a CHE batch share one length"
+        );
+        let flat =
+            |f: &dyn Fn(&Sample) -> Vec<i64>| -> Vec<i64> { samples.iter().flat_map(f).collect() };
+        let inputs = flat(&|s| s.input.clone());
+        let targets = flat(&|s| s.target.clone());
+        let mask: Vec<f32> = samples
+            .iter()
+            .flat_map(|s| s.mask.iter().map(|&m| m as f32))
+            .collect();
+        Self {
+            inputs: Tensor::from_data(TensorData::new(inputs, [n, lin]), device),
+            targets: Tensor::from_data(TensorData::new(targets, [n, lout]), device),
+            mask: Tensor::from_data(TensorData::new(mask, [n, lout]), device),
+        }
+    }
+}
+
+/// Turns step items into batches (all samples of all items must share one length).
+#[derive(Clone, Debug, Default)]
+pub struct CheBatcher;
+
+impl<B: Backend> Batcher<B, CheItem, CheBatch<B>> for CheBatcher {
+    fn batch(&self, items: Vec<CheItem>, device: &B::Device) -> CheBatch<B> {
+        let samples: Vec<Sample> = items.into_iter().flat_map(|i| i.samples).collect();
+        CheBatch::from_samples(&samples, device)
+    }
+}
+
+/// The output of a CHE step.
+pub struct CheOutput<B: Backend> {
+    /// Cross-entropy summed over output positions, mean over the batch: `[1]`.
+    pub loss: Tensor<B, 1>,
+    /// `[batch, output_len, classes]`.
+    pub logits: Tensor<B, 3>,
+    /// `[batch, output_len]`.
+    pub targets: Tensor<B, 2, Int>,
+    /// `[batch, output_len]`.
+    pub mask: Tensor<B, 2>,
+}
+
+impl<B: Backend> CheOutput<B> {
+    /// Correct masked-in positions and masked-in positions.
+    pub fn counts(&self) -> (f64, f64) {
+        let predicted = self.logits.clone().argmax(2).squeeze_dim::<2>(2);
+        let correct = predicted.equal(self.targets.clone()).float() * self.mask.clone();
+        (
+            correct.sum().into_scalar().elem::<f64>(),
+            self.mask.clone().sum().into_scalar().elem::<f64>(),
+        )
+    }
+}
+
+impl<B: Backend> ItemLazy for CheOutput<B> {
+    type ItemSync = StepStats;
+
+    fn sync(self) -> StepStats {
+        let (correct, counted) = self.counts();
+        StepStats {
+            loss: self.loss.clone().into_scalar().elem::<f64>(),
+            correct,
+            counted,
+            sequences: self.targets.dims()[0],
+        }
+    }
+}
+
+/// Forward pass and loss of a batch.
+pub fn che_forward<B: Backend>(model: &SequenceModel<B>, batch: CheBatch<B>) -> CheOutput<B> {
+    let [n, out_len] = batch.targets.dims();
+    let logits = model
+        .predict(batch.inputs, out_len)
+        .unwrap_or_else(|e| panic!("CHE batch rejected by the model: {e}"));
+    let picked = log_softmax(logits.clone(), 2).gather(2, batch.targets.clone().unsqueeze_dim(2));
+    let loss = picked.sum().neg() / n as f64;
+    CheOutput {
+        loss,
+        logits,
+        targets: batch.targets,
+        mask: batch.mask,
+    }
+}
+
+impl<B: AutodiffBackend> TrainStep for SequenceModel<B> {
+    type Input = CheBatch<B>;
+    type Output = CheOutput<B>;
+
+    fn step(&self, batch: CheBatch<B>) -> TrainOutput<CheOutput<B>> {
+        let output = che_forward(self, batch);
+        let grads = output.loss.backward();
+        TrainOutput::new(self, grads, output)
+    }
+}
+
+impl<B: Backend> InferenceStep for SequenceModel<B> {
+    type Input = CheBatch<B>;
+    type Output = CheOutput<B>;
+
+    fn step(&self, batch: CheBatch<B>) -> CheOutput<B> {
+        che_forward(self, batch)
+    }
+}
+
+/// How to show progress while training.
+#[derive(Clone, Debug)]
+pub enum Progress {
+    /// burn-train's default: its TUI on a terminal, its CLI renderer otherwise.
+    Default,
+    /// One line every this many steps, each starting with the prefix.
+    Lines(String, usize),
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CheTrainSummary {
+    /// Run folder.
+    pub out: PathBuf,
+    /// Seconds of training (including the validation round).
+    pub seconds: f64,
+    /// Optimiser steps.
+    pub steps: usize,
+}
+
+/// The file the trained model is stored in (CompactRecorder adds `.mpk`).
+pub fn model_path(run: &Path) -> PathBuf {
+    run.join("model")
+}
+
+/// Saves a module atomically: written next to its final name, then renamed.
+pub fn save_module<B: Backend, M: Module<B>>(module: M, path: &Path) -> Result<()> {
+    // The recorder replaces the extension with `.mpk`, so the temporary name has none.
+    let stem = path
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!("{stem}-partial"));
+    module
+        .save_file(&tmp, &CompactRecorder::new())
+        .map_err(|e| Error::InvalidInput(format!("cannot save {}: {e}", path.display())))?;
+    let from = tmp.with_extension("mpk");
+    let to = path.with_extension("mpk");
+    std::fs::rename(&from, &to).map_err(|source| Error::Io { path: to, source })
+}
+
+/// Writes a text file atomically (temporary file, then rename).
+pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, text).map_err(|source| Error::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Trains a model on `config.task` and stores `config.json` and `model.mpk` in `out`.
+pub fn train<B: AutodiffBackend>(
+    config: &CheTrainConfig,
+    out: &Path,
+    device: &B::Device,
+    progress: Progress,
+) -> Result<(SequenceModel<B::InnerBackend>, CheTrainSummary)> {
+    config.validate()?;
+    std::fs::create_dir_all(out).map_err(|source| Error::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    write_atomic(
+        &out.join("config.json"),
+        &serde_json::to_string_pretty(config)?,
+    )?;
+    B::seed(device, config.seed);
+    let model = config.model().init::<B>(device)?;
+
+    let train_data = CheStepDataset::random(
+        config.task,
+        config.min_train_length,
+        config.max_train_length,
+        config.steps,
+        config.batch_size,
+        config.seed,
+    );
+    let valid_data = CheStepDataset::fixed(
+        config.task,
+        config.valid_lengths.clone(),
+        config.valid_sequences,
+        config.seed ^ 0x5EED_0FDA,
+    );
+    let train_loader = DataLoaderBuilder::<B, _, _>::new(CheBatcher)
+        .batch_size(1)
+        .set_device(device.clone())
+        .build(train_data);
+    let valid_loader = DataLoaderBuilder::<B::InnerBackend, _, _>::new(CheBatcher)
+        .batch_size(1)
+        .set_device(device.clone())
+        .build(valid_data);
+
+    let optimizer = AdamConfig::new()
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip as f32)))
+        .init();
+    let mut training = SupervisedTraining::new(out, train_loader, valid_loader)
+        .metric_train_numeric(LossMetric::new())
+        .metric_train_numeric(MaskedAccuracyMetric::new())
+        .metric_valid_numeric(LossMetric::new())
+        .metric_valid_numeric(MaskedAccuracyMetric::new())
+        .num_epochs(1);
+    if let Progress::Lines(prefix, every) = progress {
+        training = training.renderer(LineRenderer::new(prefix, every));
+    }
+    let start = Instant::now();
+    let result = training.launch(Learner::new(
+        model,
+        optimizer,
+        ConstantLr::new(config.learning_rate),
+    ));
+    let seconds = start.elapsed().as_secs_f64();
+    save_module(result.model.clone(), &model_path(out))?;
+    Ok((
+        result.model,
+        CheTrainSummary {
+            out: out.to_path_buf(),
+            seconds,
+            steps: config.steps,
+        },
+    ))
+}
+
+/// Loads a trained run: its config and model.
+pub fn load<B: Backend>(
+    run: &Path,
+    device: &B::Device,
+) -> Result<(CheTrainConfig, SequenceModel<B>)> {
+    let path = run.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let config: CheTrainConfig = serde_json::from_str(&text)?;
+    let model = config
+        .model()
+        .init::<B>(device)?
+        .load_file(model_path(run), &CompactRecorder::new(), device)
+        .map_err(|e| {
+            Error::InvalidInput(format!(
+                "cannot load the model of {}: {e} (was the run trained to the end?)",
+                run.display()
+            ))
+        })?;
+    Ok((config, model))
+}
