@@ -4,7 +4,8 @@
 //! For query rows `i` and key columns `j`, the logits are `A = QKᵀ / sqrt(d_head)` after the
 //! rotary hook, then the encoding's logit hook (bias, Shaw, CoPE, DAPE), then the causal mask
 //! and the softmax. Rows are independent, so query chunks of `C` rows give exactly the full
-//! result; a causal chunk only reads the keys up to its last row, so the largest tensor is
+//! result; a causal chunk only reads the keys up to its last row (plus one masked column for
+//! DAPE V2 in the reference's form, whose rows read key `i + 1`), so the largest tensor is
 //! `[batch, heads, C, keys]` (and `[batch, C, keys, D]` inside DAPE).
 
 use burn::nn::{Linear, LinearConfig};

@@ -136,7 +136,7 @@ enum CheCommand {
         #[arg(long, default_value = "reverse_string")]
         tasks: String,
         /// Comma-separated encoding names.
-        #[arg(long, default_value = "nope,rope,kerple_log,dape_kerple_log")]
+        #[arg(long, default_value = "rope,kerple_log,dape_kerple_log")]
         encodings: String,
         #[command(flatten)]
         train: TrainArgs,
@@ -158,20 +158,23 @@ enum CheCommand {
     },
 }
 
+/// Training settings. Unset values take the protocol's defaults for `che train` (10000 steps,
+/// batch 128, 5 layers) and the quick CPU defaults for `che suite` (1000 steps, batch 32,
+/// 2 layers).
 #[derive(clap::Args, Clone)]
 struct TrainArgs {
-    /// Optimiser steps.
-    #[arg(long, default_value_t = 10000)]
-    steps: usize,
-    /// Sequences per step.
-    #[arg(long, default_value_t = 128)]
-    batch_size: usize,
+    /// Optimiser steps [train: 10000; suite: 1000].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Sequences per step [train: 128; suite: 32].
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Model width.
     #[arg(long, default_value_t = 64)]
     d_model: usize,
-    /// Blocks.
-    #[arg(long, default_value_t = 5)]
-    layers: usize,
+    /// Blocks [train: 5; suite: 2].
+    #[arg(long)]
+    layers: Option<usize>,
     /// Heads.
     #[arg(long, default_value_t = 8)]
     heads: usize,
@@ -182,6 +185,25 @@ struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
+
+/// Defaults of [`TrainArgs`] that differ between the paper protocol and quick CPU runs.
+struct TrainDefaults {
+    steps: usize,
+    batch_size: usize,
+    layers: usize,
+}
+
+const PROTOCOL: TrainDefaults = TrainDefaults {
+    steps: 10000,
+    batch_size: 128,
+    layers: 5,
+};
+
+const QUICK: TrainDefaults = TrainDefaults {
+    steps: 1000,
+    batch_size: 32,
+    layers: 2,
+};
 
 #[derive(clap::Args, Clone)]
 struct EvalArgs {
@@ -206,12 +228,17 @@ fn encoding_arg(text: &str) -> Result<PositionalEncodingConfig> {
 }
 
 impl TrainArgs {
-    fn config(&self, task: Task, encoding: PositionalEncodingConfig) -> CheTrainConfig {
+    fn config(
+        &self,
+        task: Task,
+        encoding: PositionalEncodingConfig,
+        defaults: &TrainDefaults,
+    ) -> CheTrainConfig {
         CheTrainConfig::new(task, encoding)
-            .with_steps(self.steps)
-            .with_batch_size(self.batch_size)
+            .with_steps(self.steps.unwrap_or(defaults.steps))
+            .with_batch_size(self.batch_size.unwrap_or(defaults.batch_size))
             .with_d_model(self.d_model)
-            .with_n_layers(self.layers)
+            .with_n_layers(self.layers.unwrap_or(defaults.layers))
             .with_n_heads(self.heads)
             .with_learning_rate(self.lr)
             .with_seed(self.seed)
@@ -343,7 +370,7 @@ fn run_che(command: CheCommand) -> Result<bool> {
                 Some(every) => Progress::Lines(String::new(), every),
                 None => Progress::Default,
             };
-            let config = train.config(task, encoding);
+            let config = train.config(task, encoding, &PROTOCOL);
             dispatch(
                 backend,
                 CheTrainTask {
@@ -389,7 +416,7 @@ fn run_che(command: CheCommand) -> Result<bool> {
                 .map(|e| encoding_arg(e.trim()))
                 .collect::<Result<Vec<_>>>()?;
             let config = SuiteConfig {
-                train: train.config(tasks[0], encodings[0].clone()),
+                train: train.config(tasks[0], encodings[0].clone(), &QUICK),
                 tasks,
                 encodings,
                 eval: CheEvalConfig {

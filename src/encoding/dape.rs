@@ -58,8 +58,15 @@ pub struct DapeV2Config {
 }
 default_from_new!(DapeV2Config);
 
-fn check_bias<B: Backend>(n_heads: usize, bias: &Option<AdditiveBias<B>>) -> Result<usize> {
+/// Validates what both DAPE versions share; returns the input channels of `f` (2H, or H
+/// without a bias).
+fn check_shared<B: Backend>(
+    n_heads: usize,
+    bias: &Option<AdditiveBias<B>>,
+    mlp_width: usize,
+) -> Result<usize> {
     ensure(n_heads > 0, "n_heads", n_heads, "must be at least 1")?;
+    ensure(mlp_width > 0, "mlp_width", mlp_width, "must be at least 1")?;
     if let Some(b) = bias {
         ensure(
             b.n_heads() == n_heads,
@@ -79,13 +86,7 @@ impl DapeConfig {
         bias: Option<AdditiveBias<B>>,
         device: &B::Device,
     ) -> Result<Dape<B>> {
-        let channels = check_bias(n_heads, &bias)?;
-        ensure(
-            self.mlp_width > 0,
-            "mlp_width",
-            self.mlp_width,
-            "must be at least 1",
-        )?;
+        let channels = check_shared(n_heads, &bias, self.mlp_width)?;
         Ok(Dape {
             bias,
             mlp_in: LinearConfig::new(channels, self.mlp_width).init(device),
@@ -147,13 +148,7 @@ impl DapeV2Config {
         bias: Option<AdditiveBias<B>>,
         device: &B::Device,
     ) -> Result<DapeV2<B>> {
-        let channels = check_bias(n_heads, &bias)?;
-        ensure(
-            self.mlp_width > 0,
-            "mlp_width",
-            self.mlp_width,
-            "must be at least 1",
-        )?;
+        let channels = check_shared(n_heads, &bias, self.mlp_width)?;
         ensure(
             self.kernel_size % 2 == 1,
             "kernel_size",
