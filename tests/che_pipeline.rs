@@ -110,9 +110,7 @@ fn train_save_load_and_evaluate_a_run() {
 
     // A corrupt model file is a clear error.
     std::fs::write(dir.join("model.mpk"), b"not a model").unwrap();
-    let err = load::<B>(&dir, &Default::default())
-        .err()
-        .expect("corrupt model must fail");
+    let err = load::<B>(&dir, &Default::default()).expect_err("corrupt model must fail");
     assert!(err.to_string().contains("cannot load"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
