@@ -20,6 +20,7 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 
 use dape::backend::{dispatch, BackendKind, BackendTask};
+use dape::compare::{self, CompareConfig, CompareResult, Reference};
 use dape::consistency::{check_encoding, ConsistencyConfig, ConsistencyReport};
 use dape::data::che::Task;
 use dape::encoding::Hook;
@@ -71,6 +72,31 @@ enum Command {
         #[arg(long, default_value_t = 1e-3)]
         tolerance: f32,
         /// Write the reports as JSON to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+    /// Run one model (weights saved once on ndarray) on several backends: differences of
+    /// logits and loss against ndarray, and forward / forward+backward tokens per second.
+    CompareBackends {
+        /// Comma-separated backends: ndarray, wgpu, tch-cpu, tch-cuda.
+        #[arg(long, default_value = "ndarray")]
+        backends: String,
+        /// Comma-separated encoding names, or `all`.
+        #[arg(
+            long,
+            default_value = "nope,rope,alibi,kerple_log,fire,cope,dape_kerple_log,dapev2_kerple_log"
+        )]
+        encodings: String,
+        /// Sequence length.
+        #[arg(long, default_value_t = 128)]
+        length: usize,
+        /// Batch size.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Timed runs (after 2 warm-up runs).
+        #[arg(long, default_value_t = 5)]
+        iterations: usize,
+        /// Also write `{results: [...]}` as JSON to this file.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
@@ -243,6 +269,49 @@ impl TrainArgs {
             .with_learning_rate(self.lr)
             .with_seed(self.seed)
     }
+}
+
+struct ReferenceTask {
+    encoding: PositionalEncodingConfig,
+    config: CompareConfig,
+}
+
+impl BackendTask for ReferenceTask {
+    type Output = Reference;
+    fn run<B: AutodiffBackend>(self, device: B::Device, _: BackendKind) -> Result<Reference> {
+        compare::reference::<B::InnerBackend>(&self.encoding, &self.config, &device)
+    }
+}
+
+struct MeasureTask<'a> {
+    reference: &'a Reference,
+    config: &'a CompareConfig,
+}
+
+impl BackendTask for MeasureTask<'_> {
+    type Output = CompareResult;
+    fn run<B: AutodiffBackend>(
+        self,
+        device: B::Device,
+        kind: BackendKind,
+    ) -> Result<CompareResult> {
+        compare::measure::<B>(self.reference, self.config, kind.name(), &device)
+    }
+}
+
+fn parse_backends(list: &str) -> Result<Vec<BackendKind>> {
+    use clap::ValueEnum;
+    list.split(',')
+        .map(|b| {
+            BackendKind::from_str(b.trim(), true).map_err(|_| {
+                dape::Error::invalid(
+                    "backends",
+                    b.trim(),
+                    "expected ndarray, wgpu, tch-cpu or tch-cuda",
+                )
+            })
+        })
+        .collect()
 }
 
 struct CheTrainTask {
@@ -488,6 +557,63 @@ fn hook_name(hook: Hook) -> &'static str {
 fn run(cli: Cli) -> Result<bool> {
     match cli.command {
         Command::Che { command } => run_che(command),
+        Command::CompareBackends {
+            backends,
+            encodings,
+            length,
+            batch,
+            iterations,
+            json,
+        } => {
+            let backends = parse_backends(&backends)?;
+            let config = CompareConfig {
+                length,
+                batch,
+                iterations,
+                ..Default::default()
+            };
+            println!(
+                "Comparing {} backends against ndarray: batch {batch} × length {length}, d_model {}, {} layers, {} heads",
+                backends.len(),
+                config.d_model,
+                config.layers,
+                config.heads
+            );
+            let mut results = Vec::new();
+            for encoding in parse_encodings(&encodings)? {
+                let reference = dispatch(
+                    BackendKind::Ndarray,
+                    ReferenceTask {
+                        encoding,
+                        config: config.clone(),
+                    },
+                )?;
+                for &backend in &backends {
+                    let result = dispatch(
+                        backend,
+                        MeasureTask {
+                            reference: &reference,
+                            config: &config,
+                        },
+                    )?;
+                    println!(
+                        "{backend} / {}: max abs diff {:.2e}, forward {:.0} tok/s, train {:.0} tok/s",
+                        result.encoding,
+                        result.max_abs_diff,
+                        result.forward_tokens_per_second,
+                        result.train_tokens_per_second
+                    );
+                    results.push(result);
+                }
+            }
+            println!("\n{}", compare::markdown(&results));
+            if let Some(path) = json {
+                let text =
+                    serde_json::to_string_pretty(&serde_json::json!({ "results": results }))?;
+                std::fs::write(&path, text).map_err(|source| dape::Error::Io { path, source })?;
+            }
+            Ok(true)
+        }
         Command::Encodings => {
             println!("| encoding | acts on |\n| --- | --- |");
             for name in ENCODING_NAMES {

@@ -1,0 +1,194 @@
+//! Backend agreement: the same weights (saved once on ndarray, loaded on the other backend) and
+//! the same tokens give the same logits and the same gradients, for every encoding, within
+//! 1e-4 relative to each tensor's scale (its largest magnitude, at least 0.01).
+//!
+//! Runs for each backend compiled in (`--features wgpu`, `--features tch`) whose device is
+//! present; otherwise it says why it skipped. CI runs it on WGPU over Mesa's lavapipe:
+//! `cargo test --features wgpu --test backends`.
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+
+use dape::{
+    LanguageModel, LanguageModelConfig, PositionalEncodingConfig, TransformerConfig, ENCODING_NAMES,
+};
+
+type Reference = Autodiff<NdArray<f32>>;
+const VOCAB: usize = 17;
+const LEN: usize = 12;
+const TOL: f32 = 1e-4;
+
+fn model<Bk: Backend>(
+    encoding: &PositionalEncodingConfig,
+    device: &Bk::Device,
+) -> LanguageModel<Bk> {
+    LanguageModelConfig::new(
+        VOCAB,
+        TransformerConfig::new(32, 2, 4).with_encoding(encoding.clone()),
+    )
+    .init::<Bk>(device)
+    .expect("valid config")
+}
+
+fn tokens<Bk: Backend>(device: &Bk::Device) -> Tensor<Bk, 2, Int> {
+    let ids: Vec<i64> = (0..2 * LEN as i64)
+        .map(|i| (i * 7 + 3) % VOCAB as i64)
+        .collect();
+    Tensor::from_data(TensorData::new(ids, [2, LEN]), device)
+}
+
+/// Gradients of every float parameter, in visiting order.
+struct Grads<'a, Bk: AutodiffBackend> {
+    grads: &'a Bk::Gradients,
+    out: Vec<Vec<f32>>,
+}
+
+impl<Bk: AutodiffBackend> ModuleVisitor<Bk> for Grads<'_, Bk> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Bk, D>>) {
+        let values = param
+            .val()
+            .grad(self.grads)
+            .map(|g| g.into_data().convert::<f32>().to_vec().expect("f32"))
+            .unwrap_or_default();
+        self.out.push(values);
+    }
+}
+
+/// Logits and parameter gradients of a cross-entropy loss.
+fn run<Bk: AutodiffBackend>(
+    model: &LanguageModel<Bk>,
+    device: &Bk::Device,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let ids = tokens::<Bk>(device);
+    let logits = model.forward(ids.clone()).expect("forward");
+    let targets = (ids + 1) % VOCAB as i64;
+    let loss = burn::nn::loss::CrossEntropyLossConfig::new()
+        .init(device)
+        .forward(
+            logits.clone().reshape([2 * LEN, VOCAB]),
+            targets.reshape([2 * LEN]),
+        );
+    let grads = loss.backward();
+    let mut visitor = Grads::<Bk> {
+        grads: &grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut visitor);
+    let logits = logits.into_data().convert::<f32>().to_vec().expect("f32");
+    (logits, visitor.out)
+}
+
+/// max |a - b| relative to the tensor's scale max |b|, taken as at least 0.01: a gradient whose
+/// entries are all about 1e-3 (Kerple's `a`, summed over every (i, j) with cancellation) then
+/// passes when it agrees to 1e-6 absolute, which is what float32 accumulation order allows.
+fn relative_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1e-2f32, |m, x| m.max(x.abs()));
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+#[allow(dead_code)]
+fn check_backend<Bk: AutodiffBackend>(backend: &str, device: Bk::Device) {
+    let reference_device = Default::default();
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let only = std::env::var("DAPE_BACKEND_ENCODINGS").ok();
+    for name in ENCODING_NAMES {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|x| x == *name))
+        {
+            continue;
+        }
+        let encoding = PositionalEncodingConfig::from_name(name).unwrap();
+        <Reference as Backend>::seed(&reference_device, 3);
+        let reference = model::<Reference>(&encoding, &reference_device);
+        let bytes =
+            Recorder::<Reference>::record(&recorder, reference.clone().into_record(), ()).unwrap();
+        let record = Recorder::<Bk>::load(&recorder, bytes, &device).unwrap();
+        let other = model::<Bk>(&encoding, &device).load_record(record);
+
+        let (logits_ref, grads_ref) = run(&reference, &reference_device);
+        let (logits, grads) = run(&other, &device);
+        let d = relative_diff(&logits, &logits_ref);
+        assert!(
+            d <= TOL,
+            "{backend} / {name}: logits differ by {d:e} (relative)"
+        );
+        assert_eq!(
+            grads.len(),
+            grads_ref.len(),
+            "{backend} / {name}: parameter count"
+        );
+        for (i, (g, r)) in grads.iter().zip(&grads_ref).enumerate() {
+            assert_eq!(
+                g.is_empty(),
+                r.is_empty(),
+                "{backend} / {name}: parameter {i} gradient presence"
+            );
+            let d = relative_diff(g, r);
+            assert!(
+                d <= TOL,
+                "{backend} / {name}: gradient of parameter {i} differs by {d:e} (relative): {:?} vs {:?}",
+                &g[..g.len().min(8)],
+                &r[..r.len().min(8)]
+            );
+        }
+        println!(
+            "{backend} / {name}: logits and {} gradients agree with ndarray",
+            grads.len()
+        );
+    }
+}
+
+/// Whether a backend's device can run a kernel (a missing adapter or driver panics inside the
+/// runtime).
+#[allow(dead_code)]
+fn device_works<Bk: Backend>(device: &Bk::Device) -> bool {
+    let device = device.clone();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        Tensor::<Bk, 1>::ones([4], &device).sum().into_data()
+    }))
+    .is_ok()
+}
+
+#[test]
+fn wgpu_agrees_with_ndarray() {
+    #[cfg(feature = "wgpu")]
+    {
+        use burn::backend::{wgpu::WgpuDevice, Wgpu};
+        let device = WgpuDevice::default();
+        if device_works::<Wgpu>(&device) {
+            check_backend::<Autodiff<Wgpu>>("wgpu", device);
+        } else {
+            println!(
+                "skipped: no WGPU adapter (install a Vulkan driver, e.g. mesa-vulkan-drivers)"
+            );
+        }
+    }
+    #[cfg(not(feature = "wgpu"))]
+    println!(
+        "skipped: built without the `wgpu` feature (cargo test --features wgpu --test backends)"
+    );
+}
+
+#[test]
+fn libtorch_cpu_agrees_with_ndarray() {
+    #[cfg(feature = "tch")]
+    {
+        use burn::backend::{libtorch::LibTorchDevice, LibTorch};
+        let device = LibTorchDevice::Cpu;
+        if device_works::<LibTorch<f32>>(&device) {
+            check_backend::<Autodiff<LibTorch<f32>>>("tch-cpu", device);
+        } else {
+            println!("skipped: LibTorch could not run on the CPU");
+        }
+    }
+    #[cfg(not(feature = "tch"))]
+    println!("skipped: built without the `tch` feature");
+}
