@@ -409,15 +409,24 @@ fn run_che(command: CheCommand) -> Result<bool> {
             seed,
         } => {
             let task = Task::from_name(&task)?;
+            /// One line of `che sample`, fields in the documented order.
+            #[derive(serde::Serialize)]
+            struct Line<'a> {
+                task: &'a str,
+                length: usize,
+                input: &'a [i64],
+                target: &'a [i64],
+                mask: &'a [u8],
+            }
             for sample in task.samples(length, count, seed)? {
-                let line = serde_json::json!({
-                    "task": task.name(),
-                    "length": length,
-                    "input": sample.input,
-                    "target": sample.target,
-                    "mask": sample.mask,
-                });
-                println!("{line}");
+                let line = Line {
+                    task: task.name(),
+                    length,
+                    input: &sample.input,
+                    target: &sample.target,
+                    mask: &sample.mask,
+                };
+                println!("{}", serde_json::to_string(&line)?);
             }
         }
         CheCommand::Train {
