@@ -9,20 +9,22 @@ fn dape(args: &[&str]) -> std::process::Output {
         .expect("the dape binary runs")
 }
 
+const SAMPLE_ARGS: &[&str] = &[
+    "che",
+    "sample",
+    "--task",
+    "reverse_string",
+    "--length",
+    "7",
+    "--count",
+    "3",
+    "--seed",
+    "5",
+];
+
 #[test]
 fn che_sample_prints_one_json_object_per_sample_in_the_documented_shape() {
-    let out = dape(&[
-        "che",
-        "sample",
-        "--task",
-        "reverse_string",
-        "--length",
-        "7",
-        "--count",
-        "3",
-        "--seed",
-        "5",
-    ]);
+    let out = dape(SAMPLE_ARGS);
     assert!(
         out.status.success(),
         "{}",
@@ -45,18 +47,7 @@ fn che_sample_prints_one_json_object_per_sample_in_the_documented_shape() {
         assert_eq!(mask, vec![1; 7]);
     }
     // Deterministic by seed.
-    let again = dape(&[
-        "che",
-        "sample",
-        "--task",
-        "reverse_string",
-        "--length",
-        "7",
-        "--count",
-        "3",
-        "--seed",
-        "5",
-    ]);
+    let again = dape(SAMPLE_ARGS);
     assert_eq!(String::from_utf8(again.stdout).unwrap(), text);
 }
 
