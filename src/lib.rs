@@ -63,6 +63,8 @@ pub mod encoding;
 pub mod error;
 pub mod eval;
 pub mod model;
+pub mod progress;
+pub mod sysmem;
 pub mod train;
 
 pub use attention::{AttentionConfig, KvCache, MultiHeadAttention};

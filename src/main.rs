@@ -16,6 +16,9 @@ fn tune_allocator() {
     }
 }
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 
@@ -23,12 +26,15 @@ use dape::backend::{dispatch, BackendKind, BackendTask};
 use dape::compare::{self, CompareConfig, CompareResult, Reference};
 use dape::consistency::{check_encoding, ConsistencyConfig, ConsistencyReport};
 use dape::data::che::Task;
+use dape::data::corpus::default_cache_dir;
 use dape::encoding::Hook;
 use dape::eval::che::{
     evaluate_run, parse_lengths, run_suite, write_report, CheEvalConfig, CheEvalReport,
     SuiteConfig, SuiteReport,
 };
+use dape::eval::lm::{self as lm_eval, LmEvalConfig};
 use dape::train::che::{self as che_train, CheTrainConfig, Progress};
+use dape::train::lm::{self as lm_train, LmTrainConfig, LmTrainOptions};
 use dape::{PositionalEncodingConfig, Result, ENCODING_NAMES};
 
 #[derive(Parser)]
@@ -99,6 +105,80 @@ enum Command {
         /// Also write `{results: [...]}` as JSON to this file.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
+    },
+    /// Train a language model on a folder of .txt documents (burn-train Learner, AdamW, cosine
+    /// schedule, checkpoints); writes config, manifest, metric logs and the model into --out.
+    Train {
+        /// The run's JSON config, e.g. configs/lm/dape_kerple_log.json.
+        #[arg(long)]
+        config: PathBuf,
+        /// Corpus folder [default: the config's `data`, data/books].
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Backend.
+        #[arg(long, value_enum, default_value_t = BackendKind::Ndarray)]
+        backend: BackendKind,
+        /// Run folder [default: runs/<config name>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Optimiser steps, overriding the config's (warmup shrinks to a tenth if it would not
+        /// fit).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Steps between checkpoints and validation rounds, overriding the config's.
+        #[arg(long)]
+        checkpoint_every: Option<usize>,
+        /// Continue the run in --out from its newest checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// One progress line every N steps [default: burn-train's TUI on a terminal, a line
+        /// every 50 steps otherwise].
+        #[arg(long)]
+        lines: Option<usize>,
+        /// Token cache folder [default: $DAPE_CACHE/tokens or ~/.cache/dape/tokens].
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
+    /// Perplexity by evaluation length on the test documents of trained runs; writes eval.json,
+    /// eval.csv and ppl_by_length.svg into each run, and with several runs one combined plot.
+    Eval {
+        /// Run folder of `dape train` (repeat for several runs).
+        #[arg(long = "run", required = true)]
+        runs: Vec<PathBuf>,
+        /// Evaluation lengths: a list, `a..b` or `a..b:step`.
+        #[arg(long, default_value = "128,256,512,1024,2048,4096,8192")]
+        lengths: String,
+        /// Perplexity on the last N tokens of each window (the paper: 256), and on all.
+        #[arg(long, default_value_t = 256)]
+        last: usize,
+        /// Query rows per attention chunk [default: none up to 512 tokens, 256 above].
+        #[arg(long)]
+        chunk: Option<usize>,
+        /// Tokens evaluated per length, at most.
+        #[arg(long, default_value_t = 65536)]
+        max_tokens: usize,
+        /// Corpus folder [default: the one in each run's manifest].
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Backend.
+        #[arg(long, value_enum, default_value_t = BackendKind::Ndarray)]
+        backend: BackendKind,
+        /// Folder of the combined plot and table when there are several runs [default: the
+        /// first run's parent].
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Token cache folder.
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
+    /// Draw the perplexity-by-length curves of evaluated runs in one plot, with a table.
+    Plot {
+        /// Run folder with an eval.json (repeat for several runs).
+        #[arg(long = "run", required = true)]
+        runs: Vec<PathBuf>,
+        /// Output folder for ppl_by_length.svg and results.md.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// The CHE (Chomsky hierarchy) length-generalisation tasks.
     Che {
@@ -312,6 +392,68 @@ fn parse_backends(list: &str) -> Result<Vec<BackendKind>> {
             })
         })
         .collect()
+}
+
+struct LmTrainTask {
+    config: LmTrainConfig,
+    options: LmTrainOptions,
+}
+
+impl BackendTask for LmTrainTask {
+    type Output = ();
+    fn run<B: AutodiffBackend>(self, device: B::Device, kind: BackendKind) -> Result<()> {
+        let c = &self.config;
+        println!(
+            "Training {} ({} layers, d {}, {} heads, {} tokenizer) on {kind}: {} steps of {} x {} tokens into {}",
+            c.encoding.name(),
+            c.n_layers,
+            c.d_model,
+            c.n_heads,
+            c.tokenizer.name(),
+            c.steps,
+            c.batch_size * c.grad_accumulation,
+            c.train_length,
+            self.options.out.display()
+        );
+        let (_, summary) = lm_train::train::<B>(c, &self.options, &device, kind.name())?;
+        println!(
+            "Trained in {:.1}s. Next: dape eval --run {}",
+            summary.seconds,
+            self.options.out.display()
+        );
+        Ok(())
+    }
+}
+
+struct LmEvalTask {
+    run: PathBuf,
+    data: Option<PathBuf>,
+    config: LmEvalConfig,
+    cache: PathBuf,
+}
+
+impl BackendTask for LmEvalTask {
+    type Output = lm_eval::LmEvalReport;
+    fn run<B: AutodiffBackend>(
+        self,
+        device: B::Device,
+        kind: BackendKind,
+    ) -> Result<lm_eval::LmEvalReport> {
+        println!("Evaluating {} on {kind}", self.run.display());
+        let report = lm_eval::evaluate_run::<B::InnerBackend>(
+            &self.run,
+            self.data.as_deref(),
+            &self.config,
+            &self.cache,
+            kind.name(),
+            &device,
+        )?;
+        println!(
+            "Wrote eval.json, eval.csv and ppl_by_length.svg into {}",
+            self.run.display()
+        );
+        Ok(report)
+    }
 }
 
 struct CheTrainTask {
@@ -621,6 +763,108 @@ fn run(cli: Cli) -> Result<bool> {
                     serde_json::to_string_pretty(&serde_json::json!({ "results": results }))?;
                 std::fs::write(&path, text).map_err(|source| dape::Error::Io { path, source })?;
             }
+            Ok(true)
+        }
+        Command::Train {
+            config,
+            data,
+            backend,
+            out,
+            steps,
+            checkpoint_every,
+            resume,
+            lines,
+            cache,
+        } => {
+            let mut train = LmTrainConfig::load(&config)?;
+            if let Some(data) = data {
+                train.data = data;
+            }
+            if let Some(steps) = steps {
+                train.steps = steps;
+                if train.warmup_steps >= steps {
+                    train.warmup_steps = steps / 10;
+                }
+            }
+            if let Some(every) = checkpoint_every {
+                train.checkpoint_every = every;
+            }
+            train.validate()?;
+            let name = config
+                .file_stem()
+                .map_or_else(|| "run".into(), |s| s.to_string_lossy().into_owned());
+            let progress = match lines {
+                Some(every) => Progress::Lines(String::new(), every),
+                None if std::io::stdout().is_terminal() => Progress::Default,
+                None => Progress::Lines(String::new(), 50),
+            };
+            let options = LmTrainOptions {
+                out: out.unwrap_or_else(|| PathBuf::from("runs").join(name)),
+                resume,
+                cache_dir: cache.unwrap_or_else(default_cache_dir),
+                progress,
+            };
+            dispatch(
+                backend,
+                LmTrainTask {
+                    config: train,
+                    options,
+                },
+            )?;
+            Ok(true)
+        }
+        Command::Eval {
+            runs,
+            lengths,
+            last,
+            chunk,
+            max_tokens,
+            data,
+            backend,
+            plot,
+            cache,
+        } => {
+            let config = LmEvalConfig {
+                lengths: parse_lengths(&lengths)?,
+                last,
+                chunk,
+                max_tokens,
+                ..Default::default()
+            };
+            config.validate()?;
+            let cache = cache.unwrap_or_else(default_cache_dir);
+            let mut reports = Vec::new();
+            for run in &runs {
+                reports.push(dispatch(
+                    backend,
+                    LmEvalTask {
+                        run: run.clone(),
+                        data: data.clone(),
+                        config: config.clone(),
+                        cache: cache.clone(),
+                    },
+                )?);
+            }
+            if reports.len() > 1 {
+                let out = plot.unwrap_or_else(|| {
+                    runs[0]
+                        .parent()
+                        .map_or_else(|| PathBuf::from("."), PathBuf::from)
+                });
+                let (svg, md) = lm_eval::plot_runs(&reports, &out)?;
+                println!("Wrote {} and {}", svg.display(), md.display());
+            }
+            println!("{}", lm_eval::results_markdown(&reports));
+            Ok(true)
+        }
+        Command::Plot { runs, out } => {
+            let reports = runs
+                .iter()
+                .map(|r| lm_eval::read_report(r))
+                .collect::<Result<Vec<_>>>()?;
+            let (svg, md) = lm_eval::plot_runs(&reports, &out)?;
+            println!("{}", lm_eval::results_markdown(&reports));
+            println!("Wrote {} and {}", svg.display(), md.display());
             Ok(true)
         }
         Command::Encodings => {

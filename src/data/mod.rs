@@ -1,3 +1,5 @@
-//! Data: the CHE (Chomsky hierarchy) task generators.
+//! Data: real-text corpora (split, tokenized, cached) and the CHE (Chomsky hierarchy) task
+//! generators.
 
 pub mod che;
+pub mod corpus;

@@ -241,6 +241,7 @@ fn plot_accuracy(path: &Path, task: &str, train_max: usize, series: &[Series]) -
             y_label: "accuracy (%)",
             log2_x: false,
             marker: Some((train_max as f64, "longest training length")),
+            log_y: false,
             y_range: Some((0.0, 100.0)),
         },
         series,

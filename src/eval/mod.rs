@@ -1,4 +1,6 @@
-//! Length-extrapolation evaluation: CHE accuracy by length, tables and plots.
+//! Length-extrapolation evaluation: LM perplexity by length, CHE accuracy by length, tables
+//! and plots.
 
 pub mod che;
+pub mod lm;
 pub mod plot;

@@ -29,7 +29,10 @@ pub struct Chart<'a> {
     pub log2_x: bool,
     /// A vertical marker at this x, with its legend label.
     pub marker: Option<(f64, &'a str)>,
-    /// Fixed y range; derived from the data when `None`.
+    /// Plot y on a log10 axis (ticks are labelled with the original values); for perplexities
+    /// that span orders of magnitude.
+    pub log_y: bool,
+    /// Fixed y range (original units); derived from the data when `None`.
     pub y_range: Option<(f64, f64)>,
 }
 
@@ -48,10 +51,12 @@ fn draw(path: &Path, chart: &Chart, series: &[Series]) -> std::result::Result<()
         .flat_map(|s| s.points.iter().map(|p| tx(p.0)))
         .chain(chart.marker.map(|m| tx(m.0)))
         .collect();
+    let ty = |y: f64| if chart.log_y { y.max(1e-12).log10() } else { y };
     let ys: Vec<f64> = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
         .filter(|y| y.is_finite())
+        .map(ty)
         .collect();
     if xs.is_empty() || ys.is_empty() {
         return Err("nothing to plot".into());
@@ -61,11 +66,14 @@ fn draw(path: &Path, chart: &Chart, series: &[Series]) -> std::result::Result<()
         x0 -= 1.0;
         x1 += 1.0;
     }
-    let (y0, y1) = chart.y_range.unwrap_or_else(|| {
-        let (lo, hi) = min_max(&ys);
-        let pad = ((hi - lo) * 0.05).max(1e-6);
-        (lo - pad, hi + pad)
-    });
+    let (y0, y1) = chart
+        .y_range
+        .map(|(a, b)| (ty(a), ty(b)))
+        .unwrap_or_else(|| {
+            let (lo, hi) = min_max(&ys);
+            let pad = ((hi - lo) * 0.05).max(1e-6);
+            (lo - pad, hi + pad)
+        });
     let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let mut ctx = ChartBuilder::on(&root)
@@ -83,10 +91,24 @@ fn draw(path: &Path, chart: &Chart, series: &[Series]) -> std::result::Result<()
             format!("{v}")
         }
     };
+    let log_y = chart.log_y;
+    let format_y = move |v: &f64| {
+        if log_y {
+            let y = 10f64.powf(*v);
+            if y >= 100.0 {
+                format!("{y:.0}")
+            } else {
+                format!("{y:.3}")
+            }
+        } else {
+            format!("{}", (v * 1000.0).round() / 1000.0)
+        }
+    };
     ctx.configure_mesh()
         .x_desc(chart.x_label)
         .y_desc(chart.y_label)
         .x_label_formatter(&format_x)
+        .y_label_formatter(&format_y)
         .draw()
         .map_err(|e| e.to_string())?;
     for (i, s) in series.iter().enumerate() {
@@ -95,7 +117,7 @@ fn draw(path: &Path, chart: &Chart, series: &[Series]) -> std::result::Result<()
             .points
             .iter()
             .filter(|p| p.1.is_finite())
-            .map(|&(x, y)| (tx(x), y))
+            .map(|&(x, y)| (tx(x), ty(y)))
             .collect();
         ctx.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
             .map_err(|e| e.to_string())?

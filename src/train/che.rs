@@ -16,11 +16,12 @@ use burn::grad_clipping::GradientClippingConfig;
 use burn::lr_scheduler::constant::ConstantLr;
 use burn::optim::AdamConfig;
 use burn::prelude::*;
-use burn::record::CompactRecorder;
+use burn::record::DefaultRecorder;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::{InferenceStep, ItemLazy, Learner, SupervisedTraining, TrainOutput, TrainStep};
 
+pub use super::checkpoint::{save_module, write_atomic};
 use super::metrics::{LossMetric, MaskedAccuracyMetric, StepStats};
 use super::renderer::LineRenderer;
 use crate::data::che::{Rng, Sample, Task};
@@ -140,7 +141,7 @@ pub struct CheItem {
 }
 
 /// Mixes a seed and an index into an independent stream seed.
-fn stream_seed(seed: u64, index: u64) -> u64 {
+pub(crate) fn stream_seed(seed: u64, index: u64) -> u64 {
     let mut rng = Rng::new(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     rng.next_u64()
 }
@@ -365,37 +366,9 @@ pub struct CheTrainSummary {
     pub steps: usize,
 }
 
-/// The file the trained model is stored in (CompactRecorder adds `.mpk`).
+/// The file the trained model is stored in (full precision; the recorder adds `.mpk`).
 pub fn model_path(run: &Path) -> PathBuf {
     run.join("model")
-}
-
-/// Saves a module atomically: written next to its final name, then renamed.
-pub fn save_module<B: Backend, M: Module<B>>(module: M, path: &Path) -> Result<()> {
-    // The recorder replaces the extension with `.mpk`, so the temporary name has none.
-    let stem = path
-        .file_name()
-        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!("{stem}-partial"));
-    module
-        .save_file(&tmp, &CompactRecorder::new())
-        .map_err(|e| Error::InvalidInput(format!("cannot save {}: {e}", path.display())))?;
-    let from = tmp.with_extension("mpk");
-    let to = path.with_extension("mpk");
-    std::fs::rename(&from, &to).map_err(|source| Error::Io { path: to, source })
-}
-
-/// Writes a text file atomically (temporary file, then rename).
-pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, text).map_err(|source| Error::Io {
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
 }
 
 /// Trains a model on `config.task` and stores `config.json` and `model.mpk` in `out`.
@@ -484,7 +457,7 @@ pub fn load<B: Backend>(
     let model = config
         .model()
         .init::<B>(device)?
-        .load_file(model_path(run), &CompactRecorder::new(), device)
+        .load_file(model_path(run), &DefaultRecorder::default(), device)
         .map_err(|e| {
             Error::InvalidInput(format!(
                 "cannot load the model of {}: {e} (was the run trained to the end?)",

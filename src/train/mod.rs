@@ -2,5 +2,7 @@
 //! line renderer for non-interactive runs.
 
 pub mod che;
+pub mod checkpoint;
+pub mod lm;
 pub mod metrics;
 pub mod renderer;

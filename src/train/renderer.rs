@@ -17,6 +17,15 @@ pub struct LineRenderer {
     names: BTreeMap<String, String>,
     train: BTreeMap<String, String>,
     valid: BTreeMap<String, String>,
+    steps: Option<StepCount>,
+}
+
+/// How burn-train's per-epoch iterations map to optimiser steps of the whole run.
+#[derive(Clone, Copy, Debug)]
+struct StepCount {
+    per_epoch: usize,
+    total: usize,
+    accumulation: usize,
 }
 
 impl LineRenderer {
@@ -29,7 +38,19 @@ impl LineRenderer {
             names: BTreeMap::new(),
             train: BTreeMap::new(),
             valid: BTreeMap::new(),
+            steps: None,
         }
+    }
+
+    /// Counts optimiser steps over the whole run instead of items of the current epoch:
+    /// `per_epoch` steps per epoch, `total` in all, each of `accumulation` iterations.
+    pub fn with_steps(mut self, per_epoch: usize, total: usize, accumulation: usize) -> Self {
+        self.steps = Some(StepCount {
+            per_epoch,
+            total,
+            accumulation: accumulation.max(1),
+        });
+        self
     }
 
     fn key(id: &MetricId) -> String {
@@ -80,12 +101,26 @@ impl MetricsRendererTraining for LineRenderer {
 
     fn render_train(&mut self, item: TrainingProgress, _: Vec<ProgressType>) {
         let Some(p) = item.progress else { return };
-        let done = p.items_processed;
-        if done % self.every == 0 || done == p.items_total {
-            println!(
-                "{}step {done}/{}  {}",
-                self.prefix,
+        let (done, total, epoch_end) = match self.steps {
+            Some(s) => {
+                let iteration = item.iteration.unwrap_or(p.items_processed);
+                if !iteration.is_multiple_of(s.accumulation) {
+                    return;
+                }
+                let epoch = item.global_progress.items_processed.max(1);
+                let step = (epoch - 1) * s.per_epoch + iteration / s.accumulation;
+                (step, s.total, p.items_processed == p.items_total)
+            }
+            None => (
+                p.items_processed,
                 p.items_total,
+                p.items_processed == p.items_total,
+            ),
+        };
+        if done % self.every == 0 || epoch_end {
+            println!(
+                "{}step {done}/{total}  {}",
+                self.prefix,
                 Self::line(&self.train)
             );
         }

@@ -1,0 +1,503 @@
+//! Length extrapolation of a trained language model: perplexity on the test documents as the
+//! evaluation length grows past the training length.
+//!
+//! For each length `L` the evaluator takes non-overlapping windows of `L + 1` tokens inside
+//! the test documents (round-robin over documents, so that no single document dominates), lets
+//! the model read each whole window and reports perplexity on its last `last` tokens — the
+//! DAPE paper's protocol, `last = 256` — and on all tokens. Lengths it cannot evaluate are
+//! reported with the reason (no document long enough, not enough memory, a backend failure).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::plot::{line_chart_svg, Chart, Series};
+use crate::data::corpus::{Corpus, Part, TokenizedCorpus};
+use crate::error::{ensure, Error, Result};
+use crate::model::LanguageModel;
+use crate::progress::ProgressBar;
+use crate::sysmem;
+use crate::train::checkpoint::write_atomic;
+use crate::train::lm::{auto_chunk, load, token_nll, LmBatch, LmTrainConfig, Window};
+
+/// Settings of an evaluation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LmEvalConfig {
+    /// Evaluation lengths.
+    pub lengths: Vec<usize>,
+    /// Perplexity is also reported on the last this many tokens of each window (256 in the
+    /// paper; the whole window when it is shorter).
+    pub last: usize,
+    /// Query rows per attention chunk; `None`: none up to 512 tokens, 256 above.
+    pub chunk: Option<usize>,
+    /// Tokens evaluated per length, at most (at least one window).
+    pub max_tokens: usize,
+    /// Tokens per forward pass (at least one window).
+    pub batch_tokens: usize,
+}
+
+impl Default for LmEvalConfig {
+    fn default() -> Self {
+        Self {
+            lengths: vec![128, 256, 512, 1024, 2048, 4096, 8192],
+            last: 256,
+            chunk: None,
+            max_tokens: 65536,
+            batch_tokens: 8192,
+        }
+    }
+}
+
+impl LmEvalConfig {
+    /// Checks the values a user can get wrong.
+    pub fn validate(&self) -> Result<()> {
+        ensure(
+            !self.lengths.is_empty() && self.lengths.iter().all(|&l| l > 0),
+            "lengths",
+            format!("{:?}", self.lengths),
+            "must be a non-empty list of positive lengths",
+        )?;
+        ensure(self.last > 0, "last", self.last, "must be at least 1")?;
+        if let Some(c) = self.chunk {
+            ensure(c > 0, "chunk", c, "must be at least 1")?;
+        }
+        ensure(
+            self.max_tokens > 0,
+            "max_tokens",
+            self.max_tokens,
+            "must be at least 1",
+        )?;
+        ensure(
+            self.batch_tokens > 0,
+            "batch_tokens",
+            self.batch_tokens,
+            "must be at least 1",
+        )
+    }
+}
+
+/// Perplexity at one length.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LengthPerplexity {
+    /// Evaluation length.
+    pub length: usize,
+    /// Perplexity on the last `last` tokens of each window.
+    pub ppl_last: f64,
+    /// Perplexity on every token.
+    pub ppl_all: f64,
+    /// Windows evaluated.
+    pub windows: usize,
+    /// Tokens predicted (all positions).
+    pub tokens: usize,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Peak resident set size of the process while evaluating this length (Linux).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// A length that could not be evaluated.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SkippedLength {
+    /// The length.
+    pub length: usize,
+    /// Why.
+    pub reason: String,
+}
+
+/// `eval.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LmEvalReport {
+    /// The run folder.
+    pub run: String,
+    /// Encoding name.
+    pub encoding: String,
+    /// Training window length.
+    pub train_length: usize,
+    /// Backend name.
+    pub backend: String,
+    /// Tokenizer name.
+    pub tokenizer: String,
+    /// `last` of the protocol.
+    pub last: usize,
+    /// Where windows come from.
+    pub window_source: String,
+    /// Per-length results.
+    pub lengths: Vec<LengthPerplexity>,
+    /// Lengths that could not be evaluated, with the reason.
+    pub skipped: Vec<SkippedLength>,
+}
+
+/// Non-overlapping windows of `length + 1` tokens inside documents, taken round-robin over the
+/// documents (window 0 of each, then window 1, ...), at most `max`.
+pub fn document_windows(docs: &[&[u16]], length: usize, max: usize) -> Vec<Window> {
+    let per_doc: Vec<usize> = docs
+        .iter()
+        .map(|d| d.len().saturating_sub(1) / length)
+        .collect();
+    let rounds = per_doc.iter().copied().max().unwrap_or(0);
+    let mut out = Vec::new();
+    for r in 0..rounds {
+        for (doc, &n) in docs.iter().zip(&per_doc) {
+            if out.len() == max {
+                return out;
+            }
+            if r < n {
+                let s = r * length;
+                out.push(Window {
+                    tokens: doc[s..s + length + 1].to_vec(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A rough upper bound of the transient memory of one forward pass, in bytes: the attention
+/// logits of one chunk (and DAPE's per-pair MLP activations) and the output logits.
+fn memory_estimate(config: &LmTrainConfig, rows: usize, length: usize, chunk: usize) -> u64 {
+    let h = config.n_heads as u64;
+    let per_pair = 4 * h
+        + if config.encoding.dape_parts().is_some() {
+            3 * (2 * h + 32)
+        } else {
+            0
+        };
+    let pairs = (rows * chunk.min(length) * length) as u64;
+    let logits = (rows * length * config.tokenizer.vocab_size()) as u64 * 3;
+    4 * (pairs * per_pair + logits)
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Negative log-likelihood sums `(last, all)` over `windows`.
+fn nll_sums<B: Backend>(
+    model: &LanguageModel<B>,
+    windows: &[Window],
+    rows: usize,
+    last: usize,
+    bar: &mut ProgressBar,
+    device: &B::Device,
+) -> Result<(f64, f64)> {
+    let (mut sum_last, mut sum_all) = (0.0, 0.0);
+    for group in windows.chunks(rows) {
+        let batch = LmBatch::<B>::from_windows(group, 1.0, device);
+        let nll = token_nll(model, batch.inputs, batch.targets)?;
+        let [_, length] = nll.dims();
+        let values: Vec<f32> = nll.into_data().convert::<f32>().to_vec().map_err(|e| {
+            Error::InvalidInput(format!("cannot read the evaluation results: {e:?}"))
+        })?;
+        for row in values.chunks(length) {
+            sum_all += row.iter().map(|&v| f64::from(v)).sum::<f64>();
+            sum_last += row[length - last..]
+                .iter()
+                .map(|&v| f64::from(v))
+                .sum::<f64>();
+        }
+        bar.inc(group.len());
+    }
+    Ok((sum_last, sum_all))
+}
+
+/// Perplexity by length of `model` on `docs`.
+pub fn perplexity_by_length<B: Backend>(
+    model: &LanguageModel<B>,
+    train: &LmTrainConfig,
+    docs: &[&[u16]],
+    config: &LmEvalConfig,
+    device: &B::Device,
+) -> Result<(Vec<LengthPerplexity>, Vec<SkippedLength>)> {
+    config.validate()?;
+    let longest = docs.iter().map(|d| d.len()).max().unwrap_or(0);
+    let (mut done, mut skipped) = (Vec::new(), Vec::new());
+    for &length in &config.lengths {
+        let windows = document_windows(docs, length, (config.max_tokens / length).max(1));
+        if windows.is_empty() {
+            let reason = format!(
+                "no test document holds {} tokens (the longest holds {longest})",
+                length + 1
+            );
+            eprintln!("length {length}: skipped: {reason}");
+            skipped.push(SkippedLength { length, reason });
+            continue;
+        }
+        let rows = (config.batch_tokens / length).max(1);
+        let chunk = config.chunk.or(auto_chunk(length));
+        let need = memory_estimate(train, rows, length, chunk.unwrap_or(length));
+        if let Some(available) = sysmem::available_bytes() {
+            if need > available {
+                let reason = format!(
+                    "out of memory: one forward pass needs about {:.1} GiB, {:.1} GiB are \
+                     available (try a smaller --chunk)",
+                    need as f64 / (1u64 << 30) as f64,
+                    available as f64 / (1u64 << 30) as f64
+                );
+                eprintln!("length {length}: skipped: {reason}");
+                skipped.push(SkippedLength { length, reason });
+                continue;
+            }
+        }
+        let model = model.clone().with_chunk_size(chunk);
+        let last = config.last.min(length);
+        sysmem::reset_peak_rss();
+        let start = Instant::now();
+        let mut bar = ProgressBar::new(format!("eval length {length}"), windows.len());
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            nll_sums(&model, &windows, rows, last, &mut bar, device)
+        }));
+        bar.finish();
+        let (sum_last, sum_all) = match outcome {
+            Ok(Ok(sums)) => sums,
+            Ok(Err(e)) => {
+                let reason = format!("the model refused it: {e}");
+                eprintln!("length {length}: skipped: {reason}");
+                skipped.push(SkippedLength { length, reason });
+                continue;
+            }
+            Err(payload) => {
+                let reason = format!("the backend failed: {}", panic_message(payload.as_ref()));
+                eprintln!("length {length}: skipped: {reason}");
+                skipped.push(SkippedLength { length, reason });
+                continue;
+            }
+        };
+        let n = windows.len();
+        let result = LengthPerplexity {
+            length,
+            ppl_last: (sum_last / (n * last) as f64).exp(),
+            ppl_all: (sum_all / (n * length) as f64).exp(),
+            windows: n,
+            tokens: n * length,
+            seconds: start.elapsed().as_secs_f64(),
+            peak_rss_bytes: sysmem::peak_rss_bytes(),
+        };
+        println!(
+            "length {:>6}  ppl(last {last}) {:>10.3}  ppl(all) {:>10.3}  windows {:>5}  {:>7.1}s",
+            length, result.ppl_last, result.ppl_all, n, result.seconds
+        );
+        done.push(result);
+    }
+    Ok((done, skipped))
+}
+
+/// Evaluates the run in `run` on its test documents (read from `data`, or the corpus recorded
+/// in its manifest) and writes `eval.json`, `eval.csv` and `ppl_by_length.svg` into it.
+pub fn evaluate_run<B: Backend>(
+    run: &Path,
+    data: Option<&Path>,
+    config: &LmEvalConfig,
+    cache_dir: &Path,
+    backend: &str,
+    device: &B::Device,
+) -> Result<LmEvalReport> {
+    let (train, manifest, model) = load::<B>(run, device)?;
+    let corpus = Corpus::open(data.unwrap_or(&manifest.corpus))?;
+    for doc in &manifest.test {
+        let found = corpus.documents.iter().find(|d| d.name == doc.name);
+        if found.is_none_or(|d| d.sha256 != doc.sha256) {
+            return Err(Error::InvalidInput(format!(
+                "test document {} of {} is missing or changed in {}",
+                doc.name,
+                run.join("manifest.json").display(),
+                corpus.root.display()
+            )));
+        }
+    }
+    let tokens = TokenizedCorpus::load(&corpus, train.tokenizer, cache_dir)?;
+    let docs = tokens.part(&manifest, Part::Test)?;
+    let (lengths, skipped) = perplexity_by_length(&model, &train, &docs, config, device)?;
+    let report = LmEvalReport {
+        run: run.display().to_string(),
+        encoding: train.encoding.name(),
+        train_length: train.train_length,
+        backend: backend.to_string(),
+        tokenizer: train.tokenizer.name().to_string(),
+        last: config.last,
+        window_source: format!(
+            "non-overlapping windows inside the {} test documents",
+            docs.len()
+        ),
+        lengths,
+        skipped,
+    };
+    write_report(run, &report)?;
+    Ok(report)
+}
+
+/// Writes `eval.json`, `eval.csv` and `ppl_by_length.svg` into `dir`.
+pub fn write_report(dir: &Path, report: &LmEvalReport) -> Result<()> {
+    write_atomic(
+        &dir.join("eval.json"),
+        &serde_json::to_string_pretty(report)?,
+    )?;
+    let mut csv = String::from("length,ppl_last,ppl_all,windows,tokens,seconds,peak_rss_bytes\n");
+    for l in &report.lengths {
+        csv.push_str(&format!(
+            "{},{:.6},{:.6},{},{},{:.3},{}\n",
+            l.length,
+            l.ppl_last,
+            l.ppl_all,
+            l.windows,
+            l.tokens,
+            l.seconds,
+            l.peak_rss_bytes.map_or(String::new(), |b| b.to_string())
+        ));
+    }
+    write_atomic(&dir.join("eval.csv"), &csv)?;
+    let points = |f: fn(&LengthPerplexity) -> f64| -> Vec<(f64, f64)> {
+        report
+            .lengths
+            .iter()
+            .map(|l| (l.length as f64, f(l)))
+            .collect()
+    };
+    let series = [
+        Series {
+            name: format!("{}: last {} tokens", report.encoding, report.last),
+            points: points(|l| l.ppl_last),
+        },
+        Series {
+            name: format!("{}: all tokens", report.encoding),
+            points: points(|l| l.ppl_all),
+        },
+    ];
+    plot(&dir.join("ppl_by_length.svg"), report.train_length, &series)
+}
+
+fn plot(path: &Path, train_length: usize, series: &[Series]) -> Result<()> {
+    line_chart_svg(
+        path,
+        &Chart {
+            title: "Perplexity by evaluation length",
+            x_label: "evaluation length (tokens)",
+            y_label: "perplexity",
+            log2_x: true,
+            marker: Some((train_length as f64, "training length")),
+            log_y: true,
+            y_range: None,
+        },
+        series,
+    )
+}
+
+/// Reads a run's `eval.json`.
+pub fn read_report(run: &Path) -> Result<LmEvalReport> {
+    let path = run.join("eval.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| {
+        Error::InvalidInput(format!(
+            "{}: {e} (run `dape eval --run {}` first)",
+            path.display(),
+            run.display()
+        ))
+    })
+}
+
+/// One plot with every run's last-tokens perplexity, and a markdown table (runs × lengths),
+/// written as `ppl_by_length.svg` and `results.md` into `out`.
+pub fn plot_runs(reports: &[LmEvalReport], out: &Path) -> Result<(PathBuf, PathBuf)> {
+    ensure(!reports.is_empty(), "run", "[]", "give at least one run")?;
+    std::fs::create_dir_all(out).map_err(|source| Error::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let series: Vec<Series> = reports
+        .iter()
+        .map(|r| Series {
+            name: r.encoding.clone(),
+            points: r
+                .lengths
+                .iter()
+                .map(|l| (l.length as f64, l.ppl_last))
+                .collect(),
+        })
+        .collect();
+    let svg = out.join("ppl_by_length.svg");
+    plot(&svg, reports[0].train_length, &series)?;
+    let md = out.join("results.md");
+    write_atomic(&md, &results_markdown(reports))?;
+    Ok((svg, md))
+}
+
+/// A markdown table: one row per run, one column per length, perplexity on the last tokens;
+/// `—` where a length was not evaluated (the report says why).
+pub fn results_markdown(reports: &[LmEvalReport]) -> String {
+    let mut lengths: Vec<usize> = reports
+        .iter()
+        .flat_map(|r| {
+            r.lengths
+                .iter()
+                .map(|l| l.length)
+                .chain(r.skipped.iter().map(|s| s.length))
+        })
+        .collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    let last = reports.first().map_or(256, |r| r.last);
+    let mut md = format!(
+        "Perplexity on the last {last} tokens of each window, by evaluation length (lower is \
+         better; training length {}).\n\n| encoding |",
+        reports.first().map_or(0, |r| r.train_length)
+    );
+    for l in &lengths {
+        md.push_str(&format!(" {l} |"));
+    }
+    md.push_str("\n| --- |");
+    md.push_str(&" ---: |".repeat(lengths.len()));
+    md.push('\n');
+    for r in reports {
+        md.push_str(&format!("| {} |", r.encoding));
+        for l in &lengths {
+            match r.lengths.iter().find(|x| x.length == *l) {
+                Some(x) => md.push_str(&format!(" {:.2} |", x.ppl_last)),
+                None => md.push_str(" — |"),
+            }
+        }
+        md.push('\n');
+    }
+    let notes: Vec<String> = reports
+        .iter()
+        .flat_map(|r| {
+            r.skipped
+                .iter()
+                .map(move |s| format!("- {} at {}: {}", r.encoding, s.length, s.reason))
+        })
+        .collect();
+    if !notes.is_empty() {
+        md.push_str("\nNot evaluated:\n\n");
+        md.push_str(&notes.join("\n"));
+        md.push('\n');
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_windows_alternate_between_documents_and_respect_max() {
+        let a: Vec<u16> = (0..25).collect();
+        let b: Vec<u16> = (100..111).collect();
+        let docs = [a.as_slice(), b.as_slice()];
+        let w = document_windows(&docs, 10, 100);
+        // a holds 2 windows of 10 (+1), b holds 1.
+        assert_eq!(w.len(), 3);
+        assert_eq!(w[0].tokens[0], 0);
+        assert_eq!(w[1].tokens[0], 100);
+        assert_eq!(w[2].tokens[0], 10);
+        assert_eq!(w[2].tokens.len(), 11);
+        assert_eq!(document_windows(&docs, 10, 2).len(), 2);
+        assert!(document_windows(&docs, 30, 10).is_empty());
+    }
+}

@@ -1,0 +1,889 @@
+//! Training a [`LanguageModel`] on real text with burn-train's Learner.
+//!
+//! AdamW (β 0.9/0.95, weight decay 0.1), a linear warmup then cosine decay, gradient clipping
+//! at 1.0, gradient accumulation and a fixed seed. Training windows of `train_length + 1`
+//! tokens are drawn at random offsets of the training stream; window `i` depends only on
+//! `(seed, i)`, so a resumed run sees the same data in the same order.
+//!
+//! Each "epoch" of the Learner is `checkpoint_every` optimiser steps: at its end burn-train
+//! runs a validation round, where the [`PerplexityMetric::at_length`] plugin reports `ppl@L`
+//! for every length in `valid_lengths`, and writes a checkpoint (model, optimiser, scheduler)
+//! through [`AtomicRecorder`]. `resume` continues from the newest complete checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataloader::{DataLoader, DataLoaderBuilder, DataLoaderIterator};
+use burn::data::dataset::Dataset;
+use burn::grad_clipping::GradientClippingConfig;
+use burn::lr_scheduler::LrScheduler;
+use burn::optim::{AdamWConfig, Optimizer};
+use burn::prelude::*;
+use burn::record::{DefaultRecorder, Recorder};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::checkpoint::KeepLastNCheckpoints;
+use burn::train::metric::LearningRateMetric;
+use burn::train::{InferenceStep, ItemLazy, Learner, SupervisedTraining, TrainOutput, TrainStep};
+use serde::{Deserialize, Serialize};
+
+use super::che::{stream_seed, Progress};
+use super::checkpoint::{save_module, write_atomic, AtomicRecorder};
+use super::metrics::{LmLossMetric, LmStats, PerplexityMetric, TokensPerSecondMetric};
+use super::renderer::LineRenderer;
+use crate::data::che::Rng;
+use crate::data::corpus::{Corpus, Manifest, Part, SplitConfig, TokenizedCorpus, Tokenizer};
+use crate::encoding::PositionalEncodingConfig;
+use crate::error::{ensure, Error, Result};
+use crate::model::{LanguageModel, LanguageModelConfig, TransformerConfig};
+
+/// Configuration of a language-model run (`configs/lm/*.json`; saved as `config.json` in the
+/// run folder). Every field but `encoding` has a default, so a config names only what differs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LmTrainConfig {
+    /// The positional encoding.
+    pub encoding: PositionalEncodingConfig,
+    /// `bytes` (257 ids) or `gpt2` (50,257 ids).
+    pub tokenizer: Tokenizer,
+    /// The corpus folder (any folder of `.txt` files).
+    pub data: PathBuf,
+    /// How documents are split into train, valid and test.
+    pub split: SplitConfig,
+    /// Model width.
+    pub d_model: usize,
+    /// Number of blocks.
+    pub n_layers: usize,
+    /// Heads per block.
+    pub n_heads: usize,
+    /// Feed-forward expansion ratio.
+    pub ffn_ratio: usize,
+    /// Tokens per training window.
+    pub train_length: usize,
+    /// Windows per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accumulation: usize,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Final learning rate of the cosine decay.
+    pub min_learning_rate: f64,
+    /// Optimiser steps of linear warmup.
+    pub warmup_steps: usize,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// AdamW β1.
+    pub beta_1: f32,
+    /// AdamW β2.
+    pub beta_2: f32,
+    /// Gradient-norm clipping threshold.
+    pub grad_clip: f32,
+    /// Optimiser steps between checkpoints (and validation rounds).
+    pub checkpoint_every: usize,
+    /// Lengths at which each validation round measures perplexity (`ppl@L`).
+    pub valid_lengths: Vec<usize>,
+    /// Validation tokens per length (at least one window).
+    pub valid_tokens: usize,
+    /// Seed of weights and data order.
+    pub seed: u64,
+}
+
+impl Default for LmTrainConfig {
+    fn default() -> Self {
+        Self {
+            encoding: PositionalEncodingConfig::Nope,
+            tokenizer: Tokenizer::Bytes,
+            data: PathBuf::from("data/books"),
+            split: SplitConfig::default(),
+            d_model: 128,
+            n_layers: 4,
+            n_heads: 8,
+            ffn_ratio: 4,
+            train_length: 128,
+            batch_size: 16,
+            grad_accumulation: 1,
+            steps: 2000,
+            learning_rate: 1e-3,
+            min_learning_rate: 1e-4,
+            warmup_steps: 100,
+            weight_decay: 0.1,
+            beta_1: 0.9,
+            beta_2: 0.95,
+            grad_clip: 1.0,
+            checkpoint_every: 250,
+            valid_lengths: vec![128, 512, 2048],
+            valid_tokens: 8192,
+            seed: 0,
+        }
+    }
+}
+
+impl LmTrainConfig {
+    /// Reads a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Self = serde_json::from_str(&text)
+            .map_err(|e| Error::InvalidInput(format!("config {}: {e}", path.display())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values a user can get wrong.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("d_model", self.d_model),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("ffn_ratio", self.ffn_ratio),
+            ("train_length", self.train_length),
+            ("batch_size", self.batch_size),
+            ("grad_accumulation", self.grad_accumulation),
+            ("steps", self.steps),
+            ("checkpoint_every", self.checkpoint_every),
+            ("valid_tokens", self.valid_tokens),
+        ];
+        for (field, value) in positive {
+            ensure(value > 0, field, value, "must be at least 1")?;
+        }
+        ensure(
+            self.learning_rate > 0.0 && self.learning_rate.is_finite(),
+            "learning_rate",
+            self.learning_rate,
+            "must be positive",
+        )?;
+        ensure(
+            (0.0..=self.learning_rate).contains(&self.min_learning_rate),
+            "min_learning_rate",
+            self.min_learning_rate,
+            "must be in [0, learning_rate]",
+        )?;
+        ensure(
+            self.warmup_steps < self.steps,
+            "warmup_steps",
+            self.warmup_steps,
+            &format!("must be below steps ({})", self.steps),
+        )?;
+        ensure(
+            self.weight_decay >= 0.0,
+            "weight_decay",
+            self.weight_decay,
+            "must be non-negative",
+        )?;
+        for (field, value) in [("beta_1", self.beta_1), ("beta_2", self.beta_2)] {
+            ensure(
+                (0.0..1.0).contains(&value),
+                field,
+                value,
+                "must be in [0, 1)",
+            )?;
+        }
+        ensure(
+            self.grad_clip > 0.0,
+            "grad_clip",
+            self.grad_clip,
+            "must be positive",
+        )?;
+        ensure(
+            !self.valid_lengths.is_empty() && self.valid_lengths.iter().all(|&l| l > 0),
+            "valid_lengths",
+            format!("{:?}", self.valid_lengths),
+            "must be a non-empty list of positive lengths",
+        )?;
+        self.split.validate()?;
+        self.model()
+            .transformer
+            .init::<burn::backend::NdArray>(1, true, &Default::default())?;
+        Ok(())
+    }
+
+    /// The model this run trains.
+    pub fn model(&self) -> LanguageModelConfig {
+        LanguageModelConfig::new(
+            self.tokenizer.vocab_size(),
+            TransformerConfig::new(self.d_model, self.n_layers, self.n_heads)
+                .with_ffn_ratio(self.ffn_ratio)
+                .with_encoding(self.encoding.clone()),
+        )
+    }
+
+    /// Learner epochs: one per checkpoint.
+    pub fn epochs(&self) -> usize {
+        self.steps.div_ceil(self.checkpoint_every)
+    }
+}
+
+/// A linear warmup to `peak`, then a cosine decay to `min` at `total` (in scheduler steps).
+#[derive(Clone, Debug)]
+pub struct WarmupCosineLr {
+    peak: f64,
+    min: f64,
+    warmup: usize,
+    total: usize,
+    step: usize,
+}
+
+impl WarmupCosineLr {
+    /// A schedule over `total` scheduler steps, `warmup` of them linear.
+    pub fn new(peak: f64, min: f64, warmup: usize, total: usize) -> Self {
+        Self {
+            peak,
+            min,
+            warmup,
+            total: total.max(1),
+            step: 0,
+        }
+    }
+
+    /// The rate at scheduler step `t` (1-based).
+    pub fn rate(&self, t: usize) -> f64 {
+        if t <= self.warmup {
+            return self.peak * t as f64 / self.warmup.max(1) as f64;
+        }
+        let span = (self.total - self.warmup).max(1) as f64;
+        let progress = ((t - self.warmup) as f64 / span).min(1.0);
+        self.min + 0.5 * (self.peak - self.min) * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+impl LrScheduler for WarmupCosineLr {
+    type Record<B: Backend> = usize;
+
+    fn step(&mut self) -> f64 {
+        self.step += 1;
+        self.rate(self.step)
+    }
+
+    fn to_record<B: Backend>(&self) -> usize {
+        self.step
+    }
+
+    fn load_record<B: Backend>(mut self, record: usize) -> Self {
+        self.step = record;
+        self
+    }
+}
+
+/// A window of `length + 1` tokens: inputs are the first `length`, targets the last `length`.
+#[derive(Clone, Debug)]
+pub struct Window {
+    /// The tokens.
+    pub tokens: Vec<u16>,
+}
+
+/// `count` training windows at random offsets of a token stream; window `i` depends only on
+/// `(seed, i)`.
+#[derive(Clone, Debug)]
+pub struct RandomWindows {
+    stream: Arc<Vec<u16>>,
+    length: usize,
+    count: usize,
+    seed: u64,
+}
+
+impl RandomWindows {
+    /// Windows of `length` (+1) tokens over `stream`, which must hold at least `length + 1`.
+    pub fn new(stream: Arc<Vec<u16>>, length: usize, count: usize, seed: u64) -> Result<Self> {
+        ensure(
+            stream.len() > length,
+            "train_length",
+            length,
+            &format!(
+                "the training split holds only {} tokens, too few for one window",
+                stream.len()
+            ),
+        )?;
+        Ok(Self {
+            stream,
+            length,
+            count,
+            seed,
+        })
+    }
+}
+
+impl Dataset<Window> for RandomWindows {
+    fn get(&self, index: usize) -> Option<Window> {
+        if index >= self.count {
+            return None;
+        }
+        let mut rng = Rng::new(stream_seed(self.seed, index as u64));
+        let start = rng.below((self.stream.len() - self.length) as u64) as usize;
+        Some(Window {
+            tokens: self.stream[start..start + self.length + 1].to_vec(),
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.count
+    }
+}
+
+/// Consecutive non-overlapping windows of `length` (+1) tokens of a stream, at most `max`.
+pub fn tiled_windows(stream: &[u16], length: usize, max: usize) -> Vec<Window> {
+    (0..)
+        .map(|k| k * length)
+        .take_while(|&s| s + length < stream.len())
+        .take(max)
+        .map(|s| Window {
+            tokens: stream[s..s + length + 1].to_vec(),
+        })
+        .collect()
+}
+
+/// All windows of one length: one validation item, so that a round's `ppl@L` is exact.
+#[derive(Clone, Debug)]
+pub struct WindowGroup {
+    /// The shared length.
+    pub length: usize,
+    /// The windows.
+    pub windows: Vec<Window>,
+}
+
+/// Validation data: one item per length.
+#[derive(Clone, Debug)]
+pub struct GroupDataset(pub Vec<WindowGroup>);
+
+impl Dataset<WindowGroup> for GroupDataset {
+    fn get(&self, index: usize) -> Option<WindowGroup> {
+        self.0.get(index).cloned()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// A batch of windows on a device.
+#[derive(Clone, Debug)]
+pub struct LmBatch<B: Backend> {
+    /// `[batch, length]`.
+    pub inputs: Tensor<B, 2, Int>,
+    /// `[batch, length]`.
+    pub targets: Tensor<B, 2, Int>,
+    /// Factor on the loss before `backward` (`1 / grad_accumulation`, so that accumulated
+    /// gradients are the mean over micro-batches).
+    pub loss_scale: f64,
+}
+
+impl<B: Backend> LmBatch<B> {
+    /// Stacks windows of one length.
+    pub fn from_windows(windows: &[Window], loss_scale: f64, device: &B::Device) -> Self {
+        let n = windows.len();
+        assert!(n > 0, "an LM batch needs at least one window");
+        let len = windows[0].tokens.len() - 1;
+        let mut inputs = Vec::with_capacity(n * len);
+        let mut targets = Vec::with_capacity(n * len);
+        for w in windows {
+            assert_eq!(
+                w.tokens.len(),
+                len + 1,
+                "all windows of a batch share one length"
+            );
+            inputs.extend(w.tokens[..len].iter().map(|&t| i64::from(t)));
+            targets.extend(w.tokens[1..].iter().map(|&t| i64::from(t)));
+        }
+        Self {
+            inputs: Tensor::from_data(TensorData::new(inputs, [n, len]), device),
+            targets: Tensor::from_data(TensorData::new(targets, [n, len]), device),
+            loss_scale,
+        }
+    }
+}
+
+/// Stacks training windows.
+#[derive(Clone, Debug)]
+pub struct LmBatcher {
+    /// See [`LmBatch::loss_scale`].
+    pub loss_scale: f64,
+}
+
+impl<B: Backend> Batcher<B, Window, LmBatch<B>> for LmBatcher {
+    fn batch(&self, items: Vec<Window>, device: &B::Device) -> LmBatch<B> {
+        LmBatch::from_windows(&items, self.loss_scale, device)
+    }
+}
+
+/// Stacks a validation group (the loader's batch size is 1).
+#[derive(Clone, Debug, Default)]
+pub struct GroupBatcher;
+
+impl<B: Backend> Batcher<B, WindowGroup, LmBatch<B>> for GroupBatcher {
+    fn batch(&self, items: Vec<WindowGroup>, device: &B::Device) -> LmBatch<B> {
+        let windows: Vec<Window> = items.into_iter().flat_map(|g| g.windows).collect();
+        LmBatch::from_windows(&windows, 1.0, device)
+    }
+}
+
+/// The output of an LM step.
+pub struct LmOutput<B: Backend> {
+    /// Mean cross-entropy per token: `[1]`.
+    pub loss: Tensor<B, 1>,
+    /// Predicted tokens.
+    pub tokens: usize,
+    /// Window length.
+    pub length: usize,
+}
+
+impl<B: Backend> ItemLazy for LmOutput<B> {
+    type ItemSync = LmStats;
+
+    fn sync(self) -> LmStats {
+        LmStats {
+            loss: self.loss.into_scalar().elem::<f64>(),
+            tokens: self.tokens,
+            length: self.length,
+        }
+    }
+}
+
+/// Per-token negative log-likelihood `[batch, length]` of `targets` after `inputs`.
+pub fn token_nll<B: Backend>(
+    model: &LanguageModel<B>,
+    inputs: Tensor<B, 2, Int>,
+    targets: Tensor<B, 2, Int>,
+) -> Result<Tensor<B, 2>> {
+    let logits = model.forward(inputs)?;
+    let picked = log_softmax(logits, 2).gather(2, targets.unsqueeze_dim(2));
+    Ok(picked.squeeze_dim::<2>(2).neg())
+}
+
+/// The attention chunk used to evaluate windows of `length` tokens: none up to 512, 256 query
+/// rows above (exact, bounds memory to `[batch, 256, length, ·]` per layer).
+pub fn auto_chunk(length: usize) -> Option<usize> {
+    (length > 512).then_some(256)
+}
+
+/// Tokens per forward pass during validation and evaluation.
+pub const EVAL_BATCH_TOKENS: usize = 8192;
+
+impl<B: AutodiffBackend> TrainStep for LanguageModel<B> {
+    type Input = LmBatch<B>;
+    type Output = LmOutput<B>;
+
+    fn step(&self, batch: LmBatch<B>) -> TrainOutput<LmOutput<B>> {
+        let [n, length] = batch.inputs.dims();
+        let loss = token_nll(self, batch.inputs, batch.targets)
+            .unwrap_or_else(|e| panic!("LM batch rejected by the model: {e}"))
+            .mean();
+        let grads = (loss.clone() * batch.loss_scale).backward();
+        TrainOutput::new(
+            self,
+            grads,
+            LmOutput {
+                loss,
+                tokens: n * length,
+                length,
+            },
+        )
+    }
+}
+
+impl<B: Backend> InferenceStep for LanguageModel<B> {
+    type Input = LmBatch<B>;
+    type Output = LmOutput<B>;
+
+    /// The whole group, in slices of [`EVAL_BATCH_TOKENS`] with [`auto_chunk`]ed attention.
+    fn step(&self, batch: LmBatch<B>) -> LmOutput<B> {
+        let [n, length] = batch.inputs.dims();
+        let model = self.clone().with_chunk_size(auto_chunk(length));
+        let rows = (EVAL_BATCH_TOKENS / length).max(1);
+        let mut nll = 0.0;
+        for start in (0..n).step_by(rows) {
+            let end = (start + rows).min(n);
+            nll += token_nll(
+                &model,
+                batch.inputs.clone().slice(start..end),
+                batch.targets.clone().slice(start..end),
+            )
+            .unwrap_or_else(|e| panic!("LM batch rejected by the model: {e}"))
+            .sum()
+            .into_scalar()
+            .elem::<f64>();
+        }
+        let tokens = n * length;
+        let device = batch.inputs.device();
+        LmOutput {
+            loss: Tensor::from_floats([(nll / tokens as f64) as f32], &device),
+            tokens,
+            length,
+        }
+    }
+}
+
+/// A train loader that serves the next epoch's slice of one long, seeded window sequence on
+/// every pass, so that epoch `e` sees the same windows whether or not the run was resumed.
+struct EpochLoader<B: Backend, O> {
+    epochs: Vec<Arc<dyn DataLoader<B, O>>>,
+    next: Arc<AtomicUsize>,
+}
+
+impl<B: Backend, O: 'static> DataLoader<B, O> for EpochLoader<B, O> {
+    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<O> + 'a> {
+        let e = self.next.fetch_add(1, Ordering::SeqCst);
+        self.epochs[e.min(self.epochs.len() - 1)].iter()
+    }
+
+    fn num_items(&self) -> usize {
+        let e = self.next.load(Ordering::SeqCst);
+        self.epochs[e.min(self.epochs.len() - 1)].num_items()
+    }
+
+    fn to_device(&self, device: &B::Device) -> Arc<dyn DataLoader<B, O>> {
+        Arc::new(Self {
+            epochs: self.epochs.iter().map(|l| l.to_device(device)).collect(),
+            next: self.next.clone(),
+        })
+    }
+
+    fn slice(&self, start: usize, end: usize) -> Arc<dyn DataLoader<B, O>> {
+        Arc::new(Self {
+            epochs: self.epochs.iter().map(|l| l.slice(start, end)).collect(),
+            next: self.next.clone(),
+        })
+    }
+}
+
+/// Options of a run that are not part of its config.
+#[derive(Clone, Debug)]
+pub struct LmTrainOptions {
+    /// The run folder.
+    pub out: PathBuf,
+    /// Continue from the newest checkpoint in `out`.
+    pub resume: bool,
+    /// Where tokens are cached.
+    pub cache_dir: PathBuf,
+    /// How to show progress.
+    pub progress: Progress,
+}
+
+/// What a finished run reports (also written as `train.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LmTrainSummary {
+    /// Run folder.
+    pub out: PathBuf,
+    /// Backend name.
+    pub backend: String,
+    /// Optimiser steps of the run.
+    pub steps: usize,
+    /// Optimiser step the run (re)started from.
+    pub started_at_step: usize,
+    /// Training tokens per optimiser step.
+    pub tokens_per_step: usize,
+    /// Wall-clock seconds of this invocation (training and validation rounds).
+    pub seconds: f64,
+    /// Validation lengths that were measured each round.
+    pub valid_lengths: Vec<usize>,
+}
+
+fn checkpoint_files(out: &Path, epoch: usize) -> [PathBuf; 3] {
+    ["model", "optim", "scheduler"].map(|n| out.join("checkpoint").join(format!("{n}-{epoch}.mpk")))
+}
+
+/// The newest epoch whose three checkpoint files all exist.
+pub fn latest_checkpoint(out: &Path) -> Option<usize> {
+    let dir = std::fs::read_dir(out.join("checkpoint")).ok()?;
+    dir.filter_map(|e| {
+        let name = e.ok()?.file_name().to_string_lossy().into_owned();
+        name.strip_prefix("model-")?
+            .strip_suffix(".mpk")?
+            .parse::<usize>()
+            .ok()
+    })
+    .filter(|&e| checkpoint_files(out, e).iter().all(|p| p.is_file()))
+    .max()
+}
+
+/// Loads the checkpoint of `epoch` once, so that a damaged or mismatched one is a clear error
+/// here rather than a panic inside burn-train.
+fn check_checkpoint<B: AutodiffBackend, O: Optimizer<LanguageModel<B>, B>>(
+    out: &Path,
+    epoch: usize,
+    model: &LanguageModel<B>,
+    _optimizer: &O,
+    device: &B::Device,
+) -> Result<()> {
+    let recorder = AtomicRecorder::<DefaultRecorder>::default();
+    let [m, o, s] = checkpoint_files(out, epoch);
+    let bad = |path: &Path, e: &dyn std::fmt::Display| {
+        Error::InvalidInput(format!(
+            "checkpoint {} cannot be loaded ({e}); it is damaged or belongs to another model. \
+             Delete the checkpoint folder to start over, or choose another --out",
+            path.display()
+        ))
+    };
+    model
+        .clone()
+        .load_file(&m, &recorder, device)
+        .map_err(|e| bad(&m, &e))?;
+    Recorder::<B>::load::<O::Record>(&recorder, o.clone(), device).map_err(|e| bad(&o, &e))?;
+    Recorder::<B>::load::<usize>(&recorder, s.clone(), device).map_err(|e| bad(&s, &e))?;
+    Ok(())
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// The top-level keys whose values differ.
+fn differing_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
+    match (a.as_object(), b.as_object()) {
+        (Some(a), Some(b)) => a
+            .keys()
+            .chain(b.keys())
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| k.to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        _ => vec!["(whole document)".into()],
+    }
+}
+
+/// Validation groups: up to `valid_tokens / L` tiled windows per length from the validation
+/// stream. Lengths the split is too short for are reported and left out.
+pub fn validation_groups(config: &LmTrainConfig, stream: &[u16]) -> Vec<WindowGroup> {
+    config
+        .valid_lengths
+        .iter()
+        .filter_map(|&length| {
+            let windows = tiled_windows(stream, length, (config.valid_tokens / length).max(1));
+            if windows.is_empty() {
+                eprintln!(
+                    "ppl@{length} is not measured: the validation split holds {} tokens, too \
+                     few for one window",
+                    stream.len()
+                );
+                None
+            } else {
+                Some(WindowGroup { length, windows })
+            }
+        })
+        .collect()
+}
+
+/// Trains `config` into `options.out`: `config.json`, `manifest.json`, burn-train's metric
+/// logs (`train/`, `valid/`), `checkpoint/`, then `model.mpk` and `train.json`.
+pub fn train<B: AutodiffBackend>(
+    config: &LmTrainConfig,
+    options: &LmTrainOptions,
+    device: &B::Device,
+    backend: &str,
+) -> Result<(LanguageModel<B::InnerBackend>, LmTrainSummary)> {
+    config.validate()?;
+    let out = &options.out;
+    let corpus = Corpus::open(&config.data)?;
+    let manifest = Manifest::split(&corpus, &config.split)?;
+    let config_json = serde_json::to_value(config)?;
+    let manifest_json = serde_json::to_value(&manifest)?;
+    let config_path = out.join("config.json");
+    let manifest_path = out.join("manifest.json");
+
+    let resume_from = if options.resume {
+        if !config_path.is_file() {
+            return Err(Error::InvalidInput(format!(
+                "--resume: {} holds no run to resume",
+                out.display()
+            )));
+        }
+        // Both sides go through the struct, so that number formatting cannot differ.
+        let saved: LmTrainConfig = serde_json::from_value(read_json(&config_path)?)?;
+        let keys = differing_keys(&serde_json::to_value(&saved)?, &config_json);
+        if !keys.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "--resume: the config differs from the run's {} in: {}",
+                config_path.display(),
+                keys.join(", ")
+            )));
+        }
+        if read_json(&manifest_path)? != manifest_json {
+            return Err(Error::InvalidInput(format!(
+                "--resume: the corpus or its split differs from the run's {}",
+                manifest_path.display()
+            )));
+        }
+        latest_checkpoint(out)
+    } else {
+        if config_path.exists() {
+            return Err(Error::InvalidInput(format!(
+                "{} already holds a run; pass --resume to continue it, or choose another --out",
+                out.display()
+            )));
+        }
+        None
+    };
+    std::fs::create_dir_all(out).map_err(|source| Error::Io {
+        path: out.clone(),
+        source,
+    })?;
+    write_atomic(&config_path, &serde_json::to_string_pretty(config)?)?;
+    write_atomic(&manifest_path, &serde_json::to_string_pretty(&manifest)?)?;
+
+    let tokens = TokenizedCorpus::load(&corpus, config.tokenizer, &options.cache_dir)?;
+    let train_stream = Arc::new(tokens.stream(&manifest, Part::Train)?);
+    let valid_stream = tokens.stream(&manifest, Part::Valid)?;
+    let groups = validation_groups(config, &valid_stream);
+    ensure(
+        !groups.is_empty(),
+        "valid_lengths",
+        format!("{:?}", config.valid_lengths),
+        "the validation split is too short for every one of them",
+    )?;
+    let valid_lengths: Vec<usize> = groups.iter().map(|g| g.length).collect();
+
+    B::seed(device, config.seed);
+    let model = config.model().init::<B>(device)?;
+    let optimizer = AdamWConfig::new()
+        .with_beta_1(config.beta_1)
+        .with_beta_2(config.beta_2)
+        .with_weight_decay(config.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip)))
+        .init::<B, LanguageModel<B>>();
+    if let Some(epoch) = resume_from {
+        check_checkpoint(out, epoch, &model, &optimizer, device)?;
+    }
+    let done_epochs = resume_from.unwrap_or(0);
+
+    // Scheduler steps are micro-batches (burn-train steps the scheduler on each).
+    let accum = config.grad_accumulation;
+    let micro_per_epoch = config.checkpoint_every * accum;
+    let total_micro = config.steps * accum;
+    let windows = RandomWindows::new(
+        train_stream.clone(),
+        config.train_length,
+        total_micro * config.batch_size,
+        config.seed,
+    )?;
+    let full = DataLoaderBuilder::<B, _, _>::new(LmBatcher {
+        loss_scale: 1.0 / accum as f64,
+    })
+    .batch_size(config.batch_size)
+    .set_device(device.clone())
+    .build(windows);
+    let epochs: Vec<_> = (0..config.epochs())
+        .map(|e| {
+            let start = e * micro_per_epoch * config.batch_size;
+            let end = ((e + 1) * micro_per_epoch).min(total_micro) * config.batch_size;
+            full.slice(start, end)
+        })
+        .collect();
+    let train_loader: Arc<dyn DataLoader<B, LmBatch<B>>> = Arc::new(EpochLoader {
+        epochs,
+        next: Arc::new(AtomicUsize::new(done_epochs)),
+    });
+    let valid_loader = DataLoaderBuilder::<B::InnerBackend, _, _>::new(GroupBatcher)
+        .batch_size(1)
+        .set_device(device.clone())
+        .build(GroupDataset(groups));
+
+    let scheduler = WarmupCosineLr::new(
+        config.learning_rate,
+        config.min_learning_rate,
+        config.warmup_steps * accum,
+        total_micro,
+    );
+    let mut training = SupervisedTraining::new(out, train_loader, valid_loader)
+        .metric_train_numeric(LmLossMetric::new())
+        .metric_train_numeric(PerplexityMetric::new())
+        .metric_train_numeric(LearningRateMetric::new())
+        .metric_train_numeric(TokensPerSecondMetric::new())
+        .metric_valid_numeric(LmLossMetric::new())
+        .num_epochs(config.epochs())
+        .with_file_checkpointer(AtomicRecorder::<DefaultRecorder>::default())
+        .with_checkpointing_strategy(KeepLastNCheckpoints::new(2));
+    for &length in &valid_lengths {
+        training = training.metric_valid_numeric(PerplexityMetric::at_length(length));
+    }
+    if accum > 1 {
+        training = training.grads_accumulation(accum);
+    }
+    if let Some(epoch) = resume_from {
+        println!(
+            "resuming {} from step {} (checkpoint {epoch})",
+            out.display(),
+            (epoch * config.checkpoint_every).min(config.steps)
+        );
+        training = training.checkpoint(epoch);
+    }
+    if let Progress::Lines(prefix, every) = &options.progress {
+        training = training.renderer(LineRenderer::new(prefix.clone(), *every).with_steps(
+            config.checkpoint_every,
+            config.steps,
+            accum,
+        ));
+    }
+    let start = Instant::now();
+    let result = training.launch(Learner::new(model, optimizer, scheduler));
+    let seconds = start.elapsed().as_secs_f64();
+    save_module(result.model.clone(), &out.join("model"))?;
+    let summary = LmTrainSummary {
+        out: out.clone(),
+        backend: backend.to_string(),
+        steps: config.steps,
+        started_at_step: (done_epochs * config.checkpoint_every).min(config.steps),
+        tokens_per_step: config.batch_size * accum * config.train_length,
+        seconds,
+        valid_lengths,
+    };
+    write_atomic(
+        &out.join("train.json"),
+        &serde_json::to_string_pretty(&summary)?,
+    )?;
+    Ok((result.model, summary))
+}
+
+/// Loads a trained run: its config, manifest and model.
+pub fn load<B: Backend>(
+    run: &Path,
+    device: &B::Device,
+) -> Result<(LmTrainConfig, Manifest, LanguageModel<B>)> {
+    let config: LmTrainConfig = serde_json::from_value(read_json(&run.join("config.json"))?)?;
+    let manifest: Manifest = serde_json::from_value(read_json(&run.join("manifest.json"))?)?;
+    let model = config
+        .model()
+        .init::<B>(device)?
+        .load_file(run.join("model"), &DefaultRecorder::default(), device)
+        .map_err(|e| {
+            Error::InvalidInput(format!(
+                "cannot load the model of {}: {e} (was the run trained to the end?)",
+                run.display()
+            ))
+        })?;
+    Ok((config, manifest, model))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_the_minimum() {
+        let s = WarmupCosineLr::new(1.0, 0.1, 10, 110);
+        assert!((s.rate(5) - 0.5).abs() < 1e-12);
+        assert!((s.rate(10) - 1.0).abs() < 1e-12);
+        assert!((s.rate(60) - 0.55).abs() < 1e-12);
+        assert!((s.rate(110) - 0.1).abs() < 1e-12);
+        assert!((s.rate(500) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn tiled_windows_do_not_overlap_and_predict_the_next_token() {
+        let stream: Vec<u16> = (0..20).collect();
+        let w = tiled_windows(&stream, 6, 10);
+        assert_eq!(w.len(), 3);
+        assert_eq!(w[1].tokens, (6..13).collect::<Vec<u16>>());
+        assert_eq!(tiled_windows(&stream, 6, 2).len(), 2);
+        assert!(tiled_windows(&stream, 20, 10).is_empty());
+    }
+}
