@@ -2,17 +2,69 @@
 //!
 //! `cargo run --release --features wgpu --example train_wgpu [-- STEPS]`
 //!
+//! With the books corpus in `data/books` (`scripts/fetch-corpus.sh books data/books`) it trains
+//! the byte-level language model of `configs/lm/dape_kerple_log.json` and reports perplexity by
+//! evaluation length on the test documents (`runs/train_wgpu_lm/eval.{json,csv}`,
+//! `ppl_by_length.svg`). Without it, it uses the built-in CHE data (reverse_string, trained on
+//! lengths 1..40, tested on 41..120; `runs/train_wgpu/che.{json,csv,svg}`).
+//!
 //! Without a GPU, WGPU runs on Mesa's software Vulkan (`apt-get install mesa-vulkan-drivers
-//! libvulkan1`): slow, but real. This example uses the built-in CHE data (reverse_string, trained
-//! on lengths 1..40, tested on 41..120); the language-model corpus pipeline is not in the crate
-//! yet.
+//! libvulkan1`): slow, but real.
 
 use burn::backend::wgpu::WgpuDevice;
 use burn::backend::{Autodiff, Wgpu};
+use std::path::Path;
+
 use dape::data::che::Task;
+use dape::data::corpus::default_cache_dir;
 use dape::eval::che::{evaluate_run, write_report, CheEvalConfig};
+use dape::eval::lm::{self, LmEvalConfig};
 use dape::train::che::{train, CheTrainConfig, Progress};
+use dape::train::lm::{LmTrainConfig, LmTrainOptions};
 use dape::PositionalEncodingConfig;
+
+/// The language model on the books corpus: train, then perplexity by length.
+fn books(corpus: &Path, steps: usize, device: &WgpuDevice) -> dape::Result<()> {
+    let mut config = LmTrainConfig::load(Path::new("configs/lm/dape_kerple_log.json"))?;
+    config.data = corpus.to_path_buf();
+    config.steps = steps;
+    config.warmup_steps = config.warmup_steps.min(steps / 10);
+    config.checkpoint_every = steps.div_ceil(2);
+    config.valid_lengths = vec![128, 512];
+    let out = Path::new("runs/train_wgpu_lm");
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|source| dape::Error::Io {
+            path: out.to_path_buf(),
+            source,
+        })?;
+    }
+    println!(
+        "Training the DAPE-Kerple byte-level LM on {} with WGPU for {steps} steps into {}",
+        corpus.display(),
+        out.display()
+    );
+    let options = LmTrainOptions {
+        out: out.to_path_buf(),
+        resume: false,
+        cache_dir: default_cache_dir(),
+        progress: Progress::Lines(String::new(), (steps / 10).max(1)),
+    };
+    let (_, summary) = dape::train::lm::train::<Autodiff<Wgpu>>(&config, &options, device, "wgpu")?;
+    println!("trained in {:.1}s", summary.seconds);
+    let eval = LmEvalConfig {
+        lengths: vec![128, 256, 512, 1024],
+        max_tokens: 4096,
+        ..Default::default()
+    };
+    let report =
+        lm::evaluate_run::<Wgpu>(out, None, &eval, &default_cache_dir(), "wgpu", device)?;
+    println!("{}", lm::results_markdown(&[report]));
+    println!(
+        "wrote eval.json, eval.csv and ppl_by_length.svg into {}",
+        out.display()
+    );
+    Ok(())
+}
 
 fn main() -> dape::Result<()> {
     let steps = std::env::args()
@@ -21,9 +73,14 @@ fn main() -> dape::Result<()> {
             s.parse::<usize>()
                 .map_err(|_| dape::Error::invalid("steps", s, "expected a number of steps"))
         })
-        .transpose()?
-        .unwrap_or(300);
+        .transpose()?;
     let device = WgpuDevice::default();
+    let corpus = Path::new("data/books");
+    if corpus.is_dir() {
+        return books(corpus, steps.unwrap_or(100), &device);
+    }
+    println!("no books corpus in data/books: training on the built-in CHE data instead");
+    let steps = steps.unwrap_or(300);
     let encoding = PositionalEncodingConfig::from_name("dape_kerple_log")?;
     let config = CheTrainConfig::new(Task::ReverseString, encoding)
         .with_steps(steps)

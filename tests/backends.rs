@@ -157,6 +157,16 @@ fn device_works<Bk: Backend>(device: &Bk::Device) -> bool {
     .is_ok()
 }
 
+/// Reports a skipped backend, or fails when `DAPE_REQUIRE_<NAME>=1` asks for it (CI sets it
+/// where it installs the backend, so that a broken set-up cannot pass as a skip).
+#[allow(dead_code)]
+fn skip(require: &str, reason: &str) {
+    if std::env::var(require).is_ok_and(|v| v == "1") {
+        panic!("{require}=1, but {reason}");
+    }
+    println!("skipped: {reason}");
+}
+
 #[test]
 fn wgpu_agrees_with_ndarray() {
     #[cfg(feature = "wgpu")]
@@ -166,14 +176,16 @@ fn wgpu_agrees_with_ndarray() {
         if device_works::<Wgpu>(&device) {
             check_backend::<Autodiff<Wgpu>>("wgpu", device);
         } else {
-            println!(
-                "skipped: no WGPU adapter (install a Vulkan driver, e.g. mesa-vulkan-drivers)"
+            skip(
+                "DAPE_REQUIRE_WGPU",
+                "no WGPU adapter (install a Vulkan driver, e.g. mesa-vulkan-drivers)",
             );
         }
     }
     #[cfg(not(feature = "wgpu"))]
-    println!(
-        "skipped: built without the `wgpu` feature (cargo test --features wgpu --test backends)"
+    skip(
+        "DAPE_REQUIRE_WGPU",
+        "built without the `wgpu` feature (cargo test --features wgpu --test backends)",
     );
 }
 
@@ -186,9 +198,12 @@ fn libtorch_cpu_agrees_with_ndarray() {
         if device_works::<LibTorch<f32>>(&device) {
             check_backend::<Autodiff<LibTorch<f32>>>("tch-cpu", device);
         } else {
-            println!("skipped: LibTorch could not run on the CPU");
+            skip("DAPE_REQUIRE_TCH", "LibTorch could not run on the CPU");
         }
     }
     #[cfg(not(feature = "tch"))]
-    println!("skipped: built without the `tch` feature");
+    skip(
+        "DAPE_REQUIRE_TCH",
+        "built without the `tch` feature (see scripts/setup-libtorch.sh)",
+    );
 }

@@ -219,3 +219,51 @@ fn shipped_config_files_parse() {
     }
     assert!(count >= 3, "expected config files in {}", dir.display());
 }
+
+#[test]
+fn lm_configs_cover_every_encoding_and_validate() {
+    use dape::train::lm::LmTrainConfig;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/lm");
+    for name in dape::ENCODING_NAMES {
+        let config = LmTrainConfig::load(&dir.join(format!("{name}.json")))
+            .unwrap_or_else(|e| panic!("configs/lm/{name}.json: {e}"));
+        assert_eq!(config.encoding.name(), *name);
+        assert_eq!(config.train_length, 128);
+    }
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let config =
+            LmTrainConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if path.to_string_lossy().ends_with("-len64.json") {
+            assert_eq!(config.train_length, 64);
+        }
+        count += 1;
+    }
+    assert!(count > dape::ENCODING_NAMES.len());
+    let paper = LmTrainConfig::load(&dir.join("paper-125m.json")).unwrap();
+    assert_eq!(
+        (paper.n_layers, paper.d_model, paper.n_heads, paper.train_length),
+        (12, 768, 12, 512)
+    );
+    assert_eq!(paper.tokenizer, dape::data::corpus::Tokenizer::Gpt2);
+}
+
+#[test]
+fn lm_config_errors_name_the_field() {
+    use dape::train::lm::LmTrainConfig;
+    let bad = |json: &str| {
+        let c: Result<LmTrainConfig, _> = serde_json::from_str(json);
+        match c {
+            Err(e) => e.to_string(),
+            Ok(c) => c.validate().unwrap_err().to_string(),
+        }
+    };
+    assert!(bad(r#"{"steps": 0}"#).contains("steps"));
+    assert!(bad(r#"{"warmup_steps": 5000}"#).contains("warmup_steps"));
+    assert!(bad(r#"{"beta_2": 1.5}"#).contains("beta_2"));
+    assert!(bad(r#"{"d_model": 100, "n_heads": 8}"#).contains("100"));
+    assert!(bad(r#"{"tokenizer": "sentencepiece"}"#).contains("sentencepiece"));
+    assert!(bad(r#"{"learning_rat": 0.1}"#).contains("learning_rat"));
+    assert!(bad(r#"{"valid_lengths": []}"#).contains("valid_lengths"));
+}
