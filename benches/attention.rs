@@ -1,15 +1,15 @@
-//! Attention forward and forward+backward per encoding and length, on ndarray.
+//! Attention forward, and forward+backward, per encoding at lengths 128, 512 and 2048: on
+//! ndarray, and on WGPU / LibTorch CPU when those features are on.
 //!
-//! `cargo bench --bench attention` (criterion; add `-- dape_kerple` to filter).
+//! `cargo bench --bench attention` (criterion; filter with e.g. `-- dape_kerple`;
+//! `DAPE_BENCH_LENGTHS=128,512` to shorten). `cargo bench --features wgpu,tch --bench attention`
+//! adds the other backends (each group is named after its backend).
 
-use burn::backend::{Autodiff, NdArray};
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use dape::{AttentionConfig, PositionalEncodingConfig};
-
-type B = NdArray<f32>;
-type AD = Autodiff<NdArray<f32>>;
 
 const ENCODINGS: &[&str] = &[
     "nope",
@@ -23,41 +23,69 @@ const ENCODINGS: &[&str] = &[
     "dapev2_kerple_log",
 ];
 
-fn bench_attention(c: &mut Criterion) {
-    let device = Default::default();
-    let mut group = c.benchmark_group("attention_forward");
+fn lengths() -> Vec<usize> {
+    std::env::var("DAPE_BENCH_LENGTHS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![128, 512, 2048])
+}
+
+/// Sequences of `length` tokens; long ones go through 256-row query chunks, as evaluation does.
+fn attention<B: Backend>(
+    name: &str,
+    length: usize,
+    device: &B::Device,
+) -> dape::MultiHeadAttention<B> {
+    AttentionConfig::new(256, 8)
+        .with_encoding(PositionalEncodingConfig::from_name(name).unwrap())
+        .with_chunk_size((length > 512).then_some(256))
+        .init::<B>(device)
+        .unwrap()
+}
+
+fn bench_backend<B: AutodiffBackend>(c: &mut Criterion, backend: &str, device: B::Device) {
+    let mut group = c.benchmark_group(format!("{backend}/attention_forward"));
     group.sample_size(10);
-    for &length in &[128usize, 512] {
+    for length in lengths() {
         for name in ENCODINGS {
-            let encoding = PositionalEncodingConfig::from_name(name).unwrap();
-            let attention = AttentionConfig::new(256, 8)
-                .with_encoding(encoding)
-                .init::<B>(&device)
-                .unwrap();
-            let x = Tensor::<B, 3>::random([1, length, 256], Distribution::Default, &device);
+            let layer = attention::<B::InnerBackend>(name, length, &device);
+            let x = Tensor::random([1, length, 256], Distribution::Default, &device);
             group.bench_with_input(BenchmarkId::new(*name, length), &length, |b, _| {
-                b.iter(|| attention.forward(x.clone()).into_data())
+                b.iter(|| layer.forward(x.clone()).into_data())
             });
         }
     }
     group.finish();
 
-    let mut group = c.benchmark_group("attention_forward_backward");
+    let mut group = c.benchmark_group(format!("{backend}/attention_forward_backward"));
     group.sample_size(10);
-    for name in ENCODINGS {
-        let length = 128;
-        let encoding = PositionalEncodingConfig::from_name(name).unwrap();
-        let attention = AttentionConfig::new(256, 8)
-            .with_encoding(encoding)
-            .init::<AD>(&device)
-            .unwrap();
-        let x = Tensor::<AD, 3>::random([1, length, 256], Distribution::Default, &device);
-        group.bench_with_input(BenchmarkId::new(*name, length), &length, |b, _| {
-            b.iter(|| attention.forward(x.clone()).sum().backward())
-        });
+    for length in lengths() {
+        for name in ENCODINGS {
+            let layer = attention::<B>(name, length, &device);
+            let x = Tensor::<B, 3>::random([1, length, 256], Distribution::Default, &device);
+            group.bench_with_input(BenchmarkId::new(*name, length), &length, |b, _| {
+                b.iter(|| {
+                    let grads = layer.forward(x.clone()).sum().backward();
+                    drop(grads);
+                })
+            });
+        }
     }
     group.finish();
 }
 
-criterion_group!(benches, bench_attention);
-criterion_main!(benches);
+fn benches(c: &mut Criterion) {
+    use burn::backend::{Autodiff, NdArray};
+    bench_backend::<Autodiff<NdArray<f32>>>(c, "ndarray", Default::default());
+    #[cfg(feature = "wgpu")]
+    bench_backend::<Autodiff<burn::backend::Wgpu>>(c, "wgpu", Default::default());
+    #[cfg(feature = "tch")]
+    bench_backend::<Autodiff<burn::backend::LibTorch<f32>>>(
+        c,
+        "tch-cpu",
+        burn::backend::libtorch::LibTorchDevice::Cpu,
+    );
+}
+
+criterion_group!(attention_benches, benches);
+criterion_main!(attention_benches);

@@ -56,6 +56,7 @@
 
 pub mod attention;
 pub mod backend;
+pub mod bench;
 pub mod compare;
 pub mod consistency;
 pub mod data;

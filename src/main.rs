@@ -23,6 +23,7 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 
 use dape::backend::{dispatch, BackendKind, BackendTask};
+use dape::bench::{BenchConfig, BenchMode};
 use dape::compare::{self, CompareConfig, CompareResult, Reference};
 use dape::consistency::{check_encoding, ConsistencyConfig, ConsistencyReport};
 use dape::data::che::Task;
@@ -151,7 +152,8 @@ enum Command {
         /// Perplexity on the last N tokens of each window (the paper: 256), and on all.
         #[arg(long, default_value_t = 256)]
         last: usize,
-        /// Query rows per attention chunk [default: none up to 512 tokens, 256 above].
+        /// Query rows per attention chunk [default: as many as keep the per-pair tensors under
+        /// 2^24 floats].
         #[arg(long)]
         chunk: Option<usize>,
         /// Tokens evaluated per length, at most.
@@ -170,6 +172,34 @@ enum Command {
         /// Token cache folder.
         #[arg(long)]
         cache: Option<PathBuf>,
+    },
+    /// Time a training or evaluation step of torch_ref.py's model (4 layers, d_model 256,
+    /// 8 heads, vocabulary 256); prints one JSON line with torch_ref.py's keys.
+    Bench {
+        /// train: forward, backward, clipping and AdamW; eval: forward without gradients.
+        #[arg(long, value_enum, default_value_t = BenchMode::Train)]
+        mode: BenchMode,
+        /// Encoding (our names, or torch_ref.py's: kerple, dape-kerple, ...).
+        #[arg(long, default_value = "dape_kerple_log")]
+        encoding: String,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        length: usize,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Untimed warm-up steps first (torch_ref.py: 2).
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Attention chunk in eval mode [default: automatic, bounded per-pair tensors].
+        #[arg(long)]
+        chunk: Option<usize>,
+        /// Backend.
+        #[arg(long, value_enum, default_value_t = BackendKind::Ndarray)]
+        backend: BackendKind,
     },
     /// Draw the perplexity-by-length curves of evaluated runs in one plot, with a table.
     Plot {
@@ -422,6 +452,19 @@ impl BackendTask for LmTrainTask {
             self.options.out.display()
         );
         Ok(())
+    }
+}
+
+struct BenchTask(BenchConfig);
+
+impl BackendTask for BenchTask {
+    type Output = dape::bench::BenchResult;
+    fn run<B: AutodiffBackend>(
+        self,
+        device: B::Device,
+        kind: BackendKind,
+    ) -> Result<dape::bench::BenchResult> {
+        dape::bench::run::<B>(&self.0, &device, kind.name())
     }
 }
 
@@ -855,6 +898,31 @@ fn run(cli: Cli) -> Result<bool> {
                 println!("Wrote {} and {}", svg.display(), md.display());
             }
             println!("{}", lm_eval::results_markdown(&reports));
+            Ok(true)
+        }
+        Command::Bench {
+            mode,
+            encoding,
+            length,
+            batch,
+            steps,
+            warmup,
+            chunk,
+            backend,
+        } => {
+            let encoding = PositionalEncodingConfig::from_name(
+                dape::bench::encoding_from_torch_name(&encoding),
+            )?;
+            let config = BenchConfig {
+                length,
+                batch,
+                steps,
+                warmup,
+                chunk,
+                ..BenchConfig::new(mode, encoding)
+            };
+            let result = dispatch(backend, BenchTask(config))?;
+            println!("{}", serde_json::to_string(&result)?);
             Ok(true)
         }
         Command::Plot { runs, out } => {

@@ -4,7 +4,6 @@
 use burn::module::{ModuleVisitor, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
 
 use crate::attention::{AttentionConfig, KvCache, MultiHeadAttention};
 use crate::encoding::{Hook, PositionalEncoding, PositionalEncodingConfig};
@@ -26,6 +25,14 @@ pub fn materialize<B: Backend, M: Module<B>>(module: M) -> M {
     module
 }
 
+/// GELU, `x Φ(x) = x (1 + erf(x / √2)) / 2`, written with `erf` so that every backend
+/// differentiates it exactly. Burn 0.21's default `gelu_backward`, which ndarray and WGPU use,
+/// is the derivative of the tanh approximation (about 1e-4 relative off, while the forward is
+/// exact); LibTorch's is exact — so `activation::gelu` gave backend-dependent gradients.
+pub fn gelu_exact<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.clone() * ((x / std::f64::consts::SQRT_2).erf() + 1.0) * 0.5
+}
+
 /// Position-wise feed-forward network: `Linear(d -> r·d) -> GELU -> Linear(r·d -> d)`.
 #[derive(Module, Debug)]
 pub struct FeedForward<B: Backend> {
@@ -38,7 +45,7 @@ pub struct FeedForward<B: Backend> {
 impl<B: Backend> FeedForward<B> {
     /// `[.., d_model] -> [.., d_model]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc_out.forward(gelu(self.fc_in.forward(x)))
+        self.fc_out.forward(gelu_exact(self.fc_in.forward(x)))
     }
 }
 

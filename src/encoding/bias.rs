@@ -7,7 +7,7 @@
 use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, leaky_relu, relu};
+use burn::tensor::activation::{leaky_relu, relu};
 use serde::{Deserialize, Serialize};
 
 use super::{default_from_new, uniform_param, Span};
@@ -307,7 +307,7 @@ impl<B: Backend> Fire<B> {
         let hidden = match self.activation {
             FireActivation::Relu => relu(hidden),
             FireActivation::LeakyRelu => leaky_relu(hidden, 0.01),
-            FireActivation::Gelu => gelu(hidden),
+            FireActivation::Gelu => crate::model::gelu_exact(hidden),
         };
         let out = self.mlp_out.forward(hidden); // [lq, lk, heads]
         out.permute([2, 0, 1]).unsqueeze::<4>()

@@ -30,7 +30,7 @@ pub struct LmEvalConfig {
     /// Perplexity is also reported on the last this many tokens of each window (256 in the
     /// paper; the whole window when it is shorter).
     pub last: usize,
-    /// Query rows per attention chunk; `None`: none up to 512 tokens, 256 above.
+    /// Query rows per attention chunk; `None`: [`auto_chunk`] (bounded per-pair tensors).
     pub chunk: Option<usize>,
     /// Tokens evaluated per length, at most (at least one window).
     pub max_tokens: usize,
@@ -229,7 +229,7 @@ pub fn perplexity_by_length<B: Backend>(
             continue;
         }
         let rows = (config.batch_tokens / length).max(1);
-        let chunk = config.chunk.or(auto_chunk(length));
+        let chunk = config.chunk.or(auto_chunk(rows.min(windows.len()), length));
         let need = memory_estimate(train, rows, length, chunk.unwrap_or(length));
         if let Some(available) = sysmem::available_bytes() {
             if need > available {

@@ -198,9 +198,10 @@ impl LmTrainConfig {
             "must be a non-empty list of positive lengths",
         )?;
         self.split.validate()?;
-        self.model()
-            .transformer
-            .init::<burn::backend::NdArray>(1, true, &Default::default())?;
+        // One block is enough to check the shape and the encoding's own settings.
+        let mut one = self.model().transformer;
+        one.n_layers = 1;
+        one.init::<burn::backend::NdArray>(1, true, &Default::default())?;
         Ok(())
     }
 
@@ -455,10 +456,18 @@ pub fn token_nll<B: Backend>(
     Ok(picked.squeeze_dim::<2>(2).neg())
 }
 
-/// The attention chunk used to evaluate windows of `length` tokens: none up to 512, 256 query
-/// rows above (exact, bounds memory to `[batch, 256, length, ·]` per layer).
-pub fn auto_chunk(length: usize) -> Option<usize> {
-    (length > 512).then_some(256)
+/// The attention chunk used to evaluate `rows` windows of `length` tokens: none while the
+/// largest per-pair tensor (`[rows, chunk, length, 32]`, DAPE's MLP at its default width) stays
+/// under 2^24 floats, otherwise the largest multiple of 16 query rows that keeps it there (at
+/// least 16). Chunking is exact; this bounds memory (and stays under software Vulkan's 128 MiB
+/// buffer limit).
+pub fn auto_chunk(rows: usize, length: usize) -> Option<usize> {
+    const BUDGET: usize = 1 << 24;
+    let per_row = rows.max(1) * length * 32;
+    if per_row * length <= BUDGET {
+        return None;
+    }
+    Some(((BUDGET / per_row) / 16 * 16).max(16))
 }
 
 /// Tokens per forward pass during validation and evaluation.
@@ -493,8 +502,10 @@ impl<B: Backend> InferenceStep for LanguageModel<B> {
     /// The whole group, in slices of [`EVAL_BATCH_TOKENS`] with [`auto_chunk`]ed attention.
     fn step(&self, batch: LmBatch<B>) -> LmOutput<B> {
         let [n, length] = batch.inputs.dims();
-        let model = self.clone().with_chunk_size(auto_chunk(length));
         let rows = (EVAL_BATCH_TOKENS / length).max(1);
+        let model = self
+            .clone()
+            .with_chunk_size(auto_chunk(rows.min(n), length));
         let mut nll = 0.0;
         for start in (0..n).step_by(rows) {
             let end = (start + rows).min(n);
@@ -875,6 +886,18 @@ mod tests {
         assert!((s.rate(60) - 0.55).abs() < 1e-12);
         assert!((s.rate(110) - 0.1).abs() < 1e-12);
         assert!((s.rate(500) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn auto_chunk_bounds_the_per_pair_tensor() {
+        assert_eq!(auto_chunk(16, 128), None);
+        assert_eq!(auto_chunk(16, 512), Some(64));
+        assert_eq!(auto_chunk(1, 8192), Some(64));
+        assert_eq!(auto_chunk(1, 100_000), Some(16));
+        for (rows, length) in [(16, 512), (1, 8192), (4, 2048)] {
+            let c = auto_chunk(rows, length).unwrap();
+            assert!(rows * c * length * 32 <= 1 << 24);
+        }
     }
 
     #[test]

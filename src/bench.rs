@@ -1,0 +1,221 @@
+//! `dape bench`: one measurement of a training or evaluation step of the model that
+//! `../shared/bench/torch_ref.py` (PyTorch eager, the peer to beat) also builds — 4 layers,
+//! d_model 256, 8 heads, vocabulary 256, GELU MLP 4× — printed as one JSON line with the same
+//! keys (`seconds_per_step`, `tokens_per_second`, `peak_rss_mib`, `encoding`, `mode`, `length`,
+//! `batch`, ...), so the two can be compared side by side (`scripts/bench-vs-pytorch.sh`).
+
+use std::time::Instant;
+
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+use crate::encoding::PositionalEncodingConfig;
+use crate::error::{ensure, Result};
+use crate::model::{LanguageModel, LanguageModelConfig, TransformerConfig};
+use crate::sysmem;
+use crate::train::lm::{auto_chunk, token_nll};
+
+/// What is timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchMode {
+    /// Forward, cross-entropy, backward, gradient clipping and an AdamW step.
+    Train,
+    /// Forward and cross-entropy without gradients (query-chunked attention).
+    Eval,
+}
+
+/// A measurement.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// Train or eval.
+    pub mode: BenchMode,
+    /// The encoding.
+    pub encoding: PositionalEncodingConfig,
+    /// Tokens per sequence.
+    pub length: usize,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Timed steps (after `warmup` untimed ones).
+    pub steps: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Attention chunk for eval (`None`: [`auto_chunk`]); training never chunks.
+    pub chunk: Option<usize>,
+    /// Vocabulary (torch_ref: 256).
+    pub vocab: usize,
+    /// Width (torch_ref: 256).
+    pub d_model: usize,
+    /// Blocks (torch_ref: 4).
+    pub layers: usize,
+    /// Heads (torch_ref: 8).
+    pub heads: usize,
+}
+
+impl BenchConfig {
+    /// torch_ref.py's model and defaults.
+    pub fn new(mode: BenchMode, encoding: PositionalEncodingConfig) -> Self {
+        Self {
+            mode,
+            encoding,
+            length: 128,
+            batch: 8,
+            steps: 10,
+            warmup: 2,
+            chunk: None,
+            vocab: 256,
+            d_model: 256,
+            layers: 4,
+            heads: 8,
+        }
+    }
+}
+
+/// One JSON line; the keys of torch_ref.py plus `impl`, `backend` and `chunk`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchResult {
+    /// `dape`.
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    /// Backend name.
+    pub backend: String,
+    /// Threads available to the process.
+    pub threads: usize,
+    /// Encoding name.
+    pub encoding: String,
+    /// `train` or `eval`.
+    pub mode: BenchMode,
+    /// Tokens per sequence.
+    pub length: usize,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Width.
+    pub d_model: usize,
+    /// Blocks.
+    pub layers: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Attention chunk used (eval).
+    pub chunk: Option<usize>,
+    /// Mean wall-clock seconds per timed step.
+    pub seconds_per_step: f64,
+    /// `batch * length / seconds_per_step`.
+    pub tokens_per_second: f64,
+    /// Peak resident set size of the process (MiB; Linux), as torch_ref's `ru_maxrss`.
+    pub peak_rss_mib: Option<f64>,
+}
+
+fn batch_tokens<B: Backend>(
+    config: &BenchConfig,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    let (n, l) = (config.batch, config.length);
+    let data = Tensor::<B, 2, Int>::random(
+        [n, l + 1],
+        burn::tensor::Distribution::Uniform(0.0, config.vocab as f64),
+        device,
+    )
+    .clamp(0, config.vocab as i64 - 1);
+    (
+        data.clone().slice([0..n, 0..l]),
+        data.slice([0..n, 1..l + 1]),
+    )
+}
+
+/// Runs the measurement on backend `B`.
+pub fn run<B: AutodiffBackend>(
+    config: &BenchConfig,
+    device: &B::Device,
+    backend: &str,
+) -> Result<BenchResult> {
+    for (field, value) in [
+        ("length", config.length),
+        ("batch", config.batch),
+        ("steps", config.steps),
+    ] {
+        ensure(value > 0, field, value, "must be at least 1")?;
+    }
+    B::seed(device, 0);
+    let model_config = LanguageModelConfig::new(
+        config.vocab,
+        TransformerConfig::new(config.d_model, config.layers, config.heads)
+            .with_encoding(config.encoding.clone()),
+    );
+    let model: LanguageModel<B> = model_config.init(device)?;
+    let (inputs, targets) = batch_tokens::<B>(config, device);
+    let mut chunk = None;
+    let mut timed = |steps: usize| -> Result<f64> {
+        let start = Instant::now();
+        match config.mode {
+            BenchMode::Train => {
+                let mut model = model.clone();
+                let mut optim = AdamWConfig::new()
+                    .with_beta_1(0.9)
+                    .with_beta_2(0.95)
+                    .with_weight_decay(0.1)
+                    .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
+                    .init::<B, LanguageModel<B>>();
+                for _ in 0..steps {
+                    let loss = token_nll(&model, inputs.clone(), targets.clone())?.mean();
+                    let grads = GradientsParams::from_grads(loss.backward(), &model);
+                    model = optim.step(6e-4, model, grads);
+                    // Waits for the step to finish (asynchronous backends).
+                    let _ = model.head.weight.val().slice([0..1, 0..1]).into_scalar();
+                }
+            }
+            BenchMode::Eval => {
+                let c = config
+                    .chunk
+                    .or_else(|| auto_chunk(config.batch, config.length));
+                chunk = c;
+                let model = model.valid().with_chunk_size(c);
+                let (x, y) = (inputs.clone().inner(), targets.clone().inner());
+                for _ in 0..steps {
+                    let _ = token_nll(&model, x.clone(), y.clone())?
+                        .mean()
+                        .into_scalar();
+                }
+            }
+        }
+        Ok(start.elapsed().as_secs_f64())
+    };
+    if config.warmup > 0 {
+        timed(config.warmup)?;
+    }
+    let seconds = timed(config.steps)? / config.steps as f64;
+    Ok(BenchResult {
+        implementation: "dape".into(),
+        backend: backend.into(),
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        encoding: config.encoding.name(),
+        mode: config.mode,
+        length: config.length,
+        batch: config.batch,
+        d_model: config.d_model,
+        layers: config.layers,
+        heads: config.heads,
+        vocab: config.vocab,
+        chunk,
+        seconds_per_step: seconds,
+        tokens_per_second: (config.batch * config.length) as f64 / seconds,
+        peak_rss_mib: sysmem::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
+    })
+}
+
+/// Our encoding name for a name of torch_ref.py (`kerple` is Kerple-log there), or the name
+/// itself.
+pub fn encoding_from_torch_name(name: &str) -> &str {
+    match name {
+        "kerple" => "kerple_log",
+        "dape-kerple" => "dape_kerple_log",
+        "dape-alibi" => "dape_alibi",
+        "dape-fire" => "dape_fire",
+        other => other,
+    }
+}
