@@ -56,8 +56,7 @@ fn books(corpus: &Path, steps: usize, device: &WgpuDevice) -> dape::Result<()> {
         max_tokens: 4096,
         ..Default::default()
     };
-    let report =
-        lm::evaluate_run::<Wgpu>(out, None, &eval, &default_cache_dir(), "wgpu", device)?;
+    let report = lm::evaluate_run::<Wgpu>(out, None, &eval, &default_cache_dir(), "wgpu", device)?;
     println!("{}", lm::results_markdown(&[report]));
     println!(
         "wrote eval.json, eval.csv and ppl_by_length.svg into {}",

@@ -243,7 +243,12 @@ fn lm_configs_cover_every_encoding_and_validate() {
     assert!(count > dape::ENCODING_NAMES.len());
     let paper = LmTrainConfig::load(&dir.join("paper-125m.json")).unwrap();
     assert_eq!(
-        (paper.n_layers, paper.d_model, paper.n_heads, paper.train_length),
+        (
+            paper.n_layers,
+            paper.d_model,
+            paper.n_heads,
+            paper.train_length
+        ),
         (12, 768, 12, 512)
     );
     assert_eq!(paper.tokenizer, dape::data::corpus::Tokenizer::Gpt2);
