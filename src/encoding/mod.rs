@@ -176,7 +176,8 @@ pub enum PositionalEncodingConfig {
         #[serde(default)]
         alibi: AlibiConfig,
     },
-    /// BiPE-RoPE (He et al., 2024): in-segment sinusoids + RoPE over segment indices.
+    /// BiPE-RoPE (He et al., 2024): in-segment sinusoids + RoPE over segment indices. `rope`
+    /// sets the base, layout and rotary fraction; its scaling fields are not used (plain RoPE).
     BipeRope {
         #[serde(default)]
         segments: BipeConfig,
