@@ -7,12 +7,17 @@
 //! result; a causal chunk only reads the keys up to its last row (plus one masked column for
 //! DAPE V2 in the reference's form, whose rows read key `i + 1`), so the largest tensor is
 //! `[batch, heads, C, keys]` (and `[batch, C, keys, D]` inside DAPE).
+//!
+//! BiPE's relative part acts on segment indices rather than positions: pass them with
+//! [`MultiHeadAttention::forward_segmented`] (the model does); the cache keeps the keys' indices.
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
-use crate::encoding::{Hook, PositionalEncoding, PositionalEncodingConfig, Span};
+use crate::encoding::{
+    Hook, PositionalEncoding, PositionalEncodingConfig, SegmentIds, SegmentState, Span,
+};
 use crate::error::{ensure, Error, Result};
 
 /// Configuration of [`MultiHeadAttention`].
@@ -83,11 +88,14 @@ impl AttentionConfig {
 
 /// Keys and values of the positions seen so far, for incremental decoding. Keys are stored
 /// before the rotary hook, so that rotary encodings whose frequencies depend on the length
-/// (dynamic NTK) stay exact.
+/// (dynamic NTK) stay exact. For BiPE it also holds the keys' segment indices and the segment
+/// state the next token continues from.
 #[derive(Clone, Debug)]
 pub struct KvCache<B: Backend> {
     keys: Option<Tensor<B, 4>>,
     values: Option<Tensor<B, 4>>,
+    key_segments: Option<Tensor<B, 2, Int>>,
+    segment_state: Option<SegmentState>,
 }
 
 impl<B: Backend> Default for KvCache<B> {
@@ -95,6 +103,8 @@ impl<B: Backend> Default for KvCache<B> {
         Self {
             keys: None,
             values: None,
+            key_segments: None,
+            segment_state: None,
         }
     }
 }
@@ -113,6 +123,26 @@ impl<B: Backend> KvCache<B> {
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Where the next token's segment starts (BiPE); `None` before any BiPE forward.
+    pub fn segment_state(&self) -> Option<&SegmentState> {
+        self.segment_state.as_ref()
+    }
+
+    /// Records the segment state after the tokens just appended (set by the model).
+    pub fn set_segment_state(&mut self, state: SegmentState) {
+        self.segment_state = Some(state);
+    }
+
+    /// Appends the segment indices `[batch, new]` of new keys; returns those of all keys.
+    fn append_segments(&mut self, s: Tensor<B, 2, Int>) -> Tensor<B, 2, Int> {
+        let s = match self.key_segments.take() {
+            Some(old) => Tensor::cat(vec![old, s], 1),
+            None => s,
+        };
+        self.key_segments = Some(s.clone());
+        s
     }
 
     fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
@@ -152,13 +182,39 @@ pub struct MultiHeadAttention<B: Backend> {
 impl<B: Backend> MultiHeadAttention<B> {
     /// Self-attention over `x: [batch, seq, d_model]` -> `[batch, seq, d_model]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.attend(x, None)
+        self.attend(x, None, None)
     }
 
     /// Incremental (causal) self-attention: `x: [batch, new, d_model]` holds the positions that
     /// follow those in `cache`; they are appended to it. Equals the matching rows of
     /// [`forward`](Self::forward) over the whole sequence.
     pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
+        self.forward_segmented(x, None, Some(cache))
+    }
+
+    /// Self-attention over `x: [batch, seq, d_model]` with the segment indices
+    /// `segments: [batch, seq]` of its tokens (used by BiPE, ignored by other encodings), with
+    /// or without a cache. Without segments, BiPE treats every token as its own segment (its
+    /// index is its position), so [`forward`](Self::forward) of a BiPE layer is plain ALiBi or
+    /// RoPE.
+    pub fn forward_segmented(
+        &self,
+        x: Tensor<B, 3>,
+        segments: Option<Tensor<B, 2, Int>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        if let Some(s) = &segments {
+            let (sd, xd) = (s.dims(), x.dims());
+            if sd != [xd[0], xd[1]] {
+                return Err(Error::InvalidInput(format!(
+                    "segment indices of shape {sd:?} do not match the input's [batch, seq] = [{}, {}]",
+                    xd[0], xd[1]
+                )));
+            }
+        }
+        let Some(cache) = cache else {
+            return Ok(self.attend(x, None, segments));
+        };
         if !self.causal {
             return Err(Error::InvalidInput(
                 "a KV cache needs causal attention; this layer is bidirectional".into(),
@@ -173,7 +229,7 @@ impl<B: Backend> MultiHeadAttention<B> {
                 )));
             }
         }
-        Ok(self.attend(x, Some(cache)))
+        Ok(self.attend(x, Some(cache), segments))
     }
 
     /// The same layer with another chunk size (`None` or `Some(0)`: no chunking).
@@ -182,8 +238,14 @@ impl<B: Backend> MultiHeadAttention<B> {
         self
     }
 
-    fn attend(&self, x: Tensor<B, 3>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    fn attend(
+        &self,
+        x: Tensor<B, 3>,
+        cache: Option<&mut KvCache<B>>,
+        segments: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
         let [b, l, d_model] = x.dims();
+        let x_device = x.device();
         let (h, dh) = (self.n_heads, self.head_dim);
         let qkv = self
             .qkv
@@ -193,11 +255,26 @@ impl<B: Backend> MultiHeadAttention<B> {
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, h, l, dh]);
         let (q, k, v) = (part(0), part(1), part(2));
         let offset = cache.as_ref().map_or(0, |c| c.len());
-        let (k, v) = match cache {
-            Some(c) => c.append(k, v),
-            None => (k, v),
+        // BiPE: segment indices of the query rows; without any, each token is its own segment.
+        let query_segments = (self.encoding.hook() == Hook::Segments).then(|| {
+            segments.unwrap_or_else(|| {
+                Tensor::<B, 1, Int>::arange(offset as i64..(offset + l) as i64, &x_device)
+                    .reshape([1, l])
+                    .expand([b, l])
+            })
+        });
+        let (k, v, key_segments) = match cache {
+            Some(c) => {
+                let (k, v) = c.append(k, v);
+                let ks = query_segments.clone().map(|s| c.append_segments(s));
+                (k, v, ks)
+            }
+            None => (k, v, query_segments.clone()),
         };
-        let (q, k) = self.encoding.rotate(q, k, offset);
+        let segment_ids = query_segments
+            .zip(key_segments)
+            .map(|(query, key)| SegmentIds { query, key });
+        let (q, k) = self.encoding.rotate(q, k, offset, segment_ids.as_ref());
         let total = offset + l;
         let chunk = if self.chunk_size == 0 {
             l
@@ -223,8 +300,14 @@ impl<B: Backend> MultiHeadAttention<B> {
             let qc = q.clone().narrow(2, r0, rows);
             let kc = k.clone().narrow(2, 0, span.key_len);
             let vc = v.clone().narrow(2, 0, span.key_len);
-            let logits = qc.clone().matmul(kc.transpose()) * scale;
-            let mut logits = self.encoding.adjust_logits(logits, qc, &span);
+            let ids = segment_ids.as_ref().map(|s| SegmentIds {
+                query: s.query.clone().narrow(1, r0, rows),
+                key: s.key.clone().narrow(1, 0, span.key_len),
+            });
+            let logits = qc.clone().matmul(kc.clone().transpose()) * scale;
+            let mut logits = self
+                .encoding
+                .adjust_logits(logits, qc, kc, &span, ids.as_ref());
             if span.has_future() {
                 let mask = span
                     .future_mask::<B>(&logits.device())

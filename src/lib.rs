@@ -3,7 +3,8 @@
 //! The positional encodings behind Transformer length extrapolation as Burn modules, generic
 //! over `B: Backend`: DAPE (Data-Adaptive Positional Encoding, NeurIPS 2024) and the baselines it
 //! is measured against — NoPE, sinusoidal, learned, RoPE with its scaling methods (linear, NTK,
-//! dynamic NTK, YaRN), xPos, T5, ALiBi, Kerple, FIRE, Shaw, CoPE and DAPE V2.
+//! dynamic NTK, YaRN), xPos, T5, ALiBi, Kerple, FIRE, Shaw, CoPE, Sandwich, Transformer-XL,
+//! BiPE (bilevel: in-segment positions plus ALiBi or RoPE over segments) and DAPE V2.
 //!
 //! * [`encoding`]: one config enum ([`PositionalEncodingConfig`]) names and builds any encoding;
 //!   one module enum ([`PositionalEncoding`]) holds it.

@@ -745,6 +745,7 @@ fn hook_name(hook: Hook) -> &'static str {
         Hook::Embedding => "token embeddings",
         Hook::Rotary => "rotates q, k",
         Hook::Logits => "attention logits",
+        Hook::Segments => "token embeddings (in-segment) + segments in attention",
     }
 }
 

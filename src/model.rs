@@ -66,12 +66,14 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
-    fn forward(&self, x: Tensor<B, 3>, cache: Option<&mut KvCache<B>>) -> Result<Tensor<B, 3>> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cache: Option<&mut KvCache<B>>,
+        segments: Option<Tensor<B, 2, Int>>,
+    ) -> Result<Tensor<B, 3>> {
         let normed = self.norm_attn.forward(x.clone());
-        let attended = match cache {
-            Some(c) => self.attention.forward_cached(normed, c)?,
-            None => self.attention.forward(normed),
-        };
+        let attended = self.attention.forward_segmented(normed, segments, cache)?;
         Ok(if self.parallel_residual {
             let ffn = self.ffn.forward(self.norm_ffn.forward(x.clone()));
             x + attended + ffn
@@ -113,7 +115,9 @@ pub struct TransformerConfig {
 pub struct Transformer<B: Backend> {
     /// Token embedding.
     pub embedding: Embedding<B>,
-    /// Absolute positional encoding (sinusoidal, learned); `None` otherwise.
+    /// Absolute positional encoding (sinusoidal, learned), or BiPE, whose token-id hook
+    /// segments the tokens and whose in-segment positions go on the embeddings; `None`
+    /// otherwise.
     pub absolute: Option<PositionalEncoding<B>>,
     /// The blocks.
     pub blocks: Vec<Block<B>>,
@@ -167,7 +171,7 @@ impl TransformerConfig {
             })
             .collect::<Result<Vec<_>>>()?;
         let absolute = match self.encoding.hook() {
-            Hook::Embedding => Some(self.encoding.init(
+            Hook::Embedding | Hook::Segments => Some(self.encoding.init(
                 self.n_heads,
                 self.d_model / self.n_heads,
                 device,
@@ -209,13 +213,30 @@ impl<B: Backend> Transformer<B> {
             }
             None => 0,
         };
+        // BiPE: segment the tokens, continuing the state the caches carry.
+        let segmented = match &self.absolute {
+            Some(abs) => {
+                let carried = caches
+                    .as_deref()
+                    .and_then(|c| c.first())
+                    .and_then(KvCache::segment_state);
+                abs.segments(&tokens, carried)?
+            }
+            None => None,
+        };
         let mut x = self.embedding.forward(tokens);
         if let Some(abs) = &self.absolute {
-            x = abs.embed(x, start)?;
+            x = abs.embed(x, start, segmented.as_ref().map(|(s, _)| s))?;
         }
+        let index = segmented.as_ref().map(|(s, _)| s.index.clone());
         for (i, block) in self.blocks.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            x = block.forward(x, cache)?;
+            x = block.forward(x, cache, index.clone())?;
+        }
+        if let (Some(caches), Some((_, state))) = (caches, segmented) {
+            for cache in caches.iter_mut() {
+                cache.set_segment_state(state.clone());
+            }
         }
         Ok(self.norm.forward(x))
     }

@@ -33,6 +33,12 @@ fn encodings() -> Vec<(String, PositionalEncodingConfig)> {
                 "cope" => r#"{"type": "cope", "npos_max": 5}"#.to_string(),
                 "learned" => r#"{"type": "learned", "max_len": 32}"#.to_string(),
                 "fire" => r#"{"type": "fire", "init_l": 4.0}"#.to_string(),
+                // Token 3 also ends a segment, so that the tests' short random sequences (and
+                // the CHE-style inputs below 5) hold several segments.
+                "bipe_alibi" | "bipe_rope" => format!(
+                    r#"{{"type": "{name}", "segments": {{"boundary_tokens": [3, 10]}}}}"#
+                ),
+                "sandwich" => r#"{"type": "sandwich", "dim": 16}"#.to_string(),
                 "dape_fire" | "dapev2_fire" => {
                     format!(r#"{{"type": "{name}", "bias": {{"init_l": 4.0, "activation": "leaky_relu"}}}}"#)
                 }
@@ -367,6 +373,12 @@ fn encoding_parameters_are_visited_and_trained() {
         ("dape_kerple_log", 6),
         ("dapev2_alibi", 4),
         ("dapev2_fire", 10),
+        ("transformer_xl", 3),
+        ("sandwich", 0),
+        ("dape_sandwich", 4),
+        ("dapev2_sandwich", 4),
+        ("bipe_alibi", 0),
+        ("bipe_rope", 0),
     ];
     for (name, count) in expected {
         let config = PositionalEncodingConfig::from_name(name).unwrap();
@@ -384,4 +396,87 @@ fn encoding_parameters_are_visited_and_trained() {
         assert_eq!(check.seen, count, "{name}: encoding parameter count");
         assert!(check.bad.is_empty(), "{name}: {:?}", check.bad);
     }
+}
+
+/// BiPE: a boundary token at position `p` ends a segment there. Sequences that differ only in
+/// whether the token at `p` is a boundary have the same segments and in-segment positions up to
+/// `p`, and from `p + 1` on the in-segment positions restart at 0 and the segment index is one
+/// higher; the model's outputs before `p` are unchanged and those after it change.
+#[test]
+fn bipe_boundary_resets_positions_only_after_it() {
+    use dape::PositionalEncoding;
+    let len = 12;
+    let p = 5;
+    for name in ["bipe_alibi", "bipe_rope"] {
+        let config = config_of(name);
+        // Tokens without boundaries (3, 10) except where placed.
+        let plain: Vec<i64> = pseudo_random(len, 11)
+            .into_iter()
+            .map(|t| if t == 3 || t == 10 { 4 } else { t })
+            .collect();
+        let mut with_boundary = plain.clone();
+        with_boundary[p] = 3;
+        let mut without = plain.clone();
+        without[p] = 7;
+
+        let encoding: PositionalEncoding<B> = config.init(4, 4, &Default::default()).unwrap();
+        let segs = |ids: &[i64]| {
+            let (s, state) = encoding.segments(&tokens(ids), None).unwrap().unwrap();
+            let index: Vec<i64> = s.index.into_data().iter::<i64>().collect();
+            let position: Vec<i64> = s.position.into_data().iter::<i64>().collect();
+            (index, position, state)
+        };
+        let (ia, pa, sa) = segs(&with_boundary);
+        let (ib, pb, sb) = segs(&without);
+        assert_eq!(ib, vec![0; len], "{name}: no boundary, one segment");
+        assert_eq!(pb, (0..len as i64).collect::<Vec<_>>(), "{name}");
+        assert_eq!(ia[..=p], ib[..=p], "{name}: indices up to the boundary");
+        assert_eq!(pa[..=p], pb[..=p], "{name}: positions up to the boundary");
+        for t in p + 1..len {
+            assert_eq!(ia[t], 1, "{name}: segment index after the boundary");
+            assert_eq!(
+                pa[t],
+                (t - p - 1) as i64,
+                "{name}: in-segment position at {t}"
+            );
+        }
+        assert_eq!(sa.next_index, vec![1]);
+        assert_eq!(sa.next_position, vec![(len - p - 1) as i64]);
+        assert_eq!(sb.next_position, vec![len as i64]);
+
+        // The model: outputs before p agree, outputs after p differ.
+        let model = lm::<B>(config);
+        let a = model.forward(tokens(&with_boundary)).unwrap();
+        let b = model.forward(tokens(&without)).unwrap();
+        let before = |t: Tensor<B, 3>| to_vec(t.narrow(1, 0, p));
+        assert!(
+            max_diff(&before(a.clone()), &before(b.clone())) < TOL,
+            "{name}"
+        );
+        let after = |t: Tensor<B, 3>| to_vec(t.narrow(1, p + 1, len - p - 1));
+        assert!(
+            max_diff(&after(a), &after(b)) > 1e-4,
+            "{name}: reset left no trace"
+        );
+    }
+}
+
+/// BiPE: the segment state the KV cache carries after a prompt and single-token steps is that
+/// of the whole sequence (boundaries inside the prompt, at a step, and back to back).
+#[test]
+fn bipe_segments_continue_across_cache_steps() {
+    let config = config_of("bipe_alibi");
+    let model = lm::<B>(config);
+    let ids = vec![1, 2, 3, 4, 5, 10, 6, 3, 3, 7, 8];
+    let mut cache = model.new_cache();
+    model.forward_cached(tokens(&ids[..4]), &mut cache).unwrap();
+    for t in 4..ids.len() {
+        model
+            .forward_cached(tokens(&ids[t..=t]), &mut cache)
+            .unwrap();
+    }
+    let state = cache.layers[0].segment_state().unwrap();
+    // Boundaries at 2, 5, 7, 8: four segments ended; two tokens (9, 10) in the fifth.
+    assert_eq!(state.next_index, vec![4]);
+    assert_eq!(state.next_position, vec![2]);
 }

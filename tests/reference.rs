@@ -325,3 +325,195 @@ fn rope_scaling_rules() {
         "YaRN attention factor {ratio}"
     );
 }
+
+#[test]
+fn sandwich_bias_matches_the_shifted_sinusoid_inner_product() {
+    use dape::encoding::sandwich::sandwich_inner_product;
+    use dape::encoding::SandwichConfig;
+    let (heads, dim) = (4, 8);
+    let sandwich = SandwichConfig::new()
+        .with_dim(dim)
+        .init::<B>(heads, &dev())
+        .unwrap();
+    // A bidirectional block of rows 2..5 against keys 0..7: both signs of i - j.
+    let span = Span {
+        query_start: 2,
+        query_len: 3,
+        key_len: 7,
+        causal: false,
+    };
+    let bias = values(sandwich.forward(&span, &dev()));
+    for h in 0..heads {
+        let ratio = 8.0 * (h + 1) as f64 / heads as f64;
+        for r in 0..3 {
+            for j in 0..7 {
+                let delta = (2 + r) as f64 - j as f64;
+                let inner: f64 = (1..=dim / 2)
+                    .map(|k| (delta / 10000f64.powf(2.0 * k as f64 / dim as f64)).cos())
+                    .sum();
+                let want = (inner - (dim / 2) as f64) / ratio;
+                let got = bias[(h * 3 + r) * 7 + j] as f64;
+                assert!(close(got, want, 1e-5), "h{h} r{r} j{j}: {got} vs {want}");
+                if delta == 0.0 {
+                    assert!(got.abs() < 1e-6, "distance 0 gives 0");
+                } else {
+                    assert!(got < 0.0, "other distances are penalised");
+                }
+            }
+        }
+    }
+    // Small distances by hand: d' = 2 has one frequency, 1/10000.
+    assert!(close(
+        sandwich_inner_product(3.0, 2, 10000.0),
+        (3.0f64 / 10000.0).cos() - 1.0,
+        1e-12
+    ));
+    assert_eq!(sandwich_inner_product(0.0, 128, 10000.0), 0.0);
+}
+
+#[test]
+fn transformer_xl_logits_match_a_direct_computation() {
+    use dape::encoding::TransformerXlConfig;
+    let (heads, dh) = (2, 4);
+    let d_model = heads * dh;
+    let txl = TransformerXlConfig::new()
+        .with_init_std(0.5)
+        .init::<B>(heads, dh, &dev())
+        .unwrap();
+    let (lq, lk, start) = (3, 6, 2);
+    let q = Tensor::<B, 4>::random([1, heads, lq, dh], Distribution::Normal(0.0, 1.0), &dev());
+    let k = Tensor::<B, 4>::random([1, heads, lk, dh], Distribution::Normal(0.0, 1.0), &dev());
+    let scale = 1.0 / (dh as f64).sqrt();
+    let content = q.clone().matmul(k.clone().transpose()) * scale;
+    let span = Span {
+        query_start: start,
+        query_len: lq,
+        key_len: lk,
+        causal: false,
+    };
+    let got = values(txl.forward(content, q.clone(), k.clone(), &span));
+    let (qv, kv) = (values(q), values(k));
+    let (u, v) = (values(txl.u.val()), values(txl.v.val()));
+    let w = values(txl.w_r.weight.val()); // [d_R, d_model], y = x W
+    let half = d_model / 2;
+    for h in 0..heads {
+        for r in 0..lq {
+            for j in 0..lk {
+                let delta = (start + r) as f64 - j as f64;
+                // R_δ = [sin(δ ω_0..), cos(δ ω_0..)], ω_m = 10000^(-2m/d).
+                let rel: Vec<f64> = (0..d_model)
+                    .map(|m| {
+                        let f = 10000f64.powf(-2.0 * (m % half) as f64 / d_model as f64);
+                        if m < half {
+                            (delta * f).sin()
+                        } else {
+                            (delta * f).cos()
+                        }
+                    })
+                    .collect();
+                let mut want = 0.0;
+                for c in 0..dh {
+                    let qc = qv[(h * lq + r) * dh + c] as f64;
+                    let kc = kv[(h * lk + j) * dh + c] as f64;
+                    let wr: f64 = (0..d_model)
+                        .map(|m| rel[m] * w[m * d_model + h * dh + c] as f64)
+                        .sum();
+                    want += (qc + u[h * dh + c] as f64) * kc + (qc + v[h * dh + c] as f64) * wr;
+                }
+                want *= scale;
+                let got = got[(h * lq + r) * lk + j] as f64;
+                assert!(close(got, want, 1e-4), "h{h} r{r} j{j}: {got} vs {want}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bipe_hooks_match_their_formulas() {
+    use dape::encoding::{BipeConfig, SegmentIds};
+    use dape::PositionalEncodingConfig;
+    let bipe = BipeConfig::new().with_boundary_tokens(vec![7]);
+    let ints = |v: Vec<i64>, shape: [usize; 2]| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(v, shape), &dev())
+    };
+    // Segmentation: a boundary is the last token of its segment.
+    let model_side = PositionalEncodingConfig::BipeAlibi {
+        segments: bipe.clone(),
+        alibi: AlibiConfig::new(),
+    }
+    .init::<B>(2, 4, &dev())
+    .unwrap();
+    let ids = ints(vec![1, 7, 2, 3, 7, 7, 4, 5, 6, 1, 1, 7], [2, 6]);
+    let (segs, state) = model_side.segments(&ids, None).unwrap().unwrap();
+    let index: Vec<i64> = segs.index.clone().into_data().iter::<i64>().collect();
+    let position: Vec<i64> = segs.position.clone().into_data().iter::<i64>().collect();
+    assert_eq!(index, vec![0, 0, 1, 1, 1, 2, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(position, vec![0, 1, 0, 1, 2, 0, 0, 1, 2, 3, 4, 5]);
+    assert_eq!(state.next_index, vec![3, 1]);
+    assert_eq!(state.next_position, vec![0, 0]);
+
+    // Embedding: the sinusoid of the in-segment position.
+    let x = Tensor::<B, 3>::zeros([2, 6, 8], &dev());
+    let embedded = values(model_side.embed(x, 0, Some(&segs)).unwrap());
+    let sin = SinusoidalConfig::new().init(8).unwrap();
+    let table = values(sin.table::<B>(0, 6, &dev()));
+    for (t, p) in position.iter().enumerate() {
+        let p = *p as usize;
+        assert_eq!(
+            embedded[t * 8..t * 8 + 8],
+            table[p * 8..p * 8 + 8],
+            "token {t}"
+        );
+    }
+
+    // BiPE-ALiBi: -m_h |s_i - s_j| on the logits.
+    let logits = Tensor::<B, 4>::zeros([2, 2, 6, 6], &dev());
+    let q = Tensor::<B, 4>::zeros([2, 2, 6, 4], &dev());
+    let ids = SegmentIds {
+        query: segs.index.clone(),
+        key: segs.index.clone(),
+    };
+    let biased =
+        values(model_side.adjust_logits(logits, q.clone(), q.clone(), &Span::full(6), Some(&ids)));
+    let slopes = alibi_slopes(2);
+    for b in 0..2 {
+        for h in 0..2 {
+            for i in 0..6 {
+                for j in 0..6 {
+                    let d = (index[b * 6 + i] - index[b * 6 + j]).abs() as f64;
+                    let got = biased[((b * 2 + h) * 6 + i) * 6 + j] as f64;
+                    assert!(close(got, -slopes[h] * d, 1e-6), "b{b} h{h} ({i},{j})");
+                }
+            }
+        }
+    }
+
+    // BiPE-RoPE: rotating by segment indices is RoPE at those positions; with every token its
+    // own segment it is plain RoPE.
+    let rope_side = PositionalEncodingConfig::BipeRope {
+        segments: bipe,
+        rope: RopeConfig::new(),
+    }
+    .init::<B>(2, 16, &dev())
+    .unwrap();
+    let plain = RopeConfig::new().init(16, RopeScaling::None).unwrap();
+    let q = Tensor::<B, 4>::random([1, 2, 5, 16], Distribution::Normal(0.0, 1.0), &dev());
+    let k = Tensor::<B, 4>::random([1, 2, 8, 16], Distribution::Normal(0.0, 1.0), &dev());
+    let positions = SegmentIds {
+        query: ints((3..8).collect(), [1, 5]),
+        key: ints((0..8).collect(), [1, 8]),
+    };
+    let (qa, ka) = rope_side.rotate(q.clone(), k.clone(), 0, Some(&positions));
+    let (qb, kb) = plain.forward(q.clone(), k.clone(), 3);
+    assert!((qa - qb).abs().max().into_scalar() < 1e-5);
+    assert!((ka - kb).abs().max().into_scalar() < 1e-5);
+    // Keys in the same segment as the query score like keys at distance 0.
+    let same = SegmentIds {
+        query: ints(vec![2; 5], [1, 5]),
+        key: ints(vec![2; 8], [1, 8]),
+    };
+    let (qs, ks) = rope_side.rotate(q.clone(), k.clone(), 0, Some(&same));
+    let unrotated = q.matmul(k.transpose());
+    let rotated = qs.matmul(ks.transpose());
+    assert!((rotated - unrotated).abs().max().into_scalar() < 1e-4);
+}

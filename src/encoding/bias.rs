@@ -25,6 +25,8 @@ pub enum AdditiveBias<B: Backend> {
     Fire(Fire<B>),
     /// T5 buckets.
     T5(T5Bias<B>),
+    /// Sandwich (see [`super::sandwich`]).
+    Sandwich(super::Sandwich<B>),
 }
 
 impl<B: Backend> AdditiveBias<B> {
@@ -35,6 +37,7 @@ impl<B: Backend> AdditiveBias<B> {
             Self::Kerple(m) => m.forward(span, device),
             Self::Fire(m) => m.forward(span, device),
             Self::T5(m) => m.forward(span, device),
+            Self::Sandwich(m) => m.forward(span, device),
         }
     }
 
@@ -45,6 +48,7 @@ impl<B: Backend> AdditiveBias<B> {
             Self::Kerple(m) => m.p.dims()[0],
             Self::Fire(m) => m.mlp_out.weight.dims()[1],
             Self::T5(m) => m.embedding.dims()[1],
+            Self::Sandwich(m) => m.inv_ratio.dims()[0],
         }
     }
 }

@@ -7,19 +7,26 @@
 //! | T5, ALiBi, Kerple, FIRE | [`bias`] | adds a data-independent `B[h, i, j]` to the logits |
 //! | Shaw | [`shaw`] | adds `q_i · a_clip(j-i) / sqrt(d_head)` |
 //! | CoPE | [`cope`] | adds `q_i · e(p_ij)` with contextual positions `p_ij` |
-//! | DAPE, DAPE V2 | [`dape`] | `A + B + f([A ‖ B])` with an MLP (V1) or 1×k convolutions (V2) |
+//! | Sandwich | [`sandwich`] | adds `(Σ_k cos((i-j)/10000^(2k/d')) - d'/2) / r_h` (a data-independent bias) |
+//! | Transformer-XL | [`transformer_xl`] | adds `(u·k_j + (q_i + v)·W_R R_(i-j)) / sqrt(d_head)` |
+//! | DAPE, DAPE V2 | [`dape`] | `A + B + f([A ‖ B])` with an MLP (V1) or 1×k convolutions (V2); `B` is any bias above (T5, ALiBi, Kerple, FIRE, Sandwich) |
+//! | BiPE (ALiBi, RoPE) | [`bipe`] | in-segment positions added to the token embeddings; ALiBi bias or RoPE rotation by segment index |
 //!
 //! All logit hooks receive *scaled* logits `A = QKᵀ/√d_head` of shape
 //! `[batch, heads, queries, keys]` before the causal mask, together with a [`Span`] that says
 //! which absolute positions the rows and columns hold (so a KV-cache decode step or a query chunk
-//! sees exactly what the full forward sees).
+//! sees exactly what the full forward sees). BiPE's hooks also receive the segment indices of
+//! the rows and columns ([`SegmentIds`]), computed by the model from the token ids.
 
 pub mod absolute;
 pub mod bias;
+pub mod bipe;
 pub mod cope;
 pub mod dape;
 pub mod rotary;
+pub mod sandwich;
 pub mod shaw;
+pub mod transformer_xl;
 
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -30,10 +37,13 @@ pub use bias::{
     AdditiveBias, Alibi, AlibiConfig, Fire, FireActivation, FireConfig, Kerple, KerpleConfig,
     KerpleKind, T5Bias, T5Config,
 };
+pub use bipe::{Bipe, BipeConfig, BipeInter, SegmentIds, SegmentState, Segments};
 pub use cope::{Cope, CopeConfig};
 pub use dape::{Dape, DapeConfig, DapeV2, DapeV2Config};
 pub use rotary::{RopeConfig, RopeLayout, RopeScaling, Rotary, XposConfig};
+pub use sandwich::{Sandwich, SandwichConfig};
 pub use shaw::{Shaw, ShawConfig};
+pub use transformer_xl::{TransformerXl, TransformerXlConfig};
 
 /// Implements `Default` as `Config::new()` for configs whose fields all have defaults.
 macro_rules! default_from_new {
@@ -155,6 +165,25 @@ pub enum PositionalEncodingConfig {
     Shaw(ShawConfig),
     /// CoPE (Golovneva et al., 2024).
     Cope(CopeConfig),
+    /// Sandwich (Chi et al., 2023): shifted inner products of sinusoids as a bias.
+    Sandwich(SandwichConfig),
+    /// Transformer-XL relative positions (Dai et al., 2019).
+    TransformerXl(TransformerXlConfig),
+    /// BiPE-ALiBi (He et al., 2024): in-segment sinusoids + ALiBi over segment indices.
+    BipeAlibi {
+        #[serde(default)]
+        segments: BipeConfig,
+        #[serde(default)]
+        alibi: AlibiConfig,
+    },
+    /// BiPE-RoPE (He et al., 2024): in-segment sinusoids + RoPE over segment indices. `rope`
+    /// sets the base, layout and rotary fraction; its scaling fields are not used (plain RoPE).
+    BipeRope {
+        #[serde(default)]
+        segments: BipeConfig,
+        #[serde(default)]
+        rope: RopeConfig,
+    },
     DapeNope {
         #[serde(default)]
         dape: DapeConfig,
@@ -186,6 +215,12 @@ pub enum PositionalEncodingConfig {
     DapeT5 {
         #[serde(default)]
         bias: T5Config,
+        #[serde(default)]
+        dape: DapeConfig,
+    },
+    DapeSandwich {
+        #[serde(default)]
+        bias: SandwichConfig,
         #[serde(default)]
         dape: DapeConfig,
     },
@@ -223,6 +258,12 @@ pub enum PositionalEncodingConfig {
         #[serde(default)]
         dape: DapeV2Config,
     },
+    Dapev2Sandwich {
+        #[serde(default)]
+        bias: SandwichConfig,
+        #[serde(default)]
+        dape: DapeV2Config,
+    },
 }
 
 /// A data-independent additive bias, as the base of a DAPE variant or on its own.
@@ -238,6 +279,8 @@ pub enum BiasConfig {
     Fire(FireConfig),
     /// T5 buckets.
     T5(T5Config),
+    /// Sandwich.
+    Sandwich(SandwichConfig),
 }
 
 /// Which DAPE function sits on top of a base bias.
@@ -260,6 +303,9 @@ pub enum Hook {
     Rotary,
     /// Acts on the scaled logits.
     Logits,
+    /// BiPE: in-segment positions on the token embeddings (from the token ids), and a relative
+    /// encoding over segment indices in attention (logits or rotation).
+    Segments,
 }
 
 /// Every encoding name that [`PositionalEncodingConfig::from_name`] accepts.
@@ -280,18 +326,24 @@ pub const ENCODING_NAMES: &[&str] = &[
     "fire",
     "shaw",
     "cope",
+    "sandwich",
+    "transformer_xl",
+    "bipe_alibi",
+    "bipe_rope",
     "dape_nope",
     "dape_alibi",
     "dape_kerple_log",
     "dape_kerple_power",
     "dape_fire",
     "dape_t5",
+    "dape_sandwich",
     "dapev2_nope",
     "dapev2_alibi",
     "dapev2_kerple_log",
     "dapev2_kerple_power",
     "dapev2_fire",
     "dapev2_t5",
+    "dapev2_sandwich",
 ];
 
 impl PositionalEncodingConfig {
@@ -315,6 +367,16 @@ impl PositionalEncodingConfig {
             "fire" => C::Fire(Default::default()),
             "shaw" => C::Shaw(Default::default()),
             "cope" => C::Cope(Default::default()),
+            "sandwich" => C::Sandwich(Default::default()),
+            "transformer_xl" => C::TransformerXl(Default::default()),
+            "bipe_alibi" => C::BipeAlibi {
+                segments: Default::default(),
+                alibi: Default::default(),
+            },
+            "bipe_rope" => C::BipeRope {
+                segments: Default::default(),
+                rope: Default::default(),
+            },
             "dape_nope" => C::DapeNope {
                 dape: Default::default(),
             },
@@ -338,6 +400,10 @@ impl PositionalEncodingConfig {
                 bias: Default::default(),
                 dape: Default::default(),
             },
+            "dape_sandwich" => C::DapeSandwich {
+                bias: Default::default(),
+                dape: Default::default(),
+            },
             "dapev2_nope" => C::Dapev2Nope {
                 dape: Default::default(),
             },
@@ -358,6 +424,10 @@ impl PositionalEncodingConfig {
                 dape: Default::default(),
             },
             "dapev2_t5" => C::Dapev2T5 {
+                bias: Default::default(),
+                dape: Default::default(),
+            },
+            "dapev2_sandwich" => C::Dapev2Sandwich {
                 bias: Default::default(),
                 dape: Default::default(),
             },
@@ -433,6 +503,7 @@ impl PositionalEncodingConfig {
             | C::RopeDynamicNtk(_)
             | C::RopeYarn(_)
             | C::Xpos(_) => Hook::Rotary,
+            C::BipeAlibi { .. } | C::BipeRope { .. } => Hook::Segments,
             _ => Hook::Logits,
         }
     }
@@ -454,6 +525,7 @@ impl PositionalEncodingConfig {
             }
             C::DapeFire { bias, dape } => (Some(BiasConfig::Fire(bias.clone())), v1(dape)),
             C::DapeT5 { bias, dape } => (Some(BiasConfig::T5(bias.clone())), v1(dape)),
+            C::DapeSandwich { bias, dape } => (Some(BiasConfig::Sandwich(bias.clone())), v1(dape)),
             C::Dapev2Nope { dape } => (None, v2(dape)),
             C::Dapev2Alibi { bias, dape } => (Some(BiasConfig::Alibi(bias.clone())), v2(dape)),
             C::Dapev2KerpleLog { bias, dape } => {
@@ -464,6 +536,9 @@ impl PositionalEncodingConfig {
             }
             C::Dapev2Fire { bias, dape } => (Some(BiasConfig::Fire(bias.clone())), v2(dape)),
             C::Dapev2T5 { bias, dape } => (Some(BiasConfig::T5(bias.clone())), v2(dape)),
+            C::Dapev2Sandwich { bias, dape } => {
+                (Some(BiasConfig::Sandwich(bias.clone())), v2(dape))
+            }
             _ => return None,
         })
     }
@@ -505,6 +580,12 @@ impl PositionalEncodingConfig {
             C::Fire(c) => P::Bias(BiasConfig::Fire(c.clone()).init(n_heads, device)?),
             C::Shaw(c) => P::Shaw(c.init(head_dim, device)?),
             C::Cope(c) => P::Cope(c.init(head_dim, device)?),
+            C::Sandwich(c) => P::Bias(BiasConfig::Sandwich(c.clone()).init(n_heads, device)?),
+            C::TransformerXl(c) => P::TransformerXl(c.init(n_heads, head_dim, device)?),
+            C::BipeAlibi { segments, alibi } => {
+                P::Bipe(segments.init_alibi(alibi, n_heads, head_dim, device)?)
+            }
+            C::BipeRope { segments, rope } => P::Bipe(segments.init_rope(rope, n_heads, head_dim)?),
             _ => unreachable!("DAPE variants are handled above"),
         })
     }
@@ -574,6 +655,7 @@ impl BiasConfig {
             }
             BiasConfig::Fire(c) => AdditiveBias::Fire(c.init(n_heads, device)?),
             BiasConfig::T5(c) => AdditiveBias::T5(c.init(n_heads, device)?),
+            BiasConfig::Sandwich(c) => AdditiveBias::Sandwich(c.init(n_heads, device)?),
         })
     }
 }
@@ -595,7 +677,7 @@ pub enum PositionalEncoding<B: Backend> {
     Learned(LearnedPositions<B>),
     /// RoPE with any scaling, or xPos.
     Rotary(Rotary),
-    /// T5, ALiBi, Kerple or FIRE.
+    /// T5, ALiBi, Kerple, FIRE or Sandwich.
     Bias(AdditiveBias<B>),
     /// Shaw relative keys.
     Shaw(Shaw<B>),
@@ -605,6 +687,10 @@ pub enum PositionalEncoding<B: Backend> {
     Dape(Dape<B>),
     /// DAPE V2 over a bias or NoPE.
     DapeV2(DapeV2<B>),
+    /// Transformer-XL relative positions.
+    TransformerXl(TransformerXl<B>),
+    /// BiPE (ALiBi or RoPE over segments).
+    Bipe(Bipe<B>),
 }
 
 impl<B: Backend> PositionalEncoding<B> {
@@ -614,6 +700,7 @@ impl<B: Backend> PositionalEncoding<B> {
             Self::Nope(_) => Hook::None,
             Self::Sinusoidal(_) | Self::Learned(_) => Hook::Embedding,
             Self::Rotary(_) => Hook::Rotary,
+            Self::Bipe(_) => Hook::Segments,
             _ => Hook::Logits,
         }
     }
@@ -625,45 +712,78 @@ impl<B: Backend> PositionalEncoding<B> {
         matches!(self, Self::DapeV2(d) if d.reads_next_column())
     }
 
-    /// Adds absolute positions `start .. start + seq` to embeddings `x: [batch, seq, d_model]`.
-    /// Identity for encodings that do not act on embeddings.
-    pub fn embed(&self, x: Tensor<B, 3>, start: usize) -> Result<Tensor<B, 3>> {
+    /// The token-id hook: BiPE's segments of `tokens: [batch, seq]`, continuing `carried` (the
+    /// state a KV cache holds; `None` starts fresh), and the state after them. `None` for every
+    /// other encoding.
+    pub fn segments(
+        &self,
+        tokens: &Tensor<B, 2, Int>,
+        carried: Option<&SegmentState>,
+    ) -> Result<Option<(Segments<B>, SegmentState)>> {
         match self {
-            Self::Sinusoidal(s) => Ok(s.forward(x, start)),
-            Self::Learned(l) => l.forward(x, start),
+            Self::Bipe(b) => b.segment(tokens, carried).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Adds absolute positions `start .. start + seq` to embeddings `x: [batch, seq, d_model]`;
+    /// BiPE adds its in-segment positions from `segments` (from [`Self::segments`]) instead.
+    /// Identity for encodings that do not act on embeddings.
+    pub fn embed(
+        &self,
+        x: Tensor<B, 3>,
+        start: usize,
+        segments: Option<&Segments<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        match (self, segments) {
+            (Self::Sinusoidal(s), _) => Ok(s.forward(x, start)),
+            (Self::Learned(l), _) => l.forward(x, start),
+            (Self::Bipe(b), Some(segments)) => Ok(b.embed(x, segments)),
+            (Self::Bipe(_), None) => Err(Error::InvalidInput(
+                "BiPE needs the segments of the tokens to embed them".into(),
+            )),
             _ => Ok(x),
         }
     }
 
     /// Rotates queries `q: [batch, heads, seq_q, d_head]` at positions
     /// `q_start .. q_start + seq_q` and keys `k: [batch, heads, seq_k, d_head]` at positions
-    /// `0 .. seq_k`. Identity for non-rotary encodings.
+    /// `0 .. seq_k`; BiPE-RoPE rotates them by the segment indices in `segments`. Identity for
+    /// non-rotary encodings.
     pub fn rotate(
         &self,
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
         q_start: usize,
+        segments: Option<&SegmentIds<B>>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        match self {
-            Self::Rotary(r) => r.forward(q, k, q_start),
+        match (self, segments) {
+            (Self::Rotary(r), _) => r.forward(q, k, q_start),
+            (Self::Bipe(b), Some(ids)) => b.rotate(q, k, ids),
             _ => (q, k),
         }
     }
 
     /// Adds this encoding's terms to scaled logits `[batch, heads, seq_q, seq_k]` (before the
-    /// causal mask). `q: [batch, heads, seq_q, d_head]` are the queries of these rows.
+    /// causal mask). `q: [batch, heads, seq_q, d_head]` and `k: [batch, heads, seq_k, d_head]`
+    /// are the (rotated) queries and keys of this block; `segments` the segment indices of its
+    /// rows and columns (BiPE only).
     pub fn adjust_logits(
         &self,
         logits: Tensor<B, 4>,
         q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
         span: &Span,
+        segments: Option<&SegmentIds<B>>,
     ) -> Tensor<B, 4> {
-        match self {
-            Self::Bias(b) => logits + b.forward(span, &q.device()),
-            Self::Shaw(s) => s.forward(logits, q, span),
-            Self::Cope(c) => c.forward(logits, q, span),
-            Self::Dape(d) => d.forward(logits, span),
-            Self::DapeV2(d) => d.forward(logits, span),
+        match (self, segments) {
+            (Self::Bias(b), _) => logits + b.forward(span, &q.device()),
+            (Self::Shaw(s), _) => s.forward(logits, q, span),
+            (Self::Cope(c), _) => c.forward(logits, q, span),
+            (Self::Dape(d), _) => d.forward(logits, span),
+            (Self::DapeV2(d), _) => d.forward(logits, span),
+            (Self::TransformerXl(t), _) => t.forward(logits, q, k, span),
+            (Self::Bipe(b), Some(ids)) => b.adjust_logits(logits, ids),
             _ => logits,
         }
     }

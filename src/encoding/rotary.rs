@@ -301,11 +301,25 @@ impl Rotary {
         cos: Tensor<B, 2>,
         sin: Tensor<B, 2>,
     ) -> Tensor<B, 4> {
+        let l = x.dims()[2];
+        let half = self.rotary_dim / 2;
+        self.apply_broadcast(
+            x,
+            cos.reshape([1, 1, l, half]),
+            sin.reshape([1, 1, l, half]),
+        )
+    }
+
+    /// Rotates `x: [batch, heads, seq, d_head]` with tables `[1 or batch, 1, seq, r/2]`.
+    fn apply_broadcast<B: Backend>(
+        &self,
+        x: Tensor<B, 4>,
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
         let [b, h, l, d] = x.dims();
         let r = self.rotary_dim;
         let half = r / 2;
-        let cos = cos.reshape([1, 1, l, half]);
-        let sin = sin.reshape([1, 1, l, half]);
         let rot = x.clone().narrow(3, 0, r);
         let rotated = match self.layout {
             RopeLayout::HalfSplit => {
@@ -351,5 +365,35 @@ impl Rotary {
         let (qc, qs) = self.tables::<B>(&inv, q_start, lq, 1.0, center, &device);
         let (kc, ks) = self.tables::<B>(&inv, 0, lk, -1.0, center, &device);
         (self.apply(q, qc, qs), self.apply(k, kc, ks))
+    }
+
+    /// Rotates queries and keys by arbitrary per-row positions: `q: [batch, heads, seq_q,
+    /// d_head]` at `q_pos: [batch, seq_q]`, `k: [batch, heads, seq_k, d_head]` at
+    /// `k_pos: [batch, seq_k]` (BiPE-RoPE rotates by segment indices). Uses the unscaled
+    /// frequencies (no length-dependent scaling, no xPos decay).
+    pub fn forward_at<B: Backend>(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        q_pos: Tensor<B, 2, Int>,
+        k_pos: Tensor<B, 2, Int>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let inv = self.inv_freq(1);
+        let half = inv.len();
+        let inv: Vec<f32> = inv.into_iter().map(|f| f as f32).collect();
+        let inv = Tensor::<B, 1>::from_data(TensorData::new(inv, [half]), &q.device())
+            .reshape([1, 1, 1, half]);
+        let tables = |pos: Tensor<B, 2, Int>| {
+            let [b, l] = pos.dims();
+            let angle = pos.float().reshape([b, 1, l, 1]) * inv.clone();
+            let factor = self.attention_factor;
+            (angle.clone().cos() * factor, angle.sin() * factor)
+        };
+        let (qc, qs) = tables(q_pos);
+        let (kc, ks) = tables(k_pos);
+        (
+            self.apply_broadcast(q, qc, qs),
+            self.apply_broadcast(k, kc, ks),
+        )
     }
 }
