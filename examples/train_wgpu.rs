@@ -48,6 +48,7 @@ fn books(corpus: &Path, steps: usize, device: &WgpuDevice) -> dape::Result<()> {
         resume: false,
         cache_dir: default_cache_dir(),
         progress: Progress::Lines(String::new(), (steps / 10).max(1)),
+        devices: Default::default(),
     };
     let (_, summary) = dape::train::lm::train::<Autodiff<Wgpu>>(&config, &options, device, "wgpu")?;
     println!("trained in {:.1}s", summary.seconds);

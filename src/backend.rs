@@ -79,6 +79,39 @@ fn not_compiled(kind: BackendKind) -> Error {
     )
 }
 
+/// Runs one tiny kernel on `device`, turning a missing device (no Vulkan adapter, no CUDA),
+/// which panics inside the runtimes, into an error that says what to install.
+#[allow(dead_code)]
+fn probe<B: AutodiffBackend>(kind: BackendKind, device: &B::Device) -> Result<()> {
+    use burn::tensor::Tensor;
+    let device = device.clone();
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        Tensor::<B, 1>::ones([4], &device).sum().into_data()
+    }));
+    std::panic::set_hook(hook);
+    outcome.map(|_| ()).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        let hint = match kind {
+            BackendKind::Wgpu => {
+                "no usable WGPU adapter: install a Vulkan driver (on Debian without a GPU: \
+                 apt-get install mesa-vulkan-drivers libvulkan1)"
+            }
+            BackendKind::TchCuda => {
+                "LibTorch sees no CUDA device: run on a machine with an NVIDIA GPU and driver, \
+                 or use --backend tch-cpu"
+            }
+            _ => "the device cannot run a kernel",
+        };
+        Error::invalid("backend", kind, format!("{hint} ({message})"))
+    })
+}
+
 /// Runs `task` on the backend `kind`.
 pub fn dispatch<T: BackendTask>(kind: BackendKind, task: T) -> Result<T::Output> {
     match kind {
@@ -98,7 +131,9 @@ pub fn dispatch<T: BackendTask>(kind: BackendKind, task: T) -> Result<T::Output>
             #[cfg(feature = "wgpu")]
             {
                 use burn::backend::{wgpu::WgpuDevice, Autodiff, Wgpu};
-                task.run::<Autodiff<Wgpu>>(WgpuDevice::default(), kind)
+                let device = WgpuDevice::default();
+                probe::<Autodiff<Wgpu>>(kind, &device)?;
+                task.run::<Autodiff<Wgpu>>(device, kind)
             }
             #[cfg(not(feature = "wgpu"))]
             {
@@ -115,6 +150,7 @@ pub fn dispatch<T: BackendTask>(kind: BackendKind, task: T) -> Result<T::Output>
                 } else {
                     LibTorchDevice::Cpu
                 };
+                probe::<Autodiff<LibTorch<f32>>>(kind, &device)?;
                 task.run::<Autodiff<LibTorch<f32>>>(device, kind)
             }
             #[cfg(not(feature = "tch"))]
@@ -122,6 +158,81 @@ pub fn dispatch<T: BackendTask>(kind: BackendKind, task: T) -> Result<T::Output>
                 let _ = task;
                 Err(not_compiled(kind))
             }
+        }
+    }
+}
+
+/// The devices of one backend to train on: the first `N` (`--devices 2`) or explicit indices
+/// (`--devices 0,2`), counted from the device the backend was started with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The first `N` devices.
+    Count(usize),
+    /// These device indices.
+    List(Vec<u16>),
+}
+
+impl Default for DeviceSpec {
+    fn default() -> Self {
+        Self::Count(1)
+    }
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = || {
+            Error::invalid(
+                "devices",
+                text,
+                "expected a count (e.g. 2) or a comma-separated list of device indices (e.g. 0,1)",
+            )
+        };
+        if text.contains(',') {
+            let list = text
+                .split(',')
+                .map(|s| s.trim().parse::<u16>().map_err(|_| bad()))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Self::List(list))
+        } else {
+            match text.trim().parse::<usize>() {
+                Ok(0) | Err(_) => Err(bad()),
+                Ok(n) => Ok(Self::Count(n)),
+            }
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Number of devices.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Count(n) => *n,
+            Self::List(l) => l.len(),
+        }
+    }
+
+    /// Whether no device is named.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Device handles of the backend of `first`. On ndarray, every index is the one CPU device
+    /// (burn-train then runs its data-parallel steps side by side on it).
+    pub fn devices<D: burn::tensor::backend::Device + Clone>(&self, first: &D) -> Vec<D> {
+        use burn::tensor::backend::DeviceId;
+        let id = first.to_id();
+        let at = |index_id: u16| {
+            D::from_id(DeviceId {
+                type_id: id.type_id,
+                index_id,
+            })
+        };
+        match self {
+            Self::Count(1) => vec![first.clone()],
+            Self::Count(n) => (0..*n as u16).map(|i| at(id.index_id + i)).collect(),
+            Self::List(list) => list.iter().map(|&i| at(i)).collect(),
         }
     }
 }

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 
-use dape::backend::{dispatch, BackendKind, BackendTask};
+use dape::backend::{dispatch, BackendKind, BackendTask, DeviceSpec};
 use dape::bench::{BenchConfig, BenchMode};
 use dape::compare::{self, CompareConfig, CompareResult, Reference};
 use dape::consistency::{check_encoding, ConsistencyConfig, ConsistencyReport};
@@ -139,6 +139,10 @@ enum Command {
         /// Token cache folder [default: $DAPE_CACHE/tokens or ~/.cache/dape/tokens].
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// Devices: a count (the first N of the backend) or indices (0,1); more than one uses
+        /// burn-train's multi-device strategy (batch_size is split across them).
+        #[arg(long, default_value = "1")]
+        devices: DeviceSpec,
     },
     /// Perplexity by evaluation length on the test documents of trained runs; writes eval.json,
     /// eval.csv and ppl_by_length.svg into each run, and with several runs one combined plot.
@@ -253,6 +257,10 @@ enum CheCommand {
         /// One progress line every N steps instead of burn-train's TUI.
         #[arg(long)]
         lines: Option<usize>,
+        /// Devices: a count or indices; more than one uses burn-train's multi-device strategy
+        /// (each step's batch is split across them).
+        #[arg(long, default_value = "1")]
+        devices: DeviceSpec,
     },
     /// Accuracy by length of a trained run; writes che.json, che.csv and che.svg into it.
     Eval {
@@ -503,6 +511,7 @@ struct CheTrainTask {
     config: CheTrainConfig,
     out: std::path::PathBuf,
     progress: Progress,
+    devices: DeviceSpec,
 }
 
 impl BackendTask for CheTrainTask {
@@ -515,7 +524,9 @@ impl BackendTask for CheTrainTask {
             self.config.steps,
             self.out.display()
         );
-        let (_, summary) = che_train::train::<B>(&self.config, &self.out, &device, self.progress)?;
+        let devices = self.devices.devices(&device);
+        let (_, summary) =
+            che_train::train_on::<B>(&self.config, &self.out, &devices, self.progress)?;
         println!(
             "Trained in {:.1}s; model and config in {}. Next: dape che eval --run {}",
             summary.seconds,
@@ -621,6 +632,7 @@ fn run_che(command: CheCommand) -> Result<bool> {
             out,
             backend,
             lines,
+            devices,
         } => {
             let task = Task::from_name(&task)?;
             let encoding = encoding_arg(&encoding)?;
@@ -640,6 +652,7 @@ fn run_che(command: CheCommand) -> Result<bool> {
                     config,
                     out,
                     progress,
+                    devices,
                 },
             )?;
         }
@@ -819,6 +832,7 @@ fn run(cli: Cli) -> Result<bool> {
             resume,
             lines,
             cache,
+            devices,
         } => {
             let mut train = LmTrainConfig::load(&config)?;
             if let Some(data) = data {
@@ -847,6 +861,7 @@ fn run(cli: Cli) -> Result<bool> {
                 resume,
                 cache_dir: cache.unwrap_or_else(default_cache_dir),
                 progress,
+                devices,
             };
             dispatch(
                 backend,

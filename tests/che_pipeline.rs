@@ -180,3 +180,72 @@ fn lengths_parse_and_bad_input_is_an_error() {
         "{err}"
     );
 }
+
+#[test]
+fn sharded_steps_share_their_length_and_shard_zero_is_the_one_device_data() {
+    let one = CheStepDataset::random(Task::ParityCheck, 1, 40, 10, 8, 5);
+    let two = CheStepDataset::random(Task::ParityCheck, 1, 40, 10, 8, 5).sharded(2);
+    assert_eq!(two.len(), 20);
+    for s in 0..10 {
+        let (a, b, reference) = (
+            two.get(s).unwrap(),
+            two.get(10 + s).unwrap(),
+            one.get(s).unwrap(),
+        );
+        assert_eq!(a.length, reference.length);
+        assert_eq!(
+            b.length, reference.length,
+            "both devices of step {s} see one length"
+        );
+        assert_eq!((a.samples.len(), b.samples.len()), (4, 4));
+        assert_eq!(a.samples[0].input, reference.samples[0].input);
+        assert_ne!(
+            a.samples
+                .iter()
+                .map(|x| x.input.clone())
+                .collect::<Vec<_>>(),
+            b.samples
+                .iter()
+                .map(|x| x.input.clone())
+                .collect::<Vec<_>>(),
+            "the devices get different sequences"
+        );
+    }
+    assert!(two.get(20).is_none());
+}
+
+/// burn-train's multi-device strategy with two device handles (both the CPU on ndarray): the
+/// loss falls and the saved model loads and evaluates on one device.
+#[test]
+fn two_devices_train_and_the_model_evaluates_on_one() {
+    let out = temp_dir("che-two-devices");
+    let config = tiny(Task::EvenPairs, "alibi")
+        .with_steps(60)
+        .with_batch_size(16)
+        .with_learning_rate(3e-3);
+    let device = Default::default();
+    dape::train::che::train_on::<AD>(
+        &config,
+        &out,
+        &[device, device],
+        Progress::Lines("  ".into(), 20),
+    )
+    .expect("two-device training runs");
+    let losses: Vec<f64> = std::fs::read_to_string(out.join("train/epoch-1/Loss.log"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(',').next()?.parse().ok())
+        .collect();
+    assert_eq!(losses.len(), 2 * 60, "one logged item per device and step");
+    let head = losses[..10].iter().sum::<f64>() / 10.0;
+    let tail = losses[losses.len() - 10..].iter().sum::<f64>() / 10.0;
+    assert!(tail < head, "loss {head} -> {tail}");
+    let (config, model) = load::<B>(&out, &device).unwrap();
+    let eval = CheEvalConfig {
+        lengths: vec![8],
+        sequences: 8,
+        ..Default::default()
+    };
+    let report = accuracy_by_length(&model, config.task, &eval, &device, |_| {}).unwrap();
+    assert_eq!(report.len(), 1);
+}

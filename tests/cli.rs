@@ -78,3 +78,47 @@ fn printed_configs_parse_back() {
         dape::PositionalEncodingConfig::from_json(&String::from_utf8(out.stdout).unwrap()).unwrap();
     assert_eq!(config.name(), "dapev2_fire");
 }
+
+/// Issue 8's check: the new encodings train from the CLI, and `--devices 2` uses two devices.
+#[test]
+fn che_train_runs_for_the_newer_encodings() {
+    for (encoding, devices) in [
+        ("transformer_xl", "1"),
+        ("sandwich", "1"),
+        ("dape_sandwich", "1"),
+        ("bipe_alibi", "1"),
+        ("bipe_rope", "2"),
+    ] {
+        let out = std::env::temp_dir().join(format!(
+            "dape-cli-che-{encoding}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&out);
+        let result = dape(&[
+            "che",
+            "train",
+            "--task",
+            "even_pairs",
+            "--encoding",
+            encoding,
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--layers",
+            "1",
+            "--lines",
+            "1",
+            "--devices",
+            devices,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            result.status.success(),
+            "{encoding}: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        assert!(out.join("model.mpk").is_file(), "{encoding}");
+    }
+}

@@ -75,6 +75,7 @@ fn options(out: &Path, cache: &Path, resume: bool) -> LmTrainOptions {
         resume,
         cache_dir: cache.to_path_buf(),
         progress: Progress::Lines("  ".into(), 1),
+        devices: Default::default(),
     }
 }
 
@@ -457,4 +458,55 @@ fn cli_run_killed_mid_way_resumes_at_its_checkpoint() {
     assert!(dir.join("plot/ppl_by_length.svg").is_file());
     let md = std::fs::read_to_string(dir.join("plot/results.md")).unwrap();
     assert!(md.contains("| kerple_log |"), "{md}");
+}
+
+/// burn-train's multi-device strategy with two device handles (on ndarray both are the CPU):
+/// the loss falls, and the checkpoint evaluates on one device.
+#[test]
+fn two_devices_train_to_a_falling_loss_and_evaluate_on_one() {
+    let data = temp("multi-data");
+    write_corpus(&data);
+    let cache = temp("multi-cache");
+    let run = temp("multi-run");
+    let config = LmTrainConfig {
+        steps: 24,
+        checkpoint_every: 12,
+        learning_rate: 3e-3,
+        batch_size: 4,
+        ..tiny_config(&data, "alibi")
+    };
+    let mut opts = options(&run, &cache, false);
+    opts.devices = "2".parse().unwrap();
+    let device = Default::default();
+    train::<AB>(&config, &opts, &device, "ndarray").expect("two-device training runs");
+    let losses = |epoch: usize| -> Vec<f64> {
+        std::fs::read_to_string(run.join(format!("train/epoch-{epoch}/Loss.log")))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(',').next()?.parse().ok())
+            .collect()
+    };
+    let (first, last) = (losses(1), losses(2));
+    // Each optimiser step logs one item per device.
+    assert_eq!(first.len(), 2 * 12, "{first:?}");
+    let head: f64 = first[..4].iter().sum::<f64>() / 4.0;
+    let tail: f64 = last[last.len() - 4..].iter().sum::<f64>() / 4.0;
+    assert!(tail < head - 0.5, "loss {head} -> {tail}");
+
+    let eval = LmEvalConfig {
+        lengths: vec![16],
+        max_tokens: 64,
+        ..Default::default()
+    };
+    let report = evaluate_run::<B>(&run, None, &eval, &cache, "ndarray", &device).unwrap();
+    assert!(report.lengths[0].ppl_all < 257.0);
+
+    // A batch that does not split evenly is refused, naming it.
+    let mut odd = opts.clone();
+    odd.out = temp("multi-odd");
+    odd.devices = "3".parse().unwrap();
+    let err = train::<AB>(&config, &odd, &device, "ndarray")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("batch_size") && err.contains('3'), "{err}");
 }

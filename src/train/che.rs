@@ -19,7 +19,10 @@ use burn::prelude::*;
 use burn::record::DefaultRecorder;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
-use burn::train::{InferenceStep, ItemLazy, Learner, SupervisedTraining, TrainOutput, TrainStep};
+use burn::train::{
+    ExecutionStrategy, InferenceStep, ItemLazy, Learner, MultiDeviceOptim, SupervisedTraining,
+    TrainOutput, TrainStep,
+};
 
 pub use super::checkpoint::{save_module, write_atomic};
 use super::metrics::{LossMetric, MaskedAccuracyMetric, StepStats};
@@ -154,6 +157,7 @@ pub struct CheStepDataset {
     lengths: StepLengths,
     batch: usize,
     seed: u64,
+    shards: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -181,7 +185,18 @@ impl CheStepDataset {
             lengths: StepLengths::Random { min, max, steps },
             batch,
             seed,
+            shards: 1,
         }
+    }
+
+    /// For `n` devices: `n × steps` items of `batch / n` samples, where item `s + k·steps`
+    /// shares step `s`'s length (burn-train gives device `k` the `k`-th block of items, so the
+    /// devices of one step see one length, as the protocol asks). Shard 0 is the one-device
+    /// data.
+    pub fn sharded(mut self, n: usize) -> Self {
+        self.shards = n.max(1);
+        self.batch /= self.shards;
+        self
     }
 
     /// One item per length, each of `batch` samples.
@@ -191,22 +206,33 @@ impl CheStepDataset {
             lengths: StepLengths::Fixed(lengths),
             batch,
             seed,
+            shards: 1,
         }
     }
 }
 
 impl Dataset<CheItem> for CheStepDataset {
     fn get(&self, index: usize) -> Option<CheItem> {
-        let mut rng = Rng::new(stream_seed(self.seed, index as u64));
+        let (step, shard) = match &self.lengths {
+            StepLengths::Random { steps, .. } => (index % steps, index / steps),
+            StepLengths::Fixed(_) => (index, 0),
+        };
+        if shard >= self.shards {
+            return None;
+        }
+        let mut rng = Rng::new(stream_seed(self.seed, step as u64));
         let length = match &self.lengths {
-            StepLengths::Random { min, max, steps } => {
-                if index >= *steps {
-                    return None;
-                }
+            StepLengths::Random { min, max, .. } => {
                 rng.range_inclusive(*min as u64, *max as u64) as usize
             }
             StepLengths::Fixed(lengths) => *lengths.get(index)?,
         };
+        if shard > 0 {
+            rng = Rng::new(stream_seed(
+                self.seed ^ (shard as u64).wrapping_mul(0xA24B_AED4_963E_E407),
+                step as u64,
+            ));
+        }
         let samples = (0..self.batch)
             .map(|_| self.task.sample(length, &mut rng))
             .collect::<Result<Vec<_>>>()
@@ -216,7 +242,7 @@ impl Dataset<CheItem> for CheStepDataset {
 
     fn len(&self) -> usize {
         match &self.lengths {
-            StepLengths::Random { steps, .. } => *steps,
+            StepLengths::Random { steps, .. } => *steps * self.shards,
             StepLengths::Fixed(lengths) => lengths.len(),
         }
     }
@@ -231,6 +257,8 @@ pub struct CheBatch<B: Backend> {
     pub targets: Tensor<B, 2, Int>,
     /// `[batch, output_len]`, 1 where a position counts.
     pub mask: Tensor<B, 2>,
+    /// Factor on the loss before `backward` (multi-device training).
+    pub loss_scale: f64,
 }
 
 impl<B: Backend> CheBatch<B> {
@@ -257,18 +285,27 @@ impl<B: Backend> CheBatch<B> {
             inputs: Tensor::from_data(TensorData::new(inputs, [n, lin]), device),
             targets: Tensor::from_data(TensorData::new(targets, [n, lout]), device),
             mask: Tensor::from_data(TensorData::new(mask, [n, lout]), device),
+            loss_scale: 1.0,
         }
     }
 }
 
 /// Turns step items into batches (all samples of all items must share one length).
 #[derive(Clone, Debug, Default)]
-pub struct CheBatcher;
+pub struct CheBatcher {
+    /// Factor on the loss before `backward`: `1 / devices`, as burn-train sums the devices'
+    /// gradients (`0` is taken as 1).
+    pub loss_scale: f64,
+}
 
 impl<B: Backend> Batcher<B, CheItem, CheBatch<B>> for CheBatcher {
     fn batch(&self, items: Vec<CheItem>, device: &B::Device) -> CheBatch<B> {
         let samples: Vec<Sample> = items.into_iter().flat_map(|i| i.samples).collect();
-        CheBatch::from_samples(&samples, device)
+        let mut batch = CheBatch::from_samples(&samples, device);
+        if self.loss_scale > 0.0 {
+            batch.loss_scale = self.loss_scale;
+        }
+        batch
     }
 }
 
@@ -331,8 +368,9 @@ impl<B: AutodiffBackend> TrainStep for SequenceModel<B> {
     type Output = CheOutput<B>;
 
     fn step(&self, batch: CheBatch<B>) -> TrainOutput<CheOutput<B>> {
+        let scale = batch.loss_scale;
         let output = che_forward(self, batch);
-        let grads = output.loss.backward();
+        let grads = (output.loss.clone() * scale).backward();
         TrainOutput::new(self, grads, output)
     }
 }
@@ -378,7 +416,27 @@ pub fn train<B: AutodiffBackend>(
     device: &B::Device,
     progress: Progress,
 ) -> Result<(SequenceModel<B::InnerBackend>, CheTrainSummary)> {
+    train_on::<B>(config, out, std::slice::from_ref(device), progress)
+}
+
+/// [`train`] on several devices with burn-train's multi-device strategy: each step's batch is
+/// split across them (one length per step on all), gradients are summed on the first device,
+/// and the model is saved from it (it loads on any one device).
+pub fn train_on<B: AutodiffBackend>(
+    config: &CheTrainConfig,
+    out: &Path,
+    devices: &[B::Device],
+    progress: Progress,
+) -> Result<(SequenceModel<B::InnerBackend>, CheTrainSummary)> {
     config.validate()?;
+    let n_devices = devices.len();
+    ensure(
+        n_devices >= 1 && config.batch_size.is_multiple_of(n_devices),
+        "batch_size",
+        config.batch_size,
+        &format!("must be a multiple of the number of devices ({n_devices})"),
+    )?;
+    let device = &devices[0];
     std::fs::create_dir_all(out).map_err(|source| Error::Io {
         path: out.to_path_buf(),
         source,
@@ -397,18 +455,21 @@ pub fn train<B: AutodiffBackend>(
         config.steps,
         config.batch_size,
         config.seed,
-    );
+    )
+    .sharded(n_devices);
     let valid_data = CheStepDataset::fixed(
         config.task,
         config.valid_lengths.clone(),
         config.valid_sequences,
         config.seed ^ 0x5EED_0FDA,
     );
-    let train_loader = DataLoaderBuilder::<B, _, _>::new(CheBatcher)
-        .batch_size(1)
-        .set_device(device.clone())
-        .build(train_data);
-    let valid_loader = DataLoaderBuilder::<B::InnerBackend, _, _>::new(CheBatcher)
+    let train_loader = DataLoaderBuilder::<B, _, _>::new(CheBatcher {
+        loss_scale: 1.0 / n_devices as f64,
+    })
+    .batch_size(1)
+    .set_device(device.clone())
+    .build(train_data);
+    let valid_loader = DataLoaderBuilder::<B::InnerBackend, _, _>::new(CheBatcher::default())
         .batch_size(1)
         .set_device(device.clone())
         .build(valid_data);
@@ -423,7 +484,17 @@ pub fn train<B: AutodiffBackend>(
         .metric_valid_numeric(MaskedAccuracyMetric::new())
         .num_epochs(1);
     if let Progress::Lines(prefix, every) = progress {
-        training = training.renderer(LineRenderer::new(prefix, every));
+        training = training.renderer(LineRenderer::new(prefix, every).with_steps(
+            config.steps,
+            config.steps,
+            n_devices,
+        ));
+    }
+    if n_devices > 1 {
+        training = training.with_training_strategy(
+            ExecutionStrategy::MultiDevice(devices.to_vec(), MultiDeviceOptim::OptimMainDevice)
+                .into(),
+        );
     }
     let start = Instant::now();
     let result = training.launch(Learner::new(

@@ -27,13 +27,17 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::LearningRateMetric;
-use burn::train::{InferenceStep, ItemLazy, Learner, SupervisedTraining, TrainOutput, TrainStep};
+use burn::train::{
+    ExecutionStrategy, InferenceStep, ItemLazy, Learner, MultiDeviceOptim, SupervisedTraining,
+    TrainOutput, TrainStep,
+};
 use serde::{Deserialize, Serialize};
 
 use super::che::{stream_seed, Progress};
 use super::checkpoint::{save_module, write_atomic, AtomicRecorder};
 use super::metrics::{LmLossMetric, LmStats, PerplexityMetric, TokensPerSecondMetric};
 use super::renderer::LineRenderer;
+use crate::backend::DeviceSpec;
 use crate::data::che::Rng;
 use crate::data::corpus::{Corpus, Manifest, Part, SplitConfig, TokenizedCorpus, Tokenizer};
 use crate::encoding::PositionalEncodingConfig;
@@ -554,10 +558,11 @@ impl<B: Backend, O: 'static> DataLoader<B, O> for EpochLoader<B, O> {
         })
     }
 
+    /// A slice per device (multi-device training): each slice counts its epochs itself.
     fn slice(&self, start: usize, end: usize) -> Arc<dyn DataLoader<B, O>> {
         Arc::new(Self {
             epochs: self.epochs.iter().map(|l| l.slice(start, end)).collect(),
-            next: self.next.clone(),
+            next: Arc::new(AtomicUsize::new(self.next.load(Ordering::SeqCst))),
         })
     }
 }
@@ -573,6 +578,9 @@ pub struct LmTrainOptions {
     pub cache_dir: PathBuf,
     /// How to show progress.
     pub progress: Progress,
+    /// Devices to train on (more than one: burn-train's multi-device strategy, each device
+    /// taking `batch_size / N` windows of every step, gradients summed on the first).
+    pub devices: DeviceSpec,
 }
 
 /// What a finished run reports (also written as `train.json`).
@@ -768,6 +776,14 @@ pub fn train<B: AutodiffBackend>(
 
     // Scheduler steps are micro-batches (burn-train steps the scheduler on each).
     let accum = config.grad_accumulation;
+    let devices = options.devices.devices(device);
+    let n_devices = devices.len();
+    ensure(
+        n_devices >= 1 && config.batch_size.is_multiple_of(n_devices),
+        "batch_size",
+        config.batch_size,
+        &format!("must be a multiple of the number of devices ({n_devices})"),
+    )?;
     let micro_per_epoch = config.checkpoint_every * accum;
     let total_micro = config.steps * accum;
     let windows = RandomWindows::new(
@@ -776,10 +792,12 @@ pub fn train<B: AutodiffBackend>(
         total_micro * config.batch_size,
         config.seed,
     )?;
+    // Gradients are summed over micro-batches and devices: scale each loss so that the sum is
+    // the mean over the whole step.
     let full = DataLoaderBuilder::<B, _, _>::new(LmBatcher {
-        loss_scale: 1.0 / accum as f64,
+        loss_scale: 1.0 / (accum * n_devices) as f64,
     })
-    .batch_size(config.batch_size)
+    .batch_size(config.batch_size / n_devices)
     .set_device(device.clone())
     .build(windows);
     let epochs: Vec<_> = (0..config.epochs())
@@ -819,6 +837,12 @@ pub fn train<B: AutodiffBackend>(
     if accum > 1 {
         training = training.grads_accumulation(accum);
     }
+    if n_devices > 1 {
+        println!("training on {n_devices} devices: {devices:?}");
+        training = training.with_training_strategy(
+            ExecutionStrategy::MultiDevice(devices, MultiDeviceOptim::OptimMainDevice).into(),
+        );
+    }
     if let Some(epoch) = resume_from {
         println!(
             "resuming {} from step {} (checkpoint {epoch})",
@@ -831,7 +855,7 @@ pub fn train<B: AutodiffBackend>(
         training = training.renderer(LineRenderer::new(prefix.clone(), *every).with_steps(
             config.checkpoint_every,
             config.steps,
-            accum,
+            accum * n_devices,
         ));
     }
     let start = Instant::now();
