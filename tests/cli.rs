@@ -89,10 +89,8 @@ fn che_train_runs_for_the_newer_encodings() {
         ("bipe_alibi", "1"),
         ("bipe_rope", "2"),
     ] {
-        let out = std::env::temp_dir().join(format!(
-            "dape-cli-che-{encoding}-{}",
-            std::process::id()
-        ));
+        let out =
+            std::env::temp_dir().join(format!("dape-cli-che-{encoding}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
         let result = dape(&[
             "che",

@@ -112,31 +112,35 @@ pub struct Dape<B: Backend> {
 impl<B: Backend> Dape<B> {
     /// `logits + B + f([logits ‖ B])` for `logits: [batch, heads, seq_q, seq_k]`.
     ///
-    /// The batch-independent bias goes through its half of the first layer once, not once per
-    /// batch row; the largest intermediate is `[batch, seq_q, seq_k, D]`.
+    /// Computed channel-first, as two matrix products over the `seq_q · seq_k` pairs
+    /// (`[D, H] @ [batch, H, pairs]`), so no `[batch, seq_q, seq_k, ·]` transpose is ever
+    /// materialised; the batch-independent bias goes through its half of the first layer once,
+    /// not once per batch row. The largest intermediate is `[batch, D, seq_q · seq_k]`.
     pub fn forward(&self, logits: Tensor<B, 4>, span: &Span) -> Tensor<B, 4> {
         let device = logits.device();
         let [b, h, lq, lk] = logits.dims();
+        let pairs = lq * lk;
         let weight = self.mlp_in.weight.val(); // [C, D]
         let d = weight.dims()[1];
-        let rows = b * lq * lk;
-        let x = logits.clone().permute([0, 2, 3, 1]).reshape([rows, h]);
-        let mut hidden = x
-            .matmul(weight.clone().narrow(0, 0, h))
-            .reshape([b, lq, lk, d]);
+        let w_logits = weight.clone().narrow(0, 0, h).transpose().unsqueeze::<3>(); // [1, D, H]
+        let mut hidden = w_logits.matmul(logits.clone().reshape([b, h, pairs])); // [b, D, pairs]
         let mut base = logits;
         if let Some(bias) = &self.bias {
             let bmap = bias.forward(span, &device); // [1, h, lq, lk]
-            let bt = bmap.clone().permute([0, 2, 3, 1]).reshape([lq * lk, h]);
-            hidden = hidden + bt.matmul(weight.narrow(0, h, h)).reshape([1, lq, lk, d]);
+            let w_bias = weight.narrow(0, h, h).transpose().unsqueeze::<3>();
+            hidden = hidden + w_bias.matmul(bmap.clone().reshape([1, h, pairs]));
             base = base + bmap;
         }
         if let Some(b1) = &self.mlp_in.bias {
-            hidden = hidden + b1.val().reshape([1, 1, 1, d]);
+            hidden = hidden + b1.val().reshape([1, d, 1]);
         }
         let hidden = leaky_relu(hidden, self.negative_slope);
-        let f = self.mlp_out.forward(hidden).permute([0, 3, 1, 2]);
-        base + f
+        let w_out = self.mlp_out.weight.val().transpose().unsqueeze::<3>(); // [1, H, D]
+        let mut f = w_out.matmul(hidden); // [b, H, pairs]
+        if let Some(b2) = &self.mlp_out.bias {
+            f = f + b2.val().reshape([1, h, 1]);
+        }
+        base + f.reshape([b, h, lq, lk])
     }
 }
 
