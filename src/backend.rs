@@ -97,6 +97,14 @@ fn probe<B: AutodiffBackend>(kind: BackendKind, device: &B::Device) -> Result<()
             .cloned()
             .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_default();
+        // Runtimes put whole C++ backtraces in their messages: keep the first line.
+        let first: String = message
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(300)
+            .collect();
         let hint = match kind {
             BackendKind::Wgpu => {
                 "no usable WGPU adapter: install a Vulkan driver (on Debian without a GPU: \
@@ -108,7 +116,7 @@ fn probe<B: AutodiffBackend>(kind: BackendKind, device: &B::Device) -> Result<()
             }
             _ => "the device cannot run a kernel",
         };
-        Error::invalid("backend", kind, format!("{hint} ({message})"))
+        Error::invalid("backend", kind, format!("{hint} ({first})"))
     })
 }
 
