@@ -9,7 +9,9 @@
 # Environment: BACKEND (default ndarray), TORCH_DEVICE is not used (torch_ref runs on the CPU),
 # ENCODINGS (torch_ref names, default "alibi kerple dape-kerple"), EVAL_LENGTHS (default
 # "1024 4096 8192 16384"), TRAIN_STEPS (default 10), OUT (default runs/bench), TIMEOUT per
-# measurement in seconds (default 1800), CARGO_FEATURES. Needs the torch==2.9.0 venv of
+# measurement in seconds (default 1800), MEM_LIMIT_GB (address-space limit of each measured
+# process, default 20, so that an out-of-memory run fails cleanly instead of taking the machine
+# down), CARGO_FEATURES. Needs the torch==2.9.0 venv of
 # scripts/setup-libtorch.sh. A measurement that fails (out of memory, killed, timed out) is
 # recorded as failed with its exit status, not dropped.
 set -euo pipefail
@@ -21,6 +23,7 @@ EVAL_LENGTHS=${EVAL_LENGTHS:-1024 4096 8192 16384}
 TRAIN_STEPS=${TRAIN_STEPS:-10}
 OUT=${OUT:-runs/bench}
 TIMEOUT=${TIMEOUT:-1800}
+MEM_LIMIT_GB=${MEM_LIMIT_GB:-20}
 TORCH_REF=${TORCH_REF:-../shared/bench/torch_ref.py}
 if [ -n "${QUICK:-}" ]; then EVAL_LENGTHS=1024; TRAIN_STEPS=3; fi
 
@@ -36,7 +39,8 @@ results=$OUT/results.jsonl
 run() {
   local name=$1; shift
   local line status=0
-  line=$(timeout "$TIMEOUT" "$@" 2>"$OUT/last-stderr.txt" | tail -n 1) || status=$?
+  line=$(ulimit -v $((MEM_LIMIT_GB * 1024 * 1024)) && timeout "$TIMEOUT" "$@" \
+    2>"$OUT/last-stderr.txt" | tail -n 1) || status=$?
   if [ "$status" -eq 0 ] && [ "${line:0:1}" = "{" ]; then
     echo "$line" >> "$results"
   else
@@ -92,7 +96,8 @@ for r in ours:
           f"{f(tt)} | {ratio} | {f(r.get('peak_rss_mib'))} | {f(tr)} | {rss} |")
 fails = [r for r in rows if "failed" in r]
 if fails:
-    print("\nFailed measurements (exit status 137: killed, usually out of memory; 124: timed out):\n")
+    print("\nFailed measurements (a failed allocation under the MEM_LIMIT_GB address-space limit "
+          "exits with 1 from Python or 134 (abort) from Rust; 137: killed; 124: timed out):\n")
     for r in fails:
         print(f"- {r['impl']}: exit {r['failed']}: `{r['args']}`")
 PY

@@ -13,7 +13,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use crate::encoding::PositionalEncodingConfig;
+use crate::encoding::{table_cache_stats, PositionalEncodingConfig};
 use crate::error::{ensure, Result};
 use crate::model::{LanguageModel, LanguageModelConfig, TransformerConfig};
 use crate::sysmem;
@@ -109,6 +109,13 @@ pub struct BenchResult {
     pub tokens_per_second: f64,
     /// Peak resident set size of the process (MiB; Linux), as torch_ref's `ru_maxrss`.
     pub peak_rss_mib: Option<f64>,
+    /// Data-independent tables (distances, masks, bias buckets, RoPE cos/sin) built during the
+    /// timed steps; 0 once the warm-up has filled the cache (see [`crate::encoding::cache`]).
+    #[serde(default)]
+    pub table_builds: u64,
+    /// Table lookups answered from the cache during the timed steps.
+    #[serde(default)]
+    pub table_hits: u64,
 }
 
 fn batch_tokens<B: Backend>(
@@ -188,7 +195,9 @@ pub fn run<B: AutodiffBackend>(
     if config.warmup > 0 {
         timed(config.warmup)?;
     }
+    let before = table_cache_stats();
     let seconds = timed(config.steps)? / config.steps as f64;
+    let after = table_cache_stats();
     Ok(BenchResult {
         implementation: "dape".into(),
         backend: backend.into(),
@@ -205,6 +214,8 @@ pub fn run<B: AutodiffBackend>(
         seconds_per_step: seconds,
         tokens_per_second: (config.batch * config.length) as f64 / seconds,
         peak_rss_mib: sysmem::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
+        table_builds: after.builds.saturating_sub(before.builds),
+        table_hits: after.hits.saturating_sub(before.hits),
     })
 }
 

@@ -413,9 +413,17 @@ impl<B: Backend> T5Bias<B> {
 
     /// `[1, heads, seq_q, seq_k]`.
     pub fn forward(&self, span: &Span, device: &B::Device) -> Tensor<B, 4> {
-        let ids = self.buckets(span);
-        let n = ids.len();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), device);
+        let (nb, md) = (self.num_buckets, self.max_distance);
+        let ids = super::cache::cached::<B, _>(
+            device,
+            || format!("t5 buckets n{nb} max{md} {}", span.cache_key()),
+            span.query_len * span.key_len,
+            || {
+                let ids = self.buckets(span);
+                let n = ids.len();
+                Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), device)
+            },
+        );
         let h = self.embedding.dims()[1];
         self.embedding
             .val()

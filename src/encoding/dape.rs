@@ -115,21 +115,42 @@ impl<B: Backend> Dape<B> {
     /// Computed channel-first, as two matrix products over the `seq_q · seq_k` pairs
     /// (`[D, H] @ [batch, H, pairs]`), so no `[batch, seq_q, seq_k, ·]` transpose is ever
     /// materialised; the batch-independent bias goes through its half of the first layer once,
-    /// not once per batch row. The largest intermediate is `[batch, D, seq_q · seq_k]`.
+    /// not once per batch row. `f` is pointwise, so it runs over blocks of query rows whose
+    /// hidden tensor `[batch, D, rows · seq_k]` stays under [`HIDDEN_BLOCK`] elements: memory
+    /// beyond the logits themselves is bounded at any length (exact; one block in training at
+    /// the usual sizes).
     pub fn forward(&self, logits: Tensor<B, 4>, span: &Span) -> Tensor<B, 4> {
+        self.forward_blocked(logits, span, HIDDEN_BLOCK)
+    }
+
+    /// [`Self::forward`] with blocks of rows whose hidden tensor stays under `budget` elements.
+    fn forward_blocked(&self, logits: Tensor<B, 4>, span: &Span, budget: usize) -> Tensor<B, 4> {
         let device = logits.device();
+        let [b, _, lq, lk] = logits.dims();
+        let d = self.mlp_in.weight.dims()[1];
+        let bmap = self.bias.as_ref().map(|bias| bias.forward(span, &device)); // [1, h, lq, lk]
+        let f = by_row_blocks(budget, b * d * lk, lq, |r0, rows| {
+            let a = narrow_rows(&logits, r0, rows, lq);
+            let m = bmap.as_ref().map(|m| narrow_rows(m, r0, rows, lq));
+            self.correction(a, m)
+        });
+        match bmap {
+            Some(m) => logits + m + f,
+            None => logits + f,
+        }
+    }
+
+    /// `f([logits ‖ bias])` for one block of rows: `[batch, H, rows, seq_k]`.
+    fn correction(&self, logits: Tensor<B, 4>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 4> {
         let [b, h, lq, lk] = logits.dims();
         let pairs = lq * lk;
         let weight = self.mlp_in.weight.val(); // [C, D]
         let d = weight.dims()[1];
         let w_logits = weight.clone().narrow(0, 0, h).transpose().unsqueeze::<3>(); // [1, D, H]
-        let mut hidden = w_logits.matmul(logits.clone().reshape([b, h, pairs])); // [b, D, pairs]
-        let mut base = logits;
-        if let Some(bias) = &self.bias {
-            let bmap = bias.forward(span, &device); // [1, h, lq, lk]
+        let mut hidden = w_logits.matmul(logits.reshape([b, h, pairs])); // [b, D, pairs]
+        if let Some(bmap) = bias {
             let w_bias = weight.narrow(0, h, h).transpose().unsqueeze::<3>();
-            hidden = hidden + w_bias.matmul(bmap.clone().reshape([1, h, pairs]));
-            base = base + bmap;
+            hidden = hidden + w_bias.matmul(bmap.reshape([1, h, pairs]));
         }
         if let Some(b1) = &self.mlp_in.bias {
             hidden = hidden + b1.val().reshape([1, d, 1]);
@@ -140,7 +161,50 @@ impl<B: Backend> Dape<B> {
         if let Some(b2) = &self.mlp_out.bias {
             f = f + b2.val().reshape([1, h, 1]);
         }
-        base + f.reshape([b, h, lq, lk])
+        f.reshape([b, h, lq, lk])
+    }
+}
+
+/// Largest hidden tensor of DAPE's `f` (elements) before it runs over blocks of query rows:
+/// 2^22 floats, 16 MiB.
+pub const HIDDEN_BLOCK: usize = 1 << 22;
+
+/// Runs `block(first_row, rows)` over consecutive blocks of the `seq_q` query rows, each with at
+/// most `budget / per_row` rows (at least one), and concatenates the results along the row axis.
+fn by_row_blocks<B: Backend>(
+    budget: usize,
+    per_row: usize,
+    seq_q: usize,
+    mut block: impl FnMut(usize, usize) -> Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let rows = (budget / per_row.max(1)).max(1);
+    if rows >= seq_q {
+        return block(0, seq_q);
+    }
+    let mut parts = Vec::with_capacity(seq_q.div_ceil(rows));
+    let mut r0 = 0;
+    while r0 < seq_q {
+        let n = rows.min(seq_q - r0);
+        parts.push(block(r0, n));
+        r0 += n;
+    }
+    Tensor::cat(parts, 2)
+}
+
+/// Rows `r0..r0 + rows` of `[·, ·, seq_q, ·]` (the tensor itself when that is all of it).
+fn narrow_rows<B: Backend, const D: usize, K>(
+    x: &Tensor<B, D, K>,
+    r0: usize,
+    rows: usize,
+    seq_q: usize,
+) -> Tensor<B, D, K>
+where
+    K: burn::tensor::TensorKind<B> + burn::tensor::BasicOps<B>,
+{
+    if r0 == 0 && rows == seq_q {
+        x.clone()
+    } else {
+        x.clone().narrow(D - 2, r0, rows)
     }
 }
 
@@ -192,35 +256,193 @@ pub struct DapeV2<B: Backend> {
 
 impl<B: Backend> DapeV2<B> {
     /// `logits + B + f(tril([logits ‖ B]))` for `logits: [batch, heads, seq_q, seq_k]`.
+    ///
+    /// Each `1 × k` convolution is computed as `k` channel-first matrix products over the
+    /// `seq_q · seq_k` pairs of the key-shifted map (`Σ_t W_t @ shift_t(x)`), which is exactly
+    /// the zero-padded cross-correlation of `Conv2d` but avoids a generic convolution kernel.
+    /// The batch-independent bias half goes through the first layer once, not once per row.
     pub fn forward(&self, logits: Tensor<B, 4>, span: &Span) -> Tensor<B, 4> {
+        self.forward_blocked(logits, span, HIDDEN_BLOCK)
+    }
+
+    /// [`Self::forward`] with blocks of rows whose hidden tensor stays under `budget` elements.
+    fn forward_blocked(&self, logits: Tensor<B, 4>, span: &Span, budget: usize) -> Tensor<B, 4> {
         let device = logits.device();
-        let [b, h, lq, lk] = logits.dims();
-        let (mut map, base) = match &self.bias {
-            Some(bias) => {
-                let bmap = bias.forward(span, &device);
-                let map = Tensor::cat(vec![logits.clone(), bmap.clone().expand([b, h, lq, lk])], 1);
-                (map, logits + bmap)
-            }
-            None => (logits.clone(), logits),
-        };
+        let [b, _, lq, lk] = logits.dims();
+        let d = self.conv_in.weight.dims()[0];
         let future = span
             .has_future()
-            .then(|| span.future_mask::<B>(&device).unsqueeze::<4>());
-        if let Some(future) = &future {
-            let c = map.dims()[1];
-            map = map.mask_fill(future.clone().expand([b, c, lq, lk]), 0.0);
+            .then(|| span.future_mask::<B>(&device).unsqueeze::<4>()); // [1, 1, lq, lk]
+        let bmap = self.bias.as_ref().map(|bias| bias.forward(span, &device)); // [1, h, lq, lk]
+                                                                               // Rows are independent (the convolutions run along keys), so blocks of rows are exact.
+        let f = by_row_blocks(budget, b * d * lk, lq, |r0, rows| {
+            self.correction(
+                narrow_rows(&logits, r0, rows, lq),
+                bmap.as_ref().map(|m| narrow_rows(m, r0, rows, lq)),
+                future.as_ref().map(|m| narrow_rows(m, r0, rows, lq)),
+            )
+        });
+        match bmap {
+            Some(m) => logits + m + f,
+            None => logits + f,
         }
-        let mut hidden = leaky_relu(self.conv_in.forward(map), self.negative_slope);
-        if let (true, Some(future)) = (self.mask_future_hidden, future) {
-            let c = hidden.dims()[1];
-            hidden = hidden.mask_fill(future.expand([b, c, lq, lk]), 0.0);
+    }
+
+    /// `f(tril([logits ‖ bias]))` for one block of rows: `[batch, H, rows, seq_k]`; `future` is
+    /// the block's `[1, 1, rows, seq_k]` mask of keys after each row.
+    fn correction(
+        &self,
+        logits: Tensor<B, 4>,
+        bias: Option<Tensor<B, 4>>,
+        future: Option<Tensor<B, 4, Bool>>,
+    ) -> Tensor<B, 4> {
+        let [_, h, lq, lk] = logits.dims();
+        let zero_future = |x: Tensor<B, 4>| match &future {
+            Some(mask) => {
+                let [xb, c, _, _] = x.dims();
+                x.mask_fill(mask.clone().expand([xb, c, lq, lk]), 0.0)
+            }
+            None => x,
+        };
+        let w_in = self.conv_in.weight.val(); // [D, C, 1, k]
+        let mut hidden = key_conv(w_in.clone().narrow(1, 0, h), zero_future(logits));
+        if let Some(bmap) = bias {
+            hidden = hidden + key_conv(w_in.narrow(1, h, h), zero_future(bmap));
         }
-        base + self.conv_out.forward(hidden)
+        if let Some(b1) = &self.conv_in.bias {
+            hidden = hidden + b1.val().reshape([1, -1, 1, 1]);
+        }
+        let mut hidden = leaky_relu(hidden, self.negative_slope);
+        if self.mask_future_hidden {
+            hidden = zero_future(hidden);
+        }
+        let mut f = key_conv(self.conv_out.weight.val(), hidden);
+        if let Some(b2) = &self.conv_out.bias {
+            f = f + b2.val().reshape([1, h as i64, 1, 1]);
+        }
+        f
     }
 
     /// Whether a row's result depends on the key column right after it (see
     /// [`DapeV2Config::mask_future_hidden`]); query chunks then keep that one extra column.
     pub fn reads_next_column(&self) -> bool {
         !self.mask_future_hidden
+    }
+}
+
+/// The `1 × k` cross-correlation along the key axis with zero padding `k / 2` on each side,
+/// without bias: `weight: [D, C, 1, k]`, `x: [b, C, seq_q, seq_k]` → `[b, D, seq_q, seq_k]`.
+///
+/// Written as `Σ_t W_t @ x[.., j + t - k/2]`, each term a `[D, C] @ [C, seq_q · seq_k]` product.
+fn key_conv<B: Backend>(weight: Tensor<B, 4>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [d, c, _, k] = weight.dims();
+    let [b, _, lq, lk] = x.dims();
+    let half = k / 2;
+    let padded = if half > 0 {
+        let zeros = Tensor::<B, 4>::zeros([b, c, lq, half], &x.device());
+        Tensor::cat(vec![zeros.clone(), x, zeros], 3)
+    } else {
+        x
+    };
+    let mut out: Option<Tensor<B, 3>> = None;
+    for t in 0..k {
+        let w_t = weight.clone().narrow(3, t, 1).reshape([1, d, c]);
+        let x_t = padded.clone().narrow(3, t, lk).reshape([b, c, lq * lk]);
+        let term = w_t.matmul(x_t);
+        out = Some(match out {
+            Some(acc) => acc + term,
+            None => term,
+        });
+    }
+    out.expect("kernel_size is at least 1")
+        .reshape([b, d, lq, lk])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoding::AlibiConfig;
+    use burn::backend::NdArray;
+
+    type B = NdArray<f32>;
+
+    fn logits(lq: usize, lk: usize) -> Tensor<B, 4> {
+        Tensor::random(
+            [1, 4, lq, lk],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &Default::default(),
+        )
+    }
+
+    fn max_diff(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    /// Row blocks are exact: with a budget that splits the rows into several blocks (uneven,
+    /// and one row each), V1 and V2 (both masking modes) give the same result as `f` over all
+    /// rows at once.
+    #[test]
+    fn row_blocks_equal_one_pass() {
+        let device = Default::default();
+        let (lq, lk) = (13, 20);
+        let span = Span {
+            query_start: lk - lq,
+            query_len: lq,
+            key_len: lk,
+            causal: true,
+        };
+        let bias = || {
+            Some(AdditiveBias::Alibi(
+                AlibiConfig::new().init::<B>(4, &device).unwrap(),
+            ))
+        };
+        let a = logits(lq, lk);
+        let per_row = 32 * lk; // batch 1, default width 32
+        let bmap = bias().unwrap().forward(&span, &device);
+        let future = span.future_mask::<B>(&device).unsqueeze::<4>();
+        let v1 = DapeConfig::new().init::<B>(4, bias(), &device).unwrap();
+        let whole = a.clone() + bmap.clone() + v1.correction(a.clone(), Some(bmap.clone()));
+        for budget in [3 * per_row, 1] {
+            let blocked = v1.forward_blocked(a.clone(), &span, budget);
+            assert!(
+                max_diff(blocked, whole.clone()) < 1e-5,
+                "V1, budget {budget}"
+            );
+        }
+        for mask_hidden in [true, false] {
+            let v2 = DapeV2Config::new()
+                .with_mask_future_hidden(mask_hidden)
+                .init::<B>(4, bias(), &device)
+                .unwrap();
+            let whole = a.clone()
+                + bmap.clone()
+                + v2.correction(a.clone(), Some(bmap.clone()), Some(future.clone()));
+            for budget in [3 * per_row, 1] {
+                let blocked = v2.forward_blocked(a.clone(), &span, budget);
+                assert!(
+                    max_diff(blocked, whole.clone()) < 1e-5,
+                    "V2 (mask_future_hidden {mask_hidden}), budget {budget}"
+                );
+            }
+        }
+    }
+
+    /// `key_conv` is `Conv2d` with `(0, k/2)` zero padding, without bias.
+    #[test]
+    fn key_conv_matches_conv2d() {
+        let device = Default::default();
+        for k in [1, 3, 5] {
+            let conv = Conv2dConfig::new([3, 5], [1, k])
+                .with_padding(PaddingConfig2d::Explicit(0, k / 2, 0, k / 2))
+                .with_bias(false)
+                .init::<B>(&device);
+            let x = Tensor::<B, 4>::random(
+                [2, 3, 4, 7],
+                burn::tensor::Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let diff = max_diff(key_conv(conv.weight.val(), x.clone()), conv.forward(x));
+            assert!(diff < 1e-5, "k = {k}: {diff}");
+        }
     }
 }

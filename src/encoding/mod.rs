@@ -21,6 +21,7 @@
 pub mod absolute;
 pub mod bias;
 pub mod bipe;
+pub mod cache;
 pub mod cope;
 pub mod dape;
 pub mod rotary;
@@ -38,6 +39,7 @@ pub use bias::{
     KerpleKind, T5Bias, T5Config,
 };
 pub use bipe::{Bipe, BipeConfig, BipeInter, SegmentIds, SegmentState, Segments};
+pub use cache::{clear_table_cache, table_cache_stats, TableCacheStats};
 pub use cope::{Cope, CopeConfig};
 pub use dape::{Dape, DapeConfig, DapeV2, DapeV2Config};
 pub use rotary::{RopeConfig, RopeLayout, RopeScaling, Rotary, XposConfig};
@@ -101,20 +103,57 @@ impl Span {
             .expand([self.query_len, self.key_len])
     }
 
-    /// Signed distance `i - j` as floats: `[queries, keys]`.
+    /// A name for this span in table-cache keys.
+    pub(crate) fn cache_key(&self) -> String {
+        format!(
+            "{}+{}x{}{}",
+            self.query_start,
+            self.query_len,
+            self.key_len,
+            if self.causal { "c" } else { "" }
+        )
+    }
+
+    /// Relative offsets `i - j` as integers: `[queries, keys]`. Cached per span.
+    pub fn offsets<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
+        cache::cached::<B, _>(
+            device,
+            || format!("offsets {}", self.cache_key()),
+            self.query_len * self.key_len,
+            || self.query_positions::<B>(device) - self.key_positions::<B>(device),
+        )
+    }
+
+    /// Signed distance `i - j` as floats: `[queries, keys]`. Cached per span.
     pub fn signed_distance<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
-        (self.query_positions::<B>(device) - self.key_positions::<B>(device)).float()
+        cache::cached::<B, _>(
+            device,
+            || format!("signed_distance {}", self.cache_key()),
+            self.query_len * self.key_len,
+            || self.offsets::<B>(device).float(),
+        )
     }
 
     /// Distance `|i - j|` as floats: `[queries, keys]`. Finite everywhere, also at future keys.
+    /// Cached per span.
     pub fn distance<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
-        self.signed_distance::<B>(device).abs()
+        cache::cached::<B, _>(
+            device,
+            || format!("distance {}", self.cache_key()),
+            self.query_len * self.key_len,
+            || self.signed_distance::<B>(device).abs(),
+        )
     }
 
     /// `true` where the key lies in the future of the query (`j > i`): `[queries, keys]`.
+    /// Cached per span.
     pub fn future_mask<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Bool> {
-        self.key_positions::<B>(device)
-            .greater(self.query_positions::<B>(device))
+        cache::cached::<B, _>(
+            device,
+            || format!("future_mask {}", self.cache_key()),
+            self.query_len * self.key_len,
+            || self.offsets::<B>(device).lower_elem(0),
+        )
     }
 
     /// Whether any entry of this block lies in the future (and needs masking).

@@ -272,6 +272,36 @@ impl Rotary {
         center: f64,
         device: &B::Device,
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        use std::hash::{Hash, Hasher};
+        let half = inv_freq.len();
+        // Everything the values depend on, hashed: frequencies, factor, decay settings.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for f in inv_freq {
+            f.to_bits().hash(&mut h);
+        }
+        self.attention_factor.to_bits().hash(&mut h);
+        self.rotary_dim.hash(&mut h);
+        if let Some(sb) = self.xpos_scale_base {
+            (sb.to_bits(), sign.to_bits(), center.to_bits()).hash(&mut h);
+        }
+        let settings = h.finish();
+        super::cache::cached::<B, _>(
+            device,
+            || format!("rope {settings:x} {start}+{len}"),
+            2 * len * half,
+            || self.build_tables(inv_freq, start, len, sign, center, device),
+        )
+    }
+
+    fn build_tables<B: Backend>(
+        &self,
+        inv_freq: &[f64],
+        start: usize,
+        len: usize,
+        sign: f64,
+        center: f64,
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);

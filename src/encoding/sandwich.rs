@@ -88,16 +88,23 @@ impl<B: Backend> Sandwich<B> {
     /// lookup per logit, and the same distance always gives the same value (KV cache, chunks).
     pub fn forward(&self, span: &Span, device: &B::Device) -> Tensor<B, 4> {
         let (lq, lk) = (span.query_len, span.key_len);
-        let last_query = span.query_start + lq - 1;
-        let max_distance = last_query.max(lk.saturating_sub(1));
-        let table: Vec<f32> = (0..=max_distance)
-            .map(|d| sandwich_inner_product(d as f64, self.dim, self.base) as f32)
-            .collect();
-        let table = Tensor::<B, 1>::from_data(TensorData::new(table, [max_distance + 1]), device);
-        let idx = (span.query_positions::<B>(device) - span.key_positions::<B>(device))
-            .abs()
-            .reshape([lq * lk]);
-        let bias = table.select(0, idx).reshape([1, 1, lq, lk]);
+        let (dim, base) = (self.dim, self.base);
+        let bias = super::cache::cached::<B, _>(
+            device,
+            || format!("sandwich d{dim} base{base} {}", span.cache_key()),
+            lq * lk,
+            || {
+                let last_query = span.query_start + lq - 1;
+                let max_distance = last_query.max(lk.saturating_sub(1));
+                let table: Vec<f32> = (0..=max_distance)
+                    .map(|d| sandwich_inner_product(d as f64, dim, base) as f32)
+                    .collect();
+                let table =
+                    Tensor::<B, 1>::from_data(TensorData::new(table, [max_distance + 1]), device);
+                let idx = span.offsets::<B>(device).abs().reshape([lq * lk]);
+                table.select(0, idx).reshape([1, 1, lq, lk])
+            },
+        );
         let h = self.inv_ratio.dims()[0];
         bias * self.inv_ratio.clone().reshape([1, h, 1, 1])
     }

@@ -58,9 +58,7 @@ impl<B: Backend> Shaw<B> {
         let k = self.max_distance as i64;
         // Scores against every relative vector: [b, h, lq, 2K + 1].
         let rel = q.matmul(self.rel_keys.val().transpose().unsqueeze::<4>()) / (dh as f64).sqrt();
-        let idx = (span.key_positions::<B>(&device) - span.query_positions::<B>(&device))
-            .clamp(-k, k)
-            + k;
+        let idx = (-span.offsets::<B>(&device)).clamp(-k, k) + k;
         let idx = idx.unsqueeze::<4>().expand([b, h, lq, span.key_len]);
         logits + rel.gather(3, idx)
     }

@@ -151,7 +151,7 @@ impl<B: Backend> TransformerXl<B> {
             .unsqueeze::<4>();
         let v = self.v.val().reshape([1, h, 1, dh]);
         let position = (q + v).matmul(r) * scale; // [b, h, lq, count]
-        let idx = (span.query_positions::<B>(&device) - span.key_positions::<B>(&device)) - first; // δ - first ∈ [0, count)
+        let idx = span.offsets::<B>(&device) - first; // δ - first ∈ [0, count)
         let idx = idx.unsqueeze::<4>().expand([b, h, lq, lk]);
         let position = position.gather(3, idx);
         // u · k_j: [1, h, 1, dh] x [b, h, dh, lk] -> [b, h, 1, lk]
