@@ -4,6 +4,10 @@
 //! `cargo bench --bench attention` (criterion; filter with e.g. `-- dape_kerple`;
 //! `DAPE_BENCH_LENGTHS=128,512` to shorten). `cargo bench --features wgpu,tch --bench attention`
 //! adds the other backends (each group is named after its backend).
+//!
+//! The `table_cache` group shows what caching the data-independent tables saves: the same
+//! forward with the cache warm (tables built once per length and shared by layers and steps, as
+//! in training) and cold (the cache cleared before every call, so every table is rebuilt).
 
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
@@ -70,6 +74,30 @@ fn bench_backend<B: AutodiffBackend>(c: &mut Criterion, backend: &str, device: B
                 })
             });
         }
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group(format!("{backend}/table_cache"));
+    group.sample_size(10);
+    for name in ["rope", "t5", "alibi", "dape_kerple_log"] {
+        let length = 512;
+        let layer = attention::<B::InnerBackend>(name, length, &device);
+        let x = Tensor::random([1, length, 256], Distribution::Default, &device);
+        group.bench_with_input(
+            BenchmarkId::new(format!("{name}/warm"), length),
+            &length,
+            |b, _| b.iter(|| layer.forward(x.clone()).into_data()),
+        );
+        group.bench_with_input(
+            BenchmarkId::new(format!("{name}/cold"), length),
+            &length,
+            |b, _| {
+                b.iter(|| {
+                    dape::encoding::clear_table_cache();
+                    layer.forward(x.clone()).into_data()
+                })
+            },
+        );
     }
     group.finish();
 }

@@ -11,7 +11,8 @@
 # "1024 4096 8192 16384"), TRAIN_STEPS (default 10), OUT (default runs/bench), TIMEOUT per
 # measurement in seconds (default 1800), MEM_LIMIT_GB (address-space limit of each measured
 # process, default 20, so that an out-of-memory run fails cleanly instead of taking the machine
-# down), CARGO_FEATURES. Needs the torch==2.9.0 venv of
+# down), CARGO_FEATURES, TABLE_ONLY (rewrite $OUT/table.md from $OUT/results.jsonl, e.g.
+# after adding a measurement by hand, without measuring). Needs the torch==2.9.0 venv of
 # scripts/setup-libtorch.sh. A measurement that fails (out of memory, killed, timed out) is
 # recorded as failed with its exit status, not dropped.
 set -euo pipefail
@@ -26,13 +27,15 @@ TIMEOUT=${TIMEOUT:-1800}
 MEM_LIMIT_GB=${MEM_LIMIT_GB:-20}
 TORCH_REF=${TORCH_REF:-../shared/bench/torch_ref.py}
 if [ -n "${QUICK:-}" ]; then EVAL_LENGTHS=1024; TRAIN_STEPS=3; fi
+results=$OUT/results.jsonl
+threads=$(nproc)
 
+if [ -z "${TABLE_ONLY:-}" ]; then
 [ -f "$TORCH_REF" ] || { echo "no PyTorch reference at $TORCH_REF (set TORCH_REF)" >&2; exit 2; }
 eval "$(scripts/setup-libtorch.sh)"
 cargo build --release ${CARGO_FEATURES:+--features "$CARGO_FEATURES"} >&2
 dape=${DAPE_BIN:-${CARGO_TARGET_DIR:-target}/release/dape}
 mkdir -p "$OUT"
-results=$OUT/results.jsonl
 : > "$results"
 
 # run NAME CMD...: append the JSON line of CMD, or a failure record.
@@ -50,7 +53,6 @@ run() {
   tail -n 1 "$results" >&2
 }
 
-threads=$(nproc)
 for enc in $ENCODINGS; do
   echo "== train $enc, length 128, batch 8" >&2
   run dape "$dape" bench --backend "$BACKEND" --mode train --encoding "$enc" --length 128 \
@@ -58,14 +60,18 @@ for enc in $ENCODINGS; do
   run pytorch-eager python "$TORCH_REF" --mode train --encoding "$enc" --length 128 --batch 8 \
     --steps "$TRAIN_STEPS" --threads "$threads"
   for L in $EVAL_LENGTHS; do
+    # One step from 8192 on; no warm-up from 16384 on (one step takes minutes there, so what a
+    # warm-up would absorb is negligible, and it would double the time).
     steps=3; [ "$L" -ge 8192 ] && steps=1
+    warmup=1; [ "$L" -ge 16384 ] && warmup=0
     echo "== eval $enc, length $L, batch 1" >&2
     run dape "$dape" bench --backend "$BACKEND" --mode eval --encoding "$enc" --length "$L" \
-      --batch 1 --steps "$steps" --warmup 1
+      --batch 1 --steps "$steps" --warmup "$warmup"
     run pytorch-eager python "$TORCH_REF" --mode eval --encoding "$enc" --length "$L" \
       --batch 1 --steps "$steps" --threads "$threads"
   done
 done
+fi
 
 python3 - "$results" "$BACKEND" "$threads" > "$OUT/table.md" <<'PY'
 import json, sys, platform

@@ -147,14 +147,19 @@ impl<B: Backend> Dape<B> {
         let weight = self.mlp_in.weight.val(); // [C, D]
         let d = weight.dims()[1];
         let w_logits = weight.clone().narrow(0, 0, h).transpose().unsqueeze::<3>(); // [1, D, H]
-        let mut hidden = w_logits.matmul(logits.reshape([b, h, pairs])); // [b, D, pairs]
-        if let Some(bmap) = bias {
+        let hidden = w_logits.matmul(logits.reshape([b, h, pairs])); // [b, D, pairs]
+                                                                     // The batch-independent part of the first layer, `W_B · bias + b_1`, is `[1, D, pairs]`:
+                                                                     // it is formed once and added to the batch in a single pass.
+        let term = bias.map(|bmap| {
             let w_bias = weight.narrow(0, h, h).transpose().unsqueeze::<3>();
-            hidden = hidden + w_bias.matmul(bmap.reshape([1, h, pairs]));
-        }
-        if let Some(b1) = &self.mlp_in.bias {
-            hidden = hidden + b1.val().reshape([1, d, 1]);
-        }
+            w_bias.matmul(bmap.reshape([1, h, pairs]))
+        });
+        let b1 = self
+            .mlp_in
+            .bias
+            .as_ref()
+            .map(|b1| b1.val().reshape([1, d, 1]));
+        let hidden = plus_shared(hidden, term, b1);
         let hidden = leaky_relu(hidden, self.negative_slope);
         let w_out = self.mlp_out.weight.val().transpose().unsqueeze::<3>(); // [1, H, D]
         let mut f = w_out.matmul(hidden); // [b, H, pairs]
@@ -162,6 +167,23 @@ impl<B: Backend> Dape<B> {
             f = f + b2.val().reshape([1, h, 1]);
         }
         f.reshape([b, h, lq, lk])
+    }
+}
+
+/// `x + (term + bias)`: the batch-independent parts (`[1, ...]`, broadcast over the batch) are
+/// summed first, so the batch-sized tensor takes a single addition.
+fn plus_shared<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    term: Option<Tensor<B, D>>,
+    bias: Option<Tensor<B, D>>,
+) -> Tensor<B, D> {
+    let shared = match (term, bias) {
+        (Some(t), Some(b)) => Some(t + b),
+        (t, b) => t.or(b),
+    };
+    match shared {
+        Some(s) => x + s,
+        None => x,
     }
 }
 
@@ -305,14 +327,14 @@ impl<B: Backend> DapeV2<B> {
             None => x,
         };
         let w_in = self.conv_in.weight.val(); // [D, C, 1, k]
-        let mut hidden = key_conv(w_in.clone().narrow(1, 0, h), zero_future(logits));
-        if let Some(bmap) = bias {
-            hidden = hidden + key_conv(w_in.narrow(1, h, h), zero_future(bmap));
-        }
-        if let Some(b1) = &self.conv_in.bias {
-            hidden = hidden + b1.val().reshape([1, -1, 1, 1]);
-        }
-        let mut hidden = leaky_relu(hidden, self.negative_slope);
+        let hidden = key_conv(w_in.clone().narrow(1, 0, h), zero_future(logits));
+        let term = bias.map(|bmap| key_conv(w_in.narrow(1, h, h), zero_future(bmap)));
+        let b1 = self
+            .conv_in
+            .bias
+            .as_ref()
+            .map(|b1| b1.val().reshape([1, -1, 1, 1]));
+        let mut hidden = leaky_relu(plus_shared(hidden, term, b1), self.negative_slope);
         if self.mask_future_hidden {
             hidden = zero_future(hidden);
         }
