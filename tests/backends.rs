@@ -19,7 +19,13 @@ use dape::{
 type Reference = Autodiff<NdArray<f32>>;
 const VOCAB: usize = 17;
 const LEN: usize = 12;
+/// Logits: float32 forward passes agree to a few 1e-7 relative (largest seen on lavapipe: 3.3e-7).
 const TOL: f32 = 1e-4;
+/// Gradients: backward passes sum over every position, with cancellation, in a backend-specific
+/// order (and with or without FMA contraction), so they agree less closely. The largest seen, on
+/// lavapipe on an AVX2 CPU over all 34 encodings, was 2.4e-4 (DAPE-Kerple); a wrong formula or a
+/// missing term gives errors of order 1.
+const GRAD_TOL: f32 = 1e-3;
 
 fn model<Bk: Backend>(
     encoding: &PositionalEncodingConfig,
@@ -81,12 +87,13 @@ fn run<Bk: AutodiffBackend>(
     (logits, visitor.out)
 }
 
-/// max |a - b| relative to the tensor's scale max |b|, taken as at least 0.01: a gradient whose
-/// entries are all about 1e-3 (Kerple's `a`, summed over every (i, j) with cancellation) then
-/// passes when it agrees to 1e-6 absolute, which is what float32 accumulation order allows.
+/// max |a - b| relative to the tensor's scale max |b|, taken as at least 0.03: a gradient whose
+/// entries are all about 1e-3 (Kerple's `a`, or a weight gradient summed over every position
+/// with cancellation) then passes when it agrees to 3e-6 absolute, which is what float32
+/// accumulation order allows (lavapipe on an AVX2 CPU differed by 1.3e-6 on such a tensor).
 fn relative_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(1e-2f32, |m, x| m.max(x.abs()));
+    let scale = b.iter().fold(3e-2f32, |m, x| m.max(x.abs()));
     a.iter()
         .zip(b)
         .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
@@ -98,6 +105,8 @@ fn check_backend<Bk: AutodiffBackend>(backend: &str, device: Bk::Device) {
     let reference_device = Default::default();
     let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
     let only = std::env::var("DAPE_BACKEND_ENCODINGS").ok();
+    // Every encoding is checked, and every disagreement reported, before the test fails.
+    let mut failures = Vec::new();
     for name in ENCODING_NAMES {
         if only
             .as_deref()
@@ -116,15 +125,17 @@ fn check_backend<Bk: AutodiffBackend>(backend: &str, device: Bk::Device) {
         let (logits_ref, grads_ref) = run(&reference, &reference_device);
         let (logits, grads) = run(&other, &device);
         let d = relative_diff(&logits, &logits_ref);
-        assert!(
-            d <= TOL,
-            "{backend} / {name}: logits differ by {d:e} (relative)"
-        );
+        if d > TOL {
+            failures.push(format!(
+                "{backend} / {name}: logits differ by {d:e} (relative)"
+            ));
+        }
         assert_eq!(
             grads.len(),
             grads_ref.len(),
             "{backend} / {name}: parameter count"
         );
+        let mut worst = 0.0f32;
         for (i, (g, r)) in grads.iter().zip(&grads_ref).enumerate() {
             assert_eq!(
                 g.is_empty(),
@@ -132,18 +143,26 @@ fn check_backend<Bk: AutodiffBackend>(backend: &str, device: Bk::Device) {
                 "{backend} / {name}: parameter {i} gradient presence"
             );
             let d = relative_diff(g, r);
-            assert!(
-                d <= TOL,
-                "{backend} / {name}: gradient of parameter {i} differs by {d:e} (relative): {:?} vs {:?}",
-                &g[..g.len().min(8)],
-                &r[..r.len().min(8)]
-            );
+            worst = worst.max(d);
+            if d > GRAD_TOL {
+                failures.push(format!(
+                    "{backend} / {name}: gradient of parameter {i} differs by {d:e} (relative): {:?} vs {:?}",
+                    &g[..g.len().min(8)],
+                    &r[..r.len().min(8)]
+                ));
+            }
         }
         println!(
-            "{backend} / {name}: logits and {} gradients agree with ndarray",
+            "{backend} / {name}: logits ({d:.1e}) and {} gradients (worst {worst:.1e}) checked against ndarray",
             grads.len()
         );
     }
+    assert!(
+        failures.is_empty(),
+        "{} disagreements with ndarray:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// Whether a backend's device can run a kernel (a missing adapter or driver panics inside the
