@@ -119,8 +119,57 @@ impl<B: Backend> Dape<B> {
     /// hidden tensor `[batch, D, rows · seq_k]` stays under [`HIDDEN_BLOCK`] elements: memory
     /// beyond the logits themselves is bounded at any length (exact; one block in training at
     /// the usual sizes).
+    ///
+    /// On `NdArray<f32>` outside autodiff (evaluation, validation, decoding) it runs a fused CPU
+    /// kernel instead, one pass per row with the hidden vector in registers, which skips the keys
+    /// a causal row cannot see (their entries are `logits + B`, masked afterwards).
     pub fn forward(&self, logits: Tensor<B, 4>, span: &Span) -> Tensor<B, 4> {
+        #[cfg(feature = "ndarray")]
+        {
+            use super::fused;
+            if fused::applies::<B>() {
+                if let Some(out) = self.forward_fused(&logits, span) {
+                    return out;
+                }
+            } else if fused::applies_autodiff::<B>() && logits.dtype() == burn::tensor::DType::F32 {
+                let bias = self
+                    .bias
+                    .as_ref()
+                    .map(|b| b.forward(span, &logits.device()));
+                if let Some(out) = fused::dape_v1_autodiff(
+                    logits.clone(),
+                    bias,
+                    self.mlp_in.weight.val(),
+                    self.mlp_in.bias.as_ref().map(|b| b.val()),
+                    self.mlp_out.weight.val(),
+                    self.mlp_out.bias.as_ref().map(|b| b.val()),
+                    span,
+                    self.negative_slope as f32,
+                ) {
+                    return out;
+                }
+            }
+        }
         self.forward_blocked(logits, span, HIDDEN_BLOCK)
+    }
+
+    /// [`Self::forward`] through the fused CPU kernel; `None` when the tensors are not `f32`.
+    #[cfg(feature = "ndarray")]
+    fn forward_fused(&self, logits: &Tensor<B, 4>, span: &Span) -> Option<Tensor<B, 4>> {
+        use super::fused::{dape_v1, host, host_bias, run_fused, Mlp};
+        let w1 = self.mlp_in.weight.val(); // [C, D]
+        let [c, d] = w1.dims();
+        let mlp = Mlp::new(
+            [c, d, logits.dims()[1]],
+            host(w1)?,
+            host_bias(&self.mlp_in.bias)?,
+            host(self.mlp_out.weight.val())?,
+            host_bias(&self.mlp_out.bias)?,
+            self.negative_slope as f32,
+        );
+        run_fused(logits, self.bias.as_ref(), span, |a, m, dims| {
+            dape_v1(a, m, dims, span, &mlp)
+        })
     }
 
     /// [`Self::forward`] with blocks of rows whose hidden tensor stays under `budget` elements.
@@ -283,8 +332,38 @@ impl<B: Backend> DapeV2<B> {
     /// `seq_q · seq_k` pairs of the key-shifted map (`Σ_t W_t @ shift_t(x)`), which is exactly
     /// the zero-padded cross-correlation of `Conv2d` but avoids a generic convolution kernel.
     /// The batch-independent bias half goes through the first layer once, not once per row.
+    ///
+    /// On `NdArray<f32>` outside autodiff (evaluation, validation, decoding) it runs a fused CPU
+    /// kernel instead: both convolutions along each row in one pass, skipping the keys a causal
+    /// row cannot see (their entries are `logits + B`, masked afterwards).
     pub fn forward(&self, logits: Tensor<B, 4>, span: &Span) -> Tensor<B, 4> {
+        #[cfg(feature = "ndarray")]
+        if super::fused::applies::<B>() {
+            if let Some(out) = self.forward_fused(&logits, span) {
+                return out;
+            }
+        }
         self.forward_blocked(logits, span, HIDDEN_BLOCK)
+    }
+
+    /// [`Self::forward`] through the fused CPU kernel; `None` when the tensors are not `f32`.
+    #[cfg(feature = "ndarray")]
+    fn forward_fused(&self, logits: &Tensor<B, 4>, span: &Span) -> Option<Tensor<B, 4>> {
+        use super::fused::{dape_v2, host, host_bias, run_fused, KeyConvs};
+        let [d, c, _, k] = self.conv_in.weight.dims();
+        let h = logits.dims()[1];
+        let convs = KeyConvs {
+            dims: [c, d, h, k],
+            w1: host(self.conv_in.weight.val())?,
+            b1: host_bias(&self.conv_in.bias)?.unwrap_or_else(|| vec![0.0; d]),
+            w2: host(self.conv_out.weight.val())?,
+            b2: host_bias(&self.conv_out.bias)?.unwrap_or_else(|| vec![0.0; h]),
+            slope: self.negative_slope as f32,
+            mask_future_hidden: self.mask_future_hidden,
+        };
+        run_fused(logits, self.bias.as_ref(), span, |a, m, dims| {
+            dape_v2(a, m, dims, span, &convs)
+        })
     }
 
     /// [`Self::forward`] with blocks of rows whose hidden tensor stays under `budget` elements.
@@ -465,6 +544,258 @@ mod tests {
             );
             let diff = max_diff(key_conv(conv.weight.val(), x.clone()), conv.forward(x));
             assert!(diff < 1e-5, "k = {k}: {diff}");
+        }
+    }
+
+    /// A full causal forward, a causal chunk, a one-row decode step and a non-causal block; rows
+    /// longer than one 16-key block, with ragged ends.
+    const FUSED_SPANS: [Span; 4] = [
+        Span {
+            query_start: 0,
+            query_len: 37,
+            key_len: 37,
+            causal: true,
+        },
+        Span {
+            query_start: 20,
+            query_len: 9,
+            key_len: 29,
+            causal: true,
+        },
+        Span {
+            query_start: 40,
+            query_len: 1,
+            key_len: 41,
+            causal: true,
+        },
+        Span {
+            query_start: 0,
+            query_len: 5,
+            key_len: 19,
+            causal: false,
+        },
+    ];
+
+    /// For random logits `[2, 4, rows, keys]` over each of [`FUSED_SPANS`], checks
+    /// `run(logits, span) = [fused kernel, forward, tensor path]`: `forward` takes the fused path
+    /// on NdArray, and the fused result equals the tensor path at every key a row can see and
+    /// `logits + bias` at future keys.
+    fn check_fused(
+        label: &str,
+        bias: &Option<AdditiveBias<B>>,
+        run: impl Fn(&Tensor<B, 4>, &Span) -> [Tensor<B, 4>; 3],
+    ) {
+        for span in &FUSED_SPANS {
+            let (lq, lk) = (span.query_len, span.key_len);
+            let a = Tensor::<B, 4>::random(
+                [2, 4, lq, lk],
+                burn::tensor::Distribution::Normal(0.0, 2.0),
+                &Default::default(),
+            );
+            let base = match bias {
+                Some(bias) => a.clone() + bias.forward(span, &a.device()),
+                None => a.clone(),
+            };
+            let [fused, via_forward, reference] = run(&a, span);
+            let [f, g, r, base]: [Vec<f32>; 4] =
+                [fused, via_forward, reference, base].map(|t| t.into_data().to_vec().unwrap());
+            assert_eq!(f, g, "{label}: forward takes the fused path on NdArray");
+            for (idx, ((&f, &r), &b)) in f.iter().zip(&r).zip(&base).enumerate() {
+                let (i, j) = ((idx / lk) % lq, idx % lk);
+                let want = if span.causal && j > span.query_start + i {
+                    b
+                } else {
+                    r
+                };
+                assert!(
+                    (f - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{label}, {span:?}, index {idx}: fused {f}, want {want}"
+                );
+            }
+        }
+    }
+
+    /// The fused CPU kernel (NdArray outside autodiff) equals the tensor path at every key a row
+    /// can see, with and without a base bias, with batch 2, for a full causal forward, a causal
+    /// chunk, a one-row decode step, a non-causal block, and rows longer than one 16-key block
+    /// with a ragged end; future keys hold `logits + bias`.
+    #[test]
+    fn fused_kernel_matches_tensor_path() {
+        let device = Default::default();
+        for with_bias in [true, false] {
+            let bias = with_bias
+                .then(|| AdditiveBias::Alibi(AlibiConfig::new().init::<B>(4, &device).unwrap()));
+            let mut dape = DapeConfig::new()
+                .with_negative_slope(0.2)
+                .init::<B>(4, bias, &device)
+                .unwrap();
+            // Non-zero biases, so that both are exercised.
+            let rand = |n| {
+                Tensor::<B, 1>::random([n], burn::tensor::Distribution::Normal(0.0, 1.0), &device)
+            };
+            dape.mlp_in.bias = Some(burn::module::Param::from_tensor(rand(32)));
+            dape.mlp_out.bias = Some(burn::module::Param::from_tensor(rand(4)));
+            check_fused(&format!("bias {with_bias}"), &dape.bias, |a, span| {
+                [
+                    dape.forward_fused(a, span).expect("f32 tensors"),
+                    dape.forward(a.clone(), span),
+                    dape.forward_blocked(a.clone(), span, HIDDEN_BLOCK),
+                ]
+            });
+        }
+    }
+
+    /// On `Autodiff<NdArray>` DAPE runs as one fused operation with its own backward pass: its
+    /// output and the gradients of the logits, of the base bias's parameters (Kerple's `p`, `a`)
+    /// and of both layers equal the tensor path's, with and without a base bias, for a full
+    /// causal forward and a causal chunk with batch 2, and a second run gives the same output and
+    /// gradients bit for bit. The loss weights future keys by zero, as the causal mask does.
+    #[test]
+    fn fused_autodiff_matches_tensor_path() {
+        use crate::encoding::{KerpleConfig, KerpleKind};
+        use burn::backend::Autodiff;
+        type Ad = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        let normal = burn::tensor::Distribution::Normal(0.0, 1.0);
+        let spans = [
+            Span::full(35),
+            Span {
+                query_start: 20,
+                query_len: 9,
+                key_len: 29,
+                causal: true,
+            },
+        ];
+        for with_bias in [true, false] {
+            let bias = with_bias.then(|| {
+                let mut k = KerpleConfig::new()
+                    .init::<Ad>(4, KerpleKind::Log, &device)
+                    .unwrap();
+                k.p = burn::module::Param::from_tensor(Tensor::<Ad, 1>::random(
+                    [4],
+                    burn::tensor::Distribution::Uniform(0.5, 2.0),
+                    &device,
+                ));
+                AdditiveBias::Kerple(k)
+            });
+            let mut dape = DapeConfig::new()
+                .with_negative_slope(0.1)
+                .init::<Ad>(4, bias, &device)
+                .unwrap();
+            dape.mlp_in.bias = Some(burn::module::Param::from_tensor(Tensor::random(
+                [32],
+                normal,
+                &device,
+            )));
+            dape.mlp_out.bias = Some(burn::module::Param::from_tensor(Tensor::random(
+                [4],
+                normal,
+                &device,
+            )));
+            for span in spans {
+                let (lq, lk) = (span.query_len, span.key_len);
+                let a0 = Tensor::<Ad, 4>::random([2, 4, lq, lk], normal, &device);
+                let visible = span
+                    .future_mask::<Ad>(&device)
+                    .bool_not()
+                    .float()
+                    .reshape([1, 1, lq, lk]);
+                let weights = Tensor::<Ad, 4>::random([2, 4, lq, lk], normal, &device) * visible;
+                let run = |fused: bool| {
+                    let a = a0.clone().detach().require_grad();
+                    let out = if fused {
+                        dape.forward(a.clone(), &span)
+                    } else {
+                        dape.forward_blocked(a.clone(), &span, HIDDEN_BLOCK)
+                    };
+                    let grads = (out.clone() * weights.clone()).sum().backward();
+                    let mut got: Vec<(String, Vec<f32>)> = vec![
+                        (
+                            "output".into(),
+                            (out * weights.clone())
+                                .inner()
+                                .into_data()
+                                .to_vec()
+                                .unwrap(),
+                        ),
+                        (
+                            "d logits".into(),
+                            a.grad(&grads).unwrap().into_data().to_vec().unwrap(),
+                        ),
+                    ];
+                    let mut param = |name: &str, g: Option<Tensor<NdArray<f32>, 1>>| {
+                        got.push((name.into(), g.expect(name).into_data().to_vec().unwrap()));
+                    };
+                    param(
+                        "d w1",
+                        dape.mlp_in.weight.grad(&grads).map(|g| g.flatten(0, 1)),
+                    );
+                    param("d b1", dape.mlp_in.bias.as_ref().unwrap().grad(&grads));
+                    param(
+                        "d w2",
+                        dape.mlp_out.weight.grad(&grads).map(|g| g.flatten(0, 1)),
+                    );
+                    param("d b2", dape.mlp_out.bias.as_ref().unwrap().grad(&grads));
+                    if let Some(AdditiveBias::Kerple(k)) = &dape.bias {
+                        param("d kerple p", k.p.grad(&grads));
+                        param("d kerple a", k.a.grad(&grads));
+                    }
+                    got
+                };
+                let fused = run(true);
+                // What the fused node computes is bit-identical between runs (Kerple's own
+                // backward, in Burn's ndarray ops, is not: its reductions are parallel).
+                for ((name, x), (_, y)) in fused.iter().zip(run(true)) {
+                    assert!(
+                        name.starts_with("d kerple") || x == &y,
+                        "bias {with_bias}, {span:?}: {name} differs between runs"
+                    );
+                }
+                for ((name, f), (_, t)) in fused.into_iter().zip(run(false)) {
+                    let scale = t.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                    let diff = f
+                        .iter()
+                        .zip(&t)
+                        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                    assert!(
+                        diff <= 1e-4 * scale,
+                        "bias {with_bias}, {span:?}: {name} differs by {diff} (scale {scale})"
+                    );
+                }
+            }
+        }
+    }
+
+    /// DAPE V2's fused CPU kernel equals the tensor path at every key a row can see, for both
+    /// masking modes, kernel widths 1, 3 and 5, with and without a base bias, batch 2, over a
+    /// full causal forward, a causal chunk, a decode step and a non-causal block; future keys
+    /// hold `logits + bias`.
+    #[test]
+    fn fused_v2_kernel_matches_tensor_path() {
+        let device = Default::default();
+        for (with_bias, mask_hidden, k) in [
+            (true, true, 3),
+            (true, false, 3),
+            (false, true, 5),
+            (false, false, 5),
+            (true, true, 1),
+        ] {
+            let bias = with_bias
+                .then(|| AdditiveBias::Alibi(AlibiConfig::new().init::<B>(4, &device).unwrap()));
+            let dape = DapeV2Config::new()
+                .with_kernel_size(k)
+                .with_negative_slope(0.2)
+                .with_mask_future_hidden(mask_hidden)
+                .init::<B>(4, bias, &device)
+                .unwrap();
+            let label = format!("bias {with_bias}, mask {mask_hidden}, k {k}");
+            check_fused(&label, &dape.bias, |a, span| {
+                [
+                    dape.forward_fused(a, span).expect("f32 tensors"),
+                    dape.forward(a.clone(), span),
+                    dape.forward_blocked(a.clone(), span, HIDDEN_BLOCK),
+                ]
+            });
         }
     }
 }

@@ -24,6 +24,8 @@ pub mod bipe;
 pub mod cache;
 pub mod cope;
 pub mod dape;
+#[cfg(feature = "ndarray")]
+mod fused;
 pub mod rotary;
 pub mod sandwich;
 pub mod shaw;

@@ -1,0 +1,1004 @@
+//! Fused CPU kernels for DAPE's correction on the ndarray backend.
+//!
+//! DAPE's `f` is two skinny matrix products and an activation over every (query, key) pair. As
+//! separate tensor operations each is a pass over `D × pairs` floats (`D` = 32), bound by memory
+//! bandwidth on the CPU, and under autodiff each also keeps its activations for the backward
+//! pass. Here one pass over a row of keys does all of it with the hidden vector in registers:
+//! for a block of 16 keys it gathers the `C` input channels, forms the `D` hidden values,
+//! applies LeakyReLU and the second layer, and writes `logits + bias + f`. Query rows run in
+//! parallel (rayon); keys a causal row may not attend to are skipped (they are masked
+//! afterwards, so only their finite `logits + bias` is written). The inner loops are compiled
+//! twice, for AVX2 + FMA (picked at run time when the CPU has them) and for the baseline target.
+//!
+//! * [`dape_v1`] and [`dape_v2`] (both convolutions of a row in one pass) run for
+//!   `NdArray<f32>`, checked by type: evaluation, validation and decoding.
+//! * [`dape_v1_autodiff`] runs for `Autodiff<NdArray<f32>>` (training): DAPE V1 is recorded as
+//!   one graph node whose backward pass, [`dape_v1_backward`], recomputes the hidden layer row by
+//!   row and returns the gradients of the logits, the bias map and both layers. DAPE V2 under
+//!   autodiff keeps the tensor path.
+//!
+//! Every other backend (WGPU, LibTorch) keeps the tensor path. Sums run in another order than
+//! the tensor path's, so results agree to float32 rounding, not bit for bit; the unit tests in
+//! `dape.rs` check values and gradients against the tensor path.
+
+use std::any::{Any, TypeId};
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::ops::FloatTensorOps;
+use burn::tensor::{DType, TensorData, TensorPrimitive};
+use rayon::prelude::*;
+
+use super::Span;
+
+/// Keys per block: two AVX registers of `f32`.
+const LANES: usize = 16;
+
+/// Whether `B` is the backend the fused kernel runs on (`NdArray<f32>`, no autodiff).
+pub(crate) fn applies<B: Backend>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<burn_ndarray::NdArray<f32>>()
+}
+
+/// Whether `B` is `Autodiff<NdArray<f32>>` (training on ndarray), where the fused kernel runs
+/// as one differentiable operation with its own fused backward pass.
+pub(crate) fn applies_autodiff<B: Backend>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<Ad>()
+}
+
+type Nd = burn_ndarray::NdArray<f32>;
+type Ad = Autodiff<Nd>;
+
+/// The weights of DAPE's `f = Linear(C → D) → LeakyReLU → Linear(D → H)`, on the host, in the
+/// layouts the kernels read contiguously.
+#[derive(Clone, Debug)]
+pub(crate) struct Mlp {
+    /// Input channels `C` (`2H` with a base bias, `H` without).
+    c: usize,
+    /// Hidden width `D`.
+    d: usize,
+    /// Heads `H` (outputs).
+    h: usize,
+    /// First layer, `[D, C]` (row `d`: the weights into hidden unit `d`).
+    w1: Vec<f32>,
+    /// First layer transposed, `[C, D]` (Burn's `Linear` layout).
+    w1t: Vec<f32>,
+    /// First bias, `[D]`.
+    b1: Vec<f32>,
+    /// Second layer, `[H, D]`.
+    w2: Vec<f32>,
+    /// Second layer transposed, `[D, H]` (Burn's `Linear` layout).
+    w2t: Vec<f32>,
+    /// Second bias, `[H]`.
+    b2: Vec<f32>,
+    /// LeakyReLU slope.
+    slope: f32,
+}
+
+impl Mlp {
+    /// From Burn's `Linear` layouts: `w1: [C, D]`, `w2: [D, H]`; missing biases are zero.
+    pub(crate) fn new(
+        [c, d, h]: [usize; 3],
+        w1t: Vec<f32>,
+        b1: Option<Vec<f32>>,
+        w2t: Vec<f32>,
+        b2: Option<Vec<f32>>,
+        slope: f32,
+    ) -> Self {
+        Self {
+            c,
+            d,
+            h,
+            w1: transpose(&w1t, c, d),
+            w1t,
+            b1: b1.unwrap_or_else(|| vec![0.0; d]),
+            w2: transpose(&w2t, d, h),
+            w2t,
+            b2: b2.unwrap_or_else(|| vec![0.0; h]),
+            slope,
+        }
+    }
+}
+
+/// `[rows, cols]` → `[cols, rows]`.
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = x[r * cols + c];
+        }
+    }
+    out
+}
+
+/// Reads an `f32` tensor's values in row-major order (`None` for another element type). On
+/// ndarray this is one copy of the array's memory; `into_data` would walk the elements one by
+/// one whenever the array is shared (as a graph's tensors are).
+pub(crate) fn host<B: Backend, const D: usize>(x: Tensor<B, D>) -> Option<Vec<f32>> {
+    if x.dtype() != DType::F32 {
+        return None;
+    }
+    if applies::<B>() {
+        let x: Tensor<Nd, D> = cast(x)?;
+        return match x.into_primitive().tensor() {
+            burn_ndarray::NdArrayTensor::F32(storage) => {
+                let view = storage.view();
+                Some(match view.as_slice() {
+                    Some(values) => values.to_vec(),
+                    None => view.iter().copied().collect(),
+                })
+            }
+            _ => None,
+        };
+    }
+    x.into_data().into_vec::<f32>().ok()
+}
+
+/// Reads an optional layer bias (`Some(None)` when the layer has none; `None` when not `f32`).
+pub(crate) fn host_bias<B: Backend>(
+    bias: &Option<burn::module::Param<Tensor<B, 1>>>,
+) -> Option<Option<Vec<f32>>> {
+    match bias {
+        Some(b) => host(b.val()).map(Some),
+        None => Some(None),
+    }
+}
+
+/// Runs a fused kernel `kernel(logits, bias map, dims)` on the host values of `logits` and of
+/// the base bias's map over `span`, and returns its result as a tensor on the logits' device.
+/// `None` (the caller then takes the tensor path) when a tensor is not `f32` or the bias map is
+/// not `[1, H, rows, keys]`.
+pub(crate) fn run_fused<B: Backend>(
+    logits: &Tensor<B, 4>,
+    bias: Option<&super::AdditiveBias<B>>,
+    span: &Span,
+    kernel: impl FnOnce(Vec<f32>, Option<&[f32]>, [usize; 4]) -> Vec<f32>,
+) -> Option<Tensor<B, 4>> {
+    let device = logits.device();
+    let dims = logits.dims();
+    let [_, h, lq, lk] = dims;
+    let map = match bias {
+        Some(bias) => {
+            let m = bias.forward(span, &device);
+            if m.dims() != [1, h, lq, lk] {
+                return None;
+            }
+            Some(host(m)?)
+        }
+        None => None,
+    };
+    let out = kernel(host(logits.clone())?, map.as_deref(), dims);
+    Some(Tensor::from_data(TensorData::new(out, dims), &device))
+}
+
+/// Splits `[planes, lq, lk]` values into one group per query row: group `i` holds row `i` of
+/// every plane, in plane order. Groups are disjoint, so rows can be processed in parallel.
+fn rows_by_query(data: &mut [f32], lq: usize, lk: usize) -> Vec<Vec<&mut [f32]>> {
+    let planes = data.len() / (lq * lk).max(1);
+    let mut groups: Vec<Vec<&mut [f32]>> = (0..lq).map(|_| Vec::with_capacity(planes)).collect();
+    if lk == 0 {
+        return groups;
+    }
+    for plane in data.chunks_mut(lq * lk) {
+        for (i, row) in plane.chunks_mut(lk).enumerate() {
+            groups[i].push(row);
+        }
+    }
+    groups
+}
+
+/// Row `i` of every head plane of `[1, H, lq, lk]`.
+fn bias_rows(bias: Option<&[f32]>, h: usize, i: usize, lq: usize, lk: usize) -> Vec<&[f32]> {
+    match bias {
+        Some(m) => (0..h).map(|hh| &m[(hh * lq + i) * lk..][..lk]).collect(),
+        None => Vec::new(),
+    }
+}
+
+/// Keys `0..visible` of row `i` can be attended to; the rest are masked afterwards.
+fn visible_keys(span: &Span, i: usize, lk: usize) -> usize {
+    if span.causal {
+        (span.query_start + i + 1).min(lk)
+    } else {
+        lk
+    }
+}
+
+/// `logits + bias + f([logits ‖ bias])` for `logits: [batch, H, rows, keys]` and the
+/// batch-independent `bias: [1, H, rows, keys]` (or `logits + f(logits)` over NoPE when `None`).
+/// Keys after a causal row's position get `logits + bias` only.
+pub(crate) fn dape_v1(
+    mut logits: Vec<f32>,
+    bias: Option<&[f32]>,
+    [b, h, lq, lk]: [usize; 4],
+    span: &Span,
+    mlp: &Mlp,
+) -> Vec<f32> {
+    debug_assert_eq!(logits.len(), b * h * lq * lk);
+    debug_assert_eq!(mlp.h, h);
+    debug_assert_eq!(mlp.c, if bias.is_some() { 2 * h } else { h });
+    each_row(
+        &mut logits,
+        [h, lq, lk],
+        bias,
+        span,
+        || Scratch::new(mlp),
+        |s, heads, bias, visible| forward_row_simd(mlp, heads, bias, visible, s),
+    );
+    logits
+}
+
+/// Runs `row(scratch, heads, bias rows, visible keys)` for every query row of every batch
+/// element of `logits: [batch, H, rows, keys]`, in parallel over query rows, with one
+/// `init()` scratch per worker; `heads[hh]` is head `hh`'s row, updated in place.
+fn each_row<S>(
+    logits: &mut [f32],
+    [h, lq, lk]: [usize; 3],
+    bias: Option<&[f32]>,
+    span: &Span,
+    init: impl Fn() -> S + Send + Sync,
+    row: impl Fn(&mut S, &mut [&mut [f32]], &[&[f32]], usize) + Send + Sync,
+) {
+    rows_by_query(logits, lq, lk)
+        .into_par_iter()
+        .enumerate()
+        .for_each_init(init, |scratch, (i, mut planes)| {
+            let bias = bias_rows(bias, h, i, lq, lk);
+            let visible = visible_keys(span, i, lk);
+            for heads in planes.chunks_mut(h) {
+                row(scratch, heads, &bias, visible);
+            }
+        });
+}
+
+/// Defines `$name(args)`, which runs `$kernel::<true>` compiled for AVX2 + FMA when the CPU
+/// has them and `$kernel::<false>` (baseline target, no fused multiply-add) otherwise. The
+/// kernel is `#[inline(always)]`, so it is compiled into the `#[target_feature]` function itself;
+/// calling it through a closure would not be.
+macro_rules! simd_entry {
+    ($(#[$doc:meta])* fn $name:ident = $kernel:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn fast($($arg: $ty),*) {
+                    $kernel::<true>($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features `fast` is compiled for (checked above).
+                    unsafe { fast($($arg),*) };
+                    return;
+                }
+            }
+            $kernel::<false>($($arg),*)
+        }
+    };
+}
+
+simd_entry! {
+    /// [`forward_row`] for this CPU.
+    fn forward_row_simd = forward_row(
+        mlp: &Mlp,
+        heads: &mut [&mut [f32]],
+        bias: &[&[f32]],
+        visible: usize,
+        s: &mut Scratch,
+    )
+}
+
+simd_entry! {
+    /// [`backward_row`] for this CPU.
+    fn backward_row_simd = backward_row(
+        mlp: &Mlp,
+        rows: &BackwardRow,
+        da: &mut [&mut [f32]],
+        db: &mut [&mut [f32]],
+        s: &mut Scratch,
+        acc: &mut WeightGrads,
+    )
+}
+
+simd_entry! {
+    /// [`v2_row`] for this CPU.
+    fn v2_row_simd = v2_row(
+        convs: &KeyConvs,
+        heads: &mut [&mut [f32]],
+        rows: &V2Row,
+        x: &mut [f32],
+        hidden: &mut [f32],
+        block: &mut [[f32; LANES]],
+    )
+}
+
+/// Per-thread working memory, `[channels][LANES]` each.
+struct Scratch {
+    /// Gathered inputs, `C`.
+    x: Vec<[f32; LANES]>,
+    /// Pre-activation hidden values, `D`.
+    z: Vec<[f32; LANES]>,
+    /// Hidden values after LeakyReLU, `D`.
+    hidden: Vec<[f32; LANES]>,
+    /// Output gradient, `H` (backward).
+    g: Vec<[f32; LANES]>,
+    /// Gradient at the pre-activations, `D` (backward).
+    delta: Vec<[f32; LANES]>,
+    /// Second-layer outputs, `H` (forward).
+    out: Vec<[f32; LANES]>,
+    /// Gradient at the inputs, `C` (backward).
+    dx: Vec<[f32; LANES]>,
+}
+
+impl Scratch {
+    fn new(mlp: &Mlp) -> Self {
+        Self {
+            x: vec![[0.0; LANES]; mlp.c],
+            z: vec![[0.0; LANES]; mlp.d],
+            hidden: vec![[0.0; LANES]; mlp.d],
+            g: vec![[0.0; LANES]; mlp.h],
+            delta: vec![[0.0; LANES]; mlp.d],
+            out: vec![[0.0; LANES]; mlp.h],
+            dx: vec![[0.0; LANES]; mlp.c],
+        }
+    }
+}
+
+/// `acc + w · x`, fused when the target has FMA (a separate multiply and add otherwise, since
+/// `mul_add` without hardware FMA is a slow library call).
+#[inline(always)]
+fn madd<const FMA: bool>(acc: f32, w: f32, x: f32) -> f32 {
+    if FMA {
+        w.mul_add(x, acc)
+    } else {
+        acc + w * x
+    }
+}
+
+/// `out[k] = bias[k] + Σ_c weight[k, c] · input[c]`, lane by lane; `weight: [out.len(), input.len()]`.
+#[inline(always)]
+fn layer<const FMA: bool>(
+    out: &mut [[f32; LANES]],
+    weight: &[f32],
+    bias: &[f32],
+    input: &[[f32; LANES]],
+) {
+    let n = input.len();
+    for (k, o) in out.iter_mut().enumerate() {
+        let mut acc = [bias.get(k).copied().unwrap_or(0.0); LANES];
+        for (&w, x) in weight[k * n..(k + 1) * n].iter().zip(input) {
+            for l in 0..LANES {
+                acc[l] = madd::<FMA>(acc[l], w, x[l]);
+            }
+        }
+        *o = acc;
+    }
+}
+
+/// Copies keys `j0 .. j0 + n` of `rows` into the first `n` lanes of `dst`, zeroing the rest.
+#[inline(always)]
+fn gather(
+    dst: &mut [[f32; LANES]],
+    rows: impl Iterator<Item = impl AsRef<[f32]>>,
+    j0: usize,
+    n: usize,
+) {
+    for (lane, row) in dst.iter_mut().zip(rows) {
+        lane[..n].copy_from_slice(&row.as_ref()[j0..j0 + n]);
+        lane[n..].fill(0.0);
+    }
+}
+
+/// The first layer and LeakyReLU for the gathered block `x`: fills `z` and `hidden`.
+#[inline(always)]
+fn hidden_layer<const FMA: bool>(mlp: &Mlp, s: &mut Scratch) {
+    layer::<FMA>(&mut s.z, &mlp.w1, &mlp.b1, &s.x);
+    for (hd, z) in s.hidden.iter_mut().zip(&s.z) {
+        for l in 0..LANES {
+            hd[l] = if z[l] >= 0.0 { z[l] } else { z[l] * mlp.slope };
+        }
+    }
+}
+
+/// One query row of one batch element: `heads[hh]` holds head `hh`'s logits over the keys and
+/// receives `logits + bias + f`.
+#[inline(always)]
+fn forward_row<const FMA: bool>(
+    mlp: &Mlp,
+    heads: &mut [&mut [f32]],
+    bias: &[&[f32]],
+    visible: usize,
+    s: &mut Scratch,
+) {
+    let h = mlp.h;
+    let lk = heads.first().map_or(0, |r| r.len());
+    for j0 in (0..visible).step_by(LANES) {
+        let n = LANES.min(visible - j0);
+        gather(&mut s.x[..h], heads.iter().map(|r| &r[..]), j0, n);
+        gather(&mut s.x[h..], bias.iter(), j0, n);
+        hidden_layer::<FMA>(mlp, s);
+        layer::<FMA>(&mut s.out, &mlp.w2, &mlp.b2, &s.hidden);
+        for (hh, (dst, f)) in heads.iter_mut().zip(&s.out).enumerate() {
+            let dst = &mut dst[j0..j0 + n];
+            match bias.get(hh) {
+                Some(bias) => {
+                    for ((o, &bv), &f) in dst.iter_mut().zip(&bias[j0..j0 + n]).zip(f) {
+                        *o += bv + f;
+                    }
+                }
+                None => {
+                    for (o, &f) in dst.iter_mut().zip(f) {
+                        *o += f;
+                    }
+                }
+            }
+        }
+    }
+    // Future keys: masked by the caller; keep them finite.
+    if visible < lk {
+        for (dst, bias) in heads.iter_mut().zip(bias) {
+            for (o, &bv) in dst[visible..].iter_mut().zip(&bias[visible..]) {
+                *o += bv;
+            }
+        }
+    }
+}
+
+/// Gradients of [`dape_v1`] for the output gradient `grad: [batch, H, rows, keys]`.
+#[derive(Debug)]
+pub(crate) struct V1Grads {
+    /// `[batch, H, rows, keys]`.
+    pub logits: Vec<f32>,
+    /// `[1, H, rows, keys]` (summed over the batch); `None` without a bias.
+    pub bias: Option<Vec<f32>>,
+    /// `[C, D]`, Burn's `Linear` layout.
+    pub w1t: Vec<f32>,
+    /// `[D]`.
+    pub b1: Vec<f32>,
+    /// `[D, H]`, Burn's `Linear` layout.
+    pub w2t: Vec<f32>,
+    /// `[H]`.
+    pub b2: Vec<f32>,
+}
+
+/// Per-thread weight-gradient sums, one accumulator per lane (summed over lanes at the end).
+struct WeightGrads {
+    /// `[D, C]`.
+    w1: Vec<[f32; LANES]>,
+    /// `[D]`.
+    b1: Vec<[f32; LANES]>,
+    /// `[H, D]`.
+    w2: Vec<[f32; LANES]>,
+    /// `[H]`.
+    b2: Vec<[f32; LANES]>,
+}
+
+impl WeightGrads {
+    fn new(mlp: &Mlp) -> Self {
+        let z = [0.0; LANES];
+        Self {
+            w1: vec![z; mlp.d * mlp.c],
+            b1: vec![z; mlp.d],
+            w2: vec![z; mlp.h * mlp.d],
+            b2: vec![z; mlp.h],
+        }
+    }
+
+    fn add(mut self, other: Self) -> Self {
+        for (a, b) in [
+            (&mut self.w1, &other.w1),
+            (&mut self.b1, &other.b1),
+            (&mut self.w2, &other.w2),
+            (&mut self.b2, &other.b2),
+        ] {
+            for (x, y) in a.iter_mut().zip(b) {
+                for l in 0..LANES {
+                    x[l] += y[l];
+                }
+            }
+        }
+        self
+    }
+
+    fn sum_lanes(v: &[[f32; LANES]]) -> Vec<f32> {
+        v.iter().map(|x| x.iter().sum()).collect()
+    }
+}
+
+/// The backward pass of [`dape_v1`] (the hidden layer is recomputed, not stored).
+pub(crate) fn dape_v1_backward(
+    logits: &[f32],
+    bias: Option<&[f32]>,
+    grad: &[f32],
+    [b, h, lq, lk]: [usize; 4],
+    span: &Span,
+    mlp: &Mlp,
+) -> V1Grads {
+    let plane = lq * lk;
+    let mut d_logits = vec![0.0f32; b * h * plane];
+    let mut d_bias = bias.map(|_| vec![0.0f32; h * plane]);
+    let da_rows = rows_by_query(&mut d_logits, lq, lk);
+    let db_rows: Vec<Vec<&mut [f32]>> = match d_bias.as_mut() {
+        Some(db) => rows_by_query(db, lq, lk),
+        None => (0..lq).map(|_| Vec::new()).collect(),
+    };
+    // Weight gradients are summed per fixed group of rows and then over the groups in order,
+    // so that the result does not depend on how rayon schedules the groups: training stays
+    // deterministic for a seed.
+    let mut groups: Vec<Vec<BackwardTask>> = Vec::with_capacity(lq.div_ceil(ROWS_PER_GROUP));
+    for (i, (da, db)) in da_rows.into_iter().zip(db_rows).enumerate() {
+        if i % ROWS_PER_GROUP == 0 {
+            groups.push(Vec::with_capacity(ROWS_PER_GROUP));
+        }
+        if let Some(group) = groups.last_mut() {
+            group.push((i, da, db));
+        }
+    }
+    let partial: Vec<WeightGrads> = groups
+        .into_par_iter()
+        .map(|group| {
+            let (mut s, mut acc) = (Scratch::new(mlp), WeightGrads::new(mlp));
+            for (i, mut da, mut db) in group {
+                let bias = bias_rows(bias, h, i, lq, lk);
+                let visible = visible_keys(span, i, lk);
+                for (bi, da) in da.chunks_mut(h).enumerate() {
+                    let row = |hh: usize| {
+                        ((bi * h + hh) * lq + i) * lk..((bi * h + hh) * lq + i + 1) * lk
+                    };
+                    let a: Vec<&[f32]> = (0..h).map(|hh| &logits[row(hh)]).collect();
+                    let g: Vec<&[f32]> = (0..h).map(|hh| &grad[row(hh)]).collect();
+                    let rows = BackwardRow {
+                        a: &a,
+                        bias: &bias,
+                        g: &g,
+                        visible,
+                    };
+                    backward_row_simd(mlp, &rows, da, &mut db, &mut s, &mut acc);
+                }
+            }
+            acc
+        })
+        .collect();
+    let sums = partial
+        .into_iter()
+        .fold(WeightGrads::new(mlp), WeightGrads::add);
+    V1Grads {
+        logits: d_logits,
+        bias: d_bias,
+        w1t: transpose(&WeightGrads::sum_lanes(&sums.w1), mlp.d, mlp.c),
+        b1: WeightGrads::sum_lanes(&sums.b1),
+        w2t: transpose(&WeightGrads::sum_lanes(&sums.w2), mlp.h, mlp.d),
+        b2: WeightGrads::sum_lanes(&sums.b2),
+    }
+}
+
+/// Query rows whose weight gradients one task sums before the fixed-order sum over tasks.
+const ROWS_PER_GROUP: usize = 8;
+
+/// One query row of the backward pass: its index, its `d logits` rows (every batch element's
+/// heads) and its `d bias` rows.
+type BackwardTask<'a> = (usize, Vec<&'a mut [f32]>, Vec<&'a mut [f32]>);
+
+/// The read-only rows of one (batch element, query row) of the backward pass, per head.
+struct BackwardRow<'a> {
+    a: &'a [&'a [f32]],
+    bias: &'a [&'a [f32]],
+    g: &'a [&'a [f32]],
+    visible: usize,
+}
+
+/// One query row of one batch element of the backward pass: writes `d logits` into `da`, adds
+/// `d bias` into `db` (summed over the batch) and the weight gradients into `acc`.
+#[inline(always)]
+fn backward_row<const FMA: bool>(
+    mlp: &Mlp,
+    rows: &BackwardRow,
+    da: &mut [&mut [f32]],
+    db: &mut [&mut [f32]],
+    s: &mut Scratch,
+    acc: &mut WeightGrads,
+) {
+    let (h, c, d) = (mlp.h, mlp.c, mlp.d);
+    let lk = rows.g.first().map_or(0, |r| r.len());
+    let visible = rows.visible;
+    for j0 in (0..visible).step_by(LANES) {
+        let n = LANES.min(visible - j0);
+        gather(&mut s.x[..h], rows.a.iter(), j0, n);
+        gather(&mut s.x[h..], rows.bias.iter(), j0, n);
+        // Zero-padded lanes of `g` make every gradient term of the padding zero.
+        gather(&mut s.g, rows.g.iter(), j0, n);
+        hidden_layer::<FMA>(mlp, s);
+        // Second layer: dW2 += g ⊗ hidden, db2 += g.
+        for hh in 0..h {
+            let g = s.g[hh];
+            for l in 0..LANES {
+                acc.b2[hh][l] += g[l];
+            }
+            for (k, hd) in s.hidden.iter().enumerate() {
+                let a = &mut acc.w2[hh * d + k];
+                for l in 0..LANES {
+                    a[l] = madd::<FMA>(a[l], g[l], hd[l]);
+                }
+            }
+        }
+        // δ = (W2ᵀ g) ⊙ LeakyReLU'(z).
+        layer::<FMA>(&mut s.delta, &mlp.w2t, &[], &s.g);
+        for (dl, z) in s.delta.iter_mut().zip(&s.z) {
+            for l in 0..LANES {
+                if z[l] < 0.0 {
+                    dl[l] *= mlp.slope;
+                }
+            }
+        }
+        // First layer: dW1 += δ ⊗ x, db1 += δ.
+        for k in 0..d {
+            let dl = s.delta[k];
+            for l in 0..LANES {
+                acc.b1[k][l] += dl[l];
+            }
+            for (ch, x) in s.x.iter().enumerate() {
+                let a = &mut acc.w1[k * c + ch];
+                for l in 0..LANES {
+                    a[l] = madd::<FMA>(a[l], dl[l], x[l]);
+                }
+            }
+        }
+        // dx = W1ᵀ δ: the logits' and the bias's halves; the identity paths add g.
+        layer::<FMA>(&mut s.dx, &mlp.w1t, &[], &s.delta);
+        let dx = &s.dx;
+        for hh in 0..h {
+            let g = &s.g[hh];
+            for (l, o) in da[hh][j0..j0 + n].iter_mut().enumerate() {
+                *o = g[l] + dx[hh][l];
+            }
+            if let Some(db) = db.get_mut(hh) {
+                for (l, o) in db[j0..j0 + n].iter_mut().enumerate() {
+                    *o += g[l] + dx[h + hh][l];
+                }
+            }
+        }
+    }
+    // Future keys: the output there is `logits + bias`.
+    for hh in 0..h {
+        let g = &rows.g[hh][visible..lk];
+        da[hh][visible..].copy_from_slice(g);
+        if let Some(db) = db.get_mut(hh) {
+            for (o, &gv) in db[visible..].iter_mut().zip(g) {
+                *o += gv;
+            }
+        }
+    }
+}
+
+/// DAPE V1's fused operation on `Autodiff<NdArray<f32>>`: the forward pass of [`dape_v1`],
+/// recorded as one node whose backward is [`dape_v1_backward`]. The backward state holds host
+/// copies of the logits and the bias map (not the `[batch, D, pairs]` hidden activations of the
+/// tensor path). `B` must be `Autodiff<NdArray<f32>>` ([`applies_autodiff`]); `None` when a
+/// tensor is not `f32`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dape_v1_autodiff<B: Backend>(
+    logits: Tensor<B, 4>,
+    bias: Option<Tensor<B, 4>>,
+    w1t: Tensor<B, 2>,
+    b1: Option<Tensor<B, 1>>,
+    w2t: Tensor<B, 2>,
+    b2: Option<Tensor<B, 1>>,
+    span: &Span,
+    slope: f32,
+) -> Option<Tensor<B, 4>> {
+    let logits: Tensor<Ad, 4> = cast(logits)?;
+    let bias: Option<Tensor<Ad, 4>> = match bias {
+        Some(t) => Some(cast(t)?),
+        None => None,
+    };
+    let (w1t, w2t): (Tensor<Ad, 2>, Tensor<Ad, 2>) = (cast(w1t)?, cast(w2t)?);
+    let b1: Option<Tensor<Ad, 1>> = match b1 {
+        Some(t) => Some(cast(t)?),
+        None => None,
+    };
+    let b2: Option<Tensor<Ad, 1>> = match b2 {
+        Some(t) => Some(cast(t)?),
+        None => None,
+    };
+    let device = logits.device();
+    let dims = logits.dims();
+    let [_, h, lq, lk] = dims;
+    let [c, d] = w1t.dims();
+    if bias.as_ref().is_some_and(|m| m.dims() != [1, h, lq, lk]) {
+        return None;
+    }
+    let mlp = Mlp::new(
+        [c, d, h],
+        host(w1t.clone().inner())?,
+        match &b1 {
+            Some(b) => Some(host(b.clone().inner())?),
+            None => None,
+        },
+        host(w2t.clone().inner())?,
+        match &b2 {
+            Some(b) => Some(host(b.clone().inner())?),
+            None => None,
+        },
+        slope,
+    );
+    let a_host = host(logits.clone().inner())?;
+    let bias_host = match &bias {
+        Some(m) => Some(host(m.clone().inner())?),
+        None => None,
+    };
+    let out = dape_v1(a_host.clone(), bias_host.as_deref(), dims, span, &mlp);
+    let out = Tensor::<Nd, 4>::from_data(TensorData::new(out, dims), &device)
+        .into_primitive()
+        .tensor();
+
+    // A constant stands in for absent inputs: it never requires a gradient.
+    let absent = || {
+        Tensor::<Ad, 1>::zeros([1], &device)
+            .into_primitive()
+            .tensor()
+            .node
+    };
+    let node4 = |t: Tensor<Ad, 4>| t.into_primitive().tensor().node;
+    let node2 = |t: Tensor<Ad, 2>| t.into_primitive().tensor().node;
+    let node1 = |t: Option<Tensor<Ad, 1>>| match t {
+        Some(t) => t.into_primitive().tensor().node,
+        None => absent(),
+    };
+    let nodes = [
+        node4(logits),
+        bias.map_or_else(absent, node4),
+        node2(w1t),
+        node1(b1),
+        node2(w2t),
+        node1(b2),
+    ];
+    let state = Arc::new(V1State {
+        logits: a_host,
+        bias: bias_host,
+        dims,
+        span: *span,
+        mlp,
+    });
+    let out = match V1Backward
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    cast(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
+}
+
+/// Moves a value to the type it is known to have (`None` if it has another).
+fn cast<T: 'static, U: 'static>(x: T) -> Option<U> {
+    (Box::new(x) as Box<dyn Any>)
+        .downcast::<U>()
+        .ok()
+        .map(|u| *u)
+}
+
+/// What the backward pass of [`dape_v1_autodiff`] needs, on the host.
+#[derive(Debug)]
+struct V1State {
+    logits: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    dims: [usize; 4],
+    span: Span,
+    mlp: Mlp,
+}
+
+#[derive(Debug)]
+struct V1Backward;
+
+impl Backward<Nd, 6> for V1Backward {
+    type State = Arc<V1State>;
+
+    fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let st = ops.state;
+        let grad =
+            Tensor::<Nd, 4>::from_primitive(TensorPrimitive::Float(grads.consume::<Nd>(&ops.node)));
+        let grad = host(grad).expect("the gradient of an f32 output is f32");
+        let g = dape_v1_backward(
+            &st.logits,
+            st.bias.as_deref(),
+            &grad,
+            st.dims,
+            &st.span,
+            &st.mlp,
+        );
+        let [b, h, lq, lk] = st.dims;
+        let Mlp { c, d, .. } = st.mlp;
+        let device = Default::default();
+        let [p_logits, p_bias, p_w1, p_b1, p_w2, p_b2] = ops.parents.map(|p| p.map(|n| n.id));
+        let mut put = |parent: Option<NodeId>, v: Vec<f32>, shape: Vec<usize>| {
+            if let Some(id) = parent {
+                let t = Nd::float_from_data(TensorData::new(v, shape), &device);
+                grads.register::<Nd>(id, t);
+            }
+        };
+        put(p_logits, g.logits, vec![b, h, lq, lk]);
+        if let Some(db) = g.bias {
+            put(p_bias, db, vec![1, h, lq, lk]);
+        }
+        put(p_w1, g.w1t, vec![c, d]);
+        put(p_b1, g.b1, vec![d]);
+        put(p_w2, g.w2t, vec![d, h]);
+        put(p_b2, g.b2, vec![h]);
+    }
+}
+
+/// The weights of DAPE V2's `f = Conv(1 × k, C → D) → LeakyReLU → Conv(1 × k, D → H)` along the
+/// key axis, on the host, in `Conv2d`'s layouts.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyConvs {
+    /// Input channels `C`, hidden channels `D`, heads `H`, kernel width `k`.
+    pub dims: [usize; 4],
+    /// `[D, C, k]`.
+    pub w1: Vec<f32>,
+    /// `[D]`.
+    pub b1: Vec<f32>,
+    /// `[H, D, k]`.
+    pub w2: Vec<f32>,
+    /// `[H]`.
+    pub b2: Vec<f32>,
+    /// LeakyReLU slope.
+    pub slope: f32,
+    /// Zero the hidden channels at future keys (see `DapeV2Config::mask_future_hidden`).
+    pub mask_future_hidden: bool,
+}
+
+/// DAPE V2's `logits + bias + f(tril([logits ‖ bias]))` for `logits: [batch, H, rows, keys]`
+/// and `bias: [1, H, rows, keys]` (or over NoPE when `None`): both convolutions along a row's
+/// keys in one pass over the row, with zero padding `k / 2` on both sides as `Conv2d`'s.
+/// Keys after a causal row's position get `logits + bias` only.
+pub(crate) fn dape_v2(
+    mut logits: Vec<f32>,
+    bias: Option<&[f32]>,
+    [b, h, lq, lk]: [usize; 4],
+    span: &Span,
+    convs: &KeyConvs,
+) -> Vec<f32> {
+    let [c, d, _, k] = convs.dims;
+    debug_assert_eq!(logits.len(), b * h * lq * lk);
+    debug_assert_eq!(c, if bias.is_some() { 2 * h } else { h });
+    // Padded rows: `k / 2` zeros before the keys, and room after them for the padding and for
+    // whole blocks of lanes.
+    let width = lk + k + LANES;
+    let init = || {
+        let block = vec![[0.0f32; LANES]; d.max(h)];
+        (vec![0.0f32; c * width], vec![0.0f32; d * width], block)
+    };
+    each_row(
+        &mut logits,
+        [h, lq, lk],
+        bias,
+        span,
+        init,
+        |(x, hidden, block), heads, bias, visible| {
+            let rows = V2Row {
+                bias,
+                visible,
+                width,
+            };
+            v2_row_simd(convs, heads, &rows, x, hidden, block)
+        },
+    );
+    logits
+}
+
+/// The shared inputs of one query row of [`dape_v2`].
+struct V2Row<'a> {
+    bias: &'a [&'a [f32]],
+    visible: usize,
+    width: usize,
+}
+
+/// `out[o][j] += Σ_ch Σ_t w[o, ch, t] · input[ch][j + t]` for `j` in `0..n` (`n ≤ LANES`), the
+/// padded `input` rows being `width` long; `out` starts at `bias[o]`.
+#[inline(always)]
+fn key_conv_block<const FMA: bool>(
+    out: &mut [[f32; LANES]],
+    w: &[f32],
+    bias: &[f32],
+    input: &[f32],
+    [channels, k, width, j0]: [usize; 4],
+) {
+    for (o, acc_out) in out.iter_mut().enumerate() {
+        let mut acc = [bias[o]; LANES];
+        for ch in 0..channels {
+            let row = &input[ch * width..(ch + 1) * width];
+            for t in 0..k {
+                let wv = w[(o * channels + ch) * k + t];
+                let src: &[f32; LANES] = row[j0 + t..j0 + t + LANES]
+                    .try_into()
+                    .expect("padded rows hold whole blocks");
+                for l in 0..LANES {
+                    acc[l] = madd::<FMA>(acc[l], wv, src[l]);
+                }
+            }
+        }
+        *acc_out = acc;
+    }
+}
+
+/// One query row of one batch element of [`dape_v2`]; `x: [C, width]` and
+/// `hidden: [D, width]` are the padded working rows, `block` holds `max(D, H)` lanes.
+#[inline(always)]
+fn v2_row<const FMA: bool>(
+    convs: &KeyConvs,
+    heads: &mut [&mut [f32]],
+    rows: &V2Row,
+    x: &mut [f32],
+    hidden: &mut [f32],
+    block: &mut [[f32; LANES]],
+) {
+    let [c, d, h, k] = convs.dims;
+    let (half, width, visible) = (k / 2, rows.width, rows.visible);
+    let lk = heads.first().map_or(0, |r| r.len());
+    // The inputs with future keys zeroed (`tril`), and the padding.
+    x.fill(0.0);
+    for ch in 0..c {
+        let src = if ch < h {
+            &heads[ch][..visible]
+        } else {
+            &rows.bias[ch - h][..visible]
+        };
+        x[ch * width + half..][..visible].copy_from_slice(src);
+    }
+    // Hidden channels at every key the second convolution reads for the visible keys: up to
+    // `half` past them, unless future hidden values are masked to zero.
+    let hidden_keys = if convs.mask_future_hidden {
+        visible
+    } else {
+        (visible + half).min(lk)
+    };
+    hidden.fill(0.0);
+    for j0 in (0..hidden_keys).step_by(LANES) {
+        let n = LANES.min(hidden_keys - j0);
+        key_conv_block::<FMA>(&mut block[..d], &convs.w1, &convs.b1, x, [c, k, width, j0]);
+        for (ch, z) in block[..d].iter().enumerate() {
+            let dst = &mut hidden[ch * width + half + j0..][..n];
+            for (o, &z) in dst.iter_mut().zip(z) {
+                *o = if z >= 0.0 { z } else { z * convs.slope };
+            }
+        }
+    }
+    for j0 in (0..visible).step_by(LANES) {
+        let n = LANES.min(visible - j0);
+        key_conv_block::<FMA>(
+            &mut block[..h],
+            &convs.w2,
+            &convs.b2,
+            hidden,
+            [d, k, width, j0],
+        );
+        for (hh, f) in block[..h].iter().enumerate() {
+            let dst = &mut heads[hh][j0..j0 + n];
+            match rows.bias.get(hh) {
+                Some(bias) => {
+                    for ((o, &bv), &f) in dst.iter_mut().zip(&bias[j0..j0 + n]).zip(f) {
+                        *o += bv + f;
+                    }
+                }
+                None => {
+                    for (o, &f) in dst.iter_mut().zip(f) {
+                        *o += f;
+                    }
+                }
+            }
+        }
+    }
+    if visible < lk {
+        for (dst, bias) in heads.iter_mut().zip(rows.bias) {
+            for (o, &bv) in dst[visible..].iter_mut().zip(&bias[visible..]) {
+                *o += bv;
+            }
+        }
+    }
+}
