@@ -21,6 +21,10 @@
 //! the tensor path's, so results agree to float32 rounding, not bit for bit; the unit tests in
 //! `dape.rs` check values and gradients against the tensor path.
 
+// The lane loops index several fixed-size arrays in step (`acc[l] += w · x[l]`); written with
+// an index they are what LLVM vectorises, and zipped iterators would hide nothing but that.
+#![allow(clippy::needless_range_loop)]
+
 use std::any::{Any, TypeId};
 use std::sync::Arc;
 
