@@ -607,7 +607,7 @@ fn backward_row<const FMA: bool>(
     s: &mut Scratch,
     acc: &mut WeightGrads,
 ) {
-    let (h, c, d) = (mlp.h, mlp.c, mlp.d);
+    let h = mlp.h;
     let lk = rows.g.first().map_or(0, |r| r.len());
     let visible = rows.visible;
     for j0 in (0..visible).step_by(LANES) {
@@ -618,18 +618,7 @@ fn backward_row<const FMA: bool>(
         gather(&mut s.g, rows.g.iter(), j0, n);
         hidden_layer::<FMA>(mlp, s);
         // Second layer: dW2 += g ⊗ hidden, db2 += g.
-        for hh in 0..h {
-            let g = s.g[hh];
-            for l in 0..LANES {
-                acc.b2[hh][l] += g[l];
-            }
-            for (k, hd) in s.hidden.iter().enumerate() {
-                let a = &mut acc.w2[hh * d + k];
-                for l in 0..LANES {
-                    a[l] = madd::<FMA>(a[l], g[l], hd[l]);
-                }
-            }
-        }
+        outer_accumulate::<FMA>(&mut acc.w2, &mut acc.b2, &s.g, &s.hidden);
         // δ = (W2ᵀ g) ⊙ LeakyReLU'(z).
         layer::<FMA>(&mut s.delta, &mlp.w2t, &[], &s.g);
         for (dl, z) in s.delta.iter_mut().zip(&s.z) {
@@ -640,18 +629,7 @@ fn backward_row<const FMA: bool>(
             }
         }
         // First layer: dW1 += δ ⊗ x, db1 += δ.
-        for k in 0..d {
-            let dl = s.delta[k];
-            for l in 0..LANES {
-                acc.b1[k][l] += dl[l];
-            }
-            for (ch, x) in s.x.iter().enumerate() {
-                let a = &mut acc.w1[k * c + ch];
-                for l in 0..LANES {
-                    a[l] = madd::<FMA>(a[l], dl[l], x[l]);
-                }
-            }
-        }
+        outer_accumulate::<FMA>(&mut acc.w1, &mut acc.b1, &s.delta, &s.x);
         // dx = W1ᵀ δ: the logits' and the bias's halves; the identity paths add g.
         layer::<FMA>(&mut s.dx, &mlp.w1t, &[], &s.delta);
         let dx = &s.dx;
@@ -674,6 +652,29 @@ fn backward_row<const FMA: bool>(
         if let Some(db) = db.get_mut(hh) {
             for (o, &gv) in db[visible..].iter_mut().zip(g) {
                 *o += gv;
+            }
+        }
+    }
+}
+
+/// A layer's weight and bias gradients over one block, lane by lane: `weight[r, k] += out[r] ·
+/// input[k]` and `bias[r] += out[r]`, where `out` is the gradient at the layer's outputs and
+/// `weight: [out.len(), input.len()]`.
+#[inline(always)]
+fn outer_accumulate<const FMA: bool>(
+    weight: &mut [[f32; LANES]],
+    bias: &mut [[f32; LANES]],
+    out: &[[f32; LANES]],
+    input: &[[f32; LANES]],
+) {
+    let n = input.len();
+    for (r, (g, b)) in out.iter().zip(bias.iter_mut()).enumerate() {
+        for l in 0..LANES {
+            b[l] += g[l];
+        }
+        for (a, x) in weight[r * n..(r + 1) * n].iter_mut().zip(input) {
+            for l in 0..LANES {
+                a[l] = madd::<FMA>(a[l], g[l], x[l]);
             }
         }
     }
