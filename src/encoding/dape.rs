@@ -122,7 +122,9 @@ impl<B: Backend> Dape<B> {
     ///
     /// On `NdArray<f32>` outside autodiff (evaluation, validation, decoding) it runs a fused CPU
     /// kernel instead, one pass per row with the hidden vector in registers, which skips the keys
-    /// a causal row cannot see (their entries are `logits + B`, masked afterwards).
+    /// a causal row cannot see (their entries are `logits + B`, masked afterwards); on
+    /// `Autodiff<NdArray<f32>>` (training) the same kernel is one graph node with a fused backward
+    /// pass.
     pub fn forward(&self, logits: Tensor<B, 4>, span: &Span) -> Tensor<B, 4> {
         #[cfg(feature = "ndarray")]
         {
@@ -197,8 +199,9 @@ impl<B: Backend> Dape<B> {
         let d = weight.dims()[1];
         let w_logits = weight.clone().narrow(0, 0, h).transpose().unsqueeze::<3>(); // [1, D, H]
         let hidden = w_logits.matmul(logits.reshape([b, h, pairs])); // [b, D, pairs]
-                                                                     // The batch-independent part of the first layer, `W_B · bias + b_1`, is `[1, D, pairs]`:
-                                                                     // it is formed once and added to the batch in a single pass.
+
+        // The batch-independent part of the first layer, `W_B · bias + b_1`, is `[1, D, pairs]`:
+        // it is formed once and added to the batch in a single pass.
         let term = bias.map(|bmap| {
             let w_bias = weight.narrow(0, h, h).transpose().unsqueeze::<3>();
             w_bias.matmul(bmap.reshape([1, h, pairs]))
@@ -375,7 +378,8 @@ impl<B: Backend> DapeV2<B> {
             .has_future()
             .then(|| span.future_mask::<B>(&device).unsqueeze::<4>()); // [1, 1, lq, lk]
         let bmap = self.bias.as_ref().map(|bias| bias.forward(span, &device)); // [1, h, lq, lk]
-                                                                               // Rows are independent (the convolutions run along keys), so blocks of rows are exact.
+
+        // Rows are independent (the convolutions run along keys), so blocks of rows are exact.
         let f = by_row_blocks(budget, b * d * lk, lq, |r0, rows| {
             self.correction(
                 narrow_rows(&logits, r0, rows, lq),
