@@ -19,8 +19,10 @@ use dape::data::che::Task;
 use dape::data::corpus::default_cache_dir;
 use dape::eval::che::{evaluate_run, write_report, CheEvalConfig};
 use dape::eval::lm::{self, LmEvalConfig};
-use dape::train::che::{train, CheTrainConfig, Progress};
-use dape::train::lm::{LmTrainConfig, LmTrainOptions};
+use dape::experiment::che::CheTrainConfig;
+use dape::experiment::lm::LmTrainConfig;
+use dape::train::che::{train, Progress};
+use dape::train::lm::LmTrainOptions;
 use dape::PositionalEncodingConfig;
 
 /// The language model on the books corpus: train, then perplexity by length.

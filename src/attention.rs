@@ -74,7 +74,7 @@ impl AttentionConfig {
                 .with_bias(self.bias)
                 .init(device)
         };
-        Ok(crate::model::materialize(MultiHeadAttention {
+        Ok(crate::util::materialize(MultiHeadAttention {
             qkv: linear(3 * self.d_model),
             output: linear(self.d_model),
             encoding,

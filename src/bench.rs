@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::encoding::{table_cache_stats, PositionalEncodingConfig};
 use crate::error::{ensure, Result};
+use crate::experiment::lm::{auto_chunk, token_nll};
 use crate::model::{LanguageModel, LanguageModelConfig, TransformerConfig};
 use crate::sysmem;
-use crate::train::lm::{auto_chunk, token_nll};
 
 /// What is timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

@@ -54,19 +54,39 @@
 //! result.
 
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+// The library a Burn model author depends on (`default-features = false`): bottom to top.
 pub mod attention;
-pub mod backend;
-pub mod bench;
-pub mod compare;
-pub mod consistency;
-pub mod data;
 pub mod encoding;
 pub mod error;
-pub mod eval;
 pub mod model;
+pub mod util;
+
+// The harness (feature `harness`, on by default): data, training, evaluation and the tools the
+// `dape` binary is made of. Layers only point down: data → experiment → {train, eval} →
+// {suite, bench, compare, consistency} → the CLI (src/cli/).
+#[cfg(feature = "harness")]
+pub mod backend;
+#[cfg(feature = "harness")]
+pub mod bench;
+#[cfg(feature = "harness")]
+pub mod compare;
+#[cfg(feature = "harness")]
+pub mod consistency;
+#[cfg(feature = "harness")]
+pub mod data;
+#[cfg(feature = "harness")]
+pub mod eval;
+#[cfg(feature = "harness")]
+pub mod experiment;
+#[cfg(feature = "harness")]
 pub mod progress;
+#[cfg(feature = "harness")]
+pub mod suite;
+#[cfg(feature = "harness")]
 pub mod sysmem;
+#[cfg(feature = "harness")]
 pub mod train;
 
 pub use attention::{AttentionConfig, KvCache, MultiHeadAttention};

@@ -1,37 +1,13 @@
 //! Two models built from the same pre-LN blocks: a decoder-only language model (GPT-NeoX-like,
 //! untied head) and the bidirectional sequence model used for the CHE tasks.
 
-use burn::module::{ModuleVisitor, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
 use crate::attention::{AttentionConfig, KvCache, MultiHeadAttention};
 use crate::encoding::{Hook, PositionalEncoding, PositionalEncodingConfig};
 use crate::error::{ensure, Error, Result};
-
-/// Initialises every lazily initialised parameter of `module` now.
-///
-/// Burn initialises parameters on first use, and a clone of a module whose parameters were
-/// never used draws *new* random values. Our `init` functions materialise the parameters so
-/// that `model.clone()` is always the same model.
-pub fn materialize<B: Backend, M: Module<B>>(module: M) -> M {
-    struct Touch;
-    impl<B: Backend> ModuleVisitor<B> for Touch {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let _ = param.val();
-        }
-    }
-    module.visit(&mut Touch);
-    module
-}
-
-/// GELU, `x Φ(x) = x (1 + erf(x / √2)) / 2`, written with `erf` so that every backend
-/// differentiates it exactly. Burn 0.21's default `gelu_backward`, which ndarray and WGPU use,
-/// is the derivative of the tanh approximation (about 1e-4 relative off, while the forward is
-/// exact); LibTorch's is exact — so `activation::gelu` gave backend-dependent gradients.
-pub fn gelu_exact<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    x.clone() * ((x / std::f64::consts::SQRT_2).erf() + 1.0) * 0.5
-}
+use crate::util::{gelu_exact, materialize};
 
 /// Position-wise feed-forward network: `Linear(d -> r·d) -> GELU -> Linear(r·d -> d)`.
 #[derive(Module, Debug)]

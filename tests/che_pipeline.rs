@@ -5,10 +5,10 @@ use burn::backend::{Autodiff, NdArray};
 use burn::data::dataset::Dataset;
 
 use dape::data::che::Task;
-use dape::eval::che::{
-    accuracy_by_length, parse_lengths, run_suite, write_report, CheEvalConfig, SuiteConfig,
-};
-use dape::train::che::{load, train, CheStepDataset, CheTrainConfig, Progress};
+use dape::eval::che::{accuracy_by_length, parse_lengths, write_report, CheEvalConfig};
+use dape::experiment::che::{load, CheTrainConfig};
+use dape::suite::{run_suite, SuiteConfig};
+use dape::train::che::{train, CheStepDataset, Progress};
 use dape::PositionalEncodingConfig;
 
 type B = NdArray<f32>;
@@ -153,6 +153,24 @@ fn suite_writes_a_table_and_resumes() {
     )
     .unwrap();
     assert_eq!(again.markdown(), table);
+    // Cells record where they are relative to the suite folder, never a machine path.
+    assert!(again
+        .cells
+        .iter()
+        .all(|c| c.report.run == format!("parity_check/{}", c.encoding)));
+    // A finished suite's plots and table can be redrawn from suite.json alone.
+    std::fs::remove_file(dir.join("suite.md")).unwrap();
+    std::fs::remove_file(dir.join("parity_check.svg")).unwrap();
+    std::fs::remove_dir_all(dir.join("parity_check")).unwrap();
+    let redrawn = dape::suite::replot(&dir).unwrap();
+    assert_eq!(redrawn.markdown(), table);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("suite.md")).unwrap(),
+        table
+    );
+    let svg = std::fs::read_to_string(dir.join("parity_check.svg")).unwrap();
+    assert!(svg.contains("alibi") && svg.contains("longest training length"));
+    assert!(dape::suite::replot(&dir.join("missing")).is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -120,3 +120,29 @@ fn che_train_runs_for_the_newer_encodings() {
         assert!(out.join("model.mpk").is_file(), "{encoding}");
     }
 }
+
+#[test]
+fn che_plot_redraws_the_committed_suite_and_names_a_missing_one() {
+    // Redraw the committed CHE table into a scratch copy (the committed files stay as they are).
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results/che-cpu");
+    let dir = std::env::temp_dir().join(format!("dape-cli-che-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("suite.json"), dir.join("suite.json")).unwrap();
+    let out = dape(&["che", "plot", "--suite", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("suite.md")).unwrap(),
+        std::fs::read_to_string(src.join("suite.md")).unwrap()
+    );
+    for task in ["reverse_string", "bucket_sort", "odds_first"] {
+        assert!(dir.join(format!("{task}.svg")).is_file(), "{task}.svg");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    let missing = dape(&["che", "plot", "--suite", "no/such/suite"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no/such/suite/suite.json"));
+}

@@ -220,9 +220,10 @@ fn shipped_config_files_parse() {
     assert!(count >= 3, "expected config files in {}", dir.display());
 }
 
+#[cfg(feature = "harness")]
 #[test]
 fn lm_configs_cover_every_encoding_and_validate() {
-    use dape::train::lm::LmTrainConfig;
+    use dape::experiment::lm::LmTrainConfig;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/lm");
     for name in dape::ENCODING_NAMES {
         let config = LmTrainConfig::load(&dir.join(format!("{name}.json")))
@@ -254,9 +255,10 @@ fn lm_configs_cover_every_encoding_and_validate() {
     assert_eq!(paper.tokenizer, dape::data::corpus::Tokenizer::Gpt2);
 }
 
+#[cfg(feature = "harness")]
 #[test]
 fn lm_config_errors_name_the_field() {
-    use dape::train::lm::LmTrainConfig;
+    use dape::experiment::lm::LmTrainConfig;
     let bad = |json: &str| {
         let c: Result<LmTrainConfig, _> = serde_json::from_str(json);
         match c {

@@ -1,11 +1,11 @@
 //! Parity with the DAPE paper's reference PyTorch modules.
 //!
-//! Loads every `*.json` case in `$DAPE_GOLDEN_DIR` (default: `../shared/golden` next to the
-//! crate), maps the PyTorch parameter names into our modules, runs them on the case's logits
-//! (through the offset / KV-cache path when `query_offset > 0`) and compares the causal entries
-//! within the case's tolerances. Prints `golden: N cases passed`; exits non-zero on any mismatch,
-//! unknown module, or an empty or missing folder. Only when `DAPE_GOLDEN_DIR` is unset and the
-//! default folder is absent does it pass without running anything, and it says so.
+//! Loads every `*.json` case in `$DAPE_GOLDEN_DIR` (default: `tests/fixtures/golden`, committed
+//! with the crate; see its README), maps the PyTorch parameter names into our modules, runs them
+//! on the case's logits (through the offset / KV-cache path when `query_offset > 0`) and
+//! compares the causal entries within the case's tolerances. Prints `golden: N cases passed`;
+//! exits non-zero on any mismatch, unknown module, or an empty or missing folder: a checkout
+//! without its fixtures fails here rather than passing with nothing checked.
 //!
 //! This is a `harness = false` test so that its summary line is always printed.
 
@@ -296,28 +296,23 @@ fn check(case: &Case) -> Result<usize, String> {
     }
 }
 
-fn golden_dir() -> Result<Option<PathBuf>, String> {
-    match std::env::var_os("DAPE_GOLDEN_DIR") {
-        Some(dir) => Ok(Some(PathBuf::from(dir))),
-        None => {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden");
-            Ok(dir.is_dir().then_some(dir))
-        }
-    }
+fn golden_dir() -> PathBuf {
+    std::env::var_os("DAPE_GOLDEN_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden"),
+        PathBuf::from,
+    )
 }
 
 fn main() {
-    let dir = match golden_dir() {
-        Ok(Some(dir)) => dir,
-        Ok(None) => {
-            println!("golden: DAPE_GOLDEN_DIR is unset and ../shared/golden is absent; skipped");
-            return;
-        }
-        Err(e) => {
-            eprintln!("golden: {e}");
-            std::process::exit(1);
-        }
-    };
+    let dir = golden_dir();
+    if !dir.is_dir() {
+        eprintln!(
+            "golden: the reference cases are missing: {} is not a folder (they are committed \
+             under tests/fixtures/golden; DAPE_GOLDEN_DIR overrides the folder)",
+            dir.display()
+        );
+        std::process::exit(1);
+    }
     let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok().map(|e| e.path()))

@@ -10,8 +10,9 @@ use burn::backend::{Autodiff, NdArray};
 use burn::prelude::*;
 use dape::data::corpus::{Corpus, Manifest, Part, SplitConfig, TokenizedCorpus, Tokenizer};
 use dape::eval::lm::{evaluate_run, perplexity_by_length, read_report, LmEvalConfig};
+use dape::experiment::lm::{load, token_nll, LmTrainConfig};
 use dape::train::che::Progress;
-use dape::train::lm::{load, token_nll, train, LmTrainConfig, LmTrainOptions};
+use dape::train::lm::{train, LmTrainOptions};
 use dape::PositionalEncodingConfig;
 
 type B = NdArray<f32>;

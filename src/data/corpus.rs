@@ -367,7 +367,7 @@ impl TokenizedCorpus {
         }
         bar.finish();
         std::fs::create_dir_all(cache_dir).map_err(io(cache_dir))?;
-        crate::train::checkpoint::write_bytes_atomic(&path, &encode_cache(&documents))?;
+        crate::util::write_bytes_atomic(&path, &encode_cache(&documents))?;
         Ok(Self {
             tokenizer,
             names,

@@ -1,19 +1,18 @@
 //! CHE evaluation: accuracy by length on unseen lengths, written as `che.json`, `che.csv` and
 //! `che.svg`; and the tasks × encodings suite table of mean accuracy, like the papers'.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use super::plot::{line_chart_svg, Chart, Series};
 use crate::data::che::{Rng, Task};
-use crate::encoding::PositionalEncodingConfig;
 use crate::error::{ensure, Error, Result};
+use crate::experiment::che::{che_forward, CheBatch, CheTrainConfig};
 use crate::model::SequenceModel;
-use crate::train::che::{che_forward, train, write_atomic, CheBatch, CheTrainConfig, Progress};
+use crate::util::{io_error, portable_path, write_atomic};
 
 /// Settings of an evaluation.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -193,16 +192,9 @@ pub fn mean_accuracy(lengths: &[LengthAccuracy]) -> f64 {
     lengths.iter().map(|l| l.accuracy).sum::<f64>() / lengths.len().max(1) as f64
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// Writes `che.json`, `che.csv` and `che.svg` into `dir`.
 pub fn write_report(dir: &Path, report: &CheEvalReport) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
     write_atomic(
         &dir.join("che.json"),
         &serde_json::to_string_pretty(report)?,
@@ -215,14 +207,7 @@ pub fn write_report(dir: &Path, report: &CheEvalReport) -> Result<()> {
         ));
     }
     write_atomic(&dir.join("che.csv"), &csv)?;
-    let series = [Series {
-        name: report.encoding.clone(),
-        points: report
-            .lengths
-            .iter()
-            .map(|l| (l.length as f64, 100.0 * l.accuracy))
-            .collect(),
-    }];
+    let series = [accuracy_series(report)];
     plot_accuracy(
         &dir.join("che.svg"),
         &report.task,
@@ -231,7 +216,21 @@ pub fn write_report(dir: &Path, report: &CheEvalReport) -> Result<()> {
     )
 }
 
-fn plot_accuracy(path: &Path, task: &str, train_max: usize, series: &[Series]) -> Result<()> {
+/// A report's accuracy (%) by length as one line of a plot, named after its encoding.
+pub fn accuracy_series(report: &CheEvalReport) -> Series {
+    Series {
+        name: report.encoding.clone(),
+        points: report
+            .lengths
+            .iter()
+            .map(|l| (l.length as f64, 100.0 * l.accuracy))
+            .collect(),
+    }
+}
+
+/// Draws accuracy (%) by input length for one task, one line per series, with the longest
+/// training length marked.
+pub fn plot_accuracy(path: &Path, task: &str, train_max: usize, series: &[Series]) -> Result<()> {
     let title = format!("{task}: accuracy by length (trained on lengths ≤ {train_max})");
     line_chart_svg(
         path,
@@ -248,204 +247,6 @@ fn plot_accuracy(path: &Path, task: &str, train_max: usize, series: &[Series]) -
     )
 }
 
-/// Settings of a suite run.
-#[derive(Clone, Debug)]
-pub struct SuiteConfig {
-    /// Tasks (rows).
-    pub tasks: Vec<Task>,
-    /// Encodings (columns).
-    pub encodings: Vec<PositionalEncodingConfig>,
-    /// Training settings shared by every cell (task and encoding are set per cell).
-    pub train: CheTrainConfig,
-    /// Evaluation settings shared by every cell.
-    pub eval: CheEvalConfig,
-    /// Output folder: one run folder per cell plus `suite.md`, `suite.json` and one plot per task.
-    pub out: PathBuf,
-    /// Reuse cells whose `che.json` already exists (resume an interrupted suite).
-    pub resume: bool,
-}
-
-/// One cell of the suite table.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SuiteCell {
-    /// Task name.
-    pub task: String,
-    /// Encoding name.
-    pub encoding: String,
-    /// Mean accuracy over the test lengths.
-    pub score: f64,
-    /// Training seconds.
-    pub train_seconds: f64,
-    /// The cell's evaluation.
-    pub report: CheEvalReport,
-}
-
-/// The whole suite.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SuiteReport {
-    /// Backend.
-    pub backend: String,
-    /// Training steps per cell.
-    pub steps: usize,
-    /// Test lengths.
-    pub lengths: Vec<usize>,
-    /// Sequences per length.
-    pub sequences_per_length: usize,
-    /// Cells, row by row.
-    pub cells: Vec<SuiteCell>,
-}
-
-impl SuiteReport {
-    /// The tasks × encodings table of mean accuracy (%) in markdown; the best score of each
-    /// row is in bold.
-    pub fn markdown(&self) -> String {
-        let mut encodings: Vec<&str> = Vec::new();
-        let mut tasks: Vec<&str> = Vec::new();
-        for c in &self.cells {
-            if !encodings.contains(&c.encoding.as_str()) {
-                encodings.push(&c.encoding);
-            }
-            if !tasks.contains(&c.task.as_str()) {
-                tasks.push(&c.task);
-            }
-        }
-        let mut out = format!(
-            "| task | {} |\n|---|{}\n",
-            encodings.join(" | "),
-            "---|".repeat(encodings.len())
-        );
-        for task in &tasks {
-            let scores: Vec<Option<f64>> = encodings
-                .iter()
-                .map(|e| {
-                    self.cells
-                        .iter()
-                        .find(|c| c.task == *task && c.encoding == *e)
-                        .map(|c| 100.0 * c.score)
-                })
-                .collect();
-            let best = scores
-                .iter()
-                .flatten()
-                .cloned()
-                .fold(f64::NEG_INFINITY, f64::max);
-            let cells: Vec<String> = scores
-                .iter()
-                .map(|s| match s {
-                    Some(v) if (*v - best).abs() < 1e-9 => format!("**{v:.1}**"),
-                    Some(v) => format!("{v:.1}"),
-                    None => "–".into(),
-                })
-                .collect();
-            out.push_str(&format!("| {task} | {} |\n", cells.join(" | ")));
-        }
-        out
-    }
-}
-
-/// Trains and evaluates every (task, encoding) pair, writing each run into
-/// `out/<task>/<encoding>/`, then `suite.md`, `suite.json` and `out/<task>.svg`.
-pub fn run_suite<B: AutodiffBackend>(
-    config: &SuiteConfig,
-    backend: &str,
-    device: &B::Device,
-) -> Result<SuiteReport> {
-    config.eval.validate()?;
-    ensure(!config.tasks.is_empty(), "tasks", "[]", "must not be empty")?;
-    ensure(
-        !config.encodings.is_empty(),
-        "encodings",
-        "[]",
-        "must not be empty",
-    )?;
-    let mut cells = Vec::new();
-    let total = config.tasks.len() * config.encodings.len();
-    for task in &config.tasks {
-        let mut series = Vec::new();
-        for encoding in &config.encodings {
-            let dir = config.out.join(task.name()).join(encoding.name());
-            let index = cells.len() + 1;
-            let existing = dir.join("che.json");
-            let (report, train_seconds) = if config.resume && existing.exists() {
-                let text = std::fs::read_to_string(&existing).map_err(io(&existing))?;
-                println!(
-                    "[{index}/{total}] {task} / {}: reusing {}",
-                    encoding.name(),
-                    existing.display()
-                );
-                (serde_json::from_str::<CheEvalReport>(&text)?, 0.0)
-            } else {
-                let mut train_config = config.train.clone();
-                train_config.task = *task;
-                train_config.encoding = encoding.clone();
-                let prefix = format!("[{index}/{total}] {task} / {}: ", encoding.name());
-                let every = (train_config.steps / 10).max(1);
-                let (model, summary) = train::<B>(
-                    &train_config,
-                    &dir,
-                    device,
-                    Progress::Lines(prefix.clone(), every),
-                )?;
-                let report = evaluate_run(
-                    &model,
-                    &train_config,
-                    &config.eval,
-                    &dir,
-                    backend,
-                    device,
-                    |l| {
-                        if l.length == *config.eval.lengths.last().unwrap_or(&0) {
-                            println!("{prefix}evaluated up to length {}", l.length);
-                        }
-                    },
-                )?;
-                write_report(&dir, &report)?;
-                println!(
-                    "{prefix}score {:.1}% (trained {:.0}s, evaluated {:.0}s)",
-                    100.0 * report.score,
-                    summary.seconds,
-                    report.seconds
-                );
-                (report, summary.seconds)
-            };
-            series.push(Series {
-                name: encoding.name(),
-                points: report
-                    .lengths
-                    .iter()
-                    .map(|l| (l.length as f64, 100.0 * l.accuracy))
-                    .collect(),
-            });
-            cells.push(SuiteCell {
-                task: task.name().to_string(),
-                encoding: encoding.name(),
-                score: report.score,
-                train_seconds,
-                report,
-            });
-        }
-        plot_accuracy(
-            &config.out.join(format!("{task}.svg")),
-            task.name(),
-            config.train.max_train_length,
-            &series,
-        )?;
-    }
-    let report = SuiteReport {
-        backend: backend.to_string(),
-        steps: config.train.steps,
-        lengths: config.eval.lengths.clone(),
-        sequences_per_length: config.eval.sequences,
-        cells,
-    };
-    write_atomic(
-        &config.out.join("suite.json"),
-        &serde_json::to_string_pretty(&report)?,
-    )?;
-    write_atomic(&config.out.join("suite.md"), &report.markdown())?;
-    Ok(report)
-}
-
 /// Evaluates a trained model and assembles its report (not yet written).
 pub fn evaluate_run<B: Backend>(
     model: &SequenceModel<B>,
@@ -459,7 +260,7 @@ pub fn evaluate_run<B: Backend>(
     let start = Instant::now();
     let lengths = accuracy_by_length(model, train_config.task, eval, device, on_length)?;
     Ok(CheEvalReport {
-        run: run.display().to_string(),
+        run: portable_path(run),
         task: train_config.task.name().to_string(),
         encoding: train_config.encoding.name(),
         backend: backend.to_string(),

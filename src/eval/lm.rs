@@ -16,11 +16,11 @@ use serde::{Deserialize, Serialize};
 use super::plot::{line_chart_svg, Chart, Series};
 use crate::data::corpus::{Corpus, Part, TokenizedCorpus};
 use crate::error::{ensure, Error, Result};
+use crate::experiment::lm::{auto_chunk, load, token_nll, LmBatch, LmTrainConfig, Window};
 use crate::model::LanguageModel;
 use crate::progress::ProgressBar;
 use crate::sysmem;
-use crate::train::checkpoint::write_atomic;
-use crate::train::lm::{auto_chunk, load, token_nll, LmBatch, LmTrainConfig, Window};
+use crate::util::{portable_path, write_atomic};
 
 /// Settings of an evaluation.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -314,7 +314,7 @@ pub fn evaluate_run<B: Backend>(
     let docs = tokens.part(&manifest, Part::Test)?;
     let (lengths, skipped) = perplexity_by_length(&model, &train, &docs, config, device)?;
     let report = LmEvalReport {
-        run: run.display().to_string(),
+        run: portable_path(run),
         encoding: train.encoding.name(),
         train_length: train.train_length,
         backend: backend.to_string(),

@@ -1,9 +1,11 @@
-//! Line charts as SVG with plotters: one line per series, optionally a log2 x axis and a
-//! vertical marker (e.g. the training length).
+//! Line charts as SVG with plotters: one line per series, the legend in a column of its own
+//! right of the plot, optionally log axes with round tick values and a labelled vertical
+//! marker (the training length).
 
 use std::path::Path;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::error::{Error, Result};
 
@@ -44,6 +46,10 @@ pub fn line_chart_svg(path: &Path, chart: &Chart, series: &[Series]) -> Result<(
     })
 }
 
+/// Size of the whole picture, and the width of the legend column right of the plot.
+const SIZE: (u32, u32) = (1020, 540);
+const LEGEND_WIDTH: u32 = 290;
+
 fn draw(path: &Path, chart: &Chart, series: &[Series]) -> std::result::Result<(), String> {
     let tx = |x: f64| if chart.log2_x { x.max(1e-12).log2() } else { x };
     let xs: Vec<f64> = series
@@ -66,6 +72,8 @@ fn draw(path: &Path, chart: &Chart, series: &[Series]) -> std::result::Result<()
         x0 -= 1.0;
         x1 += 1.0;
     }
+    let xpad = (x1 - x0) * 0.03;
+    let (x0, x1) = (x0 - xpad, x1 + xpad);
     let (y0, y1) = chart
         .y_range
         .map(|(a, b)| (ty(a), ty(b)))
@@ -74,43 +82,67 @@ fn draw(path: &Path, chart: &Chart, series: &[Series]) -> std::result::Result<()
             let pad = ((hi - lo) * 0.05).max(1e-6);
             (lo - pad, hi + pad)
         });
-    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let mut ctx = ChartBuilder::on(&root)
-        .caption(chart.title, ("sans-serif", 22))
+    let (plot_area, legend_area) = root.split_horizontally(SIZE.0 - LEGEND_WIDTH);
+    let mut ctx = ChartBuilder::on(&plot_area)
+        .caption(chart.title, ("sans-serif", 26))
         .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
+        .x_label_area_size(52)
+        .y_label_area_size(72)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(|e| e.to_string())?;
-    let log2 = chart.log2_x;
-    let format_x = move |v: &f64| {
-        if log2 {
-            format!("{}", 2f64.powf(*v).round())
-        } else {
-            format!("{v}")
-        }
-    };
-    let log_y = chart.log_y;
-    let format_y = move |v: &f64| {
-        if log_y {
-            let y = 10f64.powf(*v);
-            if y >= 100.0 {
-                format!("{y:.0}")
-            } else {
-                format!("{y:.3}")
-            }
-        } else {
-            format!("{}", (v * 1000.0).round() / 1000.0)
-        }
-    };
-    ctx.configure_mesh()
-        .x_desc(chart.x_label)
+    // Log axes get round tick values chosen here (plotters would place its ticks evenly in
+    // log space and label them 7.943, 12.589, …); linear axes keep plotters' own ticks.
+    let x_ticks = chart
+        .log2_x
+        .then(|| log2_ticks(2f64.powf(x0), 2f64.powf(x1)));
+    let y_ticks = chart
+        .log_y
+        .then(|| log10_ticks(10f64.powf(y0), 10f64.powf(y1)));
+    let mut mesh = ctx.configure_mesh();
+    mesh.x_desc(chart.x_label)
         .y_desc(chart.y_label)
-        .x_label_formatter(&format_x)
-        .y_label_formatter(&format_y)
-        .draw()
-        .map_err(|e| e.to_string())?;
+        .axis_desc_style(("sans-serif", 18))
+        .bold_line_style(RGBColor(225, 225, 225))
+        .light_line_style(RGBColor(246, 246, 246))
+        .label_style(("sans-serif", 16))
+        .x_label_formatter(&|v: &f64| format!("{}", (v * 1000.0).round() / 1000.0))
+        .y_label_formatter(&|v: &f64| format!("{}", (v * 1000.0).round() / 1000.0));
+    if x_ticks.is_some() {
+        mesh.x_labels(0).disable_x_mesh();
+    }
+    if y_ticks.is_some() {
+        mesh.y_labels(0).disable_y_mesh();
+    }
+    mesh.draw().map_err(|e| e.to_string())?;
+    let grid = RGBColor(225, 225, 225);
+    let label = ("sans-serif", 16).into_font().color(&BLACK);
+    for &x in x_ticks.iter().flatten() {
+        ctx.draw_series(LineSeries::new([(tx(x), y0), (tx(x), y1)], grid))
+            .map_err(|e| e.to_string())?;
+        let (px, py) = ctx.backend_coord(&(tx(x), y0));
+        plot_area
+            .draw(&Text::new(
+                tick_label(x),
+                (px, py + 6),
+                label.pos(Pos::new(HPos::Center, VPos::Top)),
+            ))
+            .map_err(|e| e.to_string())?;
+    }
+    for &y in y_ticks.iter().flatten() {
+        ctx.draw_series(LineSeries::new([(x0, ty(y)), (x1, ty(y))], grid))
+            .map_err(|e| e.to_string())?;
+        let (px, py) = ctx.backend_coord(&(x0, ty(y)));
+        plot_area
+            .draw(&Text::new(
+                tick_label(y),
+                (px - 6, py),
+                label.pos(Pos::new(HPos::Right, VPos::Center)),
+            ))
+            .map_err(|e| e.to_string())?;
+    }
+    let mut legend: Vec<(String, RGBAColor, u32)> = Vec::new();
     for (i, s) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let points: Vec<(f64, f64)> = s
@@ -120,31 +152,115 @@ fn draw(path: &Path, chart: &Chart, series: &[Series]) -> std::result::Result<()
             .map(|&(x, y)| (tx(x), ty(y)))
             .collect();
         ctx.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-            .map_err(|e| e.to_string())?
-            .label(s.name.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .map_err(|e| e.to_string())?;
         ctx.draw_series(points.iter().map(|&p| Circle::new(p, 2, color.filled())))
             .map_err(|e| e.to_string())?;
+        legend.push((s.name.clone(), color, 2));
     }
-    if let Some((x, label)) = chart.marker {
-        let gray = RGBColor(120, 120, 120);
-        ctx.draw_series(LineSeries::new(
-            vec![(tx(x), y0), (tx(x), y1)],
+    if let Some((x, text)) = chart.marker {
+        let gray = RGBColor(110, 110, 110).to_rgba();
+        ctx.draw_series(DashedLineSeries::new(
+            [(tx(x), y0), (tx(x), y1)],
+            6,
+            4,
             gray.stroke_width(1),
         ))
-        .map_err(|e| e.to_string())?
-        .label(label.to_string())
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], gray));
-    }
-    ctx.configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
         .map_err(|e| e.to_string())?;
+        // The marker is labelled where it stands, so that a printed plot needs no legend.
+        let (px, py) = ctx.backend_coord(&(tx(x), y1));
+        plot_area
+            .draw(&Text::new(
+                format!("{text} {}", tick_label(x)),
+                (px + 4, py + 4),
+                ("sans-serif", 16)
+                    .into_font()
+                    .color(&gray)
+                    .pos(Pos::new(HPos::Left, VPos::Top)),
+            ))
+            .map_err(|e| e.to_string())?;
+        legend.push((format!("{text} ({})", tick_label(x)), gray, 1));
+    }
+    draw_legend(&legend_area, &legend)?;
     root.present().map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// The legend in its own column right of the plot, so that it never covers a curve.
+fn draw_legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    entries: &[(String, RGBAColor, u32)],
+) -> std::result::Result<(), String> {
+    let top = 60;
+    let step = 22;
+    for (i, (name, color, width)) in entries.iter().enumerate() {
+        let y = top + step * i as i32;
+        area.draw(&PathElement::new(
+            vec![(8, y), (36, y)],
+            color.stroke_width(*width),
+        ))
+        .map_err(|e| e.to_string())?;
+        area.draw(&Text::new(
+            name.clone(),
+            (44, y),
+            ("sans-serif", 17)
+                .into_font()
+                .color(&BLACK)
+                .pos(Pos::new(HPos::Left, VPos::Center)),
+        ))
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// A tick value as people write it: 6, 8, 10, 15, 1.5, 0.25.
+fn tick_label(v: f64) -> String {
+    let rounded = (v * 1000.0).round() / 1000.0;
+    if rounded.fract() == 0.0 {
+        format!("{rounded:.0}")
+    } else {
+        format!("{rounded}")
+    }
+}
+
+/// Powers of two in `[lo, hi]` (every other one when there would be more than 10).
+fn log2_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let first = lo.max(1e-12).log2().ceil() as i32;
+    let last = hi.max(1e-12).log2().floor() as i32;
+    let all: Vec<f64> = (first..=last).map(|k| 2f64.powi(k)).collect();
+    if all.len() > 10 {
+        all.into_iter().step_by(2).collect()
+    } else {
+        all
+    }
+}
+
+/// Round values in `[lo, hi]` for a log axis: the finest of the mantissa sets below that gives
+/// at most 9 ticks (from 1, 1.2, …, 9 × 10^k down to 1 × 10^k).
+fn log10_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    const SETS: &[&[f64]] = &[
+        &[
+            1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0,
+        ],
+        &[1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0],
+        &[1.0, 2.0, 3.0, 5.0],
+        &[1.0, 2.0, 5.0],
+        &[1.0, 3.0],
+        &[1.0],
+    ];
+    let (lo, hi) = (lo.max(1e-12), hi.max(1e-12));
+    let ticks_of = |set: &[f64]| -> Vec<f64> {
+        let k0 = lo.log10().floor() as i32 - 1;
+        let k1 = hi.log10().ceil() as i32 + 1;
+        (k0..=k1)
+            .flat_map(|k| set.iter().map(move |m| m * 10f64.powi(k)))
+            .map(|v| (v * 1e6).round() / 1e6)
+            .filter(|&v| v >= lo * (1.0 - 1e-9) && v <= hi * (1.0 + 1e-9))
+            .collect()
+    };
+    SETS.iter()
+        .map(|set| ticks_of(set))
+        .find(|ticks| ticks.len() <= 9)
+        .unwrap_or_else(|| ticks_of(&[1.0]))
 }
 
 fn min_max(v: &[f64]) -> (f64, f64) {
@@ -152,4 +268,55 @@ fn min_max(v: &[f64]) -> (f64, f64) {
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
             (lo.min(x), hi.max(x))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_ticks_are_round_values_inside_the_range() {
+        assert_eq!(log10_ticks(5.5, 21.0), [6.0, 8.0, 10.0, 15.0, 20.0]);
+        assert_eq!(log10_ticks(7.0, 9.5), [7.0, 8.0, 9.0]);
+        assert_eq!(
+            log10_ticks(6.1, 18.3),
+            [7.0, 8.0, 9.0, 10.0, 12.0, 14.0, 16.0, 18.0]
+        );
+        assert_eq!(
+            log10_ticks(2.0, 900.0),
+            [2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]
+        );
+        assert_eq!(
+            log2_ticks(100.0, 9000.0),
+            [128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0]
+        );
+        assert_eq!(tick_label(1.5), "1.5");
+        assert_eq!(tick_label(8.0), "8");
+    }
+
+    #[test]
+    fn a_chart_is_written_with_its_legend_and_marker() {
+        let path = std::env::temp_dir().join(format!("dape-plot-{}.svg", std::process::id()));
+        let series = [Series {
+            name: "alibi".into(),
+            points: vec![(128.0, 7.2), (1024.0, 6.9), (8192.0, 14.0)],
+        }];
+        let chart = Chart {
+            title: "t",
+            x_label: "x",
+            y_label: "y",
+            log2_x: true,
+            marker: Some((128.0, "training length")),
+            log_y: true,
+            y_range: None,
+        };
+        line_chart_svg(&path, &chart, &series).unwrap();
+        // plotters writes each text on a line of its own.
+        let svg = std::fs::read_to_string(&path).unwrap().replace('\n', "");
+        std::fs::remove_file(&path).unwrap();
+        for text in ["alibi", "training length 128", ">8<", ">10<", ">1024<"] {
+            assert!(svg.contains(text), "{text} missing from the SVG");
+        }
+        assert!(!svg.contains("7.943"), "log ticks must be round values");
+    }
 }

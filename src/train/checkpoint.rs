@@ -1,5 +1,6 @@
-//! Writing files so that nothing is ever half-written under its final name: model files,
-//! burn-train checkpoints (through [`AtomicRecorder`]), configs and reports.
+//! Model files and burn-train checkpoints written so that nothing is ever half-written under
+//! its final name (through [`AtomicRecorder`]); plain files go through
+//! [`crate::util::write_atomic`].
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +9,7 @@ use burn::record::{DefaultRecorder, FileRecorder, Recorder, RecorderError};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::error::{Error, Result};
+use crate::util::partial_name;
 
 /// A file recorder that writes through a temporary file and renames it into place, so a crash
 /// mid-write leaves the previous checkpoint intact instead of a truncated file. The default
@@ -23,14 +25,6 @@ impl<R> AtomicRecorder<R> {
     pub fn new(inner: R) -> Self {
         Self { inner }
     }
-}
-
-/// `dir/name-partial`: the recorders replace the extension, so the temporary name has none.
-fn partial_name(path: &Path) -> PathBuf {
-    let stem = path
-        .file_name()
-        .map_or_else(|| "record".into(), |n| n.to_string_lossy().into_owned());
-    path.with_file_name(format!("{stem}-partial"))
 }
 
 impl<B: Backend, R: FileRecorder<B>> Recorder<B> for AtomicRecorder<R> {
@@ -69,20 +63,4 @@ pub fn save_module<B: Backend, M: Module<B>>(module: M, path: &Path) -> Result<(
     module
         .save_file(path, &AtomicRecorder::<DefaultRecorder>::default())
         .map_err(|e| Error::InvalidInput(format!("cannot save {}: {e}", path.display())))
-}
-
-/// Writes bytes atomically (temporary file, then rename).
-pub fn write_bytes_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = partial_name(path);
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| Error::Io { path: p, source }
-    };
-    std::fs::write(&tmp, data).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
-}
-
-/// Writes a text file atomically (temporary file, then rename).
-pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    write_bytes_atomic(path, text.as_bytes())
 }

@@ -23,7 +23,6 @@ use burn::lr_scheduler::LrScheduler;
 use burn::optim::{AdamWConfig, Optimizer};
 use burn::prelude::*;
 use burn::record::{DefaultRecorder, Recorder};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::LearningRateMetric;
@@ -33,197 +32,21 @@ use burn::train::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::che::{stream_seed, Progress};
-use super::checkpoint::{save_module, write_atomic, AtomicRecorder};
+use super::che::Progress;
+use super::checkpoint::{save_module, AtomicRecorder};
 use super::metrics::{LmLossMetric, LmStats, PerplexityMetric, TokensPerSecondMetric};
 use super::renderer::LineRenderer;
 use crate::backend::DeviceSpec;
 use crate::data::che::Rng;
-use crate::data::corpus::{Corpus, Manifest, Part, SplitConfig, TokenizedCorpus, Tokenizer};
-use crate::encoding::PositionalEncodingConfig;
+use crate::data::corpus::{Corpus, Manifest, Part, TokenizedCorpus};
 use crate::error::{ensure, Error, Result};
-use crate::model::{LanguageModel, LanguageModelConfig, TransformerConfig};
-
-/// Configuration of a language-model run (`configs/lm/*.json`; saved as `config.json` in the
-/// run folder). Every field but `encoding` has a default, so a config names only what differs.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LmTrainConfig {
-    /// The positional encoding.
-    pub encoding: PositionalEncodingConfig,
-    /// `bytes` (257 ids) or `gpt2` (50,257 ids).
-    pub tokenizer: Tokenizer,
-    /// The corpus folder (any folder of `.txt` files).
-    pub data: PathBuf,
-    /// How documents are split into train, valid and test.
-    pub split: SplitConfig,
-    /// Model width.
-    pub d_model: usize,
-    /// Number of blocks.
-    pub n_layers: usize,
-    /// Heads per block.
-    pub n_heads: usize,
-    /// Feed-forward expansion ratio.
-    pub ffn_ratio: usize,
-    /// Tokens per training window.
-    pub train_length: usize,
-    /// Windows per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per optimiser step.
-    pub grad_accumulation: usize,
-    /// Optimiser steps.
-    pub steps: usize,
-    /// Peak learning rate.
-    pub learning_rate: f64,
-    /// Final learning rate of the cosine decay.
-    pub min_learning_rate: f64,
-    /// Optimiser steps of linear warmup.
-    pub warmup_steps: usize,
-    /// AdamW decoupled weight decay.
-    pub weight_decay: f64,
-    /// AdamW β1.
-    pub beta_1: f32,
-    /// AdamW β2.
-    pub beta_2: f32,
-    /// Gradient-norm clipping threshold.
-    pub grad_clip: f32,
-    /// Optimiser steps between checkpoints (and validation rounds).
-    pub checkpoint_every: usize,
-    /// Lengths at which each validation round measures perplexity (`ppl@L`).
-    pub valid_lengths: Vec<usize>,
-    /// Validation tokens per length (at least one window).
-    pub valid_tokens: usize,
-    /// Seed of weights and data order.
-    pub seed: u64,
-}
-
-impl Default for LmTrainConfig {
-    fn default() -> Self {
-        Self {
-            encoding: PositionalEncodingConfig::Nope,
-            tokenizer: Tokenizer::Bytes,
-            data: PathBuf::from("data/books"),
-            split: SplitConfig::default(),
-            d_model: 128,
-            n_layers: 4,
-            n_heads: 8,
-            ffn_ratio: 4,
-            train_length: 128,
-            batch_size: 16,
-            grad_accumulation: 1,
-            steps: 2000,
-            learning_rate: 1e-3,
-            min_learning_rate: 1e-4,
-            warmup_steps: 100,
-            weight_decay: 0.1,
-            beta_1: 0.9,
-            beta_2: 0.95,
-            grad_clip: 1.0,
-            checkpoint_every: 250,
-            valid_lengths: vec![128, 512, 2048],
-            valid_tokens: 8192,
-            seed: 0,
-        }
-    }
-}
-
-impl LmTrainConfig {
-    /// Reads a config file.
-    pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let config: Self = serde_json::from_str(&text)
-            .map_err(|e| Error::InvalidInput(format!("config {}: {e}", path.display())))?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Checks the values a user can get wrong.
-    pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("d_model", self.d_model),
-            ("n_layers", self.n_layers),
-            ("n_heads", self.n_heads),
-            ("ffn_ratio", self.ffn_ratio),
-            ("train_length", self.train_length),
-            ("batch_size", self.batch_size),
-            ("grad_accumulation", self.grad_accumulation),
-            ("steps", self.steps),
-            ("checkpoint_every", self.checkpoint_every),
-            ("valid_tokens", self.valid_tokens),
-        ];
-        for (field, value) in positive {
-            ensure(value > 0, field, value, "must be at least 1")?;
-        }
-        ensure(
-            self.learning_rate > 0.0 && self.learning_rate.is_finite(),
-            "learning_rate",
-            self.learning_rate,
-            "must be positive",
-        )?;
-        ensure(
-            (0.0..=self.learning_rate).contains(&self.min_learning_rate),
-            "min_learning_rate",
-            self.min_learning_rate,
-            "must be in [0, learning_rate]",
-        )?;
-        ensure(
-            self.warmup_steps < self.steps,
-            "warmup_steps",
-            self.warmup_steps,
-            &format!("must be below steps ({})", self.steps),
-        )?;
-        ensure(
-            self.weight_decay >= 0.0,
-            "weight_decay",
-            self.weight_decay,
-            "must be non-negative",
-        )?;
-        for (field, value) in [("beta_1", self.beta_1), ("beta_2", self.beta_2)] {
-            ensure(
-                (0.0..1.0).contains(&value),
-                field,
-                value,
-                "must be in [0, 1)",
-            )?;
-        }
-        ensure(
-            self.grad_clip > 0.0,
-            "grad_clip",
-            self.grad_clip,
-            "must be positive",
-        )?;
-        ensure(
-            !self.valid_lengths.is_empty() && self.valid_lengths.iter().all(|&l| l > 0),
-            "valid_lengths",
-            format!("{:?}", self.valid_lengths),
-            "must be a non-empty list of positive lengths",
-        )?;
-        self.split.validate()?;
-        // One block is enough to check the shape and the encoding's own settings.
-        let mut one = self.model().transformer;
-        one.n_layers = 1;
-        one.init::<burn::backend::NdArray>(1, true, &Default::default())?;
-        Ok(())
-    }
-
-    /// The model this run trains.
-    pub fn model(&self) -> LanguageModelConfig {
-        LanguageModelConfig::new(
-            self.tokenizer.vocab_size(),
-            TransformerConfig::new(self.d_model, self.n_layers, self.n_heads)
-                .with_ffn_ratio(self.ffn_ratio)
-                .with_encoding(self.encoding.clone()),
-        )
-    }
-
-    /// Learner epochs: one per checkpoint.
-    pub fn epochs(&self) -> usize {
-        self.steps.div_ceil(self.checkpoint_every)
-    }
-}
+use crate::experiment::lm::{
+    auto_chunk, read_json, tiled_windows, token_nll, LmBatch, LmTrainConfig, Window,
+    EVAL_BATCH_TOKENS,
+};
+use crate::experiment::stream_seed;
+use crate::model::LanguageModel;
+use crate::util::{portable_path, write_atomic};
 
 /// A linear warmup to `peak`, then a cosine decay to `min` at `total` (in scheduler steps).
 #[derive(Clone, Debug)]
@@ -276,13 +99,6 @@ impl LrScheduler for WarmupCosineLr {
     }
 }
 
-/// A window of `length + 1` tokens: inputs are the first `length`, targets the last `length`.
-#[derive(Clone, Debug)]
-pub struct Window {
-    /// The tokens.
-    pub tokens: Vec<u16>,
-}
-
 /// `count` training windows at random offsets of a token stream; window `i` depends only on
 /// `(seed, i)`.
 #[derive(Clone, Debug)]
@@ -331,18 +147,6 @@ impl Dataset<Window> for RandomWindows {
     }
 }
 
-/// Consecutive non-overlapping windows of `length` (+1) tokens of a stream, at most `max`.
-pub fn tiled_windows(stream: &[u16], length: usize, max: usize) -> Vec<Window> {
-    (0..)
-        .map(|k| k * length)
-        .take_while(|&s| s + length < stream.len())
-        .take(max)
-        .map(|s| Window {
-            tokens: stream[s..s + length + 1].to_vec(),
-        })
-        .collect()
-}
-
 /// All windows of one length: one validation item, so that a round's `ppl@L` is exact.
 #[derive(Clone, Debug)]
 pub struct WindowGroup {
@@ -363,43 +167,6 @@ impl Dataset<WindowGroup> for GroupDataset {
 
     fn len(&self) -> usize {
         self.0.len()
-    }
-}
-
-/// A batch of windows on a device.
-#[derive(Clone, Debug)]
-pub struct LmBatch<B: Backend> {
-    /// `[batch, length]`.
-    pub inputs: Tensor<B, 2, Int>,
-    /// `[batch, length]`.
-    pub targets: Tensor<B, 2, Int>,
-    /// Factor on the loss before `backward` (`1 / grad_accumulation`, so that accumulated
-    /// gradients are the mean over micro-batches).
-    pub loss_scale: f64,
-}
-
-impl<B: Backend> LmBatch<B> {
-    /// Stacks windows of one length.
-    pub fn from_windows(windows: &[Window], loss_scale: f64, device: &B::Device) -> Self {
-        let n = windows.len();
-        assert!(n > 0, "an LM batch needs at least one window");
-        let len = windows[0].tokens.len() - 1;
-        let mut inputs = Vec::with_capacity(n * len);
-        let mut targets = Vec::with_capacity(n * len);
-        for w in windows {
-            assert_eq!(
-                w.tokens.len(),
-                len + 1,
-                "all windows of a batch share one length"
-            );
-            inputs.extend(w.tokens[..len].iter().map(|&t| i64::from(t)));
-            targets.extend(w.tokens[1..].iter().map(|&t| i64::from(t)));
-        }
-        Self {
-            inputs: Tensor::from_data(TensorData::new(inputs, [n, len]), device),
-            targets: Tensor::from_data(TensorData::new(targets, [n, len]), device),
-            loss_scale,
-        }
     }
 }
 
@@ -448,34 +215,6 @@ impl<B: Backend> ItemLazy for LmOutput<B> {
         }
     }
 }
-
-/// Per-token negative log-likelihood `[batch, length]` of `targets` after `inputs`.
-pub fn token_nll<B: Backend>(
-    model: &LanguageModel<B>,
-    inputs: Tensor<B, 2, Int>,
-    targets: Tensor<B, 2, Int>,
-) -> Result<Tensor<B, 2>> {
-    let logits = model.forward(inputs)?;
-    let picked = log_softmax(logits, 2).gather(2, targets.unsqueeze_dim(2));
-    Ok(picked.squeeze_dim::<2>(2).neg())
-}
-
-/// The attention chunk used to evaluate `rows` windows of `length` tokens: none while the
-/// largest per-pair tensor (`[rows, chunk, length, 32]`, DAPE's MLP at its default width) stays
-/// under 2^24 floats, otherwise the largest multiple of 16 query rows that keeps it there (at
-/// least 16). Chunking is exact; this bounds memory (and stays under software Vulkan's 128 MiB
-/// buffer limit).
-pub fn auto_chunk(rows: usize, length: usize) -> Option<usize> {
-    const BUDGET: usize = 1 << 24;
-    let per_row = rows.max(1) * length * 32;
-    if per_row * length <= BUDGET {
-        return None;
-    }
-    Some(((BUDGET / per_row) / 16 * 16).max(16))
-}
-
-/// Tokens per forward pass during validation and evaluation.
-pub const EVAL_BATCH_TOKENS: usize = 8192;
 
 impl<B: AutodiffBackend> TrainStep for LanguageModel<B> {
     type Input = LmBatch<B>;
@@ -586,8 +325,9 @@ pub struct LmTrainOptions {
 /// What a finished run reports (also written as `train.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LmTrainSummary {
-    /// Run folder.
-    pub out: PathBuf,
+    /// Run folder, as [`portable_path`] records it (relative, or the run's name: no machine
+    /// paths in committed results).
+    pub out: String,
     /// Backend name.
     pub backend: String,
     /// Optimiser steps of the run.
@@ -645,14 +385,6 @@ fn check_checkpoint<B: AutodiffBackend, O: Optimizer<LanguageModel<B>, B>>(
     Recorder::<B>::load::<O::Record>(&recorder, o.clone(), device).map_err(|e| bad(&o, &e))?;
     Recorder::<B>::load::<usize>(&recorder, s.clone(), device).map_err(|e| bad(&s, &e))?;
     Ok(())
-}
-
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(serde_json::from_str(&text)?)
 }
 
 /// The top-level keys whose values differ.
@@ -863,7 +595,7 @@ pub fn train<B: AutodiffBackend>(
     let seconds = start.elapsed().as_secs_f64();
     save_module(result.model.clone(), &out.join("model"))?;
     let summary = LmTrainSummary {
-        out: out.clone(),
+        out: portable_path(out),
         backend: backend.to_string(),
         steps: config.steps,
         started_at_step: (done_epochs * config.checkpoint_every).min(config.steps),
@@ -878,26 +610,6 @@ pub fn train<B: AutodiffBackend>(
     Ok((result.model, summary))
 }
 
-/// Loads a trained run: its config, manifest and model.
-pub fn load<B: Backend>(
-    run: &Path,
-    device: &B::Device,
-) -> Result<(LmTrainConfig, Manifest, LanguageModel<B>)> {
-    let config: LmTrainConfig = serde_json::from_value(read_json(&run.join("config.json"))?)?;
-    let manifest: Manifest = serde_json::from_value(read_json(&run.join("manifest.json"))?)?;
-    let model = config
-        .model()
-        .init::<B>(device)?
-        .load_file(run.join("model"), &DefaultRecorder::default(), device)
-        .map_err(|e| {
-            Error::InvalidInput(format!(
-                "cannot load the model of {}: {e} (was the run trained to the end?)",
-                run.display()
-            ))
-        })?;
-    Ok((config, manifest, model))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -910,27 +622,5 @@ mod tests {
         assert!((s.rate(60) - 0.55).abs() < 1e-12);
         assert!((s.rate(110) - 0.1).abs() < 1e-12);
         assert!((s.rate(500) - 0.1).abs() < 1e-12);
-    }
-
-    #[test]
-    fn auto_chunk_bounds_the_per_pair_tensor() {
-        assert_eq!(auto_chunk(16, 128), None);
-        assert_eq!(auto_chunk(16, 512), Some(64));
-        assert_eq!(auto_chunk(1, 8192), Some(64));
-        assert_eq!(auto_chunk(1, 100_000), Some(16));
-        for (rows, length) in [(16, 512), (1, 8192), (4, 2048)] {
-            let c = auto_chunk(rows, length).unwrap();
-            assert!(rows * c * length * 32 <= 1 << 24);
-        }
-    }
-
-    #[test]
-    fn tiled_windows_do_not_overlap_and_predict_the_next_token() {
-        let stream: Vec<u16> = (0..20).collect();
-        let w = tiled_windows(&stream, 6, 10);
-        assert_eq!(w.len(), 3);
-        assert_eq!(w[1].tokens, (6..13).collect::<Vec<u16>>());
-        assert_eq!(tiled_windows(&stream, 6, 2).len(), 2);
-        assert!(tiled_windows(&stream, 20, 10).is_empty());
     }
 }

@@ -1,0 +1,251 @@
+//! `dape train`, `dape eval` and `dape plot`: language models on real text.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use burn::tensor::backend::AutodiffBackend;
+
+use dape::backend::{dispatch, BackendKind, BackendTask, DeviceSpec};
+use dape::data::corpus::default_cache_dir;
+use dape::eval::che::parse_lengths;
+use dape::eval::lm::{self as lm_eval, LmEvalConfig, LmEvalReport};
+use dape::experiment::lm::LmTrainConfig;
+use dape::train::che::Progress;
+use dape::train::lm::{self as lm_train, LmTrainOptions};
+use dape::Result;
+
+/// `dape train`.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// The run's JSON config, e.g. configs/lm/dape_kerple_log.json.
+    #[arg(long)]
+    config: PathBuf,
+    /// Corpus folder [default: the config's `data`, data/books].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = BackendKind::Ndarray)]
+    backend: BackendKind,
+    /// Run folder [default: runs/<config name>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Optimiser steps, overriding the config's (warmup shrinks to a tenth if it would not
+    /// fit).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Steps between checkpoints and validation rounds, overriding the config's.
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Continue the run in --out from its newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// One progress line every N steps [default: burn-train's TUI on a terminal, a line
+    /// every 50 steps otherwise].
+    #[arg(long)]
+    lines: Option<usize>,
+    /// Token cache folder [default: $DAPE_CACHE/tokens or ~/.cache/dape/tokens].
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Devices: a count (the first N of the backend) or indices (0,1); more than one uses
+    /// burn-train's multi-device strategy (batch_size is split across them).
+    #[arg(long, default_value = "1")]
+    devices: DeviceSpec,
+}
+
+/// `dape eval`.
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Run folder of `dape train` (repeat for several runs).
+    #[arg(long = "run", required = true)]
+    runs: Vec<PathBuf>,
+    /// Evaluation lengths: a list, `a..b` or `a..b:step`.
+    #[arg(long, default_value = "128,256,512,1024,2048,4096,8192")]
+    lengths: String,
+    /// Perplexity on the last N tokens of each window (the paper: 256), and on all.
+    #[arg(long, default_value_t = 256)]
+    last: usize,
+    /// Query rows per attention chunk [default: as many as keep the per-pair tensors under
+    /// 2^24 floats].
+    #[arg(long)]
+    chunk: Option<usize>,
+    /// Tokens evaluated per length, at most.
+    #[arg(long, default_value_t = 65536)]
+    max_tokens: usize,
+    /// Corpus folder [default: the one in each run's manifest].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = BackendKind::Ndarray)]
+    backend: BackendKind,
+    /// Folder of the combined plot and table when there are several runs [default: the
+    /// first run's parent].
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Token cache folder.
+    #[arg(long)]
+    cache: Option<PathBuf>,
+}
+
+/// `dape plot`.
+#[derive(clap::Args)]
+pub struct PlotArgs {
+    /// Run folder with an eval.json (repeat for several runs).
+    #[arg(long = "run", required = true)]
+    runs: Vec<PathBuf>,
+    /// Output folder for ppl_by_length.svg and results.md.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+struct LmTrainTask {
+    config: LmTrainConfig,
+    options: LmTrainOptions,
+}
+
+impl BackendTask for LmTrainTask {
+    type Output = ();
+    fn run<B: AutodiffBackend>(self, device: B::Device, kind: BackendKind) -> Result<()> {
+        let c = &self.config;
+        println!(
+            "Training {} ({} layers, d {}, {} heads, {} tokenizer) on {kind}: {} steps of {} x {} tokens into {}",
+            c.encoding.name(),
+            c.n_layers,
+            c.d_model,
+            c.n_heads,
+            c.tokenizer.name(),
+            c.steps,
+            c.batch_size * c.grad_accumulation,
+            c.train_length,
+            self.options.out.display()
+        );
+        let (_, summary) = lm_train::train::<B>(c, &self.options, &device, kind.name())?;
+        println!(
+            "Trained in {:.1}s. Next: dape eval --run {}",
+            summary.seconds,
+            self.options.out.display()
+        );
+        Ok(())
+    }
+}
+
+struct LmEvalTask {
+    run: PathBuf,
+    data: Option<PathBuf>,
+    config: LmEvalConfig,
+    cache: PathBuf,
+}
+
+impl BackendTask for LmEvalTask {
+    type Output = LmEvalReport;
+    fn run<B: AutodiffBackend>(self, device: B::Device, kind: BackendKind) -> Result<LmEvalReport> {
+        println!("Evaluating {} on {kind}", self.run.display());
+        let report = lm_eval::evaluate_run::<B::InnerBackend>(
+            &self.run,
+            self.data.as_deref(),
+            &self.config,
+            &self.cache,
+            kind.name(),
+            &device,
+        )?;
+        println!(
+            "Wrote eval.json, eval.csv and ppl_by_length.svg into {}",
+            self.run.display()
+        );
+        Ok(report)
+    }
+}
+
+/// How training shows progress: `--lines N`, else the TUI on a terminal, else a line every 50.
+fn progress(lines: Option<usize>) -> Progress {
+    match lines {
+        Some(every) => Progress::Lines(String::new(), every),
+        None if std::io::stdout().is_terminal() => Progress::Default,
+        None => Progress::Lines(String::new(), 50),
+    }
+}
+
+/// `dape train`: the config file, with the command line's overrides, trained into `--out`.
+pub fn train(args: TrainArgs) -> Result<bool> {
+    let mut train = LmTrainConfig::load(&args.config)?;
+    if let Some(data) = args.data {
+        train.data = data;
+    }
+    if let Some(steps) = args.steps {
+        train.steps = steps;
+        if train.warmup_steps >= steps {
+            train.warmup_steps = steps / 10;
+        }
+    }
+    if let Some(every) = args.checkpoint_every {
+        train.checkpoint_every = every;
+    }
+    train.validate()?;
+    let name = args
+        .config
+        .file_stem()
+        .map_or_else(|| "run".into(), |s| s.to_string_lossy().into_owned());
+    let options = LmTrainOptions {
+        out: args.out.unwrap_or_else(|| PathBuf::from("runs").join(name)),
+        resume: args.resume,
+        cache_dir: args.cache.unwrap_or_else(default_cache_dir),
+        progress: progress(args.lines),
+        devices: args.devices,
+    };
+    dispatch(
+        args.backend,
+        LmTrainTask {
+            config: train,
+            options,
+        },
+    )?;
+    Ok(true)
+}
+
+/// `dape eval`: every run evaluated, then (with several) one combined plot and table.
+pub fn eval(args: EvalArgs) -> Result<bool> {
+    let config = LmEvalConfig {
+        lengths: parse_lengths(&args.lengths)?,
+        last: args.last,
+        chunk: args.chunk,
+        max_tokens: args.max_tokens,
+        ..Default::default()
+    };
+    config.validate()?;
+    let cache = args.cache.unwrap_or_else(default_cache_dir);
+    let mut reports = Vec::new();
+    for run in &args.runs {
+        reports.push(dispatch(
+            args.backend,
+            LmEvalTask {
+                run: run.clone(),
+                data: args.data.clone(),
+                config: config.clone(),
+                cache: cache.clone(),
+            },
+        )?);
+    }
+    if reports.len() > 1 {
+        let out = args.plot.unwrap_or_else(|| {
+            args.runs[0]
+                .parent()
+                .map_or_else(|| PathBuf::from("."), PathBuf::from)
+        });
+        let (svg, md) = lm_eval::plot_runs(&reports, &out)?;
+        println!("Wrote {} and {}", svg.display(), md.display());
+    }
+    println!("{}", lm_eval::results_markdown(&reports));
+    Ok(true)
+}
+
+/// `dape plot`: the evaluated runs' curves in one plot, and their table.
+pub fn plot(args: PlotArgs) -> Result<bool> {
+    let reports = args
+        .runs
+        .iter()
+        .map(|r| lm_eval::read_report(r))
+        .collect::<Result<Vec<_>>>()?;
+    let (svg, md) = lm_eval::plot_runs(&reports, &args.out)?;
+    println!("{}", lm_eval::results_markdown(&reports));
+    println!("Wrote {} and {}", svg.display(), md.display());
+    Ok(true)
+}

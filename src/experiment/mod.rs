@@ -1,0 +1,14 @@
+//! What training ([`crate::train`]) and evaluation ([`crate::eval`]) share, so that neither
+//! reaches into the other: run configs, batches, the per-step loss, and loading a run folder.
+
+pub mod che;
+pub mod lm;
+
+use crate::data::che::Rng;
+
+/// Mixes a seed and an index into an independent stream seed: data item `index` of a run
+/// depends only on `(seed, index)`, so a resumed run sees the same data in the same order.
+pub fn stream_seed(seed: u64, index: u64) -> u64 {
+    let mut rng = Rng::new(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    rng.next_u64()
+}
