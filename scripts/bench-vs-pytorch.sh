@@ -1,39 +1,47 @@
 #!/usr/bin/env bash
-# Side-by-side speed and memory of `dape bench` and the PyTorch eager reference
-# (../shared/bench/torch_ref.py, or $TORCH_REF) on the same machine, alternating the two for each
-# measurement, then a markdown table with the ratios ours / PyTorch.
+# Side-by-side speed and memory of `dape bench` and the PyTorch reference
+# (../shared/bench/torch_ref.py, or $TORCH_REF) in its three forms — eager, SDPA
+# (`F.scaled_dot_product_attention`, what a PyTorch user writes today; not for DAPE, whose MLP
+# reads the logits) and `torch.compile` — on the same machine, one process after the other for
+# each measurement, then a markdown table with the ratios ours / each peer.
 #
 #   scripts/bench-vs-pytorch.sh                 # full grid (slow: long evaluation lengths)
-#   QUICK=1 scripts/bench-vs-pytorch.sh         # train at 128 and eval at 1024 only
+#   QUICK=1 scripts/bench-vs-pytorch.sh         # train at 128 x 8 and eval at 2048 only
 #
-# Environment: BACKEND (default ndarray), TORCH_DEVICE is not used (torch_ref runs on the CPU),
-# ENCODINGS (torch_ref names, default "alibi kerple dape-kerple"), EVAL_LENGTHS (default
-# "1024 4096 8192 16384"), TRAIN_STEPS (default 10), OUT (default runs/bench), TIMEOUT per
-# measurement in seconds (default 1800), MEM_LIMIT_GB (address-space limit of each measured
-# process, default 20, so that an out-of-memory run fails cleanly instead of taking the machine
-# down), CARGO_FEATURES, TABLE_ONLY (rewrite $OUT/table.md from $OUT/results.jsonl, e.g.
-# after adding a measurement by hand, without measuring). Needs the torch==2.9.0 venv of
-# scripts/setup-libtorch.sh. A measurement that fails (out of memory, killed, timed out) is
-# recorded as failed with its exit status, not dropped.
+# Environment: BACKEND (default ndarray), ENCODINGS (torch_ref names, default "alibi kerple
+# dape-kerple"), TRAIN_SHAPES (length x batch, default "128x8 512x4"), EVAL_LENGTHS (default
+# "1024 2048 4096 8192 16384"), PEERS (default "eager sdpa compile"), TRAIN_STEPS (default 10),
+# OUT (default runs/bench), TIMEOUT per measurement in seconds (default 1800), MEM_LIMIT_GB
+# (address-space limit of each measured process, default 20, so that an out-of-memory run fails
+# cleanly instead of taking the machine down), CARGO_FEATURES, TABLE_ONLY (rewrite
+# $OUT/table.md from $OUT/results.jsonl without measuring), DAPE_BIN (a built dape binary:
+# skips the release build). Needs the torch==2.9.0 venv of
+# scripts/setup-libtorch.sh (and a C++ compiler for the compiled peer). A measurement that fails
+# (out of memory, killed, timed out) is recorded as failed with its exit status, not dropped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BACKEND=${BACKEND:-ndarray}
 ENCODINGS=${ENCODINGS:-alibi kerple dape-kerple}
-EVAL_LENGTHS=${EVAL_LENGTHS:-1024 4096 8192 16384}
+TRAIN_SHAPES=${TRAIN_SHAPES:-128x8 512x4}
+EVAL_LENGTHS=${EVAL_LENGTHS:-1024 2048 4096 8192 16384}
+PEERS=${PEERS:-eager sdpa compile}
 TRAIN_STEPS=${TRAIN_STEPS:-10}
 OUT=${OUT:-runs/bench}
 TIMEOUT=${TIMEOUT:-1800}
 MEM_LIMIT_GB=${MEM_LIMIT_GB:-20}
 TORCH_REF=${TORCH_REF:-../shared/bench/torch_ref.py}
-if [ -n "${QUICK:-}" ]; then EVAL_LENGTHS=1024; TRAIN_STEPS=3; fi
+if [ -n "${QUICK:-}" ]; then TRAIN_SHAPES=128x8; EVAL_LENGTHS=2048; TRAIN_STEPS=3; fi
 results=$OUT/results.jsonl
 threads=$(nproc)
 
 if [ -z "${TABLE_ONLY:-}" ]; then
 [ -f "$TORCH_REF" ] || { echo "no PyTorch reference at $TORCH_REF (set TORCH_REF)" >&2; exit 2; }
 eval "$(scripts/setup-libtorch.sh)"
-cargo build --release ${CARGO_FEATURES:+--features "$CARGO_FEATURES"} >&2
+# DAPE_BIN: a dape binary built already (no build then).
+if [ -z "${DAPE_BIN:-}" ]; then
+  cargo build --release ${CARGO_FEATURES:+--features "$CARGO_FEATURES"} >&2
+fi
 dape=${DAPE_BIN:-${CARGO_TARGET_DIR:-target}/release/dape}
 mkdir -p "$OUT"
 : > "$results"
@@ -53,12 +61,29 @@ run() {
   tail -n 1 "$results" >&2
 }
 
+# peers ENC ARGS...: torch_ref.py in each form of $PEERS (SDPA only where it applies).
+peers() {
+  local enc=$1; shift
+  for peer in $PEERS; do
+    case $peer in
+      eager) run pytorch-eager python "$TORCH_REF" --encoding "$enc" "$@" --threads "$threads" ;;
+      sdpa) case $enc in dape-*) ;; *)
+        run pytorch-sdpa-eager python "$TORCH_REF" --encoding "$enc" "$@" --threads "$threads" --sdpa ;;
+        esac ;;
+      compile) run pytorch-compile python "$TORCH_REF" --encoding "$enc" "$@" --threads "$threads" --compile ;;
+      *) echo "unknown peer $peer (expected eager, sdpa or compile)" >&2; exit 2 ;;
+    esac
+  done
+}
+
 for enc in $ENCODINGS; do
-  echo "== train $enc, length 128, batch 8" >&2
-  run dape "$dape" bench --backend "$BACKEND" --mode train --encoding "$enc" --length 128 \
-    --batch 8 --steps "$TRAIN_STEPS"
-  run pytorch-eager python "$TORCH_REF" --mode train --encoding "$enc" --length 128 --batch 8 \
-    --steps "$TRAIN_STEPS" --threads "$threads"
+  for shape in $TRAIN_SHAPES; do
+    L=${shape%x*}; N=${shape#*x}
+    echo "== train $enc, length $L, batch $N" >&2
+    run dape "$dape" bench --backend "$BACKEND" --mode train --encoding "$enc" --length "$L" \
+      --batch "$N" --steps "$TRAIN_STEPS"
+    peers "$enc" --mode train --length "$L" --batch "$N" --steps "$TRAIN_STEPS"
+  done
   for L in $EVAL_LENGTHS; do
     # One step from 8192 on; no warm-up from 16384 on (one step takes minutes there, so what a
     # warm-up would absorb is negligible, and it would double the time).
@@ -67,8 +92,7 @@ for enc in $ENCODINGS; do
     echo "== eval $enc, length $L, batch 1" >&2
     run dape "$dape" bench --backend "$BACKEND" --mode eval --encoding "$enc" --length "$L" \
       --batch 1 --steps "$steps" --warmup "$warmup"
-    run pytorch-eager python "$TORCH_REF" --mode eval --encoding "$enc" --length "$L" \
-      --batch 1 --steps "$steps" --threads "$threads"
+    peers "$enc" --mode eval --length "$L" --batch 1 --steps "$steps"
   done
 done
 fi
@@ -77,29 +101,38 @@ python3 - "$results" "$BACKEND" "$threads" > "$OUT/table.md" <<'PY'
 import json, sys, platform
 path, backend, threads = sys.argv[1], sys.argv[2], sys.argv[3]
 rows = [json.loads(l) for l in open(path) if l.strip()]
-ours = [r for r in rows if r.get("impl") == "dape"]
-ref = [r for r in rows if r.get("impl") == "pytorch-eager"]
 alias = {"kerple": "kerple_log", "dape-kerple": "dape_kerple_log", "dape-alibi": "dape_alibi",
          "dape-fire": "dape_fire"}
+peers = [("pytorch-eager", "eager"), ("pytorch-sdpa-eager", "SDPA"), ("pytorch-compile", "compiled")]
 def key(r):
     return (alias.get(r["encoding"], r["encoding"]), r["mode"], r["length"], r["batch"])
-done = {key(r): r for r in ref if "failed" not in r}
-print(f"Machine: {platform.processor() or platform.machine()}, {threads} threads; dape on {backend}, "
-      "PyTorch 2.9.0 eager on the CPU; model of torch_ref.py (4 layers, d_model 256, 8 heads, "
-      "vocab 256).\n")
-print("| mode | encoding | length | batch | dape tok/s | PyTorch tok/s | ratio | dape peak RSS MiB | PyTorch peak RSS MiB | RSS ratio |")
-print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+ours = [r for r in rows if r.get("impl") == "dape"]
+done = {(r["impl"],) + key(r): r for r in rows if "failed" not in r and r.get("impl") != "dape"}
+present = [(impl, name) for impl, name in peers if any(k[0] == impl for k in done)]
+torch = next((r.get("torch") for r in rows if r.get("torch")), "2.9")
+print(f"Machine: {platform.processor() or platform.machine()}, {threads} threads; dape on {backend}; "
+      f"PyTorch {torch} on the CPU ({', '.join(n for _, n in present)}); the model of torch_ref.py "
+      "(4 layers, d_model 256, 8 heads, vocab 256). Ratios are ours / the peer's tokens per second "
+      "(above 1: we are faster) and ours / the peer's peak RSS (below 1: we use less).\n")
+cols = " | ".join(f"{n} tok/s (ours/{n})" for _, n in present)
+rss = " | ".join(f"{n} MiB" for _, n in present)
+print(f"| mode | encoding | length | batch | dape tok/s | {cols} | dape peak RSS MiB | {rss} |")
+print("| --- | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in present) + " | ---: | "
+      + " | ".join("---:" for _ in present) + " |")
+f = lambda v, p=0: f"{v:,.{p}f}" if isinstance(v, (int, float)) else "—"
 for r in ours:
     if "failed" in r:
         continue
-    t = done.get(key(r))
-    f = lambda v, p=1: f"{v:.{p}f}" if isinstance(v, (int, float)) else "—"
-    tt = t["tokens_per_second"] if t else None
-    tr = t["peak_rss_mib"] if t else None
-    ratio = f"{r['tokens_per_second'] / tt:.2f}" if tt else "ref failed"
-    rss = f"{r['peak_rss_mib'] / tr:.2f}" if (tr and r.get("peak_rss_mib")) else "—"
+    speed, mem = [], []
+    for impl, _ in present:
+        t = done.get((impl,) + key(r))
+        if t is None:
+            speed.append("—"); mem.append("—"); continue
+        speed.append(f"{f(t['tokens_per_second'])} ({r['tokens_per_second'] / t['tokens_per_second']:.2f}×)")
+        m = t.get("peak_rss_mib")
+        mem.append(f"{f(m)} ({r['peak_rss_mib'] / m:.2f}×)" if m and r.get("peak_rss_mib") else f(m))
     print(f"| {r['mode']} | {key(r)[0]} | {r['length']} | {r['batch']} | {f(r['tokens_per_second'])} | "
-          f"{f(tt)} | {ratio} | {f(r.get('peak_rss_mib'))} | {f(tr)} | {rss} |")
+          + " | ".join(speed) + f" | {f(r.get('peak_rss_mib'))} | " + " | ".join(mem) + " |")
 fails = [r for r in rows if "failed" in r]
 if fails:
     print("\nFailed measurements (a failed allocation under the MEM_LIMIT_GB address-space limit "

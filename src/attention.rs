@@ -19,6 +19,8 @@ use crate::encoding::{
     Hook, PositionalEncoding, PositionalEncodingConfig, SegmentIds, SegmentState, Span,
 };
 use crate::error::{ensure, Error, Result};
+use crate::kernel::fused_softmax;
+use crate::util::linear_tokens;
 
 /// Configuration of [`MultiHeadAttention`].
 #[derive(Config, Debug)]
@@ -247,9 +249,7 @@ impl<B: Backend> MultiHeadAttention<B> {
         let [b, l, d_model] = x.dims();
         let x_device = x.device();
         let (h, dh) = (self.n_heads, self.head_dim);
-        let qkv = self
-            .qkv
-            .forward(x)
+        let qkv = linear_tokens(&self.qkv, x)
             .reshape([b, l, 3, h, dh])
             .permute([2, 0, 3, 1, 4]); // [3, b, h, l, dh]
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, h, l, dh]);
@@ -281,7 +281,9 @@ impl<B: Backend> MultiHeadAttention<B> {
         } else {
             self.chunk_size
         };
-        let scale = (dh as f64).sqrt().recip();
+        // The scale goes on the queries (`rows × d_head` values) rather than on the logits
+        // (`rows × keys`): the same scaled logits, one pass fewer over the larger tensor.
+        let q_scaled = q.clone() * (dh as f64).sqrt().recip();
         let lookahead = usize::from(self.encoding.reads_next_column());
         let mut outputs = Vec::with_capacity(l.div_ceil(chunk));
         let mut r0 = 0;
@@ -304,18 +306,28 @@ impl<B: Backend> MultiHeadAttention<B> {
                 query: s.query.clone().narrow(1, r0, rows),
                 key: s.key.clone().narrow(1, 0, span.key_len),
             });
-            let logits = qc.clone().matmul(kc.clone().transpose()) * scale;
-            let mut logits = self
+            let logits = q_scaled
+                .clone()
+                .narrow(2, r0, rows)
+                .matmul(kc.clone().transpose());
+            let logits = self
                 .encoding
                 .adjust_logits(logits, qc, kc, &span, ids.as_ref());
-            if span.has_future() {
-                let mask = span
-                    .future_mask::<B>(&logits.device())
-                    .unsqueeze::<4>()
-                    .expand([b, h, rows, span.key_len]);
-                logits = logits.mask_fill(mask, f32::NEG_INFINITY);
-            }
-            outputs.push(softmax(logits, 3).matmul(vc));
+            // The causal mask and the softmax: one fused pass on ndarray, else the tensor path.
+            let probs = match fused_softmax(logits, span.causal.then_some(span.query_start)) {
+                Ok(probs) => probs,
+                Err(mut logits) => {
+                    if span.has_future() {
+                        let mask = span
+                            .future_mask::<B>(&logits.device())
+                            .unsqueeze::<4>()
+                            .expand([b, h, rows, span.key_len]);
+                        logits = logits.mask_fill(mask, f32::NEG_INFINITY);
+                    }
+                    softmax(logits, 3)
+                }
+            };
+            outputs.push(probs.matmul(vc));
             r0 += rows;
         }
         let out = if outputs.len() == 1 {
@@ -323,7 +335,9 @@ impl<B: Backend> MultiHeadAttention<B> {
         } else {
             Tensor::cat(outputs, 2)
         };
-        self.output
-            .forward(out.permute([0, 2, 1, 3]).reshape([b, l, d_model]))
+        linear_tokens(
+            &self.output,
+            out.permute([0, 2, 1, 3]).reshape([b, l, d_model]),
+        )
     }
 }

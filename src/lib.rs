@@ -60,6 +60,7 @@
 pub mod attention;
 pub mod encoding;
 pub mod error;
+pub mod kernel;
 pub mod model;
 pub mod util;
 

@@ -7,7 +7,8 @@ use burn::prelude::*;
 use crate::attention::{AttentionConfig, KvCache, MultiHeadAttention};
 use crate::encoding::{Hook, PositionalEncoding, PositionalEncodingConfig};
 use crate::error::{ensure, Error, Result};
-use crate::util::{gelu_exact, materialize};
+use crate::kernel::gelu;
+use crate::util::{linear_tokens, materialize};
 
 /// Position-wise feed-forward network: `Linear(d -> r·d) -> GELU -> Linear(r·d -> d)`.
 #[derive(Module, Debug)]
@@ -21,7 +22,7 @@ pub struct FeedForward<B: Backend> {
 impl<B: Backend> FeedForward<B> {
     /// `[.., d_model] -> [.., d_model]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc_out.forward(gelu_exact(self.fc_in.forward(x)))
+        linear_tokens(&self.fc_out, gelu(linear_tokens(&self.fc_in, x)))
     }
 }
 
@@ -303,7 +304,10 @@ impl<B: Backend> LmCache<B> {
 impl<B: Backend> LanguageModel<B> {
     /// Next-token logits `[batch, seq, vocab]` for `tokens: [batch, seq]`.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
-        Ok(self.head.forward(self.transformer.forward(tokens, None)?))
+        Ok(linear_tokens(
+            &self.head,
+            self.transformer.forward(tokens, None)?,
+        ))
     }
 
     /// An empty cache for incremental decoding.
@@ -323,7 +327,7 @@ impl<B: Backend> LanguageModel<B> {
         let hidden = self
             .transformer
             .forward(tokens, Some(cache.layers.as_mut_slice()))?;
-        Ok(self.head.forward(hidden))
+        Ok(linear_tokens(&self.head, hidden))
     }
 
     /// The same model with another attention chunk size (`None`: no chunking).
@@ -377,7 +381,10 @@ pub struct SequenceModel<B: Backend> {
 impl<B: Backend> SequenceModel<B> {
     /// Logits `[batch, seq, output_vocab]` at every position.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
-        Ok(self.head.forward(self.transformer.forward(tokens, None)?))
+        Ok(linear_tokens(
+            &self.head,
+            self.transformer.forward(tokens, None)?,
+        ))
     }
 
     /// The same model with another attention chunk size (`None`: no chunking).

@@ -311,7 +311,7 @@ impl<B: Backend> Fire<B> {
         let hidden = match self.activation {
             FireActivation::Relu => relu(hidden),
             FireActivation::LeakyRelu => leaky_relu(hidden, 0.01),
-            FireActivation::Gelu => crate::util::gelu_exact(hidden),
+            FireActivation::Gelu => crate::kernel::gelu(hidden),
         };
         let out = self.mlp_out.forward(hidden); // [lq, lk, heads]
         out.permute([2, 0, 1]).unsqueeze::<4>()

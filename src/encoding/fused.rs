@@ -25,37 +25,23 @@
 // an index they are what LLVM vectorises, and zipped iterators would hide nothing but that.
 #![allow(clippy::needless_range_loop)]
 
-use std::any::{Any, TypeId};
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::NodeId;
-use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::{DType, TensorData, TensorPrimitive};
+use burn::tensor::{TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 use super::Span;
+pub(crate) use crate::kernel::{applies, applies_autodiff, host};
+use crate::kernel::{cast, Ad, Nd};
 
 /// Keys per block: two AVX registers of `f32`.
 const LANES: usize = 16;
-
-/// Whether `B` is the backend the fused kernel runs on (`NdArray<f32>`, no autodiff).
-pub(crate) fn applies<B: Backend>() -> bool {
-    TypeId::of::<B>() == TypeId::of::<burn_ndarray::NdArray<f32>>()
-}
-
-/// Whether `B` is `Autodiff<NdArray<f32>>` (training on ndarray), where the fused kernel runs
-/// as one differentiable operation with its own fused backward pass.
-pub(crate) fn applies_autodiff<B: Backend>() -> bool {
-    TypeId::of::<B>() == TypeId::of::<Ad>()
-}
-
-type Nd = burn_ndarray::NdArray<f32>;
-type Ad = Autodiff<Nd>;
 
 /// The weights of DAPE's `f = Linear(C → D) → LeakyReLU → Linear(D → H)`, on the host, in the
 /// layouts the kernels read contiguously.
@@ -117,29 +103,6 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
-}
-
-/// Reads an `f32` tensor's values in row-major order (`None` for another element type). On
-/// ndarray this is one copy of the array's memory; `into_data` would walk the elements one by
-/// one whenever the array is shared (as a graph's tensors are).
-pub(crate) fn host<B: Backend, const D: usize>(x: Tensor<B, D>) -> Option<Vec<f32>> {
-    if x.dtype() != DType::F32 {
-        return None;
-    }
-    if applies::<B>() {
-        let x: Tensor<Nd, D> = cast(x)?;
-        return match x.into_primitive().tensor() {
-            burn_ndarray::NdArrayTensor::F32(storage) => {
-                let view = storage.view();
-                Some(match view.as_slice() {
-                    Some(values) => values.to_vec(),
-                    None => view.iter().copied().collect(),
-                })
-            }
-            _ => None,
-        };
-    }
-    x.into_data().into_vec::<f32>().ok()
 }
 
 /// Reads an optional layer bias (`Some(None)` when the layer has none; `None` when not `f32`).
@@ -778,14 +741,6 @@ pub(crate) fn dape_v1_autodiff<B: Backend>(
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
     cast(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
-}
-
-/// Moves a value to the type it is known to have (`None` if it has another).
-fn cast<T: 'static, U: 'static>(x: T) -> Option<U> {
-    (Box::new(x) as Box<dyn Any>)
-        .downcast::<U>()
-        .ok()
-        .map(|u| *u)
 }
 
 /// What the backward pass of [`dape_v1_autodiff`] needs, on the host.
