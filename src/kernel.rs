@@ -226,29 +226,17 @@ mod nd {
         cast(to_nd(y, dims, &device))
     }
 
-    /// What the softmax's backward pass needs: its output, on the host.
+    /// The softmax's backward pass: from its saved output, `y ⊙ (g − Σ g y)` per row.
     #[derive(Debug)]
-    struct SoftmaxState {
+    struct SoftmaxGrad {
         y: Vec<f32>,
         dims: [usize; 4],
         causal_from: Option<usize>,
     }
 
-    #[derive(Debug)]
-    struct SoftmaxBackward;
-
-    impl Backward<Nd, 1> for SoftmaxBackward {
-        type State = Arc<SoftmaxState>;
-
-        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let grad = grads.consume::<Nd>(&ops.node);
-            let [Some(parent)] = ops.parents else {
-                return;
-            };
-            let st = ops.state;
-            let dx = softmax_backward(&st.y, &host_grad(grad), st.dims, st.causal_from);
-            let t = Nd::float_from_data(TensorData::new(dx, st.dims.to_vec()), &Default::default());
-            grads.register::<Nd>(parent.id, t);
+    impl UnaryGrad for SoftmaxGrad {
+        fn input_grad(&self, grad: &[f32]) -> Vec<f32> {
+            softmax_backward(&self.y, grad, self.dims, self.causal_from)
         }
     }
 
@@ -257,28 +245,76 @@ mod nd {
         causal_from: Option<usize>,
     ) -> Option<Tensor<B, 4>> {
         let x: Tensor<Ad, 4> = cast(x)?;
+        let dims = x.dims();
+        let y = softmax_forward(&host(x.clone().inner())?, dims, causal_from);
+        cast(record_unary(x, y, |y| {
+            Box::new(SoftmaxGrad {
+                y: y.to_vec(),
+                dims,
+                causal_from,
+            })
+        }))
+    }
+
+    /// The backward pass of a one-input kernel: the input's gradient (same shape) from the
+    /// output's, given what the forward pass saved.
+    trait UnaryGrad: std::fmt::Debug + Send + Sync + 'static {
+        fn input_grad(&self, grad: &[f32]) -> Vec<f32>;
+    }
+
+    /// What a one-input node keeps for its backward pass.
+    #[derive(Debug)]
+    struct Saved {
+        dims: Vec<usize>,
+        grad: Box<dyn UnaryGrad>,
+    }
+
+    #[derive(Debug)]
+    struct UnaryBackward;
+
+    impl Backward<Nd, 1> for UnaryBackward {
+        type State = Arc<Saved>;
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let grad = grads.consume::<Nd>(&ops.node);
+            let [Some(parent)] = ops.parents else {
+                return;
+            };
+            let dx = ops.state.grad.input_grad(&host_grad(grad));
+            let t = Nd::float_from_data(
+                TensorData::new(dx, ops.state.dims.clone()),
+                &Default::default(),
+            );
+            grads.register::<Nd>(parent.id, t);
+        }
+    }
+
+    /// Records a one-input kernel as one node of `x`'s graph, with output values `y` (`x`'s
+    /// shape). `saved` runs only when `x` is tracked, and is given `y`.
+    fn record_unary<const D: usize>(
+        x: Tensor<Ad, D>,
+        y: Vec<f32>,
+        saved: impl FnOnce(&[f32]) -> Box<dyn UnaryGrad>,
+    ) -> Tensor<Ad, D> {
         let (dims, device) = (x.dims(), x.device());
-        let y_host = softmax_forward(&host(x.clone().inner())?, dims, causal_from);
-        let y = to_nd(y_host.clone(), dims, &device)
-            .into_primitive()
-            .tensor();
         let node = x.into_primitive().tensor().node;
-        let out = match SoftmaxBackward
+        let out = match UnaryBackward
             .prepare::<NoCheckpointing>([node])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(
-                Arc::new(SoftmaxState {
-                    y: y_host,
-                    dims,
-                    causal_from,
-                }),
-                y,
-            ),
-            OpsKind::UnTracked(prep) => prep.finish(y),
+            OpsKind::Tracked(prep) => {
+                let state = Arc::new(Saved {
+                    dims: dims.to_vec(),
+                    grad: saved(&y),
+                });
+                prep.finish(state, to_nd(y, dims, &device).into_primitive().tensor())
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(to_nd(y, dims, &device).into_primitive().tensor())
+            }
         };
-        cast(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
+        Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 
     /// The values of an `f32` ndarray primitive, row-major: one copy of the array's memory when
@@ -301,29 +337,15 @@ mod nd {
         host_primitive(grad).expect("the gradient of an f32 output is f32")
     }
 
-    /// What the backward pass needs: the input, on the host.
+    /// GELU's backward pass: from the saved input, `g · (Φ(x) + x φ(x))`.
     #[derive(Debug)]
-    struct GeluState {
+    struct GeluGrad {
         x: Vec<f32>,
-        dims: Vec<usize>,
     }
 
-    #[derive(Debug)]
-    struct GeluBackward;
-
-    impl Backward<Nd, 1> for GeluBackward {
-        type State = Arc<GeluState>;
-
-        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let grad = grads.consume::<Nd>(&ops.node);
-            let [Some(parent)] = ops.parents else {
-                return;
-            };
-            let st = ops.state;
-            let g = host_grad(grad);
-            let dx = gelu_backward(&st.x, &g);
-            let t = Nd::float_from_data(TensorData::new(dx, st.dims.clone()), &Default::default());
-            grads.register::<Nd>(parent.id, t);
+    impl UnaryGrad for GeluGrad {
+        fn input_grad(&self, grad: &[f32]) -> Vec<f32> {
+            gelu_backward(&self.x, grad)
         }
     }
 
@@ -333,27 +355,11 @@ mod nd {
         x: Tensor<B, D>,
     ) -> Option<Tensor<B, D>> {
         let x: Tensor<Ad, D> = cast(x)?;
-        let (dims, device) = (x.dims(), x.device());
         let x_host = host(x.clone().inner())?;
-        let y = to_nd(gelu_forward(&x_host), dims, &device)
-            .into_primitive()
-            .tensor();
-        let node = x.into_primitive().tensor().node;
-        let out = match GeluBackward
-            .prepare::<NoCheckpointing>([node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(
-                Arc::new(GeluState {
-                    x: x_host,
-                    dims: dims.to_vec(),
-                }),
-                y,
-            ),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        };
-        cast(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out)))
+        let y = gelu_forward(&x_host);
+        cast(record_unary(x, y, move |_| {
+            Box::new(GeluGrad { x: x_host })
+        }))
     }
 }
 

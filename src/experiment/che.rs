@@ -82,18 +82,7 @@ impl CheTrainConfig {
             self.learning_rate,
             "must be positive",
         )?;
-        ensure(
-            self.grad_clip > 0.0,
-            "grad_clip",
-            self.grad_clip,
-            "must be positive",
-        )?;
-        ensure(
-            !self.valid_lengths.is_empty() && self.valid_lengths.iter().all(|&l| l > 0),
-            "valid_lengths",
-            format!("{:?}", self.valid_lengths),
-            "must be a non-empty list of positive lengths",
-        )?;
+        super::validate_shared(self.grad_clip, &self.valid_lengths)?;
         ensure(
             self.valid_sequences > 0,
             "valid_sequences",

@@ -159,18 +159,7 @@ impl LmTrainConfig {
                 "must be in [0, 1)",
             )?;
         }
-        ensure(
-            self.grad_clip > 0.0,
-            "grad_clip",
-            self.grad_clip,
-            "must be positive",
-        )?;
-        ensure(
-            !self.valid_lengths.is_empty() && self.valid_lengths.iter().all(|&l| l > 0),
-            "valid_lengths",
-            format!("{:?}", self.valid_lengths),
-            "must be a non-empty list of positive lengths",
-        )?;
+        super::validate_shared(f64::from(self.grad_clip), &self.valid_lengths)?;
         self.split.validate()?;
         // One block is enough to check the shape and the encoding's own settings.
         let mut one = self.model().transformer;
