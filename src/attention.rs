@@ -19,8 +19,7 @@ use crate::encoding::{
     Hook, PositionalEncoding, PositionalEncodingConfig, SegmentIds, SegmentState, Span,
 };
 use crate::error::{ensure, Error, Result};
-use crate::kernel::fused_softmax;
-use crate::util::linear_tokens;
+use crate::kernel::{fused_softmax, linear_layer};
 
 /// Configuration of [`MultiHeadAttention`].
 #[derive(Config, Debug)]
@@ -249,7 +248,7 @@ impl<B: Backend> MultiHeadAttention<B> {
         let [b, l, d_model] = x.dims();
         let x_device = x.device();
         let (h, dh) = (self.n_heads, self.head_dim);
-        let qkv = linear_tokens(&self.qkv, x)
+        let qkv = linear_layer(&self.qkv, x)
             .reshape([b, l, 3, h, dh])
             .permute([2, 0, 3, 1, 4]); // [3, b, h, l, dh]
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, h, l, dh]);
@@ -335,7 +334,7 @@ impl<B: Backend> MultiHeadAttention<B> {
         } else {
             Tensor::cat(outputs, 2)
         };
-        linear_tokens(
+        linear_layer(
             &self.output,
             out.permute([0, 2, 1, 3]).reshape([b, l, d_model]),
         )

@@ -54,6 +54,10 @@ pub struct BenchConfig {
     pub layers: usize,
     /// Heads (torch_ref: 8).
     pub heads: usize,
+    /// Train mode: also time the forward pass (with the loss), the backward pass and the
+    /// optimizer step (clipping and AdamW) apart, waiting for the device after each, and report
+    /// them as [`BenchResult::phases`]. The waits cost a little on asynchronous backends.
+    pub phases: bool,
 }
 
 impl BenchConfig {
@@ -71,6 +75,7 @@ impl BenchConfig {
             d_model: 256,
             layers: 4,
             heads: 8,
+            phases: false,
         }
     }
 }
@@ -116,6 +121,20 @@ pub struct BenchResult {
     /// Table lookups answered from the cache during the timed steps.
     #[serde(default)]
     pub table_hits: u64,
+    /// Mean seconds per timed step in each phase, when [`BenchConfig::phases`] asked for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<Phases>,
+}
+
+/// Where a training step's time goes (mean seconds per step).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Phases {
+    /// Forward pass and the loss.
+    pub forward: f64,
+    /// Backward pass, up to the parameters' gradients.
+    pub backward: f64,
+    /// Gradient clipping and the AdamW step.
+    pub optimizer: f64,
 }
 
 fn batch_tokens<B: Backend>(
@@ -157,7 +176,13 @@ pub fn run<B: AutodiffBackend>(
     let model: LanguageModel<B> = model_config.init(device)?;
     let (inputs, targets) = batch_tokens::<B>(config, device);
     let mut chunk = None;
+    let mut phases = Phases::default();
+    // Waits for the model's parameters to be computed (asynchronous backends).
+    let sync = |model: &LanguageModel<B>| {
+        let _ = model.head.weight.val().slice([0..1, 0..1]).into_scalar();
+    };
     let mut timed = |steps: usize| -> Result<f64> {
+        phases = Phases::default();
         let start = Instant::now();
         match config.mode {
             BenchMode::Train => {
@@ -169,11 +194,23 @@ pub fn run<B: AutodiffBackend>(
                     .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
                     .init::<B, LanguageModel<B>>();
                 for _ in 0..steps {
+                    let t0 = Instant::now();
                     let loss = token_nll(&model, inputs.clone(), targets.clone())?.mean();
+                    if config.phases {
+                        let _ = loss.clone().into_scalar();
+                    }
+                    let t1 = Instant::now();
                     let grads = GradientsParams::from_grads(loss.backward(), &model);
+                    if config.phases {
+                        sync(&model);
+                    }
+                    let t2 = Instant::now();
                     model = optim.step(6e-4, model, grads);
-                    // Waits for the step to finish (asynchronous backends).
-                    let _ = model.head.weight.val().slice([0..1, 0..1]).into_scalar();
+                    sync(&model);
+                    let t3 = Instant::now();
+                    phases.forward += (t1 - t0).as_secs_f64();
+                    phases.backward += (t2 - t1).as_secs_f64();
+                    phases.optimizer += (t3 - t2).as_secs_f64();
                 }
             }
             BenchMode::Eval => {
@@ -198,6 +235,12 @@ pub fn run<B: AutodiffBackend>(
     let before = table_cache_stats();
     let seconds = timed(config.steps)? / config.steps as f64;
     let after = table_cache_stats();
+    let per_step = |x: f64| x / config.steps as f64;
+    let phases = (config.phases && config.mode == BenchMode::Train).then(|| Phases {
+        forward: per_step(phases.forward),
+        backward: per_step(phases.backward),
+        optimizer: per_step(phases.optimizer),
+    });
     Ok(BenchResult {
         implementation: "dape".into(),
         backend: backend.into(),
@@ -216,6 +259,7 @@ pub fn run<B: AutodiffBackend>(
         peak_rss_mib: sysmem::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
         table_builds: after.builds.saturating_sub(before.builds),
         table_hits: after.hits.saturating_sub(before.hits),
+        phases,
     })
 }
 

@@ -9,7 +9,7 @@
 use burn::prelude::*;
 
 /// Exact GELU, `x Φ(x)`, as one pass forward and one pass backward on ndarray (elementwise over
-/// rayon chunks, `erf` from libm as ndarray's own `erf`), and [`crate::util::gelu_exact`] on
+/// rayon chunks, in f32 with a branch-free `erfc`), and [`crate::util::gelu_exact`] on
 /// every other backend. Same function: the tests hold the two to 1e-6.
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "ndarray")]
@@ -25,6 +25,69 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
         }
     }
     crate::util::gelu_exact(x)
+}
+
+/// `x · weight + bias` over the last dimension of `x` `[.., d_in]`, with `weight`
+/// `[d_in, d_out]` and `bias` `[d_out]` as Burn's `Linear` holds them, giving `[.., d_out]`.
+///
+/// Every leading dimension is one row of a single matrix product (`[rows, d_in] · [d_in,
+/// d_out]`): Burn's `Linear` on a 3-d input runs one product per sequence and sums the weight
+/// gradient's batch afterwards. On ndarray it is one graph node whose forward pass is one GEMM
+/// (`matrixmultiply`, threaded) onto the bias, and whose backward pass is one GEMM for the
+/// input's gradient and one for the weight's, reading the transposed operands through their
+/// strides instead of copying them, and one pass of column sums for the bias's. Every other
+/// backend runs `burn::tensor::module::linear` on the flattened input: the same function (the
+/// tests hold the two together in values and in every gradient).
+pub fn linear<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    if applies::<B>() || applies_autodiff::<B>() {
+        let f32s = x.dtype() == burn::tensor::DType::F32
+            && weight.dtype() == burn::tensor::DType::F32
+            && bias
+                .as_ref()
+                .is_none_or(|b| b.dtype() == burn::tensor::DType::F32);
+        if f32s && D >= 2 {
+            let fused = if applies::<B>() {
+                linear_nd(x.clone(), weight.clone(), bias.clone())
+            } else {
+                linear_autodiff(x.clone(), weight.clone(), bias.clone())
+            };
+            if let Some(y) = fused {
+                return y;
+            }
+        }
+    }
+    linear_tensor(x, weight, bias)
+}
+
+/// [`linear`] by Burn's own op on `[rows, d_in]`: the tensor path.
+pub fn linear_tensor<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    if D < 2 {
+        return burn::tensor::module::linear(x, weight, bias);
+    }
+    let d_in = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let y = burn::tensor::module::linear(x.reshape([rows, d_in]), weight, bias);
+    let mut out = dims;
+    out[D - 1] = y.dims()[1];
+    y.reshape(out)
+}
+
+/// A Burn `Linear` layer through [`linear`]: every token of `x` `[.., d_in]` in one product.
+pub fn linear_layer<B: Backend, const D: usize>(
+    layer: &burn::nn::Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
 }
 
 /// Softmax over the keys of `logits` `[batch, heads, rows, keys]` as one fused pass forward and
@@ -111,11 +174,64 @@ mod nd {
     /// Elements per rayon task of the elementwise kernels.
     const CHUNK: usize = 1 << 14;
 
-    const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
+    const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 
-    /// `Φ(x) = (1 + erf(x / √2)) / 2`, in f64 as ndarray's `erf` computes it.
-    fn phi(x: f32) -> f64 {
-        0.5 * (1.0 + libm::erf(f64::from(x) * FRAC_1_SQRT_2))
+    /// `e^x` in f32 by Cephes' `expf` scheme: `x = k ln 2 + r` with `k` rounded to nearest
+    /// (the 1.5·2²³ trick, not `round`, which is a libm call on baseline x86-64) and `ln 2` in
+    /// two parts, a degree-5 polynomial for `e^r`, and `2^k` built from its bits. Within a few
+    /// ulps of the true value; 0 below -88 (`-inf` included) and `inf` from about 88.4 (the true
+    /// overflow is at 88.72); NaN stays NaN. Plain arithmetic and a select, so that a loop of it
+    /// vectorizes: glibc's `expf` is one call per element.
+    #[inline(always)]
+    pub(super) fn exp(x: f32) -> f32 {
+        const LOG2_E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        const ROUND: f32 = 12_582_912.0;
+        let xc = x.clamp(-88.0, 88.0);
+        let k = (xc * LOG2_E + ROUND) - ROUND;
+        let r = xc - k * LN2_HI - k * LN2_LO;
+        let p = 1.987_569_1e-4f32;
+        let p = p * r + 1.398_199_9e-3;
+        let p = p * r + 8.333_452e-3;
+        let p = p * r + 4.166_579_6e-2;
+        let p = p * r + 1.666_666_5e-1;
+        let p = p * r + 0.5;
+        let y = p * r * r + r + 1.0;
+        let scale = f32::from_bits(((k as i32 + 127) << 23) as u32);
+        if x < -88.0 {
+            0.0
+        } else {
+            y * scale
+        }
+    }
+
+    /// `Φ(x) = (1 + erf(x / √2)) / 2` in f32, from `erfc(z)` for `z = |x| / √2` by the
+    /// Chebyshev fit of Numerical Recipes (`erfcc`, fractional error under 1.2e-7 for every
+    /// `z`): `Φ(x) = erfc(z) / 2` for negative `x` (no cancellation in the tail) and
+    /// `1 − erfc(z) / 2` otherwise. One `exp` and no branch but a select, so that it runs at the
+    /// speed of the elementwise pass ([`exp`]); libm's `erff` branches on the input's range. Plain
+    /// multiply-adds: `mul_add` is a call to `fmaf` unless the build targets FMA.
+    #[inline(always)]
+    pub(super) fn phi(x: f32) -> f32 {
+        let z = x.abs() * FRAC_1_SQRT_2;
+        let t = 1.0 / (1.0 + 0.5 * z);
+        let p = 0.170_872_77f32;
+        let p = p * t + -0.822_152_23;
+        let p = p * t + 1.488_515_9;
+        let p = p * t + -1.135_204;
+        let p = p * t + 0.278_868_07;
+        let p = p * t + -0.186_288_06;
+        let p = p * t + 0.096_784_18;
+        let p = p * t + 0.374_091_96;
+        let p = p * t + 1.000_023_7;
+        let p = p * t + -1.265_512_2;
+        let half_erfc = 0.5 * t * exp(p - z * z);
+        if x < 0.0 {
+            half_erfc
+        } else {
+            1.0 - half_erfc
+        }
     }
 
     fn gelu_forward(x: &[f32]) -> Vec<f32> {
@@ -124,7 +240,7 @@ mod nd {
             .zip(x.par_chunks(CHUNK))
             .for_each(|(y, x)| {
                 for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (f64::from(x) * phi(x)) as f32;
+                    *y = x * phi(x);
                 }
             });
         y
@@ -132,15 +248,14 @@ mod nd {
 
     /// `g · (Φ(x) + x φ(x))`, with `φ(x) = exp(-x²/2) / √(2π)`.
     fn gelu_backward(x: &[f32], g: &[f32]) -> Vec<f32> {
-        const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
         let mut dx = vec![0.0f32; x.len()];
         dx.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
             .for_each(|(dx, (x, g))| {
                 for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                    let xf = f64::from(x);
-                    let density = (-0.5 * xf * xf).exp() * INV_SQRT_2PI;
-                    *dx = (f64::from(g) * (phi(x) + xf * density)) as f32;
+                    let density = exp(-0.5 * x * x) * INV_SQRT_2PI;
+                    *dx = g * (phi(x) + x * density);
                 }
             });
         dx
@@ -160,6 +275,319 @@ mod nd {
         let (dims, device) = (x.dims(), x.device());
         let y = gelu_forward(&host(x)?);
         cast(to_nd(y, dims, &device))
+    }
+
+    /// A matrix in borrowed or owned memory, read through its row and column strides (in
+    /// elements, never negative): what `matrixmultiply` takes, so that a transposed operand is a
+    /// swap of strides rather than a copy.
+    struct Mat<'a> {
+        data: std::borrow::Cow<'a, [f32]>,
+        rows: usize,
+        cols: usize,
+        rs: usize,
+        cs: usize,
+    }
+
+    impl<'a> Mat<'a> {
+        /// A row-major `rows × cols` matrix.
+        fn row_major(data: std::borrow::Cow<'a, [f32]>, rows: usize, cols: usize) -> Self {
+            assert_eq!(data.len(), rows * cols, "matrix of {rows} x {cols}");
+            Self {
+                data,
+                rows,
+                cols,
+                rs: cols,
+                cs: 1,
+            }
+        }
+
+        /// An array as the matrix `[product of the leading dims, last dim]`: borrowed when the
+        /// array is row-major, or (two dimensions) any layout of non-negative strides that fills
+        /// its memory; copied to row-major otherwise.
+        fn of(view: ndarray::ArrayView<'a, f32, ndarray::IxDyn>) -> Self {
+            let shape = view.shape().to_vec();
+            let cols = shape.last().copied().unwrap_or(1);
+            let rows = shape[..shape.len().saturating_sub(1)].iter().product();
+            if shape.len() == 2 && view.strides().iter().all(|&s| s >= 0) {
+                let (rs, cs) = (view.strides()[0] as usize, view.strides()[1] as usize);
+                let start = view.as_ptr();
+                if let Some(data) = view.to_slice_memory_order() {
+                    // The first element is the lowest address when no stride is negative.
+                    debug_assert_eq!(data.as_ptr(), start);
+                    return Self {
+                        data: std::borrow::Cow::Borrowed(data),
+                        rows,
+                        cols,
+                        rs,
+                        cs,
+                    };
+                }
+            }
+            let data = match view.to_slice() {
+                Some(values) => std::borrow::Cow::Borrowed(values),
+                None => std::borrow::Cow::Owned(view.iter().copied().collect()),
+            };
+            Self::row_major(data, rows, cols)
+        }
+
+        /// The transpose (no copy).
+        fn t(&self) -> Mat<'_> {
+            Mat {
+                data: std::borrow::Cow::Borrowed(&self.data),
+                rows: self.cols,
+                cols: self.rows,
+                rs: self.cs,
+                cs: self.rs,
+            }
+        }
+
+        /// Whether every element lies inside the memory.
+        fn in_bounds(&self) -> bool {
+            self.rows == 0
+                || self.cols == 0
+                || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+        }
+    }
+
+    /// `c = a · b + beta · c`, `c` row-major `a.rows × b.cols`.
+    fn gemm(a: &Mat, b: &Mat, beta: f32, c: &mut [f32]) {
+        assert_eq!(a.cols, b.rows, "inner dimensions of a matrix product");
+        assert_eq!(c.len(), a.rows * b.cols, "output of a matrix product");
+        assert!(
+            a.in_bounds() && b.in_bounds(),
+            "matrix strides past the memory"
+        );
+        if c.is_empty() {
+            return;
+        }
+        // SAFETY: the asserts above keep every element that the strides reach inside `a`'s,
+        // `b`'s and `c`'s memory; `c` is borrowed mutably, so nothing else aliases it.
+        unsafe {
+            matrixmultiply::sgemm(
+                a.rows,
+                a.cols,
+                b.cols,
+                1.0,
+                a.data.as_ptr(),
+                a.rs as isize,
+                a.cs as isize,
+                b.data.as_ptr(),
+                b.rs as isize,
+                b.cs as isize,
+                beta,
+                c.as_mut_ptr(),
+                b.cols as isize,
+                1,
+            );
+        }
+    }
+
+    /// A view of an `f32` ndarray primitive's values (`None` for another element type).
+    fn f32_view(
+        x: &burn_ndarray::NdArrayTensor,
+    ) -> Option<ndarray::ArrayView<'_, f32, ndarray::IxDyn>> {
+        match x {
+            burn_ndarray::NdArrayTensor::F32(storage) => Some(storage.view()),
+            _ => None,
+        }
+    }
+
+    /// `x · w + b`, row-major `[x.rows, w.cols]`: the bias is written first, and the GEMM adds
+    /// onto it.
+    fn linear_forward(x: &Mat, w: &Mat, b: Option<&[f32]>) -> Vec<f32> {
+        let (rows, n) = (x.rows, w.cols);
+        let mut y = match b {
+            Some(b) => {
+                assert_eq!(b.len(), n, "bias of a linear layer");
+                let mut y = Vec::with_capacity(rows * n);
+                for _ in 0..rows {
+                    y.extend_from_slice(b);
+                }
+                y
+            }
+            None => vec![0.0; rows * n],
+        };
+        gemm(x, w, if b.is_some() { 1.0 } else { 0.0 }, &mut y);
+        y
+    }
+
+    /// Column sums of a row-major `rows × cols` matrix, over rayon tasks of rows.
+    fn column_sums(g: &[f32], cols: usize) -> Vec<f32> {
+        const ROWS: usize = 64;
+        if cols == 0 {
+            return Vec::new();
+        }
+        g.par_chunks(ROWS * cols)
+            .map(|block| {
+                let mut sums = vec![0.0f32; cols];
+                for row in block.chunks_exact(cols) {
+                    for (s, &v) in sums.iter_mut().zip(row) {
+                        *s += v;
+                    }
+                }
+                sums
+            })
+            .reduce(
+                || vec![0.0f32; cols],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(&b) {
+                        *x += y;
+                    }
+                    a
+                },
+            )
+    }
+
+    /// The output shape of a linear layer on `x_dims`.
+    fn linear_out<const D: usize>(x_dims: [usize; D], d_out: usize) -> [usize; D] {
+        let mut out = x_dims;
+        out[D - 1] = d_out;
+        out
+    }
+
+    pub(super) fn linear_nd<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+        w: Tensor<B, 2>,
+        b: Option<Tensor<B, 1>>,
+    ) -> Option<Tensor<B, D>> {
+        let x: Tensor<Nd, D> = cast(x)?;
+        let w: Tensor<Nd, 2> = cast(w)?;
+        let b: Option<Tensor<Nd, 1>> = match b {
+            Some(b) => Some(cast(b)?),
+            None => None,
+        };
+        let (dims, device) = (x.dims(), x.device());
+        let d_out = w.dims()[1];
+        let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
+        let b = b.map(|b| b.into_primitive().tensor());
+        let y = linear_values(&x, &w, b.as_ref())?;
+        cast(to_nd(y, linear_out(dims, d_out), &device))
+    }
+
+    /// The forward values from the primitives.
+    fn linear_values(
+        x: &burn_ndarray::NdArrayTensor,
+        w: &burn_ndarray::NdArrayTensor,
+        b: Option<&burn_ndarray::NdArrayTensor>,
+    ) -> Option<Vec<f32>> {
+        let xm = Mat::of(f32_view(x)?);
+        let wm = Mat::of(f32_view(w)?);
+        let bias = match b {
+            Some(b) => Some(Mat::of(f32_view(b)?)),
+            None => None,
+        };
+        Some(linear_forward(&xm, &wm, bias.as_ref().map(|b| &b.data[..])))
+    }
+
+    /// What a linear node keeps: its input and weight (shared, not copied).
+    #[derive(Clone, Debug)]
+    struct LinearState {
+        x: burn_ndarray::NdArrayTensor,
+        w: burn_ndarray::NdArrayTensor,
+        x_dims: Vec<usize>,
+    }
+
+    /// The backward pass of a linear node with `N` parents (input, weight, and bias when
+    /// there is one).
+    #[derive(Debug)]
+    struct LinearBackward<const N: usize>;
+
+    fn linear_backward<const N: usize>(ops: Ops<LinearState, N>, grads: &mut Gradients) {
+        let grad = grads.consume::<Nd>(&ops.node);
+        let state = &ops.state;
+        let g_view = f32_view(&grad).expect("the gradient of an f32 output is f32");
+        let g = Mat::of(g_view.clone());
+        let g = if g.cs == 1 && g.rs == g.cols {
+            g
+        } else {
+            // Row-major for the column sums.
+            let values = g_view.iter().copied().collect();
+            Mat::row_major(std::borrow::Cow::Owned(values), g.rows, g.cols)
+        };
+        let x = Mat::of(f32_view(&state.x).expect("f32 input"));
+        let w = Mat::of(f32_view(&state.w).expect("f32 weight"));
+        let device = Default::default();
+        let parents = ops.parents;
+        if let Some(parent) = &parents[0] {
+            let mut dx = vec![0.0; x.rows * x.cols];
+            gemm(&g, &w.t(), 0.0, &mut dx);
+            let t = Nd::float_from_data(TensorData::new(dx, state.x_dims.clone()), &device);
+            grads.register::<Nd>(parent.id, t);
+        }
+        if let Some(parent) = &parents[1] {
+            let mut dw = vec![0.0; w.rows * w.cols];
+            gemm(&x.t(), &g, 0.0, &mut dw);
+            let t = Nd::float_from_data(TensorData::new(dw, [w.rows, w.cols]), &device);
+            grads.register::<Nd>(parent.id, t);
+        }
+        if N == 3 {
+            if let Some(parent) = &parents[N - 1] {
+                let db = column_sums(&g.data, g.cols);
+                let t = Nd::float_from_data(TensorData::new(db, [g.cols]), &device);
+                grads.register::<Nd>(parent.id, t);
+            }
+        }
+    }
+
+    impl Backward<Nd, 2> for LinearBackward<2> {
+        type State = LinearState;
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            linear_backward(ops, grads);
+        }
+    }
+
+    impl Backward<Nd, 3> for LinearBackward<3> {
+        type State = LinearState;
+
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            linear_backward(ops, grads);
+        }
+    }
+
+    pub(super) fn linear_autodiff<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+        w: Tensor<B, 2>,
+        b: Option<Tensor<B, 1>>,
+    ) -> Option<Tensor<B, D>> {
+        let x: Tensor<Ad, D> = cast(x)?;
+        let w: Tensor<Ad, 2> = cast(w)?;
+        let b: Option<Tensor<Ad, 1>> = match b {
+            Some(b) => Some(cast(b)?),
+            None => None,
+        };
+        let (dims, device) = (x.dims(), x.device());
+        let d_out = w.dims()[1];
+        let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
+        let b = b.map(|b| b.into_primitive().tensor());
+        let y = linear_values(&x.primitive, &w.primitive, b.as_ref().map(|b| &b.primitive))?;
+        let out = to_nd(y, linear_out(dims, d_out), &device)
+            .into_primitive()
+            .tensor();
+        let state = LinearState {
+            x: x.primitive,
+            w: w.primitive,
+            x_dims: dims.to_vec(),
+        };
+        let out = match b {
+            Some(b) => match LinearBackward::<3>
+                .prepare::<NoCheckpointing>([x.node, w.node, b.node])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(state, out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            },
+            None => match LinearBackward::<2>
+                .prepare::<NoCheckpointing>([x.node, w.node])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(state, out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            },
+        };
+        cast(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out)))
     }
 
     /// How many keys row `row` of a `[.., rows, keys]` block sees.
@@ -182,12 +610,10 @@ mod nd {
             .for_each(|(row, (y, x))| {
                 let n = visible(row, rows, keys, causal_from);
                 let max = x[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
                 for (y, &x) in y[..n].iter_mut().zip(&x[..n]) {
-                    *y = (x - max).exp();
-                    sum += *y;
+                    *y = exp(x - max);
                 }
-                let inv = sum.recip();
+                let inv = y[..n].iter().sum::<f32>().recip();
                 for y in &mut y[..n] {
                     *y *= inv;
                 }
@@ -371,6 +797,147 @@ mod tests {
 
     fn max_diff<const D: usize>(a: Tensor<NdArray<f32>, D>, b: Tensor<NdArray<f32>, D>) -> f32 {
         (a - b).abs().max().into_scalar()
+    }
+
+    /// The fused linear layer against Burn's own op (the tensor path) on `Autodiff<NdArray>`:
+    /// values, and the gradients of the input, the weight and the bias, for a row-major input
+    /// and weight, a transposed input (read through its strides), a transposed weight, 2-d and
+    /// 4-d inputs, and no bias.
+    #[test]
+    fn fused_linear_is_the_tensor_path_in_values_and_gradients() {
+        type A = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        let normal = Distribution::Normal(0.0, 1.0);
+        for (case, transposed_x, transposed_w, with_bias) in [
+            ("row-major", false, false, true),
+            ("transposed input", true, false, true),
+            ("transposed weight", false, true, true),
+            ("no bias", false, false, false),
+        ] {
+            let (d_in, d_out) = (7, 5);
+            // The leaves whose gradients are compared; each path builds its own operands from
+            // them (a backward pass frees the graph it ran through), and a transposed view
+            // reads the same values through other strides.
+            let x_leaf = if transposed_x {
+                Tensor::<A, 3>::random([3, d_in, 9], normal, &device).require_grad()
+            } else {
+                Tensor::<A, 3>::random([3, 9, d_in], normal, &device).require_grad()
+            };
+            let w_leaf = if transposed_w {
+                Tensor::<A, 2>::random([d_out, d_in], normal, &device).require_grad()
+            } else {
+                Tensor::<A, 2>::random([d_in, d_out], normal, &device).require_grad()
+            };
+            let x = || match transposed_x {
+                true => x_leaf.clone().swap_dims(1, 2),
+                false => x_leaf.clone(),
+            };
+            let w = || match transposed_w {
+                true => w_leaf.clone().transpose(),
+                false => w_leaf.clone(),
+            };
+            let b =
+                with_bias.then(|| Tensor::<A, 1>::random([d_out], normal, &device).require_grad());
+            let fused = linear(x(), w(), b.clone());
+            let tensor = linear_tensor(x(), w(), b.clone());
+            let d = max_diff(fused.clone().inner(), tensor.clone().inner());
+            assert!(d < 1e-5, "{case}: values differ by {d}");
+            // A weighted sum, so that every output element has its own gradient.
+            let weights = Tensor::<A, 3>::random([3, 9, d_out], normal, &device);
+            let g1 = (fused * weights.clone()).sum().backward();
+            let g2 = (tensor * weights).sum().backward();
+            let dx = max_diff(x_leaf.grad(&g1).unwrap(), x_leaf.grad(&g2).unwrap());
+            let dw = max_diff(w_leaf.grad(&g1).unwrap(), w_leaf.grad(&g2).unwrap());
+            assert!(
+                dx < 1e-5 && dw < 1e-5,
+                "{case}: gradients differ by {dx}, {dw}"
+            );
+            if let Some(b) = &b {
+                let db = max_diff(b.grad(&g1).unwrap(), b.grad(&g2).unwrap());
+                assert!(db < 1e-5, "{case}: bias gradients differ by {db}");
+            }
+        }
+        // Two and four dimensions, without autodiff too.
+        let w = Tensor::<NdArray<f32>, 2>::random([4, 6], normal, &device);
+        let b = Tensor::<NdArray<f32>, 1>::random([6], normal, &device);
+        let x2 = Tensor::<NdArray<f32>, 2>::random([130, 4], normal, &device);
+        let d = max_diff(
+            linear(x2.clone(), w.clone(), Some(b.clone())),
+            linear_tensor(x2, w.clone(), Some(b.clone())),
+        );
+        assert!(d < 1e-5, "2-d: {d}");
+        let x4 = Tensor::<NdArray<f32>, 4>::random([2, 3, 5, 4], normal, &device);
+        let d = max_diff(
+            linear(x4.clone(), w.clone(), Some(b.clone())),
+            linear_tensor(x4, w, Some(b)),
+        );
+        assert!(d < 1e-5, "4-d: {d}");
+    }
+
+    /// The fused linear layer's values are the formula, computed in f64.
+    #[test]
+    fn fused_linear_is_the_formula() {
+        let device = Default::default();
+        let xs: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin()).collect();
+        let ws: Vec<f32> = (0..8).map(|i| (i as f32 * 0.91).cos()).collect();
+        let bs = [0.5f32, -0.25];
+        let x = Tensor::<NdArray<f32>, 2>::from_data(TensorData::new(xs.clone(), [3, 4]), &device);
+        let w = Tensor::<NdArray<f32>, 2>::from_data(TensorData::new(ws.clone(), [4, 2]), &device);
+        let b = Tensor::<NdArray<f32>, 1>::from_data(TensorData::new(bs.to_vec(), [2]), &device);
+        let y = linear(x, w, Some(b)).into_data().into_vec::<f32>().unwrap();
+        for r in 0..3 {
+            for c in 0..2 {
+                let want = f64::from(bs[c])
+                    + (0..4)
+                        .map(|i| f64::from(xs[r * 4 + i]) * f64::from(ws[i * 2 + c]))
+                        .sum::<f64>();
+                let got = f64::from(y[r * 2 + c]);
+                assert!(
+                    (got - want).abs() < 1e-6,
+                    "row {r} col {c}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// The kernels' `exp` against f64's: a few ulps across the range where f32 is normal, 1 at
+    /// 0, 0 for `-inf` and below -88, NaN for NaN.
+    #[test]
+    fn exp_is_within_a_few_ulps() {
+        for i in -8700..=8800 {
+            let x = i as f32 / 100.0;
+            let want = f64::from(x).exp();
+            let got = f64::from(nd::exp(x));
+            let error = (got - want).abs() / want;
+            assert!(
+                error < 4.0 * f64::from(f32::EPSILON),
+                "exp({x}) = {got}, not {want}"
+            );
+        }
+        assert_eq!(nd::exp(0.0), 1.0);
+        assert_eq!(nd::exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(nd::exp(-1000.0), 0.0);
+        assert!(nd::exp(f32::NAN).is_nan());
+    }
+
+    /// The normal CDF of the GELU kernel against libm's f64 `erfc`: relative error within a
+    /// few f32 roundings of the exponent from -9 (Φ ≈ 1e-19) to 8, the far negative tail
+    /// included (where `1 + erf` would cancel), and under 2e-6 from -4.
+    #[test]
+    fn phi_is_the_normal_cdf() {
+        let mut worst = 0.0f64;
+        for i in -900..=800 {
+            let x = i as f32 / 100.0;
+            let want = 0.5 * libm::erfc(-f64::from(x) / std::f64::consts::SQRT_2);
+            let got = f64::from(nd::phi(x));
+            let error = (got - want).abs() / want;
+            assert!(
+                x < -4.0 || error < 2e-6,
+                "x = {x}: relative error {error:e}"
+            );
+            worst = worst.max(error);
+        }
+        assert!(worst < 1e-5, "relative error {worst:e}");
     }
 
     #[test]

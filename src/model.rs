@@ -7,8 +7,8 @@ use burn::prelude::*;
 use crate::attention::{AttentionConfig, KvCache, MultiHeadAttention};
 use crate::encoding::{Hook, PositionalEncoding, PositionalEncodingConfig};
 use crate::error::{ensure, Error, Result};
-use crate::kernel::gelu;
-use crate::util::{linear_tokens, materialize};
+use crate::kernel::{gelu, linear_layer};
+use crate::util::materialize;
 
 /// Position-wise feed-forward network: `Linear(d -> r·d) -> GELU -> Linear(r·d -> d)`.
 #[derive(Module, Debug)]
@@ -22,7 +22,7 @@ pub struct FeedForward<B: Backend> {
 impl<B: Backend> FeedForward<B> {
     /// `[.., d_model] -> [.., d_model]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear_tokens(&self.fc_out, gelu(linear_tokens(&self.fc_in, x)))
+        linear_layer(&self.fc_out, gelu(linear_layer(&self.fc_in, x)))
     }
 }
 
@@ -304,7 +304,7 @@ impl<B: Backend> LmCache<B> {
 impl<B: Backend> LanguageModel<B> {
     /// Next-token logits `[batch, seq, vocab]` for `tokens: [batch, seq]`.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
-        Ok(linear_tokens(
+        Ok(linear_layer(
             &self.head,
             self.transformer.forward(tokens, None)?,
         ))
@@ -327,7 +327,7 @@ impl<B: Backend> LanguageModel<B> {
         let hidden = self
             .transformer
             .forward(tokens, Some(cache.layers.as_mut_slice()))?;
-        Ok(linear_tokens(&self.head, hidden))
+        Ok(linear_layer(&self.head, hidden))
     }
 
     /// The same model with another attention chunk size (`None`: no chunking).
@@ -381,7 +381,7 @@ pub struct SequenceModel<B: Backend> {
 impl<B: Backend> SequenceModel<B> {
     /// Logits `[batch, seq, output_vocab]` at every position.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
-        Ok(linear_tokens(
+        Ok(linear_layer(
             &self.head,
             self.transformer.forward(tokens, None)?,
         ))

@@ -33,20 +33,6 @@ pub fn gelu_exact<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.clone() * ((x / std::f64::consts::SQRT_2).erf() + 1.0) * 0.5
 }
 
-/// A linear layer over every token of `[batch, seq, d_in]` as one `[batch·seq, d_in]` matrix
-/// product, giving `[batch, seq, d_out]`.
-///
-/// Burn's `Linear` on a 3-d input runs one matrix product per sequence (a batched matmul with
-/// the weight broadcast), and its weight gradient is a batch of products summed afterwards.
-/// Flattened, the forward, the input gradient and the weight gradient are one large product
-/// each, which the CPU GEMMs run much closer to their peak. The result is the same function.
-pub fn linear_tokens<B: Backend>(layer: &burn::nn::Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    let [b, l, d] = x.dims();
-    let y = layer.forward(x.reshape([b * l, d]));
-    let d_out = y.dims()[1];
-    y.reshape([b, l, d_out])
-}
-
 /// `dir/name-partial`: the temporary name of an atomic write. Burn's recorders replace the
 /// extension, so the temporary name has none of its own.
 pub fn partial_name(path: &Path) -> PathBuf {
@@ -114,44 +100,6 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "two");
         assert!(!partial_name(&path).exists());
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn linear_tokens_is_burns_linear_in_values_and_gradients() {
-        use burn::backend::{Autodiff, NdArray};
-        use burn::nn::LinearConfig;
-        type A = Autodiff<NdArray<f32>>;
-        let device = Default::default();
-        let layer = LinearConfig::new(6, 5).init::<A>(&device);
-        let x = Tensor::<A, 3>::random([3, 4, 6], burn::tensor::Distribution::Default, &device)
-            .require_grad();
-        let ours = linear_tokens(&layer, x.clone());
-        let burns = layer.forward(x.clone());
-        let close = |a: Tensor<NdArray<f32>, 2>, b: Tensor<NdArray<f32>, 2>| {
-            let d = (a - b).abs().max().into_scalar();
-            assert!(d < 1e-5, "differ by {d}");
-        };
-        close(
-            ours.clone().inner().reshape([12, 5]),
-            burns.clone().inner().reshape([12, 5]),
-        );
-        // A weighted sum, so that every output element has its own gradient.
-        let w = Tensor::<A, 3>::random([3, 4, 5], burn::tensor::Distribution::Default, &device);
-        let g1 = (ours * w.clone()).sum().backward();
-        let g2 = (burns * w).sum().backward();
-        close(
-            x.grad(&g1).unwrap().reshape([12, 6]),
-            x.grad(&g2).unwrap().reshape([12, 6]),
-        );
-        close(
-            layer.weight.grad(&g1).unwrap(),
-            layer.weight.grad(&g2).unwrap(),
-        );
-        let (b1, b2) = (
-            layer.bias.as_ref().unwrap().grad(&g1).unwrap(),
-            layer.bias.as_ref().unwrap().grad(&g2).unwrap(),
-        );
-        close(b1.unsqueeze(), b2.unsqueeze());
     }
 
     #[test]

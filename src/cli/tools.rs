@@ -97,6 +97,10 @@ pub struct BenchArgs {
     /// Backend.
     #[arg(long, value_enum, default_value_t = BackendKind::Ndarray)]
     backend: BackendKind,
+    /// Train mode: also report the forward, backward and optimizer seconds per step apart
+    /// (`phases` in the JSON line), waiting for the device after each.
+    #[arg(long)]
+    phases: bool,
 }
 
 struct ReferenceTask {
@@ -322,6 +326,7 @@ pub fn bench(args: BenchArgs) -> Result<bool> {
         steps: args.steps,
         warmup: args.warmup,
         chunk: args.chunk,
+        phases: args.phases,
         ..BenchConfig::new(args.mode, encoding)
     };
     let result = dispatch(args.backend, BenchTask(config))?;
