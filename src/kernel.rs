@@ -189,7 +189,8 @@ mod nd {
         const LN2_LO: f32 = -2.121_944_4e-4;
         const ROUND: f32 = 12_582_912.0;
         let xc = x.clamp(-88.0, 88.0);
-        let k = (xc * LOG2_E + ROUND) - ROUND;
+        let t = xc * LOG2_E + ROUND;
+        let k = t - ROUND;
         let r = xc - k * LN2_HI - k * LN2_LO;
         let p = 1.987_569_1e-4f32;
         let p = p * r + 1.398_199_9e-3;
@@ -198,7 +199,10 @@ mod nd {
         let p = p * r + 1.666_666_5e-1;
         let p = p * r + 0.5;
         let y = p * r * r + r + 1.0;
-        let scale = f32::from_bits(((k as i32 + 127) << 23) as u32);
+        // `k` sits in the low bits of `t`'s mantissa: `2^k` from integer arithmetic on the
+        // bits (an `as i32` cast saturates lane by lane and does not vectorize).
+        let k_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
+        let scale = f32::from_bits(k_bits.wrapping_add(127) << 23);
         if x < -88.0 {
             0.0
         } else {
@@ -234,30 +238,55 @@ mod nd {
         }
     }
 
+    /// Runs `body` compiled for AVX2 (eight lanes) when the CPU has it, else as built (SSE2 on
+    /// baseline x86-64, four lanes): the elementwise loops of the kernels are plain arithmetic
+    /// that the compiler vectorizes to the width it may use.
+    #[inline(always)]
+    fn wide<R>(body: impl FnOnce() -> R) -> R {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2<R>(body: impl FnOnce() -> R) -> R {
+                body()
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                return unsafe { avx2(body) };
+            }
+        }
+        body()
+    }
+
+    #[inline(always)]
+    fn gelu_chunk(y: &mut [f32], x: &[f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x * phi(x);
+        }
+    }
+
     fn gelu_forward(x: &[f32]) -> Vec<f32> {
         let mut y = vec![0.0f32; x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x * phi(x);
-                }
-            });
+            .for_each(|(y, x)| wide(|| gelu_chunk(y, x)));
         y
+    }
+
+    #[inline(always)]
+    fn gelu_grad_chunk(dx: &mut [f32], x: &[f32], g: &[f32]) {
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+            let density = exp(-0.5 * x * x) * INV_SQRT_2PI;
+            *dx = g * (phi(x) + x * density);
+        }
     }
 
     /// `g · (Φ(x) + x φ(x))`, with `φ(x) = exp(-x²/2) / √(2π)`.
     fn gelu_backward(x: &[f32], g: &[f32]) -> Vec<f32> {
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
         let mut dx = vec![0.0f32; x.len()];
         dx.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(dx, (x, g))| {
-                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                    let density = exp(-0.5 * x * x) * INV_SQRT_2PI;
-                    *dx = g * (phi(x) + x * density);
-                }
-            });
+            .for_each(|(dx, (x, g))| wide(|| gelu_grad_chunk(dx, x, g)));
         dx
     }
 
@@ -590,6 +619,20 @@ mod nd {
         cast(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out)))
     }
 
+    /// Softmax of `row[..n]` in place, and 0 at `row[n..]` (the masked keys).
+    #[inline(always)]
+    fn softmax_row(row: &mut [f32], n: usize) {
+        let max = row[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for x in &mut row[..n] {
+            *x = exp(*x - max);
+        }
+        let inv = row[..n].iter().sum::<f32>().recip();
+        for x in &mut row[..n] {
+            *x *= inv;
+        }
+        row[n..].fill(0.0);
+    }
+
     /// How many keys row `row` of a `[.., rows, keys]` block sees.
     fn visible(row: usize, rows: usize, keys: usize, causal_from: Option<usize>) -> usize {
         match causal_from {
@@ -609,14 +652,8 @@ mod nd {
             .enumerate()
             .for_each(|(row, (y, x))| {
                 let n = visible(row, rows, keys, causal_from);
-                let max = x[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for (y, &x) in y[..n].iter_mut().zip(&x[..n]) {
-                    *y = exp(x - max);
-                }
-                let inv = y[..n].iter().sum::<f32>().recip();
-                for y in &mut y[..n] {
-                    *y *= inv;
-                }
+                y[..n].copy_from_slice(&x[..n]);
+                wide(|| softmax_row(y, n));
             });
         y
     }
