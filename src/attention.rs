@@ -19,7 +19,7 @@ use crate::encoding::{
     Hook, PositionalEncoding, PositionalEncodingConfig, SegmentIds, SegmentState, Span,
 };
 use crate::error::{ensure, Error, Result};
-use crate::kernel::{fused_softmax, linear_layer};
+use crate::kernel::{attention, attention_applies, fused_softmax, linear_layer};
 
 /// Configuration of [`MultiHeadAttention`].
 #[derive(Config, Debug)]
@@ -248,10 +248,10 @@ impl<B: Backend> MultiHeadAttention<B> {
         let [b, l, d_model] = x.dims();
         let x_device = x.device();
         let (h, dh) = (self.n_heads, self.head_dim);
-        let qkv = linear_layer(&self.qkv, x)
-            .reshape([b, l, 3, h, dh])
-            .permute([2, 0, 3, 1, 4]); // [3, b, h, l, dh]
-        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, h, l, dh]);
+        // [b, l, 3·h, dh]: q's heads, then k's, then v's. Each part is a view `[b, h, l, dh]`
+        // of it (no copy), which the fused kernel reads through its strides.
+        let qkv = linear_layer(&self.qkv, x).reshape([b, l, 3 * h, dh]);
+        let part = |i: usize| qkv.clone().narrow(2, i * h, h).swap_dims(1, 2);
         let (q, k, v) = (part(0), part(1), part(2));
         let offset = cache.as_ref().map_or(0, |c| c.len());
         // BiPE: segment indices of the query rows; without any, each token is its own segment.
@@ -280,10 +280,15 @@ impl<B: Backend> MultiHeadAttention<B> {
         } else {
             self.chunk_size
         };
+        let scale = (dh as f64).sqrt().recip();
+        // The fused kernel (ndarray) takes the bias apart from the logits; elsewhere, and for
+        // encodings that read the logits, the tensor path below.
+        let fused = attention_applies::<B>() && segment_ids.is_none();
         // The scale goes on the queries (`rows × d_head` values) rather than on the logits
         // (`rows × keys`): the same scaled logits, one pass fewer over the larger tensor.
-        let q_scaled = q.clone() * (dh as f64).sqrt().recip();
+        let q_scaled = (!fused).then(|| q.clone() * scale);
         let lookahead = usize::from(self.encoding.reads_next_column());
+        // Each chunk's output as `[batch, rows, heads, d_head]`.
         let mut outputs = Vec::with_capacity(l.div_ceil(chunk));
         let mut r0 = 0;
         while r0 < l {
@@ -301,19 +306,40 @@ impl<B: Backend> MultiHeadAttention<B> {
             let qc = q.clone().narrow(2, r0, rows);
             let kc = k.clone().narrow(2, 0, span.key_len);
             let vc = v.clone().narrow(2, 0, span.key_len);
+            r0 += rows;
+            let causal_from = span.causal.then_some(span.query_start);
+            if fused {
+                let kernel = self
+                    .encoding
+                    .additive_logit_bias(&span, &x_device)
+                    .and_then(|bias| {
+                        attention(
+                            qc.clone(),
+                            kc.clone(),
+                            vc.clone(),
+                            bias,
+                            scale as f32,
+                            causal_from,
+                        )
+                    });
+                if let Some(out) = kernel {
+                    outputs.push(out);
+                    continue;
+                }
+            }
             let ids = segment_ids.as_ref().map(|s| SegmentIds {
-                query: s.query.clone().narrow(1, r0, rows),
+                query: s.query.clone().narrow(1, r0 - rows, rows),
                 key: s.key.clone().narrow(1, 0, span.key_len),
             });
+            let q_scaled = q_scaled.clone().unwrap_or_else(|| q.clone() * scale);
             let logits = q_scaled
-                .clone()
-                .narrow(2, r0, rows)
+                .narrow(2, r0 - rows, rows)
                 .matmul(kc.clone().transpose());
             let logits = self
                 .encoding
                 .adjust_logits(logits, qc, kc, &span, ids.as_ref());
             // The causal mask and the softmax: one fused pass on ndarray, else the tensor path.
-            let probs = match fused_softmax(logits, span.causal.then_some(span.query_start)) {
+            let probs = match fused_softmax(logits, causal_from) {
                 Ok(probs) => probs,
                 Err(mut logits) => {
                     if span.has_future() {
@@ -326,17 +352,13 @@ impl<B: Backend> MultiHeadAttention<B> {
                     softmax(logits, 3)
                 }
             };
-            outputs.push(probs.matmul(vc));
-            r0 += rows;
+            outputs.push(probs.matmul(vc).swap_dims(1, 2));
         }
         let out = if outputs.len() == 1 {
             outputs.pop().expect("one chunk")
         } else {
-            Tensor::cat(outputs, 2)
+            Tensor::cat(outputs, 1)
         };
-        linear_layer(
-            &self.output,
-            out.permute([0, 2, 1, 3]).reshape([b, l, d_model]),
-        )
+        linear_layer(&self.output, out.reshape([b, l, d_model]))
     }
 }

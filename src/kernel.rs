@@ -90,6 +90,65 @@ pub fn linear_layer<B: Backend, const D: usize>(
     linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
 }
 
+/// Whether [`attention`] has a kernel for backend `B` (ndarray, with or without autodiff).
+pub fn attention_applies<B: Backend>() -> bool {
+    #[cfg(feature = "ndarray")]
+    return applies::<B>() || applies_autodiff::<B>();
+    #[cfg(not(feature = "ndarray"))]
+    false
+}
+
+/// Attention from the queries to the output in one kernel on ndarray:
+/// `softmax(scale · q kᵀ + bias, causal mask) · v`, for `q` `[batch, heads, rows, d_head]`,
+/// `k` `[batch, heads, keys, d_head]`, `v` `[batch, heads, keys, d_v]` and an optional additive
+/// `bias` `[1 or batch, heads, rows, keys]`. With `causal_from = Some(q0)`, row `r` (absolute
+/// position `q0 + r`) sees keys `0..=q0 + r`, as [`fused_softmax`] masks. The output is
+/// `[batch, rows, heads, d_v]` (the heads side by side per row, ready for the output projection).
+///
+/// Each head is one rayon task over the batch: two GEMMs (`matrixmultiply`) with the bias,
+/// mask and softmax between them in one pass, q, k and v read through their strides (no
+/// layout copies). Under autodiff it is one graph node, and the `[rows, keys]` probabilities
+/// are never kept: the backward pass recomputes them per head and batch row, as FlashAttention
+/// does, so the memory the node holds is its inputs and output. `None` when no kernel applies
+/// (another backend or element type, or mismatched shapes): the caller takes the tensor path.
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Option<Tensor<B, 4>>,
+    scale: f32,
+    causal_from: Option<usize>,
+) -> Option<Tensor<B, 4>> {
+    #[cfg(feature = "ndarray")]
+    {
+        let [b, h, rows, dh] = q.dims();
+        let [kb, kh, keys, kdh] = k.dims();
+        let [vb, vh, vkeys, _] = v.dims();
+        let shapes_agree = (kb, kh, kdh) == (b, h, dh)
+            && (vb, vh, vkeys) == (b, h, keys)
+            && bias.as_ref().is_none_or(|t| {
+                let [bb, bh, br, bk] = t.dims();
+                (bb == 1 || bb == b) && (bh, br, bk) == (h, rows, keys)
+            });
+        let f32s = [&q, &k, &v]
+            .into_iter()
+            .chain(bias.as_ref())
+            .all(|t| t.dtype() == burn::tensor::DType::F32);
+        if !shapes_agree || !f32s {
+            return None;
+        }
+        if applies::<B>() {
+            return attention_nd(q, k, v, bias, scale, causal_from);
+        }
+        if applies_autodiff::<B>() {
+            return attention_autodiff(q, k, v, bias, scale, causal_from);
+        }
+    }
+    #[cfg(not(feature = "ndarray"))]
+    let _ = (q, k, v, bias, scale, causal_from);
+    None
+}
+
 /// Softmax over the keys of `logits` `[batch, heads, rows, keys]` as one fused pass forward and
 /// one backward on ndarray, with the causal mask folded in: with `causal_from = Some(q0)`, row
 /// `r` (absolute position `q0 + r`) sees keys `0..=q0 + r` and gets probability 0 elsewhere,
@@ -619,6 +678,390 @@ mod nd {
         cast(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out)))
     }
 
+    /// A 2-d view as a matrix without copying (non-negative strides), or copied to row-major.
+    fn view2<'a>(view: ndarray::ArrayView2<'a, f32>) -> Mat<'a> {
+        let (rows, cols) = view.dim();
+        let strides = view.strides();
+        if rows == 0 || cols == 0 || strides.iter().any(|&s| s < 0) {
+            let values = view.iter().copied().collect();
+            return Mat::row_major(std::borrow::Cow::Owned(values), rows, cols);
+        }
+        let (rs, cs) = (strides[0] as usize, strides[1] as usize);
+        let span = (rows - 1) * rs + (cols - 1) * cs + 1;
+        // SAFETY: with non-negative strides, the view's first element is its lowest address and
+        // its last (rows - 1, cols - 1) its highest; every address between lies in the same
+        // allocation (the array's buffer), is initialised, and is not written while the view
+        // borrows the array.
+        let data = unsafe { std::slice::from_raw_parts(view.as_ptr(), span) };
+        Mat {
+            data: std::borrow::Cow::Borrowed(data),
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
+    /// `c = alpha · a · b` (row-major `c`, overwritten).
+    fn gemm_scaled(alpha: f32, a: &Mat, b: &Mat, c: &mut [f32]) {
+        gemm(a, b, 0.0, c);
+        if alpha != 1.0 {
+            for x in c.iter_mut() {
+                *x *= alpha;
+            }
+        }
+    }
+
+    /// The operands of one attention call, as 4-d views.
+    struct AttentionViews<'a> {
+        q: ndarray::ArrayView4<'a, f32>,
+        k: ndarray::ArrayView4<'a, f32>,
+        v: ndarray::ArrayView4<'a, f32>,
+        bias: Option<ndarray::ArrayView4<'a, f32>>,
+        scale: f32,
+        causal_from: Option<usize>,
+    }
+
+    fn view4(x: &burn_ndarray::NdArrayTensor) -> Option<ndarray::ArrayView4<'_, f32>> {
+        f32_view(x)?.into_dimensionality::<ndarray::Ix4>().ok()
+    }
+
+    impl AttentionViews<'_> {
+        fn dims(&self) -> (usize, usize, usize, usize, usize, usize) {
+            let (b, h, rows, dh) = self.q.dim();
+            (b, h, rows, self.k.dim().2, dh, self.v.dim().3)
+        }
+
+        /// The probabilities of head `hi`, batch row `bi`: `[rows, keys]`, row-major, 0 at
+        /// masked keys.
+        fn probs(&self, bi: usize, hi: usize) -> Vec<f32> {
+            use ndarray::s;
+            let (_, _, rows, keys, _, _) = self.dims();
+            let q = view2(self.q.slice(s![bi, hi, .., ..]));
+            let k = view2(self.k.slice(s![bi, hi, .., ..]));
+            let mut p = vec![0.0f32; rows * keys];
+            gemm_scaled(self.scale, &q, &k.t(), &mut p);
+            let bias = self.bias.as_ref().map(|t| {
+                let bb = if t.dim().0 == 1 { 0 } else { bi };
+                view2(t.slice(s![bb, hi, .., ..]))
+            });
+            wide(|| {
+                for (r, row) in p.chunks_exact_mut(keys.max(1)).enumerate() {
+                    let n = visible(r, rows, keys, self.causal_from);
+                    if let Some(bias) = &bias {
+                        let base = r * bias.rs;
+                        if bias.cs == 1 {
+                            for (x, &b) in row[..n].iter_mut().zip(&bias.data[base..base + n]) {
+                                *x += b;
+                            }
+                        } else {
+                            for (c, x) in row[..n].iter_mut().enumerate() {
+                                *x += bias.data[base + c * bias.cs];
+                            }
+                        }
+                    }
+                    softmax_row(row, n);
+                }
+            });
+            p
+        }
+
+        /// The output `[batch, rows, heads, d_v]`, row-major.
+        fn forward(&self) -> Vec<f32> {
+            use ndarray::s;
+            let (b, h, rows, keys, _, dv) = self.dims();
+            let per_head: Vec<Vec<f32>> = (0..h)
+                .into_par_iter()
+                .map(|hi| {
+                    let mut out = vec![0.0f32; b * rows * dv];
+                    for bi in 0..b {
+                        let p =
+                            Mat::row_major(std::borrow::Cow::Owned(self.probs(bi, hi)), rows, keys);
+                        let v = view2(self.v.slice(s![bi, hi, .., ..]));
+                        gemm(&p, &v, 0.0, &mut out[bi * rows * dv..(bi + 1) * rows * dv]);
+                    }
+                    out
+                })
+                .collect();
+            let mut out = vec![0.0f32; b * rows * h * dv];
+            for (hi, head) in per_head.iter().enumerate() {
+                for (block, src) in head.chunks_exact(dv.max(1)).enumerate() {
+                    let (bi, r) = (block / rows.max(1), block % rows.max(1));
+                    let at = ((bi * rows + r) * h + hi) * dv;
+                    out[at..at + dv].copy_from_slice(src);
+                }
+            }
+            out
+        }
+
+        /// The gradients of q, k, v (`[batch, heads, .., ..]`, row-major) and of the bias (its
+        /// own shape), from the output `o` and its gradient `g` (`[batch, rows, heads, d_v]`
+        /// views). `bias_grad`: whether the bias's gradient is wanted.
+        fn backward(
+            &self,
+            o: ndarray::ArrayView4<'_, f32>,
+            g: ndarray::ArrayView4<'_, f32>,
+            bias_grad: bool,
+        ) -> [Vec<f32>; 4] {
+            use ndarray::s;
+            let (b, h, rows, keys, dh, dv) = self.dims();
+            let bias_batch = self.bias.as_ref().map_or(1, |t| t.dim().0);
+            let per_head: Vec<[Vec<f32>; 4]> = (0..h)
+                .into_par_iter()
+                .map(|hi| {
+                    let mut dq = vec![0.0f32; b * rows * dh];
+                    let mut dk = vec![0.0f32; b * keys * dh];
+                    let mut dv_ = vec![0.0f32; b * keys * dv];
+                    let mut dbias = if bias_grad {
+                        vec![0.0f32; bias_batch * rows * keys]
+                    } else {
+                        Vec::new()
+                    };
+                    for bi in 0..b {
+                        let p = self.probs(bi, hi);
+                        let og = view2(g.slice(s![bi, .., hi, ..]));
+                        let oo = view2(o.slice(s![bi, .., hi, ..]));
+                        let q = view2(self.q.slice(s![bi, hi, .., ..]));
+                        let k = view2(self.k.slice(s![bi, hi, .., ..]));
+                        let v = view2(self.v.slice(s![bi, hi, .., ..]));
+                        let pm = Mat::row_major(std::borrow::Cow::Borrowed(&p), rows, keys);
+                        // dV = Pᵀ · dO
+                        gemm(
+                            &pm.t(),
+                            &og,
+                            0.0,
+                            &mut dv_[bi * keys * dv..(bi + 1) * keys * dv],
+                        );
+                        // dP = dO · Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)) in place.
+                        let mut ds = vec![0.0f32; rows * keys];
+                        gemm(&og, &v.t(), 0.0, &mut ds);
+                        for r in 0..rows {
+                            let d: f32 = (0..dv)
+                                .map(|c| {
+                                    og.data[r * og.rs + c * og.cs] * oo.data[r * oo.rs + c * oo.cs]
+                                })
+                                .sum();
+                            let (dsr, pr) = (
+                                &mut ds[r * keys..(r + 1) * keys],
+                                &p[r * keys..(r + 1) * keys],
+                            );
+                            for (x, &y) in dsr.iter_mut().zip(pr) {
+                                *x = y * (*x - d);
+                            }
+                        }
+                        if bias_grad {
+                            let at = if bias_batch == 1 { 0 } else { bi * rows * keys };
+                            for (acc, &x) in dbias[at..at + rows * keys].iter_mut().zip(&ds) {
+                                *acc += x;
+                            }
+                        }
+                        let dsm = Mat::row_major(std::borrow::Cow::Owned(ds), rows, keys);
+                        // dq = scale · dS · K, dk = scale · dSᵀ · Q
+                        gemm_scaled(
+                            self.scale,
+                            &dsm,
+                            &k,
+                            &mut dq[bi * rows * dh..(bi + 1) * rows * dh],
+                        );
+                        gemm_scaled(
+                            self.scale,
+                            &dsm.t(),
+                            &q,
+                            &mut dk[bi * keys * dh..(bi + 1) * keys * dh],
+                        );
+                    }
+                    [dq, dk, dv_, dbias]
+                })
+                .collect();
+            // From per-head blocks [batch, ..] to [batch, heads, ..].
+            let gather = |which: usize, per_batch: usize, batches: usize| -> Vec<f32> {
+                let mut out = vec![0.0f32; batches * h * per_batch];
+                for (hi, head) in per_head.iter().enumerate() {
+                    for bi in 0..batches {
+                        let at = (bi * h + hi) * per_batch;
+                        out[at..at + per_batch]
+                            .copy_from_slice(&head[which][bi * per_batch..(bi + 1) * per_batch]);
+                    }
+                }
+                out
+            };
+            let dbias = if bias_grad {
+                gather(3, rows * keys, bias_batch)
+            } else {
+                Vec::new()
+            };
+            [
+                gather(0, rows * dh, b),
+                gather(1, keys * dh, b),
+                gather(2, keys * dv, b),
+                dbias,
+            ]
+        }
+    }
+
+    fn attention_views<'a>(
+        q: &'a burn_ndarray::NdArrayTensor,
+        k: &'a burn_ndarray::NdArrayTensor,
+        v: &'a burn_ndarray::NdArrayTensor,
+        bias: Option<&'a burn_ndarray::NdArrayTensor>,
+        scale: f32,
+        causal_from: Option<usize>,
+    ) -> Option<AttentionViews<'a>> {
+        Some(AttentionViews {
+            q: view4(q)?,
+            k: view4(k)?,
+            v: view4(v)?,
+            bias: match bias {
+                Some(t) => Some(view4(t)?),
+                None => None,
+            },
+            scale,
+            causal_from,
+        })
+    }
+
+    fn attention_out_dims(q: [usize; 4], v: [usize; 4]) -> [usize; 4] {
+        [q[0], q[2], q[1], v[3]]
+    }
+
+    pub(super) fn attention_nd<B: Backend>(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        bias: Option<Tensor<B, 4>>,
+        scale: f32,
+        causal_from: Option<usize>,
+    ) -> Option<Tensor<B, 4>> {
+        let (q, k, v): (Tensor<Nd, 4>, Tensor<Nd, 4>, Tensor<Nd, 4>) =
+            (cast(q)?, cast(k)?, cast(v)?);
+        let bias: Option<Tensor<Nd, 4>> = match bias {
+            Some(t) => Some(cast(t)?),
+            None => None,
+        };
+        let (dims, device) = (attention_out_dims(q.dims(), v.dims()), q.device());
+        let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
+        let bias = bias.map(|t| t.into_primitive().tensor());
+        let y = attention_views(&q, &k, &v, bias.as_ref(), scale, causal_from)?.forward();
+        cast(to_nd(y, dims, &device))
+    }
+
+    /// What an attention node keeps: its inputs and output (shared, not copied).
+    #[derive(Clone, Debug)]
+    struct AttentionState {
+        q: burn_ndarray::NdArrayTensor,
+        k: burn_ndarray::NdArrayTensor,
+        v: burn_ndarray::NdArrayTensor,
+        bias: Option<burn_ndarray::NdArrayTensor>,
+        out: burn_ndarray::NdArrayTensor,
+        scale: f32,
+        causal_from: Option<usize>,
+    }
+
+    /// The backward pass of an attention node with `N` parents (q, k, v, and the bias when
+    /// there is one).
+    #[derive(Debug)]
+    struct AttentionBackward<const N: usize>;
+
+    fn attention_backward<const N: usize>(ops: Ops<AttentionState, N>, grads: &mut Gradients) {
+        let grad = grads.consume::<Nd>(&ops.node);
+        let s = &ops.state;
+        let views = attention_views(&s.q, &s.k, &s.v, s.bias.as_ref(), s.scale, s.causal_from)
+            .expect("an attention node keeps f32 4-d inputs");
+        let bias_grad = N == 4 && ops.parents[N - 1].is_some();
+        let o = view4(&s.out).expect("f32 output");
+        let g = view4(&grad).expect("the gradient of an f32 output is f32");
+        let [dq, dk, dv, dbias] = views.backward(o, g, bias_grad);
+        let shapes = [
+            views.q.shape().to_vec(),
+            views.k.shape().to_vec(),
+            views.v.shape().to_vec(),
+            views
+                .bias
+                .as_ref()
+                .map_or(Vec::new(), |t| t.shape().to_vec()),
+        ];
+        let device = Default::default();
+        for ((parent, values), shape) in ops.parents.iter().zip([dq, dk, dv, dbias]).zip(shapes) {
+            if let Some(parent) = parent {
+                let t = Nd::float_from_data(TensorData::new(values, shape), &device);
+                grads.register::<Nd>(parent.id, t);
+            }
+        }
+    }
+
+    impl Backward<Nd, 3> for AttentionBackward<3> {
+        type State = AttentionState;
+
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            attention_backward(ops, grads);
+        }
+    }
+
+    impl Backward<Nd, 4> for AttentionBackward<4> {
+        type State = AttentionState;
+
+        fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+            attention_backward(ops, grads);
+        }
+    }
+
+    pub(super) fn attention_autodiff<B: Backend>(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        bias: Option<Tensor<B, 4>>,
+        scale: f32,
+        causal_from: Option<usize>,
+    ) -> Option<Tensor<B, 4>> {
+        let (q, k, v): (Tensor<Ad, 4>, Tensor<Ad, 4>, Tensor<Ad, 4>) =
+            (cast(q)?, cast(k)?, cast(v)?);
+        let bias: Option<Tensor<Ad, 4>> = match bias {
+            Some(t) => Some(cast(t)?),
+            None => None,
+        };
+        let (dims, device) = (attention_out_dims(q.dims(), v.dims()), q.device());
+        let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
+        let bias = bias.map(|t| t.into_primitive().tensor());
+        let y = attention_views(
+            &q.primitive,
+            &k.primitive,
+            &v.primitive,
+            bias.as_ref().map(|t| &t.primitive),
+            scale,
+            causal_from,
+        )?
+        .forward();
+        let out = to_nd(y, dims, &device).into_primitive().tensor();
+        let state = AttentionState {
+            q: q.primitive,
+            k: k.primitive,
+            v: v.primitive,
+            bias: bias.as_ref().map(|t| t.primitive.clone()),
+            out: out.clone(),
+            scale,
+            causal_from,
+        };
+        let out = match bias {
+            Some(t) => match AttentionBackward::<4>
+                .prepare::<NoCheckpointing>([q.node, k.node, v.node, t.node])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(state, out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            },
+            None => match AttentionBackward::<3>
+                .prepare::<NoCheckpointing>([q.node, k.node, v.node])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(state, out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            },
+        };
+        cast(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
+    }
+
     /// Softmax of `row[..n]` in place, and 0 at `row[n..]` (the masked keys).
     #[inline(always)]
     fn softmax_row(row: &mut [f32], n: usize) {
@@ -830,7 +1273,7 @@ mod nd {
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, NdArray};
-    use burn::tensor::Distribution;
+    use burn::tensor::{DType, Distribution};
 
     fn max_diff<const D: usize>(a: Tensor<NdArray<f32>, D>, b: Tensor<NdArray<f32>, D>) -> f32 {
         (a - b).abs().max().into_scalar()
@@ -975,6 +1418,152 @@ mod tests {
             worst = worst.max(error);
         }
         assert!(worst < 1e-5, "relative error {worst:e}");
+    }
+
+    /// `softmax(scale · q kᵀ + bias, mask) · v` by Burn's tensor ops, as
+    /// `[batch, rows, heads, d_v]`: the reference of the fused attention kernel.
+    fn attention_reference<B: Backend>(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        bias: Option<Tensor<B, 4>>,
+        scale: f32,
+        causal_from: Option<usize>,
+    ) -> Tensor<B, 4> {
+        let [b, h, rows, _] = q.dims();
+        let keys = k.dims()[2];
+        let mut logits = q.matmul(k.transpose()) * scale;
+        if let Some(bias) = bias {
+            logits = logits + bias;
+        }
+        if let Some(q0) = causal_from {
+            let future: Vec<bool> = (0..rows * keys).map(|i| i % keys > q0 + i / keys).collect();
+            let mask = Tensor::<B, 2, Bool>::from_data(
+                TensorData::new(future, [rows, keys]),
+                &logits.device(),
+            )
+            .unsqueeze::<4>()
+            .expand([b, h, rows, keys]);
+            logits = logits.mask_fill(mask, f32::NEG_INFINITY);
+        }
+        burn::tensor::activation::softmax(logits, 3)
+            .matmul(v)
+            .swap_dims(1, 2)
+    }
+
+    /// The fused attention node against the tensor path on `Autodiff<NdArray>`, in values and
+    /// in the gradients of q, k, v and the bias: causal over a full square, a causal chunk of
+    /// query rows after earlier keys (ragged: rows that see part of the keys), full
+    /// (non-causal) attention, a bias shared by the batch or one per batch row, no bias, a
+    /// `d_v` unlike `d_head`, and q, k, v read through strides (views of one projection).
+    #[test]
+    fn fused_attention_is_the_tensor_path_in_values_and_gradients() {
+        type A = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let (b, h, dh) = (2, 3, 5);
+        for (case, rows, keys, causal_from, bias_batch, dv) in [
+            ("causal square", 7, 7, Some(0), Some(1), dh),
+            ("causal chunk", 4, 9, Some(3), Some(1), dh),
+            ("decode step", 1, 6, Some(5), Some(1), dh),
+            ("full", 5, 8, None, Some(1), dh),
+            ("bias per batch row", 6, 6, Some(0), Some(b), dh),
+            ("no bias, wide v", 6, 6, Some(0), None, 7),
+        ] {
+            // One projection [b, rows or keys, heads, q | k | v], viewed per part.
+            let qp = Tensor::<A, 4>::random([b, rows, h, dh], normal, &device).require_grad();
+            let kv = Tensor::<A, 4>::random([b, keys, h, dh + dv], normal, &device).require_grad();
+            let bias = bias_batch.map(|bb| {
+                Tensor::<A, 4>::random([bb, h, rows, keys], normal, &device).require_grad()
+            });
+            let parts = || {
+                (
+                    qp.clone().swap_dims(1, 2),
+                    kv.clone().narrow(3, 0, dh).swap_dims(1, 2),
+                    kv.clone().narrow(3, dh, dv).swap_dims(1, 2),
+                )
+            };
+            let scale = 0.37;
+            let (q, k, v) = parts();
+            let fused = attention(q, k, v, bias.clone(), scale, causal_from)
+                .expect("a kernel on Autodiff<NdArray<f32>>");
+            assert_eq!(fused.dims(), [b, rows, h, dv], "{case}");
+            let weights = Tensor::<A, 4>::random([b, rows, h, dv], normal, &device);
+            // The reference in f64 (two f32 computations in different orders differ by ~5e-5
+            // here): the same inputs, the tensor path, on Autodiff<NdArray<f64>>. The dtype is
+            // named: without it `from_data` takes the device's default float dtype, f32.
+            type A64 = Autodiff<NdArray<f64>>;
+            let to64 = |t: &Tensor<A, 4>| {
+                let data = t.to_data().convert::<f64>();
+                Tensor::<A64, 4>::from_data(data, (&device, DType::F64)).require_grad()
+            };
+            let (qp64, kv64, w64) = (to64(&qp), to64(&kv), to64(&weights));
+            let bias64 = bias.as_ref().map(to64);
+            let reference = attention_reference(
+                qp64.clone().swap_dims(1, 2),
+                kv64.clone().narrow(3, 0, dh).swap_dims(1, 2),
+                kv64.clone().narrow(3, dh, dv).swap_dims(1, 2),
+                bias64.clone(),
+                scale,
+                causal_from,
+            );
+            let close =
+                |ours: Tensor<NdArray<f32>, 4>, want: Tensor<NdArray<f64>, 4>, what: &str| {
+                    let want = Tensor::<NdArray<f32>, 4>::from_data(
+                        want.into_data().convert::<f32>(),
+                        &device,
+                    );
+                    let scale = want.clone().abs().max().into_scalar().max(1.0);
+                    let d = max_diff(ours, want);
+                    assert!(
+                        d < 2e-6 * scale,
+                        "{case}: {what} differs by {d} (largest {scale})"
+                    );
+                };
+            close(fused.clone().inner(), reference.clone().inner(), "output");
+            let g1 = (fused * weights).sum().backward();
+            let g2 = (reference * w64).sum().backward();
+            close(qp.grad(&g1).unwrap(), qp64.grad(&g2).unwrap(), "dq");
+            let (gk, gk64) = (kv.grad(&g1).unwrap(), kv64.grad(&g2).unwrap());
+            close(
+                gk.clone().narrow(3, 0, dh),
+                gk64.clone().narrow(3, 0, dh),
+                "dk",
+            );
+            close(gk.narrow(3, dh, dv), gk64.narrow(3, dh, dv), "dv");
+            if let (Some(bias), Some(bias64)) = (&bias, &bias64) {
+                close(bias.grad(&g1).unwrap(), bias64.grad(&g2).unwrap(), "dbias");
+            }
+        }
+    }
+
+    /// Without autodiff the kernel gives the same values, and it hands other shapes back.
+    #[test]
+    fn fused_attention_without_autodiff_and_bad_shapes() {
+        type N = NdArray<f32>;
+        let device = Default::default();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<N, 4>::random([2, 2, 5, 4], normal, &device);
+        let k = Tensor::<N, 4>::random([2, 2, 8, 4], normal, &device);
+        let v = Tensor::<N, 4>::random([2, 2, 8, 3], normal, &device);
+        let bias = Tensor::<N, 4>::random([1, 2, 5, 8], normal, &device);
+        let fused = attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            Some(bias.clone()),
+            0.5,
+            Some(3),
+        )
+        .expect("a kernel on NdArray<f32>");
+        let reference =
+            attention_reference(q.clone(), k.clone(), v.clone(), Some(bias), 0.5, Some(3));
+        let d = max_diff(fused, reference);
+        assert!(d < 1e-5, "values differ by {d}");
+        let wrong_bias = Tensor::<N, 4>::zeros([1, 2, 5, 7], &device);
+        assert!(attention(q.clone(), k.clone(), v.clone(), Some(wrong_bias), 0.5, None).is_none());
+        let wrong_v = Tensor::<N, 4>::zeros([2, 2, 7, 3], &device);
+        assert!(attention(q, k, wrong_v, None, 0.5, None).is_none());
     }
 
     #[test]

@@ -805,6 +805,24 @@ impl<B: Backend> PositionalEncoding<B> {
         }
     }
 
+    /// What the encoding does to the scaled logits, for a fused attention kernel that takes the
+    /// bias apart from the logits ([`crate::kernel::attention`]): `Some(None)` when it leaves
+    /// them alone (NoPE, absolute and rotary encodings), `Some(Some(bias))` when it adds a bias
+    /// `[1, heads, rows, keys]` that reads neither q, k nor the logits (T5, ALiBi, Kerple, FIRE,
+    /// Sandwich), and `None` when it needs the logits or the queries themselves (Shaw, CoPE,
+    /// DAPE, Transformer-XL, BiPE): those take [`adjust_logits`](Self::adjust_logits).
+    pub fn additive_logit_bias(
+        &self,
+        span: &Span,
+        device: &B::Device,
+    ) -> Option<Option<Tensor<B, 4>>> {
+        match self {
+            Self::Nope(_) | Self::Sinusoidal(_) | Self::Learned(_) | Self::Rotary(_) => Some(None),
+            Self::Bias(b) => Some(Some(b.forward(span, device))),
+            _ => None,
+        }
+    }
+
     /// Adds this encoding's terms to scaled logits `[batch, heads, seq_q, seq_k]` (before the
     /// causal mask). `q: [batch, heads, seq_q, d_head]` and `k: [batch, heads, seq_k, d_head]`
     /// are the (rotated) queries and keys of this block; `segments` the segment indices of its
