@@ -90,6 +90,62 @@ pub fn linear_layer<B: Backend, const D: usize>(
     linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
 }
 
+/// Layer normalization over the last dimension of `x` `[.., d]`:
+/// `(x − mean) / √(var + epsilon) · gamma + beta`, with the mean and the biased variance of each
+/// row, and `gamma`, `beta` `[d]` (as `B::layer_norm`, which Burn's `LayerNorm` calls).
+///
+/// On ndarray it is one graph node: the forward pass is one pass per row (its mean and
+/// reciprocal standard deviation are all it keeps besides the input), and the backward pass
+/// one pass per row for the input's gradient, with the gradients of `gamma` and `beta` summed
+/// over rayon tasks of rows. Burn's op is a composite of nine tensor ops (two of them means
+/// whose backward passes fill a tensor of ones of the input's size). Every other backend runs
+/// `B::layer_norm`, native on LibTorch: the tensor path, which the tests hold this one to in
+/// values and in every gradient. An input with a zero-sized last dimension, or whose `gamma`
+/// does not match it, takes the tensor path too.
+pub fn layer_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    beta: Option<Tensor<B, 1>>,
+    epsilon: f64,
+) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    if applies::<B>() || applies_autodiff::<B>() {
+        let d = x.dims()[D - 1];
+        let f32s = [&x.dtype(), &gamma.dtype()]
+            .into_iter()
+            .chain(beta.as_ref().map(|b| b.dtype()).as_ref())
+            .all(|t| *t == burn::tensor::DType::F32);
+        let fits = d > 0 && gamma.dims()[0] == d && beta.as_ref().is_none_or(|b| b.dims()[0] == d);
+        if f32s && fits {
+            let fused = if applies::<B>() {
+                layer_norm_nd(x.clone(), gamma.clone(), beta.clone(), epsilon)
+            } else {
+                layer_norm_autodiff(x.clone(), gamma.clone(), beta.clone(), epsilon)
+            };
+            if let Some(y) = fused {
+                return y;
+            }
+        }
+    }
+    layer_norm_tensor(x, gamma, beta, epsilon)
+}
+
+/// [`layer_norm`] by the backend's own op (`B::layer_norm`): the tensor path.
+pub fn layer_norm_tensor<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    beta: Option<Tensor<B, 1>>,
+    epsilon: f64,
+) -> Tensor<B, D> {
+    use burn::tensor::TensorPrimitive;
+    Tensor::from_primitive(TensorPrimitive::Float(B::layer_norm(
+        x.into_primitive().tensor(),
+        gamma.into_primitive().tensor(),
+        beta.map(|b| b.into_primitive().tensor()),
+        epsilon,
+    )))
+}
+
 /// Whether [`attention`] has a kernel for backend `B` (ndarray, with or without autodiff).
 pub fn attention_applies<B: Backend>() -> bool {
     #[cfg(feature = "ndarray")]
@@ -297,29 +353,50 @@ mod nd {
         }
     }
 
-    /// Runs `body` compiled for AVX2 (eight lanes) when the CPU has it, else as built (SSE2 on
-    /// baseline x86-64, four lanes): the elementwise loops of the kernels are plain arithmetic
-    /// that the compiler vectorizes to the width it may use.
-    #[inline(always)]
-    fn wide<R>(body: impl FnOnce() -> R) -> R {
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2")]
-            unsafe fn avx2<R>(body: impl FnOnce() -> R) -> R {
-                body()
+    /// Defines `fn name(args) -> ret` whose body is compiled three times, for AVX-512, for AVX2
+    /// and as built (SSE2 on baseline x86-64), and runs the widest that the CPU has (detected at
+    /// run time). The elementwise loops of the kernels are plain arithmetic that the compiler
+    /// vectorizes to the width it may use. A function, not a closure, so that the body is
+    /// always inlined into the wide copies (a closure passed to a `#[target_feature]` function
+    /// can stay a call of its own, compiled narrow).
+    macro_rules! vectorized {
+        ($(#[$attr:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+            $(#[$attr])*
+            fn $name($($arg: $ty),*) $(-> $ret)? {
+                #[inline(always)]
+                fn plain($($arg: $ty),*) $(-> $ret)? $body
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f,avx2,fma")]
+                    unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                        plain($($arg),*)
+                    }
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                        plain($($arg),*)
+                    }
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: the CPU has AVX-512F (checked just above), and with it AVX2
+                        // and FMA.
+                        return unsafe { avx512($($arg),*) };
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                        return unsafe { avx2($($arg),*) };
+                    }
+                }
+                plain($($arg),*)
             }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2 (checked just above).
-                return unsafe { avx2(body) };
-            }
-        }
-        body()
+        };
     }
 
-    #[inline(always)]
-    fn gelu_chunk(y: &mut [f32], x: &[f32]) {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = x * phi(x);
+    vectorized! {
+        fn gelu_chunk(y: &mut [f32], x: &[f32]) {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = x * phi(x);
+            }
         }
     }
 
@@ -327,16 +404,17 @@ mod nd {
         let mut y = vec![0.0f32; x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| wide(|| gelu_chunk(y, x)));
+            .for_each(|(y, x)| gelu_chunk(y, x));
         y
     }
 
-    #[inline(always)]
-    fn gelu_grad_chunk(dx: &mut [f32], x: &[f32], g: &[f32]) {
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
-        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-            let density = exp(-0.5 * x * x) * INV_SQRT_2PI;
-            *dx = g * (phi(x) + x * density);
+    vectorized! {
+        fn gelu_grad_chunk(dx: &mut [f32], x: &[f32], g: &[f32]) {
+            const INV_SQRT_2PI: f32 = 0.398_942_3;
+            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                let density = exp(-0.5 * x * x) * INV_SQRT_2PI;
+                *dx = g * (phi(x) + x * density);
+            }
         }
     }
 
@@ -345,7 +423,7 @@ mod nd {
         let mut dx = vec![0.0f32; x.len()];
         dx.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(dx, (x, g))| wide(|| gelu_grad_chunk(dx, x, g)));
+            .for_each(|(dx, (x, g))| gelu_grad_chunk(dx, x, g));
         dx
     }
 
@@ -439,6 +517,11 @@ mod nd {
 
     /// `c = a · b + beta · c`, `c` row-major `a.rows × b.cols`.
     fn gemm(a: &Mat, b: &Mat, beta: f32, c: &mut [f32]) {
+        gemm_alpha(1.0, a, b, beta, c)
+    }
+
+    /// `c = alpha · a · b + beta · c`, `c` row-major `a.rows × b.cols`.
+    fn gemm_alpha(alpha: f32, a: &Mat, b: &Mat, beta: f32, c: &mut [f32]) {
         assert_eq!(a.cols, b.rows, "inner dimensions of a matrix product");
         assert_eq!(c.len(), a.rows * b.cols, "output of a matrix product");
         assert!(
@@ -455,7 +538,7 @@ mod nd {
                 a.rows,
                 a.cols,
                 b.cols,
-                1.0,
+                alpha,
                 a.data.as_ptr(),
                 a.rs as isize,
                 a.cs as isize,
@@ -658,22 +741,357 @@ mod nd {
             x_dims: dims.to_vec(),
         };
         let out = match b {
-            Some(b) => match LinearBackward::<3>
-                .prepare::<NoCheckpointing>([x.node, w.node, b.node])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(state, out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            },
-            None => match LinearBackward::<2>
-                .prepare::<NoCheckpointing>([x.node, w.node])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(state, out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            },
+            Some(b) => finish_node(
+                LinearBackward::<3>
+                    .prepare::<NoCheckpointing>([x.node, w.node, b.node])
+                    .compute_bound()
+                    .stateful(),
+                state,
+                out,
+            ),
+            None => finish_node(
+                LinearBackward::<2>
+                    .prepare::<NoCheckpointing>([x.node, w.node])
+                    .compute_bound()
+                    .stateful(),
+                state,
+                out,
+            ),
+        };
+        cast(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    /// Records a stateful node of `N` parents: `out` with its backward pass and `state` when a
+    /// parent is tracked, `out` alone otherwise.
+    pub(crate) fn finish_node<BW: Backward<Nd, N>, const N: usize>(
+        kind: OpsKind<BW, Nd, BW::State, NoCheckpointing, N>,
+        state: BW::State,
+        out: burn::tensor::ops::FloatTensor<Nd>,
+    ) -> burn::tensor::ops::FloatTensor<Ad> {
+        match kind {
+            OpsKind::Tracked(prep) => prep.finish(state, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    /// The sum of `x` over sixteen running sums (so that it vectorizes: one running sum is a
+    /// chain of dependent adds).
+    #[inline(always)]
+    fn lane_sum(x: &[f32]) -> f32 {
+        let mut acc = [0.0f32; 16];
+        let chunks = x.chunks_exact(16);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += v;
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    /// The largest of `x` (`-inf` when empty) over sixteen running maxima.
+    #[inline(always)]
+    fn lane_max(x: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; 16];
+        let chunks = x.chunks_exact(16);
+        let tail = chunks
+            .remainder()
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a = if v > *a { v } else { *a };
+            }
+        }
+        acc.iter().copied().fold(tail, f32::max)
+    }
+
+    /// `Σ (x − mean)²` over sixteen running sums.
+    #[inline(always)]
+    fn lane_sum_sq_dev(x: &[f32], mean: f32) -> f32 {
+        let mut acc = [0.0f32; 16];
+        let chunks = x.chunks_exact(16);
+        let tail: f32 = chunks
+            .remainder()
+            .iter()
+            .map(|&v| (v - mean) * (v - mean))
+            .sum();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += (v - mean) * (v - mean);
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    /// `Σ x ⊙ y` over sixteen running sums.
+    #[inline(always)]
+    fn lane_dot(x: &[f32], y: &[f32]) -> f32 {
+        let mut acc = [0.0f32; 16];
+        let (cx, cy) = (x.chunks_exact(16), y.chunks_exact(16));
+        let tail: f32 = cx
+            .remainder()
+            .iter()
+            .zip(cy.remainder())
+            .map(|(a, b)| a * b)
+            .sum();
+        for (a16, b16) in cx.zip(cy) {
+            for ((a, &u), &v) in acc.iter_mut().zip(a16).zip(b16) {
+                *a += u * v;
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    /// Rows of a layer-norm block per rayon task.
+    const NORM_ROWS: usize = 32;
+
+    vectorized! {
+        /// The forward pass over whole rows of `d = gamma.len()` values: `y` and each row's
+        /// `[mean, 1 / √(var + eps)]`.
+        fn layer_norm_rows(
+            x: &[f32],
+            y: &mut [f32],
+            stats: &mut [[f32; 2]],
+            gamma: &[f32],
+            beta: Option<&[f32]>,
+            eps: f32,
+        ) {
+            let d = gamma.len();
+            for ((xr, yr), st) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(stats) {
+                let mean = lane_sum(xr) / d as f32;
+                let rstd = 1.0 / (lane_sum_sq_dev(xr, mean) / d as f32 + eps).sqrt();
+                *st = [mean, rstd];
+                match beta {
+                    Some(beta) => {
+                        for (((y, &x), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
+                            *y = (x - mean) * rstd * g + b;
+                        }
+                    }
+                    None => {
+                        for ((y, &x), &g) in yr.iter_mut().zip(xr).zip(gamma) {
+                            *y = (x - mean) * rstd * g;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    vectorized! {
+        /// The backward pass over whole rows: `dx = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂))`
+        /// with `ĝ = g ⊙ gamma`, and `Σ g ⊙ x̂`, `Σ g` added into `dgamma`, `dbeta`.
+        fn layer_norm_grad_rows(
+            x: &[f32],
+            g: &[f32],
+            stats: &[[f32; 2]],
+            gamma: &[f32],
+            dx: &mut [f32],
+            dgamma: &mut [f32],
+            dbeta: &mut [f32],
+        ) {
+            let d = gamma.len();
+            let mut xhat = vec![0.0f32; d];
+            let mut gh = vec![0.0f32; d];
+            let rows = x.chunks_exact(d).zip(g.chunks_exact(d));
+            for (((xr, gr), dxr), &[mean, rstd]) in rows.zip(dx.chunks_exact_mut(d)).zip(stats) {
+                for ((((xh, h), &x), &gv), &ga) in
+                    xhat.iter_mut().zip(gh.iter_mut()).zip(xr).zip(gr).zip(gamma)
+                {
+                    *xh = (x - mean) * rstd;
+                    *h = gv * ga;
+                }
+                let a = lane_sum(&gh) / d as f32;
+                let b = lane_dot(&gh, &xhat) / d as f32;
+                for (((dx, &h), &xh), ((dga, dbe), &gv)) in dxr
+                    .iter_mut()
+                    .zip(&gh)
+                    .zip(&xhat)
+                    .zip(dgamma.iter_mut().zip(dbeta.iter_mut()).zip(gr))
+                {
+                    *dx = rstd * (h - a - xh * b);
+                    *dga += gv * xh;
+                    *dbe += gv;
+                }
+            }
+        }
+    }
+
+    /// The values of a primitive in row-major order, borrowed when it is row-major already.
+    fn row_major_values(x: &burn_ndarray::NdArrayTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
+        let view = f32_view(x)?;
+        Some(match view.to_slice() {
+            Some(values) => std::borrow::Cow::Borrowed(values),
+            None => std::borrow::Cow::Owned(view.iter().copied().collect()),
+        })
+    }
+
+    /// The forward pass: the output and each row's `[mean, rstd]`.
+    fn layer_norm_values(
+        x: &burn_ndarray::NdArrayTensor,
+        gamma: &burn_ndarray::NdArrayTensor,
+        beta: Option<&burn_ndarray::NdArrayTensor>,
+        eps: f64,
+    ) -> Option<(Vec<f32>, Vec<[f32; 2]>)> {
+        let x = row_major_values(x)?;
+        let gamma = row_major_values(gamma)?;
+        let beta = match beta {
+            Some(b) => Some(row_major_values(b)?),
+            None => None,
+        };
+        let d = gamma.len();
+        let rows = x.len() / d;
+        let mut y = vec![0.0f32; x.len()];
+        let mut stats = vec![[0.0f32; 2]; rows];
+        y.par_chunks_mut(NORM_ROWS * d)
+            .zip(x.par_chunks(NORM_ROWS * d))
+            .zip(stats.par_chunks_mut(NORM_ROWS))
+            .for_each(|((y, x), st)| {
+                layer_norm_rows(x, y, st, &gamma, beta.as_deref(), eps as f32)
+            });
+        Some((y, stats))
+    }
+
+    pub(super) fn layer_norm_nd<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+        gamma: Tensor<B, 1>,
+        beta: Option<Tensor<B, 1>>,
+        eps: f64,
+    ) -> Option<Tensor<B, D>> {
+        let x: Tensor<Nd, D> = cast(x)?;
+        let gamma: Tensor<Nd, 1> = cast(gamma)?;
+        let beta: Option<Tensor<Nd, 1>> = match beta {
+            Some(b) => Some(cast(b)?),
+            None => None,
+        };
+        let (dims, device) = (x.dims(), x.device());
+        let beta = beta.map(|b| b.into_primitive().tensor());
+        let (y, _) = layer_norm_values(
+            &x.into_primitive().tensor(),
+            &gamma.into_primitive().tensor(),
+            beta.as_ref(),
+            eps,
+        )?;
+        cast(to_nd(y, dims, &device))
+    }
+
+    /// What a layer-norm node keeps: its input and `gamma` (shared, not copied) and each row's
+    /// `[mean, rstd]`.
+    #[derive(Clone, Debug)]
+    struct LayerNormState {
+        x: burn_ndarray::NdArrayTensor,
+        gamma: burn_ndarray::NdArrayTensor,
+        stats: Arc<Vec<[f32; 2]>>,
+        dims: Vec<usize>,
+    }
+
+    /// The backward pass of a layer-norm node with `N` parents (input, gamma, and beta when
+    /// there is one).
+    #[derive(Debug)]
+    struct LayerNormBackward<const N: usize>;
+
+    fn layer_norm_backward<const N: usize>(ops: Ops<LayerNormState, N>, grads: &mut Gradients) {
+        let grad = grads.consume::<Nd>(&ops.node);
+        let state = &ops.state;
+        let g = row_major_values(&grad).expect("the gradient of an f32 output is f32");
+        let x = row_major_values(&state.x).expect("f32 input");
+        let gamma = row_major_values(&state.gamma).expect("f32 gamma");
+        let d = gamma.len();
+        let mut dx = vec![0.0f32; x.len()];
+        let (dgamma, dbeta) = dx
+            .par_chunks_mut(NORM_ROWS * d)
+            .zip(x.par_chunks(NORM_ROWS * d).zip(g.par_chunks(NORM_ROWS * d)))
+            .zip(state.stats.par_chunks(NORM_ROWS))
+            .map(|((dx, (x, g)), st)| {
+                let (mut dga, mut dbe) = (vec![0.0f32; d], vec![0.0f32; d]);
+                layer_norm_grad_rows(x, g, st, &gamma, dx, &mut dga, &mut dbe);
+                (dga, dbe)
+            })
+            .reduce(
+                || (vec![0.0f32; d], vec![0.0f32; d]),
+                |(mut a, mut b), (c, e)| {
+                    a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
+                    b.iter_mut().zip(&e).for_each(|(b, e)| *b += e);
+                    (a, b)
+                },
+            );
+        let device = Default::default();
+        let parents = ops.parents;
+        let mut register = |i: usize, values: Vec<f32>, dims: Vec<usize>| {
+            if let Some(parent) = &parents[i] {
+                let t = Nd::float_from_data(TensorData::new(values, dims), &device);
+                grads.register::<Nd>(parent.id, t);
+            }
+        };
+        register(0, dx, state.dims.clone());
+        register(1, dgamma, vec![d]);
+        if N == 3 {
+            register(N - 1, dbeta, vec![d]);
+        }
+    }
+
+    impl Backward<Nd, 2> for LayerNormBackward<2> {
+        type State = LayerNormState;
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            layer_norm_backward(ops, grads);
+        }
+    }
+
+    impl Backward<Nd, 3> for LayerNormBackward<3> {
+        type State = LayerNormState;
+
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            layer_norm_backward(ops, grads);
+        }
+    }
+
+    pub(super) fn layer_norm_autodiff<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+        gamma: Tensor<B, 1>,
+        beta: Option<Tensor<B, 1>>,
+        eps: f64,
+    ) -> Option<Tensor<B, D>> {
+        let x: Tensor<Ad, D> = cast(x)?;
+        let gamma: Tensor<Ad, 1> = cast(gamma)?;
+        let beta: Option<Tensor<Ad, 1>> = match beta {
+            Some(b) => Some(cast(b)?),
+            None => None,
+        };
+        let (dims, device) = (x.dims(), x.device());
+        let (x, gamma) = (x.into_primitive().tensor(), gamma.into_primitive().tensor());
+        let beta = beta.map(|b| b.into_primitive().tensor());
+        let (y, stats) = layer_norm_values(
+            &x.primitive,
+            &gamma.primitive,
+            beta.as_ref().map(|b| &b.primitive),
+            eps,
+        )?;
+        let out = to_nd(y, dims, &device).into_primitive().tensor();
+        let state = LayerNormState {
+            x: x.primitive,
+            gamma: gamma.primitive,
+            stats: Arc::new(stats),
+            dims: dims.to_vec(),
+        };
+        let out = match beta {
+            Some(b) => finish_node(
+                LayerNormBackward::<3>
+                    .prepare::<NoCheckpointing>([x.node, gamma.node, b.node])
+                    .compute_bound()
+                    .stateful(),
+                state,
+                out,
+            ),
+            None => finish_node(
+                LayerNormBackward::<2>
+                    .prepare::<NoCheckpointing>([x.node, gamma.node])
+                    .compute_bound()
+                    .stateful(),
+                state,
+                out,
+            ),
         };
         cast(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out)))
     }
@@ -704,12 +1122,7 @@ mod nd {
 
     /// `c = alpha · a · b` (row-major `c`, overwritten).
     fn gemm_scaled(alpha: f32, a: &Mat, b: &Mat, c: &mut [f32]) {
-        gemm(a, b, 0.0, c);
-        if alpha != 1.0 {
-            for x in c.iter_mut() {
-                *x *= alpha;
-            }
-        }
+        gemm_alpha(alpha, a, b, 0.0, c);
     }
 
     /// The operands of one attention call, as 4-d views.
@@ -724,6 +1137,51 @@ mod nd {
 
     fn view4(x: &burn_ndarray::NdArrayTensor) -> Option<ndarray::ArrayView4<'_, f32>> {
         f32_view(x)?.into_dimensionality::<ndarray::Ix4>().ok()
+    }
+
+    vectorized! {
+        /// Adds the bias (if any) to each row of the `[rows, keys]` logits `p` over the keys it
+        /// sees, and takes the softmax in place (0 at the masked keys).
+        fn bias_softmax_rows(
+            p: &mut [f32],
+            rows: usize,
+            keys: usize,
+            causal_from: Option<usize>,
+            bias: Option<&Mat<'_>>,
+        ) {
+            for (r, row) in p.chunks_exact_mut(keys.max(1)).enumerate() {
+                let n = visible(r, rows, keys, causal_from);
+                if let Some(bias) = bias {
+                    let base = r * bias.rs;
+                    if bias.cs == 1 {
+                        for (x, &b) in row[..n].iter_mut().zip(&bias.data[base..base + n]) {
+                            *x += b;
+                        }
+                    } else {
+                        for (c, x) in row[..n].iter_mut().enumerate() {
+                            *x += bias.data[base + c * bias.cs];
+                        }
+                    }
+                }
+                softmax_row(row, n);
+            }
+        }
+    }
+
+    vectorized! {
+        /// `dS = P ⊙ (dP − rowsum(dO ⊙ O))` in place over `ds` (holding `dP`), row by row of
+        /// `[rows, keys]`, with `dO` and `O` as `[rows, d_v]` matrices.
+        fn softmax_grad_rows(ds: &mut [f32], p: &[f32], og: &Mat<'_>, oo: &Mat<'_>, keys: usize) {
+            let keys = keys.max(1);
+            for (r, (dsr, pr)) in ds.chunks_exact_mut(keys).zip(p.chunks_exact(keys)).enumerate() {
+                let d: f32 = (0..og.cols)
+                    .map(|c| og.data[r * og.rs + c * og.cs] * oo.data[r * oo.rs + c * oo.cs])
+                    .sum();
+                for (x, &y) in dsr.iter_mut().zip(pr) {
+                    *x = y * (*x - d);
+                }
+            }
+        }
     }
 
     impl AttentionViews<'_> {
@@ -745,24 +1203,7 @@ mod nd {
                 let bb = if t.dim().0 == 1 { 0 } else { bi };
                 view2(t.slice(s![bb, hi, .., ..]))
             });
-            wide(|| {
-                for (r, row) in p.chunks_exact_mut(keys.max(1)).enumerate() {
-                    let n = visible(r, rows, keys, self.causal_from);
-                    if let Some(bias) = &bias {
-                        let base = r * bias.rs;
-                        if bias.cs == 1 {
-                            for (x, &b) in row[..n].iter_mut().zip(&bias.data[base..base + n]) {
-                                *x += b;
-                            }
-                        } else {
-                            for (c, x) in row[..n].iter_mut().enumerate() {
-                                *x += bias.data[base + c * bias.cs];
-                            }
-                        }
-                    }
-                    softmax_row(row, n);
-                }
-            });
+            bias_softmax_rows(&mut p, rows, keys, self.causal_from, bias.as_ref());
             p
         }
 
@@ -835,20 +1276,7 @@ mod nd {
                         // dP = dO · Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)) in place.
                         let mut ds = vec![0.0f32; rows * keys];
                         gemm(&og, &v.t(), 0.0, &mut ds);
-                        for r in 0..rows {
-                            let d: f32 = (0..dv)
-                                .map(|c| {
-                                    og.data[r * og.rs + c * og.cs] * oo.data[r * oo.rs + c * oo.cs]
-                                })
-                                .sum();
-                            let (dsr, pr) = (
-                                &mut ds[r * keys..(r + 1) * keys],
-                                &p[r * keys..(r + 1) * keys],
-                            );
-                            for (x, &y) in dsr.iter_mut().zip(pr) {
-                                *x = y * (*x - d);
-                            }
-                        }
+                        softmax_grad_rows(&mut ds, &p, &og, &oo, keys);
                         if bias_grad {
                             let at = if bias_batch == 1 { 0 } else { bi * rows * keys };
                             for (acc, &x) in dbias[at..at + rows * keys].iter_mut().zip(&ds) {
@@ -1042,22 +1470,22 @@ mod nd {
             causal_from,
         };
         let out = match bias {
-            Some(t) => match AttentionBackward::<4>
-                .prepare::<NoCheckpointing>([q.node, k.node, v.node, t.node])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(state, out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            },
-            None => match AttentionBackward::<3>
-                .prepare::<NoCheckpointing>([q.node, k.node, v.node])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(state, out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            },
+            Some(t) => finish_node(
+                AttentionBackward::<4>
+                    .prepare::<NoCheckpointing>([q.node, k.node, v.node, t.node])
+                    .compute_bound()
+                    .stateful(),
+                state,
+                out,
+            ),
+            None => finish_node(
+                AttentionBackward::<3>
+                    .prepare::<NoCheckpointing>([q.node, k.node, v.node])
+                    .compute_bound()
+                    .stateful(),
+                state,
+                out,
+            ),
         };
         cast(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
     }
@@ -1065,15 +1493,21 @@ mod nd {
     /// Softmax of `row[..n]` in place, and 0 at `row[n..]` (the masked keys).
     #[inline(always)]
     fn softmax_row(row: &mut [f32], n: usize) {
-        let max = row[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = lane_max(&row[..n]);
         for x in &mut row[..n] {
             *x = exp(*x - max);
         }
-        let inv = row[..n].iter().sum::<f32>().recip();
+        let inv = lane_sum(&row[..n]).recip();
         for x in &mut row[..n] {
             *x *= inv;
         }
         row[n..].fill(0.0);
+    }
+
+    vectorized! {
+        fn softmax_row_wide(row: &mut [f32], n: usize) {
+            softmax_row(row, n)
+        }
     }
 
     /// How many keys row `row` of a `[.., rows, keys]` block sees.
@@ -1096,9 +1530,19 @@ mod nd {
             .for_each(|(row, (y, x))| {
                 let n = visible(row, rows, keys, causal_from);
                 y[..n].copy_from_slice(&x[..n]);
-                wide(|| softmax_row(y, n));
+                softmax_row_wide(y, n);
             });
         y
+    }
+
+    vectorized! {
+        /// `dx = y ⊙ (g − Σ_j g_j y_j)` over one row.
+        fn softmax_grad_row(dx: &mut [f32], y: &[f32], g: &[f32]) {
+            let dot = lane_dot(y, g);
+            for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                *dx = y * (g - dot);
+            }
+        }
     }
 
     /// `dx = y ⊙ (g − Σ_j g_j y_j)` per row (0 at masked keys, where `y` is 0).
@@ -1114,10 +1558,7 @@ mod nd {
             .enumerate()
             .for_each(|(row, (dx, (y, g)))| {
                 let n = visible(row, rows, keys, causal_from);
-                let dot: f32 = y[..n].iter().zip(&g[..n]).map(|(y, g)| y * g).sum();
-                for ((dx, &y), &g) in dx[..n].iter_mut().zip(&y[..n]).zip(&g[..n]) {
-                    *dx = y * (g - dot);
-                }
+                softmax_grad_row(&mut dx[..n], &y[..n], &g[..n]);
             });
         dx
     }
@@ -1352,6 +1793,122 @@ mod tests {
             linear_tensor(x4, w, Some(b)),
         );
         assert!(d < 1e-5, "4-d: {d}");
+    }
+
+    /// The fused layer norm against `B::layer_norm` (the tensor path) on `Autodiff<NdArray>`:
+    /// values, and the gradients of the input, gamma and beta, for a row-major input, a
+    /// transposed one (copied to row-major by the kernel), no beta, rows that do not fill a
+    /// rayon task, a width that is not a multiple of the sixteen running sums, and 2-d and 4-d
+    /// inputs without autodiff.
+    #[test]
+    fn fused_layer_norm_is_the_tensor_path_in_values_and_gradients() {
+        type A = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        let normal = Distribution::Normal(0.5, 2.0);
+        for (case, transposed, with_beta, d) in [
+            ("row-major", false, true, 40),
+            ("transposed input", true, true, 19),
+            ("no beta", false, false, 33),
+            ("narrow rows", false, true, 3),
+        ] {
+            let x_leaf = if transposed {
+                Tensor::<A, 3>::random([3, d, 45], normal, &device).require_grad()
+            } else {
+                Tensor::<A, 3>::random([3, 45, d], normal, &device).require_grad()
+            };
+            let x = || match transposed {
+                true => x_leaf.clone().swap_dims(1, 2),
+                false => x_leaf.clone(),
+            };
+            let gamma = Tensor::<A, 1>::random([d], normal, &device).require_grad();
+            let beta =
+                with_beta.then(|| Tensor::<A, 1>::random([d], normal, &device).require_grad());
+            let fused = layer_norm(x(), gamma.clone(), beta.clone(), 1e-5);
+            let tensor = layer_norm_tensor(x(), gamma.clone(), beta.clone(), 1e-5);
+            let dv = max_diff(fused.clone().inner(), tensor.clone().inner());
+            assert!(dv < 1e-4, "{case}: values differ by {dv}");
+            let weights = Tensor::<A, 3>::random([3, 45, d], normal, &device);
+            let g1 = (fused * weights.clone()).sum().backward();
+            let g2 = (tensor * weights).sum().backward();
+            let dx = max_diff(x_leaf.grad(&g1).unwrap(), x_leaf.grad(&g2).unwrap());
+            let dg = max_diff(gamma.grad(&g1).unwrap(), gamma.grad(&g2).unwrap());
+            assert!(
+                dx < 1e-3 && dg < 1e-3,
+                "{case}: gradients differ by {dx}, {dg}"
+            );
+            if let Some(b) = &beta {
+                let db = max_diff(b.grad(&g1).unwrap(), b.grad(&g2).unwrap());
+                assert!(db < 1e-3, "{case}: beta gradients differ by {db}");
+            }
+        }
+        let gamma = Tensor::<NdArray<f32>, 1>::random([6], normal, &device);
+        let beta = Tensor::<NdArray<f32>, 1>::random([6], normal, &device);
+        let x2 = Tensor::<NdArray<f32>, 2>::random([70, 6], normal, &device);
+        let d = max_diff(
+            layer_norm(x2.clone(), gamma.clone(), Some(beta.clone()), 1e-5),
+            layer_norm_tensor(x2, gamma.clone(), Some(beta.clone()), 1e-5),
+        );
+        assert!(d < 1e-4, "2-d: {d}");
+        let x4 = Tensor::<NdArray<f32>, 4>::random([2, 3, 5, 6], normal, &device);
+        let d = max_diff(
+            layer_norm(x4.clone(), gamma.clone(), Some(beta.clone()), 1e-5),
+            layer_norm_tensor(x4, gamma, Some(beta), 1e-5),
+        );
+        assert!(d < 1e-4, "4-d: {d}");
+    }
+
+    /// The fused layer norm is the formula, computed in f64, in values and in the input's
+    /// gradient (`dx = rstd · (ĝ − mean ĝ − x̂ · mean(ĝ x̂))`, `ĝ = g γ`), with a large mean
+    /// that a one-pass variance would lose.
+    #[test]
+    fn fused_layer_norm_is_the_formula() {
+        type A = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        let (rows, d) = (3, 21);
+        let xs: Vec<f32> = (0..rows * d)
+            .map(|i| 100.0 + (i as f32 * 0.37).sin())
+            .collect();
+        let gs: Vec<f32> = (0..d).map(|i| 1.0 + (i as f32 * 0.91).cos()).collect();
+        let bs: Vec<f32> = (0..d).map(|i| (i as f32 * 0.5).sin()).collect();
+        let ws: Vec<f32> = (0..rows * d).map(|i| (i as f32 * 1.3).cos()).collect();
+        let eps = 1e-5;
+        let x = Tensor::<A, 2>::from_data(TensorData::new(xs.clone(), [rows, d]), &device)
+            .require_grad();
+        let gamma = Tensor::<A, 1>::from_data(TensorData::new(gs.clone(), [d]), &device);
+        let beta = Tensor::<A, 1>::from_data(TensorData::new(bs.clone(), [d]), &device);
+        let weights = Tensor::<A, 2>::from_data(TensorData::new(ws.clone(), [rows, d]), &device);
+        let y = layer_norm(x.clone(), gamma, Some(beta), eps);
+        let grads = (y.clone() * weights).sum().backward();
+        let y = y.into_data().into_vec::<f32>().unwrap();
+        let dx = x
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        for r in 0..rows {
+            let row: Vec<f64> = xs[r * d..(r + 1) * d]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let mean = row.iter().sum::<f64>() / d as f64;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
+            let rstd = 1.0 / (var + eps).sqrt();
+            let xhat: Vec<f64> = row.iter().map(|v| (v - mean) * rstd).collect();
+            let gh: Vec<f64> = (0..d)
+                .map(|c| f64::from(ws[r * d + c]) * f64::from(gs[c]))
+                .collect();
+            let a = gh.iter().sum::<f64>() / d as f64;
+            let b = gh.iter().zip(&xhat).map(|(g, x)| g * x).sum::<f64>() / d as f64;
+            for c in 0..d {
+                let want = xhat[c] * f64::from(gs[c]) + f64::from(bs[c]);
+                let got = f64::from(y[r * d + c]);
+                assert!((got - want).abs() < 1e-3, "y[{r}, {c}]: {got} vs {want}");
+                let want = rstd * (gh[c] - a - xhat[c] * b);
+                let got = f64::from(dx[r * d + c]);
+                assert!((got - want).abs() < 1e-3, "dx[{r}, {c}]: {got} vs {want}");
+            }
+        }
     }
 
     /// The fused linear layer's values are the formula, computed in f64.

@@ -62,6 +62,7 @@ pub mod encoding;
 pub mod error;
 pub mod kernel;
 pub mod model;
+pub mod norm;
 pub mod util;
 
 // The harness (feature `harness`, on by default): data, training, evaluation and the tools the

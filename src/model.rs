@@ -1,13 +1,14 @@
 //! Two models built from the same pre-LN blocks: a decoder-only language model (GPT-NeoX-like,
 //! untied head) and the bidirectional sequence model used for the CHE tasks.
 
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
 use crate::attention::{AttentionConfig, KvCache, MultiHeadAttention};
 use crate::encoding::{Hook, PositionalEncoding, PositionalEncodingConfig};
 use crate::error::{ensure, Error, Result};
 use crate::kernel::{gelu, linear_layer};
+pub use crate::norm::LayerNorm;
 use crate::util::materialize;
 
 /// Position-wise feed-forward network: `Linear(d -> r·d) -> GELU -> Linear(r·d -> d)`.
@@ -127,18 +128,14 @@ impl TransformerConfig {
             .with_encoding(self.encoding.clone())
             .with_causal(causal)
             .with_chunk_size(self.chunk_size);
-        let norm = || {
-            LayerNormConfig::new(self.d_model)
-                .with_epsilon(self.layer_norm_eps)
-                .init(device)
-        };
+        let norm = || LayerNorm::new(self.d_model, self.layer_norm_eps, device);
         let hidden = self.ffn_ratio * self.d_model;
         let blocks = (0..self.n_layers)
             .map(|_| {
                 Ok(Block {
-                    norm_attn: norm(),
+                    norm_attn: norm()?,
                     attention: attention.init(device)?,
-                    norm_ffn: norm(),
+                    norm_ffn: norm()?,
                     ffn: FeedForward {
                         fc_in: LinearConfig::new(self.d_model, hidden).init(device),
                         fc_out: LinearConfig::new(hidden, self.d_model).init(device),
@@ -159,7 +156,7 @@ impl TransformerConfig {
             embedding: EmbeddingConfig::new(vocab, self.d_model).init(device),
             absolute,
             blocks,
-            norm: norm(),
+            norm: norm()?,
         })
     }
 }

@@ -9,7 +9,7 @@
 //! | 0 | `error` |
 //! | 1 | `util` (materialisation, exact GELU, atomic writes) |
 //! | 2 | `kernel` (fused CPU kernels for ndarray and their host-copy helpers) |
-//! | 3 | `encoding` |
+//! | 3 | `encoding`, `norm` (the layer norm module over the fused kernel) |
 //! | 4 | `attention` |
 //! | 5 | `model` — the library ends here (it builds without the `harness` feature) |
 //! | 6 | `progress`, `sysmem`, `backend` |
@@ -27,6 +27,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("util", 1),
     ("kernel", 2),
     ("encoding", 3),
+    ("norm", 3),
     ("attention", 4),
     ("model", 5),
     ("progress", 6),

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::autodiff::NodeId;
 use burn::prelude::*;
 use burn::tensor::ops::FloatTensorOps;
@@ -38,7 +38,7 @@ use rayon::prelude::*;
 
 use super::Span;
 pub(crate) use crate::kernel::{applies, applies_autodiff, host};
-use crate::kernel::{cast, Ad, Nd};
+use crate::kernel::{cast, finish_node, Ad, Nd};
 
 /// Keys per block: two AVX registers of `f32`.
 const LANES: usize = 16;
@@ -732,14 +732,14 @@ pub(crate) fn dape_v1_autodiff<B: Backend>(
         span: *span,
         mlp,
     });
-    let out = match V1Backward
-        .prepare::<NoCheckpointing>(nodes)
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(state, out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
+    let out = finish_node(
+        V1Backward
+            .prepare::<NoCheckpointing>(nodes)
+            .compute_bound()
+            .stateful(),
+        state,
+        out,
+    );
     cast(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
 }
 
