@@ -10,13 +10,18 @@
 //!
 //! BiPE's relative part acts on segment indices rather than positions: pass them with
 //! [`MultiHeadAttention::forward_segmented`] (the model does); the cache keeps the keys' indices.
+//!
+//! Scalable-Softmax ([`SsmaxConfig`]) is an option of the layer rather than an encoding, so it
+//! composes with every encoding: after the encoding's hook, row `i`'s logits are multiplied by
+//! `s_h · ln n_i`, with `n_i` the number of keys the row sees and `s_h` learned per head.
 
+use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use crate::encoding::{
-    Hook, PositionalEncoding, PositionalEncodingConfig, SegmentIds, SegmentState, Span,
+    Fox, Hook, PositionalEncoding, PositionalEncodingConfig, SegmentIds, SegmentState, Span,
 };
 use crate::error::{ensure, Error, Result};
 use crate::kernel::{attention, attention_applies, fused_softmax, linear_layer};
@@ -41,6 +46,75 @@ pub struct AttentionConfig {
     /// Whether the projections have biases.
     #[config(default = true)]
     pub bias: bool,
+    /// Scalable-Softmax on the logits (`None`: the plain softmax).
+    #[config(default = "None")]
+    pub ssmax: Option<SsmaxConfig>,
+}
+
+/// Scalable-Softmax (Nakanishi, 2025, "Scalable-Softmax Is Superior for Attention", arXiv
+/// 2501.19399): the softmax of row `i` reads `(s_h · ln n_i) · z_ij` instead of `z_ij`, where
+/// `z` are the logits after the encoding's hook (scaled `QKᵀ`, plus any bias), `n_i` is the
+/// number of keys row `i` sees (`i + 1` under the causal mask, all keys otherwise) and `s_h` is
+/// a learned scale per head. It keeps attention from flattening as the context grows.
+///
+/// It depends on a row's absolute position only through `n_i`, so a KV-cache decode step and a
+/// query chunk give what the full forward gives. A row that sees one key gets the factor 0,
+/// which changes nothing (its softmax is 1 either way).
+///
+/// In JSON: `{"init_length": 256}` (every field optional; an unknown field is an error).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SsmaxConfig {
+    /// Each `s_h` starts at `1 / ln(init_length)`, so that a row seeing `init_length` keys
+    /// starts with the plain softmax (the paper learns `s` per head and layer; this makes its
+    /// starting point explicit). At least 2; default 256.
+    pub init_length: usize,
+}
+
+impl Default for SsmaxConfig {
+    fn default() -> Self {
+        Self { init_length: 256 }
+    }
+}
+
+impl SsmaxConfig {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// With another `init_length`.
+    pub fn with_init_length(mut self, init_length: usize) -> Self {
+        self.init_length = init_length;
+        self
+    }
+
+    /// The per-head scales `[n_heads]`, or an error naming a bad `init_length`.
+    pub fn init<B: Backend>(
+        &self,
+        n_heads: usize,
+        device: &B::Device,
+    ) -> Result<Param<Tensor<B, 1>>> {
+        ensure(
+            self.init_length >= 2,
+            "ssmax.init_length",
+            self.init_length,
+            "must be at least 2 (ln 1 = 0)",
+        )?;
+        let s = 1.0 / (self.init_length as f64).ln();
+        Ok(Param::from_tensor(Tensor::full([n_heads], s, device)))
+    }
+}
+
+/// `s_h · ln n_i` as `[1, heads, rows, 1]` for the rows of `span`.
+fn ssmax_factor<B: Backend>(s: Tensor<B, 1>, span: &Span, device: &B::Device) -> Tensor<B, 4> {
+    let heads = s.dims()[0];
+    let ln_n: Vec<f32> = (0..span.query_len)
+        .map(|r| (span.visible_keys(r) as f32).ln())
+        .collect();
+    let ln_n =
+        Tensor::<B, 1>::from_floats(ln_n.as_slice(), device).reshape([1, 1, span.query_len, 1]);
+    s.reshape([1, heads, 1, 1]) * ln_n
 }
 
 impl AttentionConfig {
@@ -83,6 +157,11 @@ impl AttentionConfig {
             head_dim,
             causal: self.causal,
             chunk_size: self.chunk_size.unwrap_or(0),
+            ssmax: self
+                .ssmax
+                .as_ref()
+                .map(|c| c.init(self.n_heads, device))
+                .transpose()?,
         }))
     }
 }
@@ -97,6 +176,8 @@ pub struct KvCache<B: Backend> {
     values: Option<Tensor<B, 4>>,
     key_segments: Option<Tensor<B, 2, Int>>,
     segment_state: Option<SegmentState>,
+    /// Forgetting attention: the keys' cumulative log forget gates `[batch, heads, keys]`.
+    forget_sums: Option<Tensor<B, 3>>,
 }
 
 impl<B: Backend> Default for KvCache<B> {
@@ -106,6 +187,7 @@ impl<B: Backend> Default for KvCache<B> {
             values: None,
             key_segments: None,
             segment_state: None,
+            forget_sums: None,
         }
     }
 }
@@ -146,6 +228,26 @@ impl<B: Backend> KvCache<B> {
         s
     }
 
+    /// The last cached key's cumulative log forget gate `[batch, heads, 1]` (forgetting
+    /// attention), which the next tokens' sums continue.
+    fn last_forget_sum(&self) -> Option<Tensor<B, 3>> {
+        self.forget_sums.as_ref().map(|c| {
+            let len = c.dims()[2];
+            c.clone().narrow(2, len - 1, 1)
+        })
+    }
+
+    /// Appends the cumulative log forget gates `[batch, heads, new]` of new keys; returns
+    /// those of all keys.
+    fn append_forget_sums(&mut self, c: Tensor<B, 3>) -> Tensor<B, 3> {
+        let c = match self.forget_sums.take() {
+            Some(old) => Tensor::cat(vec![old, c], 2),
+            None => c,
+        };
+        self.forget_sums = Some(c.clone());
+        c
+    }
+
     fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let k = match self.keys.take() {
             Some(old) => Tensor::cat(vec![old, k], 2),
@@ -178,6 +280,8 @@ pub struct MultiHeadAttention<B: Backend> {
     pub causal: bool,
     /// Query rows per chunk; 0 for no chunking.
     pub chunk_size: usize,
+    /// Scalable-Softmax's per-head scales `s_h` `[heads]`; `None` for the plain softmax.
+    pub ssmax: Option<Param<Tensor<B, 1>>>,
 }
 
 impl<B: Backend> MultiHeadAttention<B> {
@@ -248,6 +352,12 @@ impl<B: Backend> MultiHeadAttention<B> {
         let [b, l, d_model] = x.dims();
         let x_device = x.device();
         let (h, dh) = (self.n_heads, self.head_dim);
+        // Forgetting attention: the rows' cumulative log forget gates, from this layer's input,
+        // continuing the cache's.
+        let forget_rows = self.encoding.forget_gate().map(|fox| {
+            let carried = cache.as_ref().and_then(|c| c.last_forget_sum());
+            fox.cumulative(x.clone(), carried)
+        });
         // [b, l, 3·h, dh]: q's heads, then k's, then v's. Each part is a view `[b, h, l, dh]`
         // of it (no copy), which the fused kernel reads through its strides.
         let qkv = linear_layer(&self.qkv, x).reshape([b, l, 3 * h, dh]);
@@ -262,13 +372,14 @@ impl<B: Backend> MultiHeadAttention<B> {
                     .expand([b, l])
             })
         });
-        let (k, v, key_segments) = match cache {
+        let (k, v, key_segments, forget_keys) = match cache {
             Some(c) => {
                 let (k, v) = c.append(k, v);
                 let ks = query_segments.clone().map(|s| c.append_segments(s));
-                (k, v, ks)
+                let fk = forget_rows.clone().map(|f| c.append_forget_sums(f));
+                (k, v, ks, fk)
             }
-            None => (k, v, query_segments.clone()),
+            None => (k, v, query_segments.clone(), forget_rows.clone()),
         };
         let segment_ids = query_segments
             .zip(key_segments)
@@ -283,7 +394,7 @@ impl<B: Backend> MultiHeadAttention<B> {
         let scale = (dh as f64).sqrt().recip();
         // The fused kernel (ndarray) takes the bias apart from the logits; elsewhere, and for
         // encodings that read the logits, the tensor path below.
-        let fused = attention_applies::<B>() && segment_ids.is_none();
+        let fused = attention_applies::<B>() && segment_ids.is_none() && self.ssmax.is_none();
         // The scale goes on the queries (`rows × d_head` values) rather than on the logits
         // (`rows × keys`): the same scaled logits, one pass fewer over the larger tensor.
         let q_scaled = (!fused).then(|| q.clone() * scale);
@@ -306,22 +417,35 @@ impl<B: Backend> MultiHeadAttention<B> {
             let qc = q.clone().narrow(2, r0, rows);
             let kc = k.clone().narrow(2, 0, span.key_len);
             let vc = v.clone().narrow(2, 0, span.key_len);
+            let gate = forget_rows
+                .as_ref()
+                .zip(forget_keys.as_ref())
+                .map(|(fr, fk)| {
+                    Fox::bias(
+                        fr.clone().narrow(2, r0, rows),
+                        fk.clone().narrow(2, 0, span.key_len),
+                    )
+                });
             r0 += rows;
             let causal_from = span.causal.then_some(span.query_start);
             if fused {
-                let kernel = self
-                    .encoding
-                    .additive_logit_bias(&span, &x_device)
-                    .and_then(|bias| {
-                        attention(
-                            qc.clone(),
-                            kc.clone(),
-                            vc.clone(),
-                            bias,
-                            scale as f32,
-                            causal_from,
-                        )
-                    });
+                // Forgetting attention's bias is additive: the fused node takes it (one per
+                // sequence); DAPE over it reads the logits and takes the tensor path.
+                let bias = match (&self.encoding, &gate) {
+                    (PositionalEncoding::Fox(_), Some(g)) => Some(Some(g.clone())),
+                    (PositionalEncoding::DapeFox(_), _) => None,
+                    _ => self.encoding.additive_logit_bias(&span, &x_device),
+                };
+                let kernel = bias.and_then(|bias| {
+                    attention(
+                        qc.clone(),
+                        kc.clone(),
+                        vc.clone(),
+                        bias,
+                        scale as f32,
+                        causal_from,
+                    )
+                });
                 if let Some(out) = kernel {
                     outputs.push(out);
                     continue;
@@ -338,6 +462,14 @@ impl<B: Backend> MultiHeadAttention<B> {
             let logits = self
                 .encoding
                 .adjust_logits(logits, qc, kc, &span, ids.as_ref());
+            let logits = match gate {
+                Some(g) => self.encoding.adjust_logits_gated(logits, g),
+                None => logits,
+            };
+            let logits = match &self.ssmax {
+                Some(s) => logits * ssmax_factor(s.val(), &span, &x_device),
+                None => logits,
+            };
             // The causal mask and the softmax: one fused pass on ndarray, else the tensor path.
             let probs = match fused_softmax(logits, causal_from) {
                 Ok(probs) => probs,

@@ -91,7 +91,7 @@ pub mod sysmem;
 #[cfg(feature = "harness")]
 pub mod train;
 
-pub use attention::{AttentionConfig, KvCache, MultiHeadAttention};
+pub use attention::{AttentionConfig, KvCache, MultiHeadAttention, SsmaxConfig};
 pub use encoding::{PositionalEncoding, PositionalEncodingConfig, Span, ENCODING_NAMES};
 pub use error::{Error, Result};
 pub use model::{

@@ -4,7 +4,7 @@
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
-use crate::attention::{AttentionConfig, KvCache, MultiHeadAttention};
+use crate::attention::{AttentionConfig, KvCache, MultiHeadAttention, SsmaxConfig};
 use crate::encoding::{Hook, PositionalEncoding, PositionalEncodingConfig};
 use crate::error::{ensure, Error, Result};
 use crate::kernel::{gelu, linear_layer};
@@ -86,6 +86,9 @@ pub struct TransformerConfig {
     /// LayerNorm epsilon.
     #[config(default = 1e-5)]
     pub layer_norm_eps: f64,
+    /// Scalable-Softmax in every attention layer (`None`: the plain softmax).
+    #[config(default = "None")]
+    pub ssmax: Option<SsmaxConfig>,
 }
 
 /// Token embedding, absolute positions (if any), blocks and final norm.
@@ -127,7 +130,8 @@ impl TransformerConfig {
         let attention = AttentionConfig::new(self.d_model, self.n_heads)
             .with_encoding(self.encoding.clone())
             .with_causal(causal)
-            .with_chunk_size(self.chunk_size);
+            .with_chunk_size(self.chunk_size)
+            .with_ssmax(self.ssmax.clone());
         let norm = || LayerNorm::new(self.d_model, self.layer_norm_eps, device);
         let hidden = self.ffn_ratio * self.d_model;
         let blocks = (0..self.n_layers)

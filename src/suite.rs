@@ -132,14 +132,23 @@ pub fn run_suite<B: AutodiffBackend>(
     let total = config.tasks.len() * config.encodings.len();
     for task in &config.tasks {
         for encoding in &config.encodings {
-            let dir = config.out.join(task.name()).join(encoding.name());
+            // The cell's name: the encoding's, with `+ssmax` when the runs use Scalable-Softmax.
+            let name = format!(
+                "{}{}",
+                encoding.name(),
+                if config.train.ssmax.is_some() {
+                    "+ssmax"
+                } else {
+                    ""
+                }
+            );
+            let dir = config.out.join(task.name()).join(&name);
             let index = cells.len() + 1;
             let existing = dir.join("che.json");
             let (report, train_seconds) = if config.resume && existing.exists() {
                 let text = std::fs::read_to_string(&existing).map_err(io_error(&existing))?;
                 println!(
-                    "[{index}/{total}] {task} / {}: reusing {}",
-                    encoding.name(),
+                    "[{index}/{total}] {task} / {name}: reusing {}",
                     existing.display()
                 );
                 (serde_json::from_str::<CheEvalReport>(&text)?, 0.0)
@@ -147,7 +156,7 @@ pub fn run_suite<B: AutodiffBackend>(
                 let mut train_config = config.train.clone();
                 train_config.task = *task;
                 train_config.encoding = encoding.clone();
-                let prefix = format!("[{index}/{total}] {task} / {}: ", encoding.name());
+                let prefix = format!("[{index}/{total}] {task} / {name}: ");
                 let every = (train_config.steps / 10).max(1);
                 let (model, summary) = train::<B>(
                     &train_config,
@@ -169,7 +178,7 @@ pub fn run_suite<B: AutodiffBackend>(
                     },
                 )?;
                 // Cells are named relative to the suite folder, which may move.
-                report.run = format!("{}/{}", task.name(), encoding.name());
+                report.run = format!("{}/{name}", task.name());
                 write_report(&dir, &report)?;
                 println!(
                     "{prefix}score {:.1}% (trained {:.0}s, evaluated {:.0}s)",
@@ -181,7 +190,7 @@ pub fn run_suite<B: AutodiffBackend>(
             };
             cells.push(SuiteCell {
                 task: task.name().to_string(),
-                encoding: encoding.name(),
+                encoding: name,
                 score: report.score,
                 train_seconds,
                 report,

@@ -1,6 +1,7 @@
 //! Backend agreement: the same weights (saved once on ndarray, loaded on the other backend) and
-//! the same tokens give the same logits and the same gradients, for every encoding, within
-//! 1e-4 relative to each tensor's scale (its largest magnitude, at least 0.01).
+//! the same tokens give the same logits and the same gradients, for every encoding (and
+//! Scalable-Softmax over Kerple and DAPE-Kerple), within 1e-4 relative to each tensor's scale
+//! (its largest magnitude, at least 0.01).
 //!
 //! Runs for each backend compiled in (`--features wgpu`, `--features tch`) whose device is
 //! present; otherwise it says why it skipped. CI runs it on WGPU over Mesa's lavapipe:
@@ -13,7 +14,8 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 
 use dape::{
-    LanguageModel, LanguageModelConfig, PositionalEncodingConfig, TransformerConfig, ENCODING_NAMES,
+    LanguageModel, LanguageModelConfig, PositionalEncodingConfig, SsmaxConfig, TransformerConfig,
+    ENCODING_NAMES,
 };
 
 type Reference = Autodiff<NdArray<f32>>;
@@ -29,11 +31,14 @@ const GRAD_TOL: f32 = 1e-3;
 
 fn model<Bk: Backend>(
     encoding: &PositionalEncodingConfig,
+    ssmax: bool,
     device: &Bk::Device,
 ) -> LanguageModel<Bk> {
     LanguageModelConfig::new(
         VOCAB,
-        TransformerConfig::new(32, 2, 4).with_encoding(encoding.clone()),
+        TransformerConfig::new(32, 2, 4)
+            .with_encoding(encoding.clone())
+            .with_ssmax(ssmax.then(|| SsmaxConfig::new().with_init_length(4))),
     )
     .init::<Bk>(device)
     .expect("valid config")
@@ -107,20 +112,25 @@ fn check_backend<Bk: AutodiffBackend>(backend: &str, device: Bk::Device) {
     let only = std::env::var("DAPE_BACKEND_ENCODINGS").ok();
     // Every encoding is checked, and every disagreement reported, before the test fails.
     let mut failures = Vec::new();
-    for name in ENCODING_NAMES {
+    let cases = ENCODING_NAMES
+        .iter()
+        .map(|name| (*name, false))
+        .chain([("kerple_log", true), ("dape_kerple_log", true)]);
+    for (encoding_name, ssmax) in cases {
+        let name = format!("{encoding_name}{}", if ssmax { "+ssmax" } else { "" });
         if only
             .as_deref()
-            .is_some_and(|o| !o.split(',').any(|x| x == *name))
+            .is_some_and(|o| !o.split(',').any(|x| x == name))
         {
             continue;
         }
-        let encoding = PositionalEncodingConfig::from_name(name).unwrap();
+        let encoding = PositionalEncodingConfig::from_name(encoding_name).unwrap();
         <Reference as Backend>::seed(&reference_device, 3);
-        let reference = model::<Reference>(&encoding, &reference_device);
+        let reference = model::<Reference>(&encoding, ssmax, &reference_device);
         let bytes =
             Recorder::<Reference>::record(&recorder, reference.clone().into_record(), ()).unwrap();
         let record = Recorder::<Bk>::load(&recorder, bytes, &device).unwrap();
-        let other = model::<Bk>(&encoding, &device).load_record(record);
+        let other = model::<Bk>(&encoding, ssmax, &device).load_record(record);
 
         let (logits_ref, grads_ref) = run(&reference, &reference_device);
         let (logits, grads) = run(&other, &device);

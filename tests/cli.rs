@@ -79,20 +79,28 @@ fn printed_configs_parse_back() {
     assert_eq!(config.name(), "dapev2_fire");
 }
 
-/// Issue 8's check: the new encodings train from the CLI, and `--devices 2` uses two devices.
+/// Issue 8's check: the new encodings train from the CLI, and `--devices 2` uses two devices;
+/// issue 16's: forgetting attention, DAPE over it, and Scalable-Softmax over Kerple from the CLI
+/// (SSMax saved in the run's config).
 #[test]
 fn che_train_runs_for_the_newer_encodings() {
-    for (encoding, devices) in [
-        ("transformer_xl", "1"),
-        ("sandwich", "1"),
-        ("dape_sandwich", "1"),
-        ("bipe_alibi", "1"),
-        ("bipe_rope", "2"),
+    for (encoding, devices, extra) in [
+        ("transformer_xl", "1", None),
+        ("sandwich", "1", None),
+        ("dape_sandwich", "1", None),
+        ("bipe_alibi", "1", None),
+        ("bipe_rope", "2", None),
+        ("kerple_log", "1", Some("--ssmax")),
+        ("fox", "1", None),
+        ("dape_fox", "1", None),
     ] {
-        let out =
-            std::env::temp_dir().join(format!("dape-cli-che-{encoding}-{}", std::process::id()));
+        let out = std::env::temp_dir().join(format!(
+            "dape-cli-che-{encoding}{}-{}",
+            extra.unwrap_or(""),
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&out);
-        let result = dape(&[
+        let mut args = vec![
             "che",
             "train",
             "--task",
@@ -111,13 +119,19 @@ fn che_train_runs_for_the_newer_encodings() {
             devices,
             "--out",
             out.to_str().unwrap(),
-        ]);
+        ];
+        args.extend(extra);
+        let result = dape(&args);
         assert!(
             result.status.success(),
             "{encoding}: {}",
             String::from_utf8_lossy(&result.stderr)
         );
         assert!(out.join("model.mpk").is_file(), "{encoding}");
+        if extra == Some("--ssmax") {
+            let config = std::fs::read_to_string(out.join("config.json")).unwrap();
+            assert!(config.contains("\"ssmax\""), "{encoding}: {config}");
+        }
     }
 }
 

@@ -273,4 +273,32 @@ fn lm_config_errors_name_the_field() {
     assert!(bad(r#"{"tokenizer": "sentencepiece"}"#).contains("sentencepiece"));
     assert!(bad(r#"{"learning_rat": 0.1}"#).contains("learning_rat"));
     assert!(bad(r#"{"valid_lengths": []}"#).contains("valid_lengths"));
+    assert!(bad(r#"{"ssmax": {"init_length": 1}}"#).contains("init_length"));
+    assert!(bad(r#"{"ssmax": {"init_lenght": 64}}"#).contains("init_lenght"));
+}
+
+/// Scalable-Softmax in an LM config: parsed, written back (and left out when off, so configs
+/// without it are unchanged), and the model it builds has one scale per head per layer.
+#[cfg(feature = "harness")]
+#[test]
+fn lm_config_ssmax_round_trips() {
+    use dape::experiment::lm::LmTrainConfig;
+    let config: LmTrainConfig =
+        serde_json::from_str(r#"{"encoding": "kerple_log", "ssmax": {"init_length": 64}}"#)
+            .unwrap();
+    config.validate().unwrap();
+    assert_eq!(config.ssmax.as_ref().map(|s| s.init_length), Some(64));
+    let json = serde_json::to_string(&config).unwrap();
+    let back: LmTrainConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.ssmax, config.ssmax, "{json}");
+    let plain = serde_json::to_string(&LmTrainConfig::default()).unwrap();
+    assert!(!plain.contains("ssmax"), "{plain}");
+    let model = config.model().init::<B>(&dev()).unwrap();
+    for block in &model.transformer.blocks {
+        let s = block.attention.ssmax.as_ref().expect("ssmax scales").val();
+        let want = 1.0 / 64f32.ln();
+        let got: Vec<f32> = s.into_data().to_vec().unwrap();
+        assert_eq!(got.len(), config.n_heads);
+        assert!(got.iter().all(|v| (v - want).abs() < 1e-6), "{got:?}");
+    }
 }

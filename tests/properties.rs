@@ -8,7 +8,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use dape::{
-    LanguageModel, LanguageModelConfig, PositionalEncodingConfig, SequenceModelConfig,
+    LanguageModel, LanguageModelConfig, PositionalEncodingConfig, SequenceModelConfig, SsmaxConfig,
     TransformerConfig, ENCODING_NAMES,
 };
 
@@ -17,9 +17,26 @@ type AD = Autodiff<NdArray<f32>>;
 
 const VOCAB: usize = 13;
 
+/// One model setting under test: an encoding, with or without Scalable-Softmax.
+#[derive(Clone)]
+struct Case {
+    encoding: PositionalEncodingConfig,
+    ssmax: bool,
+}
+
+impl From<PositionalEncodingConfig> for Case {
+    fn from(encoding: PositionalEncodingConfig) -> Self {
+        Self {
+            encoding,
+            ssmax: false,
+        }
+    }
+}
+
 /// Every encoding, with settings that make its length-dependent parts act at these tiny lengths
-/// (scaling already active, few buckets, small clip distances).
-fn encodings() -> Vec<(String, PositionalEncodingConfig)> {
+/// (scaling already active, few buckets, small clip distances), and Scalable-Softmax over a
+/// few of them (`name+ssmax`; on the tensor path, with and without a bias, and over DAPE).
+fn encodings() -> Vec<(String, Case)> {
     ENCODING_NAMES
         .iter()
         .map(|name| {
@@ -55,6 +72,18 @@ fn encodings() -> Vec<(String, PositionalEncodingConfig)> {
             )
             .unwrap(),
         )))
+        .map(|(name, encoding)| (name, Case::from(encoding)))
+        .chain(
+            ["nope", "rope", "kerple_log", "dape_kerple_log"]
+                .into_iter()
+                .map(|name| {
+                    let case = Case {
+                        encoding: PositionalEncodingConfig::from_name(name).unwrap(),
+                        ssmax: true,
+                    };
+                    (format!("{name}+ssmax"), case)
+                }),
+        )
         .collect()
 }
 
@@ -80,7 +109,7 @@ fn decode_reference(model: &LanguageModel<B>, name: &str, ids: &[i64], prompt: u
     rows
 }
 
-fn config_of(name: &str) -> PositionalEncodingConfig {
+fn config_of(name: &str) -> Case {
     encodings()
         .into_iter()
         .find(|(n, _)| n == name)
@@ -88,18 +117,23 @@ fn config_of(name: &str) -> PositionalEncodingConfig {
         .expect("known test encoding")
 }
 
-fn transformer(encoding: PositionalEncodingConfig) -> TransformerConfig {
-    TransformerConfig::new(16, 2, 4).with_encoding(encoding)
+/// The model shape of the tests; Scalable-Softmax starts at `1 / ln 4`, so that it changes the
+/// logits clearly at these lengths.
+fn transformer(case: impl Into<Case>) -> TransformerConfig {
+    let case = case.into();
+    TransformerConfig::new(16, 2, 4)
+        .with_encoding(case.encoding)
+        .with_ssmax(case.ssmax.then(|| SsmaxConfig::new().with_init_length(4)))
 }
 
-fn lm<Bk: Backend>(encoding: PositionalEncodingConfig) -> LanguageModel<Bk> {
-    lm_layers(encoding, 2)
+fn lm<Bk: Backend>(case: impl Into<Case>) -> LanguageModel<Bk> {
+    lm_layers(case, 2)
 }
 
 /// A small LM whose attention is peaked (query/key weights scaled up), so that positional
 /// differences show in the outputs instead of averaging away in near-uniform attention.
-fn lm_layers<Bk: Backend>(encoding: PositionalEncodingConfig, layers: usize) -> LanguageModel<Bk> {
-    let mut shape = transformer(encoding);
+fn lm_layers<Bk: Backend>(case: impl Into<Case>, layers: usize) -> LanguageModel<Bk> {
+    let mut shape = transformer(case);
     shape.n_layers = layers;
     let mut model = LanguageModelConfig::new(VOCAB, shape)
         .init::<Bk>(&Default::default())
@@ -336,7 +370,7 @@ impl<Bk: AutodiffBackend> ModuleVisitor<Bk> for GradCheck<'_, Bk> {
 #[test]
 fn gradients_reach_every_trainable_parameter() {
     for (name, config) in encodings() {
-        let model = lm::<AD>(config);
+        let model = lm::<AD>(config.clone());
         let ids = pseudo_random(12, 7);
         let logits = model.forward(tokens(&ids)).unwrap();
         let targets: Vec<i64> = ids.iter().map(|t| (t + 1) % VOCAB as i64).collect();
@@ -350,6 +384,13 @@ fn gradients_reach_every_trainable_parameter() {
         let mut check = GradCheck::<AD>::new(&grads, "");
         model.visit(&mut check);
         assert!(check.bad.is_empty(), "{name}: {:?}", check.bad);
+        let mut scales = GradCheck::<AD>::new(&grads, "transformer.blocks.0.attention.ssmax");
+        model.visit(&mut scales);
+        assert_eq!(
+            scales.seen,
+            usize::from(config.ssmax),
+            "{name}: Scalable-Softmax scales visited"
+        );
         assert!(
             check.seen > 10,
             "{name}: only {} parameters visited",
@@ -379,6 +420,8 @@ fn encoding_parameters_are_visited_and_trained() {
         ("dapev2_sandwich", 4),
         ("bipe_alibi", 0),
         ("bipe_rope", 0),
+        ("fox", 2),
+        ("dape_fox", 6),
     ];
     for (name, count) in expected {
         let config = PositionalEncodingConfig::from_name(name).unwrap();
@@ -419,7 +462,8 @@ fn bipe_boundary_resets_positions_only_after_it() {
         let mut without = plain.clone();
         without[p] = 7;
 
-        let encoding: PositionalEncoding<B> = config.init(4, 4, &Default::default()).unwrap();
+        let encoding: PositionalEncoding<B> =
+            config.encoding.init(4, 4, &Default::default()).unwrap();
         let segs = |ids: &[i64]| {
             let (s, state) = encoding.segments(&tokens(ids), None).unwrap().unwrap();
             let index: Vec<i64> = s.index.into_data().iter::<i64>().collect();

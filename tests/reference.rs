@@ -517,3 +517,126 @@ fn bipe_hooks_match_their_formulas() {
     let rotated = qs.matmul(ks.transpose());
     assert!((rotated - unrotated).abs().max().into_scalar() < 1e-4);
 }
+
+/// Scalable-Softmax through a whole attention layer against a direct computation in f64 on the
+/// host: `softmax_j((s_h ln n_i) · (q_i · k_j / √d_head + B_hij))` over the keys row `i` sees,
+/// with per-head scales set apart (so a head mix-up shows) and Kerple's bias, causal and
+/// bidirectional.
+#[test]
+fn ssmax_attention_matches_a_direct_computation() {
+    use dape::{AttentionConfig, PositionalEncodingConfig, SsmaxConfig};
+    let (d_model, heads, len) = (8, 2, 6);
+    let dh = d_model / heads;
+    for causal in [true, false] {
+        let mut layer = AttentionConfig::new(d_model, heads)
+            .with_encoding(PositionalEncodingConfig::from_name("kerple_log").unwrap())
+            .with_causal(causal)
+            .with_ssmax(Some(SsmaxConfig::new()))
+            .init::<B>(&dev())
+            .unwrap();
+        let scales = [0.7f32, 1.9];
+        layer.ssmax = Some(Param::from_tensor(Tensor::from_floats(scales, &dev())));
+        let x = Tensor::<B, 3>::random([1, len, d_model], Distribution::Normal(0.0, 1.0), &dev());
+        let got = values(layer.forward(x.clone()));
+        // The projections and the bias, read back from the layer.
+        let qkv = values(dape::kernel::linear_layer(&layer.qkv, x));
+        let span = Span {
+            query_start: 0,
+            query_len: len,
+            key_len: len,
+            causal,
+        };
+        let bias = match layer.encoding.additive_logit_bias(&span, &dev()) {
+            Some(Some(b)) => values(b),
+            _ => panic!("kerple_log is a data-independent bias"),
+        };
+        let w = values(layer.output.weight.val());
+        let b_out = values(layer.output.bias.clone().unwrap().val());
+        let at = |t: usize, part: usize, h: usize, c: usize| {
+            f64::from(qkv[t * 3 * d_model + part * d_model + h * dh + c])
+        };
+        let mut heads_out = vec![0.0f64; len * d_model];
+        for h in 0..heads {
+            for i in 0..len {
+                let n = if causal { i + 1 } else { len };
+                let factor = f64::from(scales[h]) * (n as f64).ln();
+                let z: Vec<f64> = (0..n)
+                    .map(|j| {
+                        let dot: f64 = (0..dh).map(|c| at(i, 0, h, c) * at(j, 1, h, c)).sum();
+                        let logit =
+                            dot / (dh as f64).sqrt() + f64::from(bias[(h * len + i) * len + j]);
+                        factor * logit
+                    })
+                    .collect();
+                let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = z.iter().map(|v| (v - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for c in 0..dh {
+                    heads_out[i * d_model + h * dh + c] =
+                        (0..n).map(|j| e[j] / sum * at(j, 2, h, c)).sum();
+                }
+            }
+        }
+        for i in 0..len {
+            for o in 0..d_model {
+                let want = f64::from(b_out[o])
+                    + (0..d_model)
+                        .map(|c| heads_out[i * d_model + c] * f64::from(w[c * d_model + o]))
+                        .sum::<f64>();
+                let g = f64::from(got[i * d_model + o]);
+                assert!(
+                    close(g, want, 1e-4),
+                    "causal {causal}: out[{i}, {o}] = {g}, formula {want}"
+                );
+            }
+        }
+    }
+}
+
+/// Forgetting attention's bias against the formula, in f64 on the host: with
+/// `f_t = σ(w_h · x_t + b_h)`, `D_ij = Σ_{l=j+1..i} ln f_l` for `j ≤ i` (0 on the diagonal), the
+/// mirror image `Σ_{l=i+1..j} ln f_l` after it; and sums continued from a cache's last one equal
+/// the sums over the whole sequence.
+#[test]
+fn forgetting_attention_bias_matches_its_formula() {
+    use dape::encoding::{Fox, FoxConfig};
+    let (d_model, heads, len) = (6, 3, 7);
+    let fox = FoxConfig::new().init::<B>(heads, d_model, &dev()).unwrap();
+    let x = Tensor::<B, 3>::random([2, len, d_model], Distribution::Normal(0.0, 1.5), &dev());
+    let c = fox.cumulative(x.clone(), None);
+    assert_eq!(c.dims(), [2, heads, len]);
+    let d = values(Fox::bias(c.clone(), c.clone()));
+    let xs = values(x.clone());
+    let w = values(fox.gate.weight.val()); // [d_model, heads]
+    let b = values(fox.gate.bias.clone().unwrap().val());
+    let log_f = |bi: usize, t: usize, h: usize| {
+        let z = f64::from(b[h])
+            + (0..d_model)
+                .map(|k| f64::from(xs[(bi * len + t) * d_model + k]) * f64::from(w[k * heads + h]))
+                .sum::<f64>();
+        -(1.0 + (-z).exp()).ln()
+    };
+    for bi in 0..2 {
+        for h in 0..heads {
+            for i in 0..len {
+                for j in 0..len {
+                    let (lo, hi) = (i.min(j), i.max(j));
+                    let want: f64 = (lo + 1..=hi).map(|l| log_f(bi, l, h)).sum();
+                    let got = f64::from(d[((bi * heads + h) * len + i) * len + j]);
+                    assert!(
+                        close(got, want, 1e-5),
+                        "D[{bi}, {h}, {i}, {j}] = {got}, formula {want}"
+                    );
+                }
+            }
+        }
+    }
+    // Continuing from the last sum of a prefix gives the rest of the sequence's sums.
+    let prefix = fox.cumulative(x.clone().narrow(1, 0, 4), None);
+    let last = prefix.clone().narrow(2, 3, 1);
+    let rest = fox.cumulative(x.narrow(1, 4, len - 4), Some(last));
+    let whole = values(c.narrow(2, 4, len - 4));
+    for (g, w) in values(rest).iter().zip(&whole) {
+        assert!(close(f64::from(*g), f64::from(*w), 1e-5), "{g} vs {w}");
+    }
+}

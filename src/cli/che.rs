@@ -10,7 +10,7 @@ use dape::eval::che::{evaluate_run, parse_lengths, write_report, CheEvalConfig, 
 use dape::experiment::che::{self as che_run, CheTrainConfig};
 use dape::suite::{run_suite, SuiteConfig, SuiteReport};
 use dape::train::che::{self as che_train, Progress};
-use dape::{PositionalEncodingConfig, Result};
+use dape::{PositionalEncodingConfig, Result, SsmaxConfig};
 
 /// The `dape che` subcommands.
 #[derive(Subcommand)]
@@ -127,6 +127,10 @@ pub struct TrainArgs {
     /// Seed of weights and data.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Scalable-Softmax in every attention layer (composes with any encoding); the run folder
+    /// name gets `+ssmax`.
+    #[arg(long)]
+    ssmax: bool,
 }
 
 /// Defaults of [`TrainArgs`] that differ between the paper protocol and quick CPU runs.
@@ -173,6 +177,7 @@ impl TrainArgs {
             .with_n_heads(self.heads)
             .with_learning_rate(self.lr)
             .with_seed(self.seed)
+            .with_ssmax(self.ssmax.then(SsmaxConfig::new))
     }
 }
 
@@ -307,9 +312,10 @@ pub fn run(command: CheCommand) -> Result<bool> {
             let task = Task::from_name(&task)?;
             let encoding = encoding_arg(&encoding)?;
             let out = out.unwrap_or_else(|| {
+                let suffix = if train.ssmax { "+ssmax" } else { "" };
                 std::path::Path::new("runs/che")
                     .join(task.name())
-                    .join(encoding.name())
+                    .join(format!("{}{suffix}", encoding.name()))
             });
             let progress = match lines {
                 Some(every) => Progress::Lines(String::new(), every),

@@ -177,6 +177,7 @@ fn hook_name(hook: Hook) -> &'static str {
         Hook::Rotary => "rotates q, k",
         Hook::Logits => "attention logits",
         Hook::Segments => "token embeddings (in-segment) + segments in attention",
+        Hook::InputGate => "attention logits (a bias from the layer's input)",
     }
 }
 
@@ -198,6 +199,12 @@ pub fn encodings() -> Result<bool> {
         let hook = PositionalEncodingConfig::from_name(name)?.hook();
         println!("| {name} | {} |", hook_name(hook));
     }
+    println!(
+        "\nAttention options that compose with every encoding:\n\n\
+         | option | acts on |\n| --- | --- |\n\
+         | ssmax (`--ssmax`; `\"ssmax\": {{\"init_length\": 256}}` in an LM config) | \
+         each row's logits after the encoding's hook, times s_h · ln(keys the row sees) |"
+    );
     Ok(true)
 }
 

@@ -96,6 +96,25 @@ impl DapeConfig {
     }
 }
 
+impl DapeConfig {
+    /// Builds DAPE whose base bias is computed outside it and passed to
+    /// [`Dape::forward_with_map`] (forgetting attention's data-dependent bias): `f` reads
+    /// `[A ‖ B]`, `2H` channels, and `bias` is `None`.
+    pub fn init_over_external<B: Backend>(
+        &self,
+        n_heads: usize,
+        device: &B::Device,
+    ) -> Result<Dape<B>> {
+        check_shared::<B>(n_heads, &None, self.mlp_width)?;
+        Ok(Dape {
+            bias: None,
+            mlp_in: LinearConfig::new(2 * n_heads, self.mlp_width).init(device),
+            mlp_out: LinearConfig::new(self.mlp_width, n_heads).init(device),
+            negative_slope: self.negative_slope,
+        })
+    }
+}
+
 /// DAPE V1.
 #[derive(Module, Debug)]
 pub struct Dape<B: Backend> {
@@ -191,6 +210,20 @@ impl<B: Backend> Dape<B> {
         }
     }
 
+    /// `logits + map + f([logits ‖ map])` for a base bias `map` `[batch or 1, H, seq_q, seq_k]`
+    /// computed outside (built by [`DapeConfig::init_over_external`]); on the tensor path, in
+    /// blocks of rows as [`Self::forward`].
+    pub fn forward_with_map(&self, logits: Tensor<B, 4>, map: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, _, lq, lk] = logits.dims();
+        let d = self.mlp_in.weight.dims()[1];
+        let f = by_row_blocks(HIDDEN_BLOCK, b * d * lk, lq, |r0, rows| {
+            let a = narrow_rows(&logits, r0, rows, lq);
+            let m = narrow_rows(&map, r0, rows, lq);
+            self.correction(a, Some(m))
+        });
+        logits + map + f
+    }
+
     /// `f([logits ‖ bias])` for one block of rows: `[batch, H, rows, seq_k]`.
     fn correction(&self, logits: Tensor<B, 4>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 4> {
         let [b, h, lq, lk] = logits.dims();
@@ -200,11 +233,13 @@ impl<B: Backend> Dape<B> {
         let w_logits = weight.clone().narrow(0, 0, h).transpose().unsqueeze::<3>(); // [1, D, H]
         let hidden = w_logits.matmul(logits.reshape([b, h, pairs])); // [b, D, pairs]
 
-        // The batch-independent part of the first layer, `W_B · bias + b_1`, is `[1, D, pairs]`:
-        // it is formed once and added to the batch in a single pass.
+        // The part of the first layer that reads the bias, `W_B · bias + b_1`, is `[1, D, pairs]`
+        // for a batch-independent bias: it is formed once and added to the batch in a single
+        // pass (`[batch, D, pairs]` for a bias per sequence).
         let term = bias.map(|bmap| {
             let w_bias = weight.narrow(0, h, h).transpose().unsqueeze::<3>();
-            w_bias.matmul(bmap.reshape([1, h, pairs]))
+            let batch = bmap.dims()[0];
+            w_bias.matmul(bmap.reshape([batch, h, pairs]))
         });
         let b1 = self
             .mlp_in

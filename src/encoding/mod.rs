@@ -10,13 +10,17 @@
 //! | Sandwich | [`sandwich`] | adds `(Σ_k cos((i-j)/10000^(2k/d')) - d'/2) / r_h` (a data-independent bias) |
 //! | Transformer-XL | [`transformer_xl`] | adds `(u·k_j + (q_i + v)·W_R R_(i-j)) / sqrt(d_head)` |
 //! | DAPE, DAPE V2 | [`dape`] | `A + B + f([A ‖ B])` with an MLP (V1) or 1×k convolutions (V2); `B` is any bias above (T5, ALiBi, Kerple, FIRE, Sandwich) |
+//! | Forgetting attention, DAPE over it | [`fox`] | adds `D_ij = Σ_{l=j+1..i} ln σ(w_h·x_l + b_h)` from the layer's input `x` (a data-dependent bias); `dape_fox`: `A + D + f([A ‖ D])` |
 //! | BiPE (ALiBi, RoPE) | [`bipe`] | in-segment positions added to the token embeddings; ALiBi bias or RoPE rotation by segment index |
 //!
 //! All logit hooks receive *scaled* logits `A = QKᵀ/√d_head` of shape
 //! `[batch, heads, queries, keys]` before the causal mask, together with a [`Span`] that says
 //! which absolute positions the rows and columns hold (so a KV-cache decode step or a query chunk
 //! sees exactly what the full forward sees). BiPE's hooks also receive the segment indices of
-//! the rows and columns ([`SegmentIds`]), computed by the model from the token ids.
+//! the rows and columns ([`SegmentIds`]), computed by the model from the token ids. Forgetting
+//! attention's hook ([`Hook::InputGate`]) reads the attention layer's input: the layer computes
+//! the gates' cumulative sums from it ([`PositionalEncoding::forget_gate`]) and hands the bias
+//! to [`PositionalEncoding::adjust_logits_gated`].
 
 pub mod absolute;
 pub mod bias;
@@ -24,6 +28,7 @@ pub mod bipe;
 pub mod cache;
 pub mod cope;
 pub mod dape;
+pub mod fox;
 #[cfg(feature = "ndarray")]
 mod fused;
 pub mod rotary;
@@ -44,6 +49,7 @@ pub use bipe::{Bipe, BipeConfig, BipeInter, SegmentIds, SegmentState, Segments};
 pub use cache::{clear_table_cache, table_cache_stats, TableCacheStats};
 pub use cope::{Cope, CopeConfig};
 pub use dape::{Dape, DapeConfig, DapeV2, DapeV2Config};
+pub use fox::{DapeFox, Fox, FoxConfig};
 pub use rotary::{RopeConfig, RopeLayout, RopeScaling, Rotary, XposConfig};
 pub use sandwich::{Sandwich, SandwichConfig};
 pub use shaw::{Shaw, ShawConfig};
@@ -156,6 +162,16 @@ impl Span {
             self.query_len * self.key_len,
             || self.offsets::<B>(device).lower_elem(0),
         )
+    }
+
+    /// How many keys row `row` of this block sees: up to its own position under the causal
+    /// mask, all of them otherwise.
+    pub fn visible_keys(&self, row: usize) -> usize {
+        if self.causal {
+            (self.query_start + row + 1).min(self.key_len)
+        } else {
+            self.key_len
+        }
     }
 
     /// Whether any entry of this block lies in the future (and needs masking).
@@ -305,6 +321,16 @@ pub enum PositionalEncodingConfig {
         #[serde(default)]
         dape: DapeV2Config,
     },
+    /// Forgetting attention (Lin et al., 2025): a data-dependent decay bias from a forget gate
+    /// on the layer's input.
+    Fox(FoxConfig),
+    /// DAPE V1 over forgetting attention's bias.
+    DapeFox {
+        #[serde(default)]
+        fox: FoxConfig,
+        #[serde(default)]
+        dape: DapeConfig,
+    },
 }
 
 /// A data-independent additive bias, as the base of a DAPE variant or on its own.
@@ -347,6 +373,9 @@ pub enum Hook {
     /// BiPE: in-segment positions on the token embeddings (from the token ids), and a relative
     /// encoding over segment indices in attention (logits or rotation).
     Segments,
+    /// Acts on the scaled logits with a bias computed from the attention layer's input `x`
+    /// (forgetting attention's gates), so the layer hands the encoding its input.
+    InputGate,
 }
 
 /// Every encoding name that [`PositionalEncodingConfig::from_name`] accepts.
@@ -385,6 +414,8 @@ pub const ENCODING_NAMES: &[&str] = &[
     "dapev2_fire",
     "dapev2_t5",
     "dapev2_sandwich",
+    "fox",
+    "dape_fox",
 ];
 
 impl PositionalEncodingConfig {
@@ -472,6 +503,11 @@ impl PositionalEncodingConfig {
                 bias: Default::default(),
                 dape: Default::default(),
             },
+            "fox" => C::Fox(Default::default()),
+            "dape_fox" => C::DapeFox {
+                fox: Default::default(),
+                dape: Default::default(),
+            },
             _ => {
                 return Err(Error::UnknownEncoding {
                     name: name.to_string(),
@@ -545,8 +581,15 @@ impl PositionalEncodingConfig {
             | C::RopeYarn(_)
             | C::Xpos(_) => Hook::Rotary,
             C::BipeAlibi { .. } | C::BipeRope { .. } => Hook::Segments,
+            C::Fox(_) | C::DapeFox { .. } => Hook::InputGate,
             _ => Hook::Logits,
         }
+    }
+
+    /// Whether DAPE's MLP runs over every (query, key) pair (DAPE V1 and V2 over any base, and
+    /// over forgetting attention).
+    pub fn is_dape(&self) -> bool {
+        self.dape_parts().is_some() || matches!(self, Self::DapeFox { .. })
     }
 
     /// The base bias and DAPE function of a DAPE variant; `None` for other encodings.
@@ -627,6 +670,10 @@ impl PositionalEncodingConfig {
                 P::Bipe(segments.init_alibi(alibi, n_heads, head_dim, device)?)
             }
             C::BipeRope { segments, rope } => P::Bipe(segments.init_rope(rope, n_heads, head_dim)?),
+            C::Fox(c) => P::Fox(c.init(n_heads, d_model, device)?),
+            C::DapeFox { fox, dape } => {
+                P::DapeFox(DapeFox::new(fox, dape, n_heads, d_model, device)?)
+            }
             _ => unreachable!("DAPE variants are handled above"),
         })
     }
@@ -732,6 +779,10 @@ pub enum PositionalEncoding<B: Backend> {
     TransformerXl(TransformerXl<B>),
     /// BiPE (ALiBi or RoPE over segments).
     Bipe(Bipe<B>),
+    /// Forgetting attention.
+    Fox(Fox<B>),
+    /// DAPE over forgetting attention.
+    DapeFox(DapeFox<B>),
 }
 
 impl<B: Backend> PositionalEncoding<B> {
@@ -742,7 +793,29 @@ impl<B: Backend> PositionalEncoding<B> {
             Self::Sinusoidal(_) | Self::Learned(_) => Hook::Embedding,
             Self::Rotary(_) => Hook::Rotary,
             Self::Bipe(_) => Hook::Segments,
+            Self::Fox(_) | Self::DapeFox(_) => Hook::InputGate,
             _ => Hook::Logits,
+        }
+    }
+
+    /// The forget gate whose cumulative sums over the layer's input make the bias of
+    /// forgetting attention (`fox`, `dape_fox`); `None` for every other encoding.
+    pub fn forget_gate(&self) -> Option<&Fox<B>> {
+        match self {
+            Self::Fox(f) => Some(f),
+            Self::DapeFox(d) => Some(&d.fox),
+            _ => None,
+        }
+    }
+
+    /// The input-gate hook: adds forgetting attention's bias `gate` `[batch, heads, rows, keys]`
+    /// (from [`Fox::bias`] over [`Self::forget_gate`]'s sums) to the scaled logits, or DAPE over
+    /// it for `dape_fox`. Identity for every other encoding.
+    pub fn adjust_logits_gated(&self, logits: Tensor<B, 4>, gate: Tensor<B, 4>) -> Tensor<B, 4> {
+        match self {
+            Self::Fox(_) => logits + gate,
+            Self::DapeFox(d) => d.forward(logits, gate),
+            _ => logits,
         }
     }
 

@@ -159,7 +159,7 @@ pub fn document_windows(docs: &[&[u16]], length: usize, max: usize) -> Vec<Windo
 fn memory_estimate(config: &LmTrainConfig, rows: usize, length: usize, chunk: usize) -> u64 {
     let h = config.n_heads as u64;
     let per_pair = 4 * h
-        + if config.encoding.dape_parts().is_some() {
+        + if config.encoding.is_dape() {
             3 * (2 * h + 32)
         } else {
             0

@@ -7,6 +7,7 @@ use burn::prelude::*;
 use burn::record::DefaultRecorder;
 use burn::tensor::activation::log_softmax;
 
+use crate::attention::SsmaxConfig;
 use crate::data::che::{Sample, Task};
 use crate::encoding::PositionalEncodingConfig;
 use crate::error::{ensure, Error, Result};
@@ -55,6 +56,9 @@ pub struct CheTrainConfig {
     /// Seed of weights and data.
     #[config(default = 0)]
     pub seed: u64,
+    /// Scalable-Softmax in every attention layer (`None`: the plain softmax).
+    #[config(default = "None")]
+    pub ssmax: Option<SsmaxConfig>,
 }
 
 impl CheTrainConfig {
@@ -98,7 +102,8 @@ impl CheTrainConfig {
             self.task.input_vocab(),
             self.task.output_vocab(),
             TransformerConfig::new(self.d_model, self.n_layers, self.n_heads)
-                .with_encoding(self.encoding.clone()),
+                .with_encoding(self.encoding.clone())
+                .with_ssmax(self.ssmax.clone()),
         )
     }
 }

@@ -9,6 +9,7 @@ use burn::record::DefaultRecorder;
 use burn::tensor::activation::log_softmax;
 use serde::{Deserialize, Serialize};
 
+use crate::attention::SsmaxConfig;
 use crate::data::corpus::{Manifest, SplitConfig, Tokenizer};
 use crate::encoding::PositionalEncodingConfig;
 use crate::error::{ensure, Error, Result};
@@ -65,6 +66,10 @@ pub struct LmTrainConfig {
     pub valid_tokens: usize,
     /// Seed of weights and data order.
     pub seed: u64,
+    /// Scalable-Softmax in every attention layer, e.g. `"ssmax": {"init_length": 128}`
+    /// (absent: the plain softmax).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssmax: Option<SsmaxConfig>,
 }
 
 impl Default for LmTrainConfig {
@@ -93,6 +98,7 @@ impl Default for LmTrainConfig {
             valid_lengths: vec![128, 512, 2048],
             valid_tokens: 8192,
             seed: 0,
+            ssmax: None,
         }
     }
 }
@@ -174,7 +180,8 @@ impl LmTrainConfig {
             self.tokenizer.vocab_size(),
             TransformerConfig::new(self.d_model, self.n_layers, self.n_heads)
                 .with_ffn_ratio(self.ffn_ratio)
-                .with_encoding(self.encoding.clone()),
+                .with_encoding(self.encoding.clone())
+                .with_ssmax(self.ssmax.clone()),
         )
     }
 
