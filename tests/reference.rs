@@ -640,3 +640,52 @@ fn forgetting_attention_bias_matches_its_formula() {
         assert!(close(f64::from(*g), f64::from(*w), 1e-5), "{g} vs {w}");
     }
 }
+
+/// `RopeConfig` against Hugging Face `transformers` (`modeling_rope_utils`, the version named
+/// in the fixture): inverse frequencies and attention factors for linear, dynamic NTK and YaRN,
+/// with partial rotary, other betas, an explicit attention factor, `mscale` with and without
+/// `mscale_all_dim`, no truncation, and a ramp wider than half the rotary width. The fixture
+/// comes from `scripts/rope-hf-cases.py`.
+#[test]
+fn rope_scaling_matches_transformers() {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rope_hf.json"),
+    )
+    .unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10, "fixture has {} cases", cases.len());
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let mut config = case["config"].clone();
+        config["type"] = case["encoding"].clone();
+        let encoding = dape::PositionalEncodingConfig::from_value(config).unwrap();
+        let head_dim = case["head_dim"].as_u64().unwrap() as usize;
+        let rotary = match encoding.init::<B>(2, head_dim, &dev()).unwrap() {
+            dape::PositionalEncoding::Rotary(r) => r,
+            _ => panic!("{name}: not rotary"),
+        };
+        let seq_len = case["seq_len"].as_u64().map_or(1, |l| l as usize);
+        let got = rotary.inv_freq(seq_len);
+        let want: Vec<f64> = case["inv_freq"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(got.len(), want.len(), "{name}: number of frequencies");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            // transformers computes in float32.
+            assert!(
+                (g - w).abs() <= 2e-6 * w.abs() + 1e-12,
+                "{name}: inv_freq[{i}] = {g}, transformers {w}"
+            );
+        }
+        let want = case["attention_factor"].as_f64().unwrap();
+        assert!(
+            close(rotary.attention_factor, want, 1e-12),
+            "{name}: attention factor {} vs transformers {want}",
+            rotary.attention_factor
+        );
+    }
+}

@@ -67,9 +67,31 @@ pub struct RopeConfig {
     /// YaRN: rotations below which a frequency is fully interpolated.
     #[config(default = 1.0)]
     pub beta_slow: f64,
-    /// YaRN attention factor multiplying cos/sin; default `0.1·ln(s) + 1`.
+    /// YaRN attention factor multiplying cos/sin. When `None`: `m(s, mscale) / m(s,
+    /// mscale_all_dim)` if both of those are set (and non-zero), else `m(s, 1)`, with
+    /// `m(s, k) = 0.1·k·ln(s) + 1` for `s > 1` and 1 otherwise (Hugging Face's `get_mscale`).
     #[config(default = "None")]
     pub attention_factor: Option<f64>,
+    /// YaRN `mscale` of Hugging Face's `rope_scaling` (DeepSeek-V2/V3 checkpoints): see
+    /// `attention_factor`. Set alone it has no effect, as in `transformers`.
+    #[config(default = "None")]
+    pub mscale: Option<f64>,
+    /// YaRN `mscale_all_dim` of Hugging Face's `rope_scaling`: see `attention_factor`.
+    #[config(default = "None")]
+    pub mscale_all_dim: Option<f64>,
+    /// YaRN: round the ramp's ends to whole dimensions (floor and ceiling), as the paper and
+    /// `transformers` do by default; `false` keeps them fractional (`"truncate": false`).
+    #[config(default = true)]
+    pub truncate: bool,
+}
+
+/// Hugging Face's `get_mscale(s, k)`: `0.1·k·ln(s) + 1` for `s > 1`, else 1.
+fn yarn_mscale(s: f64, k: f64) -> f64 {
+    if s <= 1.0 {
+        1.0
+    } else {
+        0.1 * k * s.ln() + 1.0
+    }
 }
 default_from_new!(RopeConfig);
 
@@ -98,7 +120,9 @@ fn rotary_dim(head_dim: usize, fraction: f64) -> Result<usize> {
         fraction,
         "must be in (0, 1]",
     )?;
-    let r = (head_dim as f64 * fraction).round() as usize;
+    // Truncated, as `int(head_dim * partial_rotary_factor)` in transformers (the tiny margin
+    // keeps an exact product such as 0.3 × 10 from landing below its integer).
+    let r = (head_dim as f64 * fraction + 1e-9).floor() as usize;
     ensure(
         r >= 2 && r.is_multiple_of(2),
         "rotary_dim",
@@ -143,10 +167,23 @@ impl RopeConfig {
                 "YaRN needs beta_fast > beta_slow > 0",
             )?;
         }
+        for (name, value) in [
+            ("mscale", self.mscale),
+            ("mscale_all_dim", self.mscale_all_dim),
+        ] {
+            if let Some(v) = value {
+                ensure(v.is_finite(), name, v, "must be finite")?;
+            }
+        }
+        let s = self.scale_factor;
         let attention_factor = match scaling {
-            RopeScaling::Yarn => self
-                .attention_factor
-                .unwrap_or(0.1 * self.scale_factor.ln() + 1.0),
+            RopeScaling::Yarn => match (self.attention_factor, self.mscale, self.mscale_all_dim) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                    yarn_mscale(s, m) / yarn_mscale(s, all)
+                }
+                _ => yarn_mscale(s, 1.0),
+            },
             _ => 1.0,
         };
         Ok(Rotary {
@@ -160,6 +197,7 @@ impl RopeConfig {
             beta_slow: self.beta_slow,
             attention_factor,
             xpos_scale_base: None,
+            truncate: self.truncate,
         })
     }
 }
@@ -186,6 +224,7 @@ impl XposConfig {
             beta_slow: 1.0,
             attention_factor: 1.0,
             xpos_scale_base: Some(self.scale_base),
+            truncate: true,
         })
     }
 }
@@ -213,6 +252,8 @@ pub struct Rotary {
     pub attention_factor: f64,
     /// xPos decay scale base; `None` for RoPE.
     pub xpos_scale_base: Option<f64>,
+    /// YaRN: whether the ramp's ends are whole dimensions.
+    pub truncate: bool,
 }
 
 impl Rotary {
@@ -242,10 +283,15 @@ impl Rotary {
                         .ln()
                         / (2.0 * self.base.ln())
                 };
-                let low = correction(self.beta_fast).floor().max(0.0);
-                let mut high = correction(self.beta_slow).ceil().min(half as f64 - 1.0);
-                if high <= low {
-                    high = low + 0.001;
+                // As transformers: the ends rounded outwards (unless `truncate` is off), then
+                // clamped to `[0, r - 1]` (the rotary width, not its half).
+                let (mut low, mut high) = (correction(self.beta_fast), correction(self.beta_slow));
+                if self.truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(r - 1.0));
+                if high == low {
+                    high += 0.001;
                 }
                 extrapolated
                     .iter()
