@@ -337,6 +337,64 @@ impl<B: Backend> MultiHeadAttention<B> {
         Ok(self.attend(x, Some(cache), segments))
     }
 
+    /// What the positional encoding adds to this layer's logits on the input
+    /// `x: [batch, seq, d_model]` (the normed hidden states the layer reads), before the causal
+    /// mask: the logits after the encoding's hook minus the scaled `QKᵀ`, `[batch, heads, seq,
+    /// seq]` — `B + f([A ‖ B])` for DAPE, `B` for a static bias, `D` for forgetting attention,
+    /// BiPE-ALiBi's bias over the segment indices `segments` (`[batch, seq]`; without them each
+    /// token is its own segment). Scalable-Softmax's factor is left out. An error for encodings
+    /// that do not act on the logits (NoPE, absolute and rotary encodings), whose bias is zero.
+    pub fn positional_logits(
+        &self,
+        x: Tensor<B, 3>,
+        segments: Option<Tensor<B, 2, Int>>,
+    ) -> Result<Tensor<B, 4>> {
+        let hook = self.encoding.hook();
+        if !matches!(hook, Hook::Logits | Hook::InputGate | Hook::Segments)
+            || matches!(&self.encoding, PositionalEncoding::Bipe(b) if !b.acts_on_logits())
+        {
+            return Err(Error::InvalidInput(format!(
+                "this layer's encoding acts on {hook:?}, not on the attention logits: it adds no bias to them"
+            )));
+        }
+        let [b, l, _] = x.dims();
+        let device = x.device();
+        let (h, dh) = (self.n_heads, self.head_dim);
+        let gate = self.encoding.forget_gate().map(|fox| {
+            let c = fox.cumulative(x.clone(), None);
+            Fox::bias(c.clone(), c)
+        });
+        let qkv = linear_layer(&self.qkv, x).reshape([b, l, 3 * h, dh]);
+        let part = |i: usize| qkv.clone().narrow(2, i * h, h).swap_dims(1, 2);
+        let (q, k) = (part(0), part(1));
+        let ids = (hook == Hook::Segments).then(|| {
+            let s = segments.unwrap_or_else(|| {
+                Tensor::<B, 1, Int>::arange(0..l as i64, &device)
+                    .reshape([1, l])
+                    .expand([b, l])
+            });
+            SegmentIds {
+                query: s.clone(),
+                key: s,
+            }
+        });
+        let span = Span {
+            query_start: 0,
+            query_len: l,
+            key_len: l,
+            causal: self.causal,
+        };
+        let raw = q.clone().matmul(k.clone().transpose()) * (dh as f64).sqrt().recip();
+        let adjusted = self
+            .encoding
+            .adjust_logits(raw.clone(), q, k, &span, ids.as_ref());
+        let adjusted = match gate {
+            Some(g) => self.encoding.adjust_logits_gated(adjusted, g),
+            None => adjusted,
+        };
+        Ok(adjusted - raw)
+    }
+
     /// The same layer with another chunk size (`None` or `Some(0)`: no chunking).
     pub fn with_chunk_size(mut self, chunk_size: Option<usize>) -> Self {
         self.chunk_size = chunk_size.unwrap_or(0);

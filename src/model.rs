@@ -219,6 +219,40 @@ impl<B: Backend> Transformer<B> {
         Ok(self.norm.forward(x))
     }
 
+    /// What the positional encoding adds to the logits of block `layer` on `tokens: [batch,
+    /// seq]` (see [`MultiHeadAttention::positional_logits`]): `[batch, heads, seq, seq]`. Runs
+    /// the blocks before it, then that block's norm, on the tokens.
+    pub fn positional_logits(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        layer: usize,
+    ) -> Result<Tensor<B, 4>> {
+        if layer >= self.blocks.len() {
+            return Err(Error::invalid(
+                "layer",
+                layer,
+                format!("the model has blocks 0..{}", self.blocks.len()),
+            ));
+        }
+        self.check_tokens(&tokens)?;
+        let segmented = match &self.absolute {
+            Some(abs) => abs.segments(&tokens, None)?,
+            None => None,
+        };
+        let mut x = self.embedding.forward(tokens);
+        if let Some(abs) = &self.absolute {
+            x = abs.embed(x, 0, segmented.as_ref().map(|(s, _)| s))?;
+        }
+        let index = segmented.as_ref().map(|(s, _)| s.index.clone());
+        for block in &self.blocks[..layer] {
+            x = block.forward(x, None, index.clone())?;
+        }
+        let block = &self.blocks[layer];
+        block
+            .attention
+            .positional_logits(block.norm_attn.forward(x), index)
+    }
+
     /// Checks that every token id is below the vocabulary size.
     fn check_tokens(&self, tokens: &Tensor<B, 2, Int>) -> Result<()> {
         let [batch, len] = tokens.dims();

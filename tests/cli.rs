@@ -132,6 +132,43 @@ fn che_train_runs_for_the_newer_encodings() {
             let config = std::fs::read_to_string(out.join("config.json")).unwrap();
             assert!(config.contains("\"ssmax\""), "{encoding}: {config}");
         }
+        // Issue 16's learned-bias picture, on a CHE run of DAPE over forgetting attention.
+        if encoding == "dape_fox" {
+            let svg = out.join("bias.svg");
+            let result = dape(&[
+                "bias",
+                "--run",
+                out.to_str().unwrap(),
+                "--position",
+                "5",
+                "--out",
+                svg.to_str().unwrap(),
+            ]);
+            assert!(
+                result.status.success(),
+                "bias: {}",
+                String::from_utf8_lossy(&result.stderr)
+            );
+            assert!(svg.is_file(), "no picture");
+            let json: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(svg.with_extension("json")).unwrap())
+                    .unwrap();
+            let heads = json["bias"].as_array().unwrap();
+            assert_eq!(heads.len(), 8, "one line per head");
+            // The CHE encoder is bidirectional: the query sees every position of the sample.
+            let keys = heads[0].as_array().unwrap().len();
+            assert!(keys > 6, "{keys} keys");
+            assert!(heads
+                .iter()
+                .flat_map(|h| h.as_array().unwrap())
+                .all(|v| v.as_f64().unwrap().is_finite()));
+            // A block the model does not have is an error naming it, not a panic.
+            let args = ["bias", "--run", out.to_str().unwrap(), "--position", "3", "--layer", "7"];
+            let result = dape(&args);
+            assert!(!result.status.success());
+            let err = String::from_utf8_lossy(&result.stderr);
+            assert!(err.contains("layer") && err.contains('7'), "{err}");
+        }
     }
 }
 

@@ -689,3 +689,60 @@ fn rope_scaling_matches_transformers() {
         );
     }
 }
+
+/// The learned-bias read-out (`dape bias`) of a static bias is the bias itself: for ALiBi, the
+/// first block's `positional_logits` are `-m_h·|i - j|` on a real input, whatever the tokens;
+/// an encoding that rotates q and k has no logit bias and says so.
+#[test]
+fn positional_logits_of_alibi_are_its_formula() {
+    use dape::{LanguageModelConfig, PositionalEncodingConfig, TransformerConfig};
+    let heads = 4;
+    let model = LanguageModelConfig::new(
+        11,
+        TransformerConfig::new(16, 2, heads)
+            .with_encoding(PositionalEncodingConfig::from_name("alibi").unwrap()),
+    )
+    .init::<B>(&dev())
+    .unwrap();
+    let len = 9;
+    let ids: Vec<i64> = (0..len as i64).map(|i| (i * 5 + 2) % 11).collect();
+    let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, len]), &dev());
+    let slopes = alibi_slopes(heads);
+    for layer in 0..2 {
+        let got = values(
+            model
+                .transformer
+                .positional_logits(tokens.clone(), layer)
+                .unwrap(),
+        );
+        for h in 0..heads {
+            for i in 0..len {
+                for j in 0..len {
+                    let want = -slopes[h] * (i as f64 - j as f64).abs();
+                    let g = f64::from(got[(h * len + i) * len + j]);
+                    assert!(
+                        close(g, want, 1e-5),
+                        "layer {layer} [{h}, {i}, {j}]: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(model
+        .transformer
+        .positional_logits(tokens.clone(), 2)
+        .is_err());
+    let rope = LanguageModelConfig::new(
+        11,
+        TransformerConfig::new(16, 1, heads)
+            .with_encoding(PositionalEncodingConfig::from_name("rope").unwrap()),
+    )
+    .init::<B>(&dev())
+    .unwrap();
+    let err = rope
+        .transformer
+        .positional_logits(tokens, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not on the attention logits"), "{err}");
+}

@@ -1,4 +1,4 @@
-//! `dape train`, `dape eval` and `dape plot`: language models on real text.
+//! `dape train`, `dape eval`, `dape plot` and `dape bias`: language models on real text, and the learned bias of any run.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -7,6 +7,7 @@ use burn::tensor::backend::AutodiffBackend;
 
 use dape::backend::{dispatch, BackendKind, BackendTask, DeviceSpec};
 use dape::data::corpus::default_cache_dir;
+use dape::eval::bias::{learned_bias, write_bias, BiasReport, BiasRequest};
 use dape::eval::che::parse_lengths;
 use dape::eval::lm::{self as lm_eval, LmEvalConfig, LmEvalReport};
 use dape::experiment::lm::LmTrainConfig;
@@ -247,5 +248,72 @@ pub fn plot(args: PlotArgs) -> Result<bool> {
     let (svg, md) = lm_eval::plot_runs(&reports, &args.out)?;
     println!("{}", lm_eval::results_markdown(&reports));
     println!("Wrote {} and {}", svg.display(), md.display());
+    Ok(true)
+}
+
+/// `dape bias`.
+#[derive(clap::Args)]
+pub struct BiasArgs {
+    /// Run folder of `dape train` or `dape che train`.
+    #[arg(long)]
+    run: PathBuf,
+    /// The query position P.
+    #[arg(long)]
+    position: usize,
+    /// Block whose attention is read (0 = the first).
+    #[arg(long, default_value_t = 0)]
+    layer: usize,
+    /// Output picture [default: <run>/bias-p<P>-layer<K>.svg]; the values go next to it as .json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Corpus folder of an LM run [default: the one in its manifest].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Seed of the sample a CHE run reads.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Token cache folder.
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = BackendKind::Ndarray)]
+    backend: BackendKind,
+}
+
+struct BiasTask(BiasRequest);
+
+impl BackendTask for BiasTask {
+    type Output = BiasReport;
+    fn run<B: AutodiffBackend>(self, device: B::Device, _kind: BackendKind) -> Result<BiasReport> {
+        learned_bias::<B::InnerBackend>(&self.0, &device)
+    }
+}
+
+/// `dape bias`: the bias one query puts on every key it sees, one line per head.
+pub fn bias(args: BiasArgs) -> Result<bool> {
+    let out = args.out.clone().unwrap_or_else(|| {
+        args.run
+            .join(format!("bias-p{}-layer{}.svg", args.position, args.layer))
+    });
+    let request = BiasRequest {
+        run: args.run,
+        position: args.position,
+        layer: args.layer,
+        data: args.data,
+        cache_dir: args.cache.unwrap_or_else(default_cache_dir),
+        seed: args.seed,
+    };
+    let report = dispatch(args.backend, BiasTask(request))?;
+    write_bias(&report, &out)?;
+    println!(
+        "{} heads of {} (layer {}, query at {}; input: {}): wrote {} and {}",
+        report.bias.len(),
+        report.encoding,
+        report.layer,
+        report.position,
+        report.input,
+        out.display(),
+        out.with_extension("json").display()
+    );
     Ok(true)
 }

@@ -48,6 +48,9 @@ enum Command {
     Bench(tools::BenchArgs),
     /// Draw the perplexity-by-length curves of evaluated runs in one plot, with a table.
     Plot(lm::PlotArgs),
+    /// Draw the learned positional bias that one query puts on every key it sees, one line per
+    /// head (the DAPE paper's Figure 1), for an LM or CHE run; also writes the values as JSON.
+    Bias(lm::BiasArgs),
     /// The CHE (Chomsky hierarchy) length-generalisation tasks.
     Che {
         #[command(subcommand)]
@@ -66,6 +69,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Eval(args) => lm::eval(args),
         Command::Bench(args) => tools::bench(args),
         Command::Plot(args) => lm::plot(args),
+        Command::Bias(args) => lm::bias(args),
         Command::Che { command } => che::run(command),
     }
 }

@@ -139,6 +139,12 @@ pub struct Bipe<B: Backend> {
 }
 
 impl<B: Backend> Bipe<B> {
+    /// Whether the relative part acts on the logits (BiPE-ALiBi) rather than rotating q and k
+    /// (BiPE-RoPE).
+    pub fn acts_on_logits(&self) -> bool {
+        matches!(self.inter, BipeInter::Alibi(_))
+    }
+
     /// Segments of `tokens: [batch, seq]` continuing `carried` (a fresh start when `None`),
     /// and the state after them. Computed on the host from the token ids.
     pub fn segment(

@@ -1,6 +1,7 @@
 //! Length-extrapolation evaluation: LM perplexity by length, CHE accuracy by length, tables
-//! and plots.
+//! and plots, and the learned bias of one query (`bias`).
 
+pub mod bias;
 pub mod che;
 pub mod lm;
 pub mod plot;
