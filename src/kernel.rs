@@ -658,6 +658,20 @@ mod nd {
         x_dims: Vec<usize>,
     }
 
+    /// Implements `Backward<Nd, N>` for `$node<N>` for each parent count `N` listed (a node
+    /// with and without its optional last parent), each running `$backward(ops, grads)`.
+    macro_rules! backward_for_parents {
+        ($node:ident, $state:ty, $backward:ident, [$($n:literal),*]) => {
+            $(impl Backward<Nd, $n> for $node<$n> {
+                type State = $state;
+
+                fn backward(self, ops: Ops<Self::State, $n>, grads: &mut Gradients, _: &mut Checkpointer) {
+                    $backward(ops, grads);
+                }
+            })*
+        };
+    }
+
     /// The backward pass of a linear node with `N` parents (input, weight, and bias when
     /// there is one).
     #[derive(Debug)]
@@ -700,21 +714,7 @@ mod nd {
         }
     }
 
-    impl Backward<Nd, 2> for LinearBackward<2> {
-        type State = LinearState;
-
-        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-            linear_backward(ops, grads);
-        }
-    }
-
-    impl Backward<Nd, 3> for LinearBackward<3> {
-        type State = LinearState;
-
-        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-            linear_backward(ops, grads);
-        }
-    }
+    backward_for_parents!(LinearBackward, LinearState, linear_backward, [2, 3]);
 
     pub(super) fn linear_autodiff<B: Backend, const D: usize>(
         x: Tensor<B, D>,
@@ -1031,21 +1031,12 @@ mod nd {
         }
     }
 
-    impl Backward<Nd, 2> for LayerNormBackward<2> {
-        type State = LayerNormState;
-
-        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-            layer_norm_backward(ops, grads);
-        }
-    }
-
-    impl Backward<Nd, 3> for LayerNormBackward<3> {
-        type State = LayerNormState;
-
-        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-            layer_norm_backward(ops, grads);
-        }
-    }
+    backward_for_parents!(
+        LayerNormBackward,
+        LayerNormState,
+        layer_norm_backward,
+        [2, 3]
+    );
 
     pub(super) fn layer_norm_autodiff<B: Backend, const D: usize>(
         x: Tensor<B, D>,
@@ -1417,21 +1408,12 @@ mod nd {
         }
     }
 
-    impl Backward<Nd, 3> for AttentionBackward<3> {
-        type State = AttentionState;
-
-        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-            attention_backward(ops, grads);
-        }
-    }
-
-    impl Backward<Nd, 4> for AttentionBackward<4> {
-        type State = AttentionState;
-
-        fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
-            attention_backward(ops, grads);
-        }
-    }
+    backward_for_parents!(
+        AttentionBackward,
+        AttentionState,
+        attention_backward,
+        [3, 4]
+    );
 
     pub(super) fn attention_autodiff<B: Backend>(
         q: Tensor<B, 4>,
@@ -1804,6 +1786,7 @@ mod tests {
     fn fused_layer_norm_is_the_tensor_path_in_values_and_gradients() {
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
+        <A as Backend>::seed(&device, 11);
         let normal = Distribution::Normal(0.5, 2.0);
         for (case, transposed, with_beta, d) in [
             ("row-major", false, true, 40),
@@ -1830,11 +1813,17 @@ mod tests {
             let weights = Tensor::<A, 3>::random([3, 45, d], normal, &device);
             let g1 = (fused * weights.clone()).sum().backward();
             let g2 = (tensor * weights).sum().backward();
-            let dx = max_diff(x_leaf.grad(&g1).unwrap(), x_leaf.grad(&g2).unwrap());
+            // Relative to the gradient's scale: a row of three features can have a small
+            // variance, and then a large `1 / σ` in its gradient.
+            let rel = |a: Tensor<NdArray<f32>, 3>, b: Tensor<NdArray<f32>, 3>| {
+                let scale = 1.0 + b.clone().abs().max().into_scalar();
+                max_diff(a, b) / scale
+            };
+            let dx = rel(x_leaf.grad(&g1).unwrap(), x_leaf.grad(&g2).unwrap());
             let dg = max_diff(gamma.grad(&g1).unwrap(), gamma.grad(&g2).unwrap());
             assert!(
-                dx < 1e-3 && dg < 1e-3,
-                "{case}: gradients differ by {dx}, {dg}"
+                dx < 1e-4 && dg < 1e-3,
+                "{case}: gradients differ by {dx} (relative), {dg}"
             );
             if let Some(b) = &beta {
                 let db = max_diff(b.grad(&g1).unwrap(), b.grad(&g2).unwrap());

@@ -163,7 +163,15 @@ fn che_train_runs_for_the_newer_encodings() {
                 .flat_map(|h| h.as_array().unwrap())
                 .all(|v| v.as_f64().unwrap().is_finite()));
             // A block the model does not have is an error naming it, not a panic.
-            let args = ["bias", "--run", out.to_str().unwrap(), "--position", "3", "--layer", "7"];
+            let args = [
+                "bias",
+                "--run",
+                out.to_str().unwrap(),
+                "--position",
+                "3",
+                "--layer",
+                "7",
+            ];
             let result = dape(&args);
             assert!(!result.status.success());
             let err = String::from_utf8_lossy(&result.stderr);
