@@ -359,14 +359,12 @@ impl<B: Backend> MultiHeadAttention<B> {
         }
         let [b, l, _] = x.dims();
         let device = x.device();
-        let (h, dh) = (self.n_heads, self.head_dim);
+        let dh = self.head_dim;
         let gate = self.encoding.forget_gate().map(|fox| {
             let c = fox.cumulative(x.clone(), None);
             Fox::bias(c.clone(), c)
         });
-        let qkv = linear_layer(&self.qkv, x).reshape([b, l, 3 * h, dh]);
-        let part = |i: usize| qkv.clone().narrow(2, i * h, h).swap_dims(1, 2);
-        let (q, k) = (part(0), part(1));
+        let [q, k, _] = self.project_qkv(x);
         let ids = (hook == Hook::Segments).then(|| {
             let s = segments.unwrap_or_else(|| {
                 Tensor::<B, 1, Int>::arange(0..l as i64, &device)
@@ -401,6 +399,16 @@ impl<B: Backend> MultiHeadAttention<B> {
         self
     }
 
+    /// Queries, keys and values `[batch, heads, seq, d_head]` of `x: [batch, seq, d_model]`:
+    /// one projection to `[batch, seq, 3·heads, d_head]` (q's heads, then k's, then v's), of
+    /// which each part is a view (no copy) that the fused kernel reads through its strides.
+    fn project_qkv(&self, x: Tensor<B, 3>) -> [Tensor<B, 4>; 3] {
+        let [b, l, _] = x.dims();
+        let (h, dh) = (self.n_heads, self.head_dim);
+        let qkv = linear_layer(&self.qkv, x).reshape([b, l, 3 * h, dh]);
+        [0, 1, 2].map(|i| qkv.clone().narrow(2, i * h, h).swap_dims(1, 2))
+    }
+
     fn attend(
         &self,
         x: Tensor<B, 3>,
@@ -416,11 +424,7 @@ impl<B: Backend> MultiHeadAttention<B> {
             let carried = cache.as_ref().and_then(|c| c.last_forget_sum());
             fox.cumulative(x.clone(), carried)
         });
-        // [b, l, 3·h, dh]: q's heads, then k's, then v's. Each part is a view `[b, h, l, dh]`
-        // of it (no copy), which the fused kernel reads through its strides.
-        let qkv = linear_layer(&self.qkv, x).reshape([b, l, 3 * h, dh]);
-        let part = |i: usize| qkv.clone().narrow(2, i * h, h).swap_dims(1, 2);
-        let (q, k, v) = (part(0), part(1), part(2));
+        let [q, k, v] = self.project_qkv(x);
         let offset = cache.as_ref().map_or(0, |c| c.len());
         // BiPE: segment indices of the query rows; without any, each token is its own segment.
         let query_segments = (self.encoding.hook() == Hook::Segments).then(|| {

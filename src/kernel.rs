@@ -272,6 +272,14 @@ mod nd {
             .map(|u| *u)
     }
 
+    /// [`cast`] of an optional value: `Some(None)` for `None`, `None` if it has another type.
+    pub(crate) fn cast_opt<T: 'static, U: 'static>(x: Option<T>) -> Option<Option<U>> {
+        match x {
+            Some(x) => cast(x).map(Some),
+            None => Some(None),
+        }
+    }
+
     /// Reads an `f32` tensor's values in row-major order (`None` for another element type). On
     /// ndarray this is one copy of the array's memory; `into_data` would walk the elements one
     /// by one whenever the array is shared (as a graph's tensors are).
@@ -623,10 +631,7 @@ mod nd {
     ) -> Option<Tensor<B, D>> {
         let x: Tensor<Nd, D> = cast(x)?;
         let w: Tensor<Nd, 2> = cast(w)?;
-        let b: Option<Tensor<Nd, 1>> = match b {
-            Some(b) => Some(cast(b)?),
-            None => None,
-        };
+        let b: Option<Tensor<Nd, 1>> = cast_opt(b)?;
         let (dims, device) = (x.dims(), x.device());
         let d_out = w.dims()[1];
         let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
@@ -723,10 +728,7 @@ mod nd {
     ) -> Option<Tensor<B, D>> {
         let x: Tensor<Ad, D> = cast(x)?;
         let w: Tensor<Ad, 2> = cast(w)?;
-        let b: Option<Tensor<Ad, 1>> = match b {
-            Some(b) => Some(cast(b)?),
-            None => None,
-        };
+        let b: Option<Tensor<Ad, 1>> = cast_opt(b)?;
         let (dims, device) = (x.dims(), x.device());
         let d_out = w.dims()[1];
         let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
@@ -961,10 +963,7 @@ mod nd {
     ) -> Option<Tensor<B, D>> {
         let x: Tensor<Nd, D> = cast(x)?;
         let gamma: Tensor<Nd, 1> = cast(gamma)?;
-        let beta: Option<Tensor<Nd, 1>> = match beta {
-            Some(b) => Some(cast(b)?),
-            None => None,
-        };
+        let beta: Option<Tensor<Nd, 1>> = cast_opt(beta)?;
         let (dims, device) = (x.dims(), x.device());
         let beta = beta.map(|b| b.into_primitive().tensor());
         let (y, _) = layer_norm_values(
@@ -1046,10 +1045,7 @@ mod nd {
     ) -> Option<Tensor<B, D>> {
         let x: Tensor<Ad, D> = cast(x)?;
         let gamma: Tensor<Ad, 1> = cast(gamma)?;
-        let beta: Option<Tensor<Ad, 1>> = match beta {
-            Some(b) => Some(cast(b)?),
-            None => None,
-        };
+        let beta: Option<Tensor<Ad, 1>> = cast_opt(beta)?;
         let (dims, device) = (x.dims(), x.device());
         let (x, gamma) = (x.into_primitive().tensor(), gamma.into_primitive().tensor());
         let beta = beta.map(|b| b.into_primitive().tensor());
@@ -1353,10 +1349,7 @@ mod nd {
     ) -> Option<Tensor<B, 4>> {
         let (q, k, v): (Tensor<Nd, 4>, Tensor<Nd, 4>, Tensor<Nd, 4>) =
             (cast(q)?, cast(k)?, cast(v)?);
-        let bias: Option<Tensor<Nd, 4>> = match bias {
-            Some(t) => Some(cast(t)?),
-            None => None,
-        };
+        let bias: Option<Tensor<Nd, 4>> = cast_opt(bias)?;
         let (dims, device) = (attention_out_dims(q.dims(), v.dims()), q.device());
         let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
         let bias = bias.map(|t| t.into_primitive().tensor());
@@ -1425,10 +1418,7 @@ mod nd {
     ) -> Option<Tensor<B, 4>> {
         let (q, k, v): (Tensor<Ad, 4>, Tensor<Ad, 4>, Tensor<Ad, 4>) =
             (cast(q)?, cast(k)?, cast(v)?);
-        let bias: Option<Tensor<Ad, 4>> = match bias {
-            Some(t) => Some(cast(t)?),
-            None => None,
-        };
+        let bias: Option<Tensor<Ad, 4>> = cast_opt(bias)?;
         let (dims, device) = (attention_out_dims(q.dims(), v.dims()), q.device());
         let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
         let bias = bias.map(|t| t.into_primitive().tensor());

@@ -38,7 +38,7 @@ use rayon::prelude::*;
 
 use super::Span;
 pub(crate) use crate::kernel::{applies, applies_autodiff, host};
-use crate::kernel::{cast, finish_node, Ad, Nd};
+use crate::kernel::{cast, cast_opt, finish_node, Ad, Nd};
 
 /// Keys per block: two AVX registers of `f32`.
 const LANES: usize = 16;
@@ -660,19 +660,10 @@ pub(crate) fn dape_v1_autodiff<B: Backend>(
     slope: f32,
 ) -> Option<Tensor<B, 4>> {
     let logits: Tensor<Ad, 4> = cast(logits)?;
-    let bias: Option<Tensor<Ad, 4>> = match bias {
-        Some(t) => Some(cast(t)?),
-        None => None,
-    };
+    let bias: Option<Tensor<Ad, 4>> = cast_opt(bias)?;
     let (w1t, w2t): (Tensor<Ad, 2>, Tensor<Ad, 2>) = (cast(w1t)?, cast(w2t)?);
-    let b1: Option<Tensor<Ad, 1>> = match b1 {
-        Some(t) => Some(cast(t)?),
-        None => None,
-    };
-    let b2: Option<Tensor<Ad, 1>> = match b2 {
-        Some(t) => Some(cast(t)?),
-        None => None,
-    };
+    let b1: Option<Tensor<Ad, 1>> = cast_opt(b1)?;
+    let b2: Option<Tensor<Ad, 1>> = cast_opt(b2)?;
     let device = logits.device();
     let dims = logits.dims();
     let [_, h, lq, lk] = dims;
