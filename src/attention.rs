@@ -21,7 +21,8 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use crate::encoding::{
-    Fox, Hook, PositionalEncoding, PositionalEncodingConfig, SegmentIds, SegmentState, Span,
+    Fox, Hook, PositionalEncoding, PositionalEncodingConfig, Positions, SegmentIds, SegmentState,
+    Span,
 };
 use crate::error::{ensure, Error, Result};
 use crate::kernel::{attention, attention_applies, fused_softmax, linear_layer};
@@ -287,7 +288,7 @@ pub struct MultiHeadAttention<B: Backend> {
 impl<B: Backend> MultiHeadAttention<B> {
     /// Self-attention over `x: [batch, seq, d_model]` -> `[batch, seq, d_model]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.attend(x, None, None)
+        self.attend(x, None, None, None)
     }
 
     /// Incremental (causal) self-attention: `x: [batch, new, d_model]` holds the positions that
@@ -308,6 +309,47 @@ impl<B: Backend> MultiHeadAttention<B> {
         segments: Option<Tensor<B, 2, Int>>,
         cache: Option<&mut KvCache<B>>,
     ) -> Result<Tensor<B, 3>> {
+        self.forward_with(x, None, segments, cache)
+    }
+
+    /// Self-attention over `x: [batch, seq, d_model]` whose tokens sit at `positions`
+    /// (randomized positions, shared by the batch), with or without a cache. `positions` holds
+    /// one position for every token the layer has seen, the cached ones included: at least
+    /// `cache.len() + seq` of them (a decode step may pass the whole sequence's positions). A
+    /// cached decode over the same positions equals the full forward. An error for an encoding
+    /// that does not read positions ([`PositionalEncoding::takes_positions`]).
+    pub fn forward_at(
+        &self,
+        x: Tensor<B, 3>,
+        positions: &Positions,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        self.forward_with(x, Some(positions), None, cache)
+    }
+
+    /// [`forward_segmented`](Self::forward_segmented) and [`forward_at`](Self::forward_at) in
+    /// one: positions, segments and the cache are each optional.
+    pub fn forward_with(
+        &self,
+        x: Tensor<B, 3>,
+        positions: Option<&Positions>,
+        segments: Option<Tensor<B, 2, Int>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        if let Some(p) = positions {
+            if !self.encoding.takes_positions() {
+                return Err(Error::InvalidInput(
+                    "this layer's encoding does not read token positions, so it cannot take randomized positions".into(),
+                ));
+            }
+            let seen = cache.as_ref().map_or(0, |c| c.len()) + x.dims()[1];
+            if p.len() < seen {
+                return Err(Error::InvalidInput(format!(
+                    "{} positions given for {seen} tokens (cached and new); pass one position per token",
+                    p.len()
+                )));
+            }
+        }
         if let Some(s) = &segments {
             let (sd, xd) = (s.dims(), x.dims());
             if sd != [xd[0], xd[1]] {
@@ -318,7 +360,7 @@ impl<B: Backend> MultiHeadAttention<B> {
             }
         }
         let Some(cache) = cache else {
-            return Ok(self.attend(x, None, segments));
+            return Ok(self.attend(x, positions, None, segments));
         };
         if !self.causal {
             return Err(Error::InvalidInput(
@@ -334,7 +376,7 @@ impl<B: Backend> MultiHeadAttention<B> {
                 )));
             }
         }
-        Ok(self.attend(x, Some(cache), segments))
+        Ok(self.attend(x, positions, Some(cache), segments))
     }
 
     /// What the positional encoding adds to this layer's logits on the input
@@ -381,6 +423,7 @@ impl<B: Backend> MultiHeadAttention<B> {
             query_len: l,
             key_len: l,
             causal: self.causal,
+            positions: None,
         };
         let raw = q.clone().matmul(k.clone().transpose()) * (dh as f64).sqrt().recip();
         let adjusted = self
@@ -412,6 +455,7 @@ impl<B: Backend> MultiHeadAttention<B> {
     fn attend(
         &self,
         x: Tensor<B, 3>,
+        positions: Option<&Positions>,
         cache: Option<&mut KvCache<B>>,
         segments: Option<Tensor<B, 2, Int>>,
     ) -> Tensor<B, 3> {
@@ -446,7 +490,9 @@ impl<B: Backend> MultiHeadAttention<B> {
         let segment_ids = query_segments
             .zip(key_segments)
             .map(|(query, key)| SegmentIds { query, key });
-        let (q, k) = self.encoding.rotate(q, k, offset, segment_ids.as_ref());
+        let (q, k) = self
+            .encoding
+            .rotate(q, k, offset, positions, segment_ids.as_ref());
         let total = offset + l;
         let chunk = if self.chunk_size == 0 {
             l
@@ -475,6 +521,7 @@ impl<B: Backend> MultiHeadAttention<B> {
                     total
                 },
                 causal: self.causal,
+                positions: positions.cloned(),
             };
             let qc = q.clone().narrow(2, r0, rows);
             let kc = k.clone().narrow(2, 0, span.key_len);

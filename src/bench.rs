@@ -195,7 +195,7 @@ pub fn run<B: AutodiffBackend>(
                     .init::<B, LanguageModel<B>>();
                 for _ in 0..steps {
                     let t0 = Instant::now();
-                    let loss = token_nll(&model, inputs.clone(), targets.clone())?.mean();
+                    let loss = token_nll(&model, inputs.clone(), targets.clone(), None)?.mean();
                     if config.phases {
                         let _ = loss.clone().into_scalar();
                     }
@@ -221,7 +221,7 @@ pub fn run<B: AutodiffBackend>(
                 let model = model.valid().with_chunk_size(c);
                 let (x, y) = (inputs.clone().inner(), targets.clone().inner());
                 for _ in 0..steps {
-                    let _ = token_nll(&model, x.clone(), y.clone())?
+                    let _ = token_nll(&model, x.clone(), y.clone(), None)?
                         .mean()
                         .into_scalar();
                 }

@@ -5,7 +5,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
 use crate::attention::{AttentionConfig, KvCache, MultiHeadAttention, SsmaxConfig};
-use crate::encoding::{Hook, PositionalEncoding, PositionalEncodingConfig};
+use crate::encoding::{Hook, PositionalEncoding, PositionalEncodingConfig, Positions};
 use crate::error::{ensure, Error, Result};
 use crate::kernel::{gelu, linear_layer};
 pub use crate::norm::LayerNorm;
@@ -49,9 +49,14 @@ impl<B: Backend> Block<B> {
         x: Tensor<B, 3>,
         cache: Option<&mut KvCache<B>>,
         segments: Option<Tensor<B, 2, Int>>,
+        positions: Option<&Positions>,
     ) -> Result<Tensor<B, 3>> {
         let normed = self.norm_attn.forward(x.clone());
-        let attended = self.attention.forward_segmented(normed, segments, cache)?;
+        // Absolute encodings read the positions at the embeddings, not in attention.
+        let positions = positions.filter(|_| self.attention.encoding.takes_positions());
+        let attended = self
+            .attention
+            .forward_with(normed, positions, segments, cache)?;
         Ok(if self.parallel_residual {
             let ffn = self.ffn.forward(self.norm_ffn.forward(x.clone()));
             x + attended + ffn
@@ -175,9 +180,38 @@ impl<B: Backend> Transformer<B> {
     pub fn forward(
         &self,
         tokens: Tensor<B, 2, Int>,
+        caches: Option<&mut [KvCache<B>]>,
+    ) -> Result<Tensor<B, 3>> {
+        self.forward_at(tokens, caches, None)
+    }
+
+    /// Whether the encoding reads the tokens' positions (so that it can run at randomized
+    /// positions).
+    pub fn takes_positions(&self) -> bool {
+        self.absolute
+            .as_ref()
+            .is_some_and(PositionalEncoding::takes_positions)
+            || self
+                .blocks
+                .first()
+                .is_some_and(|b| b.attention.encoding.takes_positions())
+    }
+
+    /// [`forward`](Self::forward) with the tokens at `positions` (randomized positions, shared
+    /// by the batch; `None`: token `t` at position `t`). `positions` has one entry per token
+    /// seen, the cached ones included. An error when the encoding reads no positions.
+    pub fn forward_at(
+        &self,
+        tokens: Tensor<B, 2, Int>,
         mut caches: Option<&mut [KvCache<B>]>,
+        positions: Option<&Positions>,
     ) -> Result<Tensor<B, 3>> {
         self.check_tokens(&tokens)?;
+        if positions.is_some() && !self.takes_positions() {
+            return Err(Error::InvalidInput(
+                "positions were given, but this model's encoding reads no token positions".into(),
+            ));
+        }
         let start = match caches.as_deref() {
             Some(c) => {
                 if c.len() != self.blocks.len() {
@@ -204,12 +238,12 @@ impl<B: Backend> Transformer<B> {
         };
         let mut x = self.embedding.forward(tokens);
         if let Some(abs) = &self.absolute {
-            x = abs.embed(x, start, segmented.as_ref().map(|(s, _)| s))?;
+            x = abs.embed(x, start, positions, segmented.as_ref().map(|(s, _)| s))?;
         }
         let index = segmented.as_ref().map(|(s, _)| s.index.clone());
         for (i, block) in self.blocks.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            x = block.forward(x, cache, index.clone())?;
+            x = block.forward(x, cache, index.clone(), positions)?;
         }
         if let (Some(caches), Some((_, state))) = (caches, segmented) {
             for cache in caches.iter_mut() {
@@ -241,11 +275,11 @@ impl<B: Backend> Transformer<B> {
         };
         let mut x = self.embedding.forward(tokens);
         if let Some(abs) = &self.absolute {
-            x = abs.embed(x, 0, segmented.as_ref().map(|(s, _)| s))?;
+            x = abs.embed(x, 0, None, segmented.as_ref().map(|(s, _)| s))?;
         }
         let index = segmented.as_ref().map(|(s, _)| s.index.clone());
         for block in &self.blocks[..layer] {
-            x = block.forward(x, None, index.clone())?;
+            x = block.forward(x, None, index.clone(), None)?;
         }
         let block = &self.blocks[layer];
         block
@@ -339,9 +373,19 @@ impl<B: Backend> LmCache<B> {
 impl<B: Backend> LanguageModel<B> {
     /// Next-token logits `[batch, seq, vocab]` for `tokens: [batch, seq]`.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
+        self.forward_at(tokens, None)
+    }
+
+    /// [`forward`](Self::forward) with the tokens at `positions` (randomized positions; see
+    /// [`Transformer::forward_at`]).
+    pub fn forward_at(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        positions: Option<&Positions>,
+    ) -> Result<Tensor<B, 3>> {
         Ok(linear_layer(
             &self.head,
-            self.transformer.forward(tokens, None)?,
+            self.transformer.forward_at(tokens, None, positions)?,
         ))
     }
 
@@ -359,9 +403,21 @@ impl<B: Backend> LanguageModel<B> {
         tokens: Tensor<B, 2, Int>,
         cache: &mut LmCache<B>,
     ) -> Result<Tensor<B, 3>> {
-        let hidden = self
-            .transformer
-            .forward(tokens, Some(cache.layers.as_mut_slice()))?;
+        self.forward_cached_at(tokens, cache, None)
+    }
+
+    /// [`forward_cached`](Self::forward_cached) at randomized `positions`: one position for
+    /// every token of the sequence so far (cached and new); equal to the matching rows of
+    /// [`forward_at`](Self::forward_at) over the same positions.
+    pub fn forward_cached_at(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut LmCache<B>,
+        positions: Option<&Positions>,
+    ) -> Result<Tensor<B, 3>> {
+        let hidden =
+            self.transformer
+                .forward_at(tokens, Some(cache.layers.as_mut_slice()), positions)?;
         Ok(linear_layer(&self.head, hidden))
     }
 
@@ -416,9 +472,19 @@ pub struct SequenceModel<B: Backend> {
 impl<B: Backend> SequenceModel<B> {
     /// Logits `[batch, seq, output_vocab]` at every position.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
+        self.forward_at(tokens, None)
+    }
+
+    /// [`forward`](Self::forward) with the tokens at `positions` (randomized positions; see
+    /// [`Transformer::forward_at`]).
+    pub fn forward_at(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        positions: Option<&Positions>,
+    ) -> Result<Tensor<B, 3>> {
         Ok(linear_layer(
             &self.head,
-            self.transformer.forward(tokens, None)?,
+            self.transformer.forward_at(tokens, None, positions)?,
         ))
     }
 
@@ -431,6 +497,17 @@ impl<B: Backend> SequenceModel<B> {
     /// Appends `output_len` placeholders to `inputs: [batch, L]` and returns the logits of the
     /// output positions, `[batch, output_len, output_vocab]`.
     pub fn predict(&self, inputs: Tensor<B, 2, Int>, output_len: usize) -> Result<Tensor<B, 3>> {
+        self.predict_at(inputs, output_len, None)
+    }
+
+    /// [`predict`](Self::predict) with the `L + output_len` tokens (inputs, then placeholders)
+    /// at `positions` (randomized positions).
+    pub fn predict_at(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        output_len: usize,
+        positions: Option<&Positions>,
+    ) -> Result<Tensor<B, 3>> {
         ensure(
             output_len > 0,
             "output_len",
@@ -443,7 +520,7 @@ impl<B: Backend> SequenceModel<B> {
             self.placeholder as i64,
             &inputs.device(),
         );
-        let logits = self.forward(Tensor::cat(vec![inputs, fill], 1))?;
+        let logits = self.forward_at(Tensor::cat(vec![inputs, fill], 1), positions)?;
         Ok(logits.narrow(1, len, output_len))
     }
 }

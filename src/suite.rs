@@ -132,10 +132,11 @@ pub fn run_suite<B: AutodiffBackend>(
     let total = config.tasks.len() * config.encodings.len();
     for task in &config.tasks {
         for encoding in &config.encodings {
-            // The cell's name: the encoding's, with `+ssmax` when the runs use Scalable-Softmax.
+            // The cell's name: the encoding's (with `+randomized` at randomized positions), with
+            // `+ssmax` when the runs use Scalable-Softmax.
             let name = format!(
                 "{}{}",
-                encoding.name(),
+                encoding.label(),
                 if config.train.ssmax.is_some() {
                     "+ssmax"
                 } else {

@@ -1,6 +1,7 @@
 //! Backend agreement: the same weights (saved once on ndarray, loaded on the other backend) and
 //! the same tokens give the same logits and the same gradients, for every encoding (and
-//! Scalable-Softmax over Kerple and DAPE-Kerple), within 1e-4 relative to each tensor's scale
+//! Scalable-Softmax over Kerple and DAPE-Kerple, and randomized positions under RoPE,
+//! sinusoids, T5, Kerple and DAPE-Kerple), within 1e-4 relative to each tensor's scale
 //! (its largest magnitude, at least 0.01).
 //!
 //! Runs for each backend compiled in (`--features wgpu`, `--features tch`) whose device is
@@ -13,6 +14,7 @@ use burn::prelude::*;
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 
+use dape::encoding::{Positions, RandomizedConfig};
 use dape::{
     LanguageModel, LanguageModelConfig, PositionalEncodingConfig, SsmaxConfig, TransformerConfig,
     ENCODING_NAMES,
@@ -71,10 +73,11 @@ impl<Bk: AutodiffBackend> ModuleVisitor<Bk> for Grads<'_, Bk> {
 /// Logits and parameter gradients of a cross-entropy loss.
 fn run<Bk: AutodiffBackend>(
     model: &LanguageModel<Bk>,
+    positions: Option<&Positions>,
     device: &Bk::Device,
 ) -> (Vec<f32>, Vec<Vec<f32>>) {
     let ids = tokens::<Bk>(device);
-    let logits = model.forward(ids.clone()).expect("forward");
+    let logits = model.forward_at(ids.clone(), positions).expect("forward");
     let targets = (ids + 1) % VOCAB as i64;
     let loss = burn::nn::loss::CrossEntropyLossConfig::new()
         .init(device)
@@ -112,19 +115,36 @@ fn check_backend<Bk: AutodiffBackend>(backend: &str, device: Bk::Device) {
     let only = std::env::var("DAPE_BACKEND_ENCODINGS").ok();
     // Every encoding is checked, and every disagreement reported, before the test fails.
     let mut failures = Vec::new();
+    // (encoding, Scalable-Softmax, randomized positions)
     let cases = ENCODING_NAMES
         .iter()
-        .map(|name| (*name, false))
-        .chain([("kerple_log", true), ("dape_kerple_log", true)]);
-    for (encoding_name, ssmax) in cases {
-        let name = format!("{encoding_name}{}", if ssmax { "+ssmax" } else { "" });
+        .map(|name| (*name, false, false))
+        .chain([
+            ("kerple_log", true, false),
+            ("dape_kerple_log", true, false),
+        ])
+        .chain(
+            ["rope", "sinusoidal", "t5", "kerple_log", "dape_kerple_log"]
+                .map(|name| (name, false, true)),
+        );
+    for (encoding_name, ssmax, randomized) in cases {
+        let name = format!(
+            "{encoding_name}{}{}",
+            if ssmax { "+ssmax" } else { "" },
+            if randomized { "+randomized" } else { "" }
+        );
         if only
             .as_deref()
             .is_some_and(|o| !o.split(',').any(|x| x == name))
         {
             continue;
         }
-        let encoding = PositionalEncodingConfig::from_name(encoding_name).unwrap();
+        let randomized = randomized.then(|| RandomizedConfig::new(512));
+        let positions = randomized.as_ref().map(|r| r.sample(LEN, 11).unwrap());
+        let encoding = PositionalEncodingConfig::from_name(encoding_name)
+            .unwrap()
+            .with_randomized(randomized)
+            .unwrap();
         <Reference as Backend>::seed(&reference_device, 3);
         let reference = model::<Reference>(&encoding, ssmax, &reference_device);
         let bytes =
@@ -132,8 +152,8 @@ fn check_backend<Bk: AutodiffBackend>(backend: &str, device: Bk::Device) {
         let record = Recorder::<Bk>::load(&recorder, bytes, &device).unwrap();
         let other = model::<Bk>(&encoding, ssmax, &device).load_record(record);
 
-        let (logits_ref, grads_ref) = run(&reference, &reference_device);
-        let (logits, grads) = run(&other, &device);
+        let (logits_ref, grads_ref) = run(&reference, positions.as_ref(), &reference_device);
+        let (logits, grads) = run(&other, positions.as_ref(), &device);
         let d = relative_diff(&logits, &logits_ref);
         if d > TOL {
             failures.push(format!(

@@ -73,8 +73,8 @@ fn train_save_load_and_evaluate_a_run() {
         seed: 1,
     };
     let device = Default::default();
-    let a = accuracy_by_length(&model, config.task, &eval, &device, |_| {}).unwrap();
-    let b = accuracy_by_length(&loaded, config.task, &eval, &device, |_| {}).unwrap();
+    let a = accuracy_by_length(&model, config.task, &eval, None, &device, |_| {}).unwrap();
+    let b = accuracy_by_length(&loaded, config.task, &eval, None, &device, |_| {}).unwrap();
     assert_eq!(a.len(), 2);
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x.length, y.length);
@@ -264,6 +264,6 @@ fn two_devices_train_and_the_model_evaluates_on_one() {
         sequences: 8,
         ..Default::default()
     };
-    let report = accuracy_by_length(&model, config.task, &eval, &device, |_| {}).unwrap();
+    let report = accuracy_by_length(&model, config.task, &eval, None, &device, |_| {}).unwrap();
     assert_eq!(report.len(), 1);
 }

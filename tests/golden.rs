@@ -208,6 +208,7 @@ fn run(case: &Case) -> Result<Tensor<B, 4>, String> {
         query_len: lq,
         key_len: lk,
         causal: true,
+        positions: None,
     };
     let err = |e: dape::Error| e.to_string();
     let m = case.module.as_str();

@@ -333,7 +333,7 @@ fn evaluation_reports_perplexity_by_length_and_why_lengths_were_skipped() {
         Tensor::<B, 2, Int>::from_data(TensorData::new(window[..64].to_vec(), [1, 64]), &device);
     let targets =
         Tensor::<B, 2, Int>::from_data(TensorData::new(window[1..].to_vec(), [1, 64]), &device);
-    let nll: Vec<f32> = token_nll(&model, inputs, targets)
+    let nll: Vec<f32> = token_nll(&model, inputs, targets, None)
         .unwrap()
         .into_data()
         .to_vec()

@@ -77,6 +77,7 @@ fn kerple_log_and_power_match_their_formulas_with_clamping() {
             query_len: 4,
             key_len: 7,
             causal: true,
+            positions: None,
         };
         let bias = values(kerple.forward(&span, &dev()));
         for h in 0..3 {
@@ -341,6 +342,7 @@ fn sandwich_bias_matches_the_shifted_sinusoid_inner_product() {
         query_len: 3,
         key_len: 7,
         causal: false,
+        positions: None,
     };
     let bias = values(sandwich.forward(&span, &dev()));
     for h in 0..heads {
@@ -390,6 +392,7 @@ fn transformer_xl_logits_match_a_direct_computation() {
         query_len: lq,
         key_len: lk,
         causal: false,
+        positions: None,
     };
     let got = values(txl.forward(content, q.clone(), k.clone(), &span));
     let (qv, kv) = (values(q), values(k));
@@ -454,7 +457,7 @@ fn bipe_hooks_match_their_formulas() {
 
     // Embedding: the sinusoid of the in-segment position.
     let x = Tensor::<B, 3>::zeros([2, 6, 8], &dev());
-    let embedded = values(model_side.embed(x, 0, Some(&segs)).unwrap());
+    let embedded = values(model_side.embed(x, 0, None, Some(&segs)).unwrap());
     let sin = SinusoidalConfig::new().init(8).unwrap();
     let table = values(sin.table::<B>(0, 6, &dev()));
     for (t, p) in position.iter().enumerate() {
@@ -503,7 +506,7 @@ fn bipe_hooks_match_their_formulas() {
         query: ints((3..8).collect(), [1, 5]),
         key: ints((0..8).collect(), [1, 8]),
     };
-    let (qa, ka) = rope_side.rotate(q.clone(), k.clone(), 0, Some(&positions));
+    let (qa, ka) = rope_side.rotate(q.clone(), k.clone(), 0, None, Some(&positions));
     let (qb, kb) = plain.forward(q.clone(), k.clone(), 3);
     assert!((qa - qb).abs().max().into_scalar() < 1e-5);
     assert!((ka - kb).abs().max().into_scalar() < 1e-5);
@@ -512,7 +515,7 @@ fn bipe_hooks_match_their_formulas() {
         query: ints(vec![2; 5], [1, 5]),
         key: ints(vec![2; 8], [1, 8]),
     };
-    let (qs, ks) = rope_side.rotate(q.clone(), k.clone(), 0, Some(&same));
+    let (qs, ks) = rope_side.rotate(q.clone(), k.clone(), 0, None, Some(&same));
     let unrotated = q.matmul(k.transpose());
     let rotated = qs.matmul(ks.transpose());
     assert!((rotated - unrotated).abs().max().into_scalar() < 1e-4);
@@ -545,6 +548,7 @@ fn ssmax_attention_matches_a_direct_computation() {
             query_len: len,
             key_len: len,
             causal,
+            positions: None,
         };
         let bias = match layer.encoding.additive_logit_bias(&span, &dev()) {
             Some(Some(b)) => values(b),

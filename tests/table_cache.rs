@@ -39,6 +39,7 @@ fn tables_are_built_once_per_length_and_shared_by_layers_and_steps() {
         query_len: 3,
         key_len: 8,
         causal: true,
+        positions: None,
     };
     for _ in 0..2 {
         let d: Vec<f32> = span

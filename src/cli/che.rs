@@ -6,6 +6,7 @@ use clap::Subcommand;
 use super::encoding_arg;
 use dape::backend::{dispatch, BackendKind, BackendTask, DeviceSpec};
 use dape::data::che::Task;
+use dape::encoding::RandomizedConfig;
 use dape::eval::che::{evaluate_run, parse_lengths, write_report, CheEvalConfig, CheEvalReport};
 use dape::experiment::che::{self as che_run, CheTrainConfig};
 use dape::suite::{run_suite, SuiteConfig, SuiteReport};
@@ -131,6 +132,12 @@ pub struct TrainArgs {
     /// name gets `+ssmax`.
     #[arg(long)]
     ssmax: bool,
+    /// Randomized positions (Ruoss et al., 2023): every step's sequences sit at a sorted random
+    /// sample of distinct positions from `0..M`, and so do the test sequences (their inputs and
+    /// outputs must fit in M; Ruoss et al. use 2048). For encodings driven by integer positions
+    /// (`dape encodings` says which); the run folder name gets `+randomized`.
+    #[arg(long, value_name = "M")]
+    randomized: Option<usize>,
 }
 
 /// Defaults of [`TrainArgs`] that differ between the paper protocol and quick CPU runs.
@@ -163,6 +170,14 @@ pub struct EvalArgs {
 }
 
 impl TrainArgs {
+    /// The encoding at the randomized positions of `--randomized`, or as given.
+    fn encoding(&self, encoding: PositionalEncodingConfig) -> Result<PositionalEncodingConfig> {
+        match self.randomized {
+            Some(m) => encoding.with_randomized(Some(RandomizedConfig::new(m))),
+            None => Ok(encoding),
+        }
+    }
+
     fn config(
         &self,
         task: Task,
@@ -194,7 +209,7 @@ impl BackendTask for CheTrainTask {
         println!(
             "Training {} with {} on {kind} for {} steps into {}",
             self.config.task,
-            self.config.encoding.name(),
+            self.config.encoding.label(),
             self.config.steps,
             self.out.display()
         );
@@ -227,7 +242,7 @@ impl BackendTask for CheEvalTask {
         println!(
             "Evaluating {} / {} on {kind}: {} lengths × {} sequences",
             config.task,
-            config.encoding.name(),
+            config.encoding.label(),
             self.eval.lengths.len(),
             self.eval.sequences
         );
@@ -310,12 +325,12 @@ pub fn run(command: CheCommand) -> Result<bool> {
             devices,
         } => {
             let task = Task::from_name(&task)?;
-            let encoding = encoding_arg(&encoding)?;
+            let encoding = train.encoding(encoding_arg(&encoding)?)?;
             let out = out.unwrap_or_else(|| {
                 let suffix = if train.ssmax { "+ssmax" } else { "" };
                 std::path::Path::new("runs/che")
                     .join(task.name())
-                    .join(format!("{}{suffix}", encoding.name()))
+                    .join(format!("{}{suffix}", encoding.label()))
             });
             let progress = match lines {
                 Some(every) => Progress::Lines(String::new(), every),
@@ -373,7 +388,7 @@ pub fn run(command: CheCommand) -> Result<bool> {
             let tasks = parse_tasks(&tasks)?;
             let encodings = encodings
                 .split(',')
-                .map(|e| encoding_arg(e.trim()))
+                .map(|e| train.encoding(encoding_arg(e.trim())?))
                 .collect::<Result<Vec<_>>>()?;
             let config = SuiteConfig {
                 train: train.config(tasks[0], encodings[0].clone(), &QUICK),

@@ -109,7 +109,7 @@ impl BackendTask for LmTrainTask {
         let c = &self.config;
         println!(
             "Training {} ({} layers, d {}, {} heads, {} tokenizer) on {kind}: {} steps of {} x {} tokens into {}",
-            c.encoding.name(),
+            c.encoding.label(),
             c.n_layers,
             c.d_model,
             c.n_heads,

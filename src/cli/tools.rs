@@ -194,16 +194,25 @@ fn write_json(
 
 /// `dape encodings`: every encoding and where it acts.
 pub fn encodings() -> Result<bool> {
-    println!("| encoding | acts on |\n| --- | --- |");
+    println!("| encoding | acts on | randomized positions |\n| --- | --- | --- |");
     for name in ENCODING_NAMES {
-        let hook = PositionalEncodingConfig::from_name(name)?.hook();
-        println!("| {name} | {} |", hook_name(hook));
+        let config = PositionalEncodingConfig::from_name(name)?;
+        let randomized = if config.takes_randomized() {
+            "yes"
+        } else {
+            "no"
+        };
+        println!("| {name} | {} | {randomized} |", hook_name(config.hook()));
     }
     println!(
         "\nAttention options that compose with every encoding:\n\n\
          | option | acts on |\n| --- | --- |\n\
          | ssmax (`--ssmax`; `\"ssmax\": {{\"init_length\": 256}}` in an LM config) | \
-         each row's logits after the encoding's hook, times s_h · ln(keys the row sees) |"
+         each row's logits after the encoding's hook, times s_h · ln(keys the row sees) |\n\n\
+         Randomized positions (Ruoss et al., 2023), for the encodings marked yes: `--randomized M` \
+         on `dape che train` / `che suite`, or `\"randomized\": {{\"max_position\": M}}` in an \
+         encoding's JSON (an LM config's `encoding`). Each training step and each test forward \
+         pass puts its tokens at a sorted random sample of distinct positions from 0..M."
     );
     Ok(true)
 }

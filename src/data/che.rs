@@ -27,70 +27,10 @@ const MODULUS: i64 = 5;
 /// Terminator (and separator) id of the masked tasks.
 const TERMINATOR: i64 = 2;
 
-/// A small deterministic pseudo-random generator (SplitMix64).
-///
-/// The same seed always gives the same stream on every platform, so generated data sets are
-/// reproducible from their seed alone.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rng {
-    state: u64,
-}
+pub use crate::util::Rng;
 
+/// The generators' helpers the tasks use.
 impl Rng {
-    /// A generator seeded with `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self { state: seed }
-    }
-
-    /// The next 64 uniformly random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A uniform integer in `0..n`, without modulo bias (Lemire's multiply-and-reject method).
-    ///
-    /// # Panics
-    ///
-    /// If `n == 0`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0, "Rng::below needs a non-empty range");
-        // 2^64 mod n: products whose low half falls below it are rejected.
-        let threshold = n.wrapping_neg() % n;
-        loop {
-            let product = u128::from(self.next_u64()) * u128::from(n);
-            if (product as u64) >= threshold {
-                return (product >> 64) as u64;
-            }
-        }
-    }
-
-    /// A uniform integer in `lo..=hi`.
-    ///
-    /// # Panics
-    ///
-    /// If `lo > hi`.
-    pub fn range_inclusive(&mut self, lo: u64, hi: u64) -> u64 {
-        assert!(
-            lo <= hi,
-            "Rng::range_inclusive needs lo <= hi, got {lo} > {hi}"
-        );
-        let span = hi - lo;
-        if span == u64::MAX {
-            self.next_u64()
-        } else {
-            lo + self.below(span + 1)
-        }
-    }
-
-    /// A uniform bit, 0 or 1.
-    pub fn bit(&mut self) -> i64 {
-        (self.next_u64() >> 63) as i64
-    }
-
     /// A uniform index in `0..n` (`n > 0`).
     fn index(&mut self, n: usize) -> usize {
         self.below(n as u64) as usize

@@ -49,9 +49,16 @@ pub struct Sinusoidal {
 impl Sinusoidal {
     /// The table of positions `start .. start + len`: `[len, d_model]`.
     pub fn table<B: Backend>(&self, start: usize, len: usize, device: &B::Device) -> Tensor<B, 2> {
+        let positions: Vec<i64> = (start as i64..(start + len) as i64).collect();
+        self.table_at(&positions, device)
+    }
+
+    /// The table of arbitrary positions (randomized positions): `[positions.len(), d_model]`.
+    pub fn table_at<B: Backend>(&self, positions: &[i64], device: &B::Device) -> Tensor<B, 2> {
         let d = self.d_model;
+        let len = positions.len();
         let mut data = Vec::with_capacity(len * d);
-        for p in start..start + len {
+        for &p in positions {
             for i in 0..d / 2 {
                 let angle = p as f64 / self.base.powf(2.0 * i as f64 / d as f64);
                 data.push(angle.sin() as f32);
@@ -65,6 +72,12 @@ impl Sinusoidal {
     pub fn forward<B: Backend>(&self, x: Tensor<B, 3>, start: usize) -> Tensor<B, 3> {
         let [_, len, _] = x.dims();
         let table = self.table::<B>(start, len, &x.device());
+        x + table.unsqueeze::<3>()
+    }
+
+    /// `x: [batch, seq, d_model]` at `positions` (one per token) -> `x + pe`.
+    pub fn forward_at<B: Backend>(&self, x: Tensor<B, 3>, positions: &[i64]) -> Tensor<B, 3> {
+        let table = self.table_at::<B>(positions, &x.device());
         x + table.unsqueeze::<3>()
     }
 }
@@ -127,6 +140,24 @@ impl<B: Backend> LearnedPositions<B> {
             });
         }
         let rows = self.weight.val().narrow(0, start, len);
+        Ok(x + rows.unsqueeze::<3>())
+    }
+
+    /// `x: [batch, seq, d_model]` at `positions` (one per token, randomized positions) ->
+    /// `x + pe`, or [`Error::SequenceTooLong`] for a position past the table.
+    pub fn forward_at(&self, x: Tensor<B, 3>, positions: &[i64]) -> Result<Tensor<B, 3>> {
+        let last = positions.iter().copied().max().unwrap_or(0);
+        if last >= self.max_len as i64 {
+            return Err(Error::SequenceTooLong {
+                what: "learned absolute positions (the largest position)".into(),
+                length: last as usize + 1,
+                max: self.max_len,
+            });
+        }
+        let n = positions.len();
+        let idx =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(positions.to_vec(), [n]), &x.device());
+        let rows = self.weight.val().select(0, idx);
         Ok(x + rows.unsqueeze::<3>())
     }
 }

@@ -301,8 +301,8 @@ impl<B: Backend> Fire<B> {
         let threshold = (self.l_multiplier.val() * self.init_l)
             .abs()
             .reshape([1, 1]);
-        let start = span.query_start as i64;
-        let pos = Tensor::<B, 1, Int>::arange(start..start + lq as i64, device)
+        let rows = span.query_position_values();
+        let pos = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [lq]), device)
             .float()
             .reshape([lq, 1]);
         let normaliser = (pos.max_pair(threshold.expand([lq, 1])) * c).abs().log1p() + self.eps;
@@ -402,9 +402,10 @@ impl<B: Backend> T5Bias<B> {
     /// Bucket ids `[seq_q * seq_k]` for a span, row-major.
     pub fn buckets(&self, span: &Span) -> Vec<i64> {
         let mut ids = Vec::with_capacity(span.query_len * span.key_len);
-        for i in span.query_start..span.query_start + span.query_len {
-            for j in 0..span.key_len {
-                let rel = j as i64 - i as i64;
+        let cols = span.key_position_values();
+        for i in span.query_position_values() {
+            for &j in &cols {
+                let rel = j - i;
                 ids.push(t5_bucket(rel, span.causal, self.num_buckets, self.max_distance) as i64);
             }
         }

@@ -530,6 +530,7 @@ mod tests {
             query_len: lq,
             key_len: lk,
             causal: true,
+            positions: None,
         };
         let bias = || {
             Some(AdditiveBias::Alibi(
@@ -594,24 +595,28 @@ mod tests {
             query_len: 37,
             key_len: 37,
             causal: true,
+            positions: None,
         },
         Span {
             query_start: 20,
             query_len: 9,
             key_len: 29,
             causal: true,
+            positions: None,
         },
         Span {
             query_start: 40,
             query_len: 1,
             key_len: 41,
             causal: true,
+            positions: None,
         },
         Span {
             query_start: 0,
             query_len: 5,
             key_len: 19,
             causal: false,
+            positions: None,
         },
     ];
 
@@ -703,6 +708,7 @@ mod tests {
                 query_len: 9,
                 key_len: 29,
                 causal: true,
+                positions: None,
             },
         ];
         for with_bias in [true, false] {
@@ -731,7 +737,7 @@ mod tests {
                 normal,
                 &device,
             )));
-            for span in spans {
+            for span in &spans {
                 let (lq, lk) = (span.query_len, span.key_len);
                 let a0 = Tensor::<Ad, 4>::random([2, 4, lq, lk], normal, &device);
                 let visible = span
@@ -743,9 +749,9 @@ mod tests {
                 let run = |fused: bool| {
                     let a = a0.clone().detach().require_grad();
                     let out = if fused {
-                        dape.forward(a.clone(), &span)
+                        dape.forward(a.clone(), span)
                     } else {
-                        dape.forward_blocked(a.clone(), &span, HIDDEN_BLOCK)
+                        dape.forward_blocked(a.clone(), span, HIDDEN_BLOCK)
                     };
                     let grads = (out.clone() * weights.clone()).sum().backward();
                     let mut got: Vec<(String, Vec<f32>)> = vec![

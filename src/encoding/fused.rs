@@ -720,7 +720,7 @@ pub(crate) fn dape_v1_autodiff<B: Backend>(
         logits: a_host,
         bias: bias_host,
         dims,
-        span: *span,
+        span: span.clone(),
         mlp,
     });
     let out = finish_node(

@@ -31,6 +31,7 @@ pub mod dape;
 pub mod fox;
 #[cfg(feature = "ndarray")]
 mod fused;
+pub mod positions;
 pub mod rotary;
 pub mod sandwich;
 pub mod shaw;
@@ -50,6 +51,7 @@ pub use cache::{clear_table_cache, table_cache_stats, TableCacheStats};
 pub use cope::{Cope, CopeConfig};
 pub use dape::{Dape, DapeConfig, DapeV2, DapeV2Config};
 pub use fox::{DapeFox, Fox, FoxConfig};
+pub use positions::{Positions, RandomizedConfig};
 pub use rotary::{RopeConfig, RopeLayout, RopeScaling, Rotary, XposConfig};
 pub use sandwich::{Sandwich, SandwichConfig};
 pub use shaw::{Shaw, ShawConfig};
@@ -69,20 +71,25 @@ pub(crate) use default_from_new;
 
 /// Which absolute positions a block of attention logits covers.
 ///
-/// Rows are queries at absolute positions `query_start .. query_start + query_len`; columns are
-/// keys at positions `0 .. key_len`. A full forward has `query_start = 0` and
-/// `key_len = query_len`; a KV-cache decode step has `query_len = 1` and
-/// `key_len = query_start + 1`; a causal query chunk stops its keys after its last row.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Rows are the queries of tokens `query_start .. query_start + query_len`; columns are the keys
+/// of tokens `0 .. key_len`. A full forward has `query_start = 0` and `key_len = query_len`; a
+/// KV-cache decode step has `query_len = 1` and `key_len = query_start + 1`; a causal query
+/// chunk stops its keys after its last row. Token `t` sits at position `t`, or at
+/// `positions[t]` with [randomized positions](positions) (then every offset, distance and
+/// rotary angle is taken between those positions).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Span {
-    /// Absolute position of the first query row.
+    /// Index of the token of the first query row.
     pub query_start: usize,
     /// Number of query rows.
     pub query_len: usize,
-    /// Number of key columns (keys are at positions `0..key_len`).
+    /// Number of key columns (the keys of tokens `0..key_len`).
     pub key_len: usize,
-    /// Whether attention is causal (keys after a row's own position are masked).
+    /// Whether attention is causal (keys after a row's own token are masked).
     pub causal: bool,
+    /// The position of every token, at least `query_start + query_len` and `key_len` of them;
+    /// `None`: token `t` is at position `t`.
+    pub positions: Option<Positions>,
 }
 
 impl Span {
@@ -93,20 +100,61 @@ impl Span {
             query_len: len,
             key_len: len,
             causal: true,
+            positions: None,
         }
+    }
+
+    /// The same span with the tokens at `positions` (`None`: at their indices).
+    pub fn with_positions(mut self, positions: Option<Positions>) -> Self {
+        self.positions = positions;
+        self
+    }
+
+    /// The position of token `t`.
+    ///
+    /// # Panics
+    ///
+    /// If the span's positions have no entry `t` (the attention layer checks their length).
+    pub fn position(&self, t: usize) -> i64 {
+        self.positions
+            .as_ref()
+            .map_or(t as i64, |p| p.as_slice()[t])
+    }
+
+    /// The positions of the query rows.
+    pub fn query_position_values(&self) -> Vec<i64> {
+        (self.query_start..self.query_start + self.query_len)
+            .map(|t| self.position(t))
+            .collect()
+    }
+
+    /// The positions of the key columns.
+    pub fn key_position_values(&self) -> Vec<i64> {
+        (0..self.key_len).map(|t| self.position(t)).collect()
+    }
+
+    /// The smallest and largest offset `i - j` between a row's and a column's position in this
+    /// block (future columns included).
+    pub fn offset_range(&self) -> (i64, i64) {
+        let last_row = self.query_start + self.query_len - 1;
+        (
+            self.position(self.query_start) - self.position(self.key_len - 1),
+            self.position(last_row) - self.position(0),
+        )
     }
 
     /// Query positions `i` broadcast over keys: `[queries, keys]`.
     pub fn query_positions<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
-        let start = self.query_start as i64;
-        Tensor::<B, 1, Int>::arange(start..start + self.query_len as i64, device)
+        let rows = self.query_position_values();
+        Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [self.query_len]), device)
             .reshape([self.query_len, 1])
             .expand([self.query_len, self.key_len])
     }
 
     /// Key positions `j` broadcast over queries: `[queries, keys]`.
     pub fn key_positions<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
-        Tensor::<B, 1, Int>::arange(0..self.key_len as i64, device)
+        let cols = self.key_position_values();
+        Tensor::<B, 1, Int>::from_data(TensorData::new(cols, [self.key_len]), device)
             .reshape([1, self.key_len])
             .expand([self.query_len, self.key_len])
     }
@@ -114,11 +162,14 @@ impl Span {
     /// A name for this span in table-cache keys.
     pub(crate) fn cache_key(&self) -> String {
         format!(
-            "{}+{}x{}{}",
+            "{}+{}x{}{}{}",
             self.query_start,
             self.query_len,
             self.key_len,
-            if self.causal { "c" } else { "" }
+            if self.causal { "c" } else { "" },
+            self.positions
+                .as_ref()
+                .map_or(String::new(), |p| format!(" at {:x}", p.fingerprint()))
         )
     }
 
@@ -154,7 +205,8 @@ impl Span {
     }
 
     /// `true` where the key lies in the future of the query (`j > i`): `[queries, keys]`.
-    /// Cached per span.
+    /// Cached per span. Positions increase with the token index, so this is the same mask with
+    /// randomized positions.
     pub fn future_mask<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Bool> {
         cache::cached::<B, _>(
             device,
@@ -330,6 +382,14 @@ pub enum PositionalEncodingConfig {
         fox: FoxConfig,
         #[serde(default)]
         dape: DapeConfig,
+    },
+    /// Any encoding driven by integer positions, at randomized positions (Ruoss et al., 2023):
+    /// `{"type": "rope", "randomized": {"max_position": 2048}}` in JSON. Build it with
+    /// [`PositionalEncodingConfig::with_randomized`], which checks that the encoding takes it.
+    #[serde(skip)]
+    Randomized {
+        base: Box<PositionalEncodingConfig>,
+        randomized: RandomizedConfig,
     },
 }
 
@@ -548,16 +608,129 @@ impl PositionalEncodingConfig {
                 ))
             }
         };
+        let mut value = value;
+        let randomized = match &mut value {
+            serde_json::Value::Object(map) => map.remove("randomized"),
+            _ => None,
+        };
         let mut merged = Self::to_value(&Self::from_name(&name)?);
         if value.is_object() {
             overlay(&mut merged, value, &name)?;
         }
-        Ok(Self::deserialize(merged)?)
+        let config = Self::deserialize(merged)?;
+        match randomized {
+            None | Some(serde_json::Value::Null) => Ok(config),
+            Some(r) => {
+                let r: RandomizedConfig = serde_json::from_value(r.clone()).map_err(|e| {
+                    Error::invalid(
+                        &format!("{name}.randomized"),
+                        r,
+                        format!("expected {{\"max_position\": M}}: {e}"),
+                    )
+                })?;
+                config.with_randomized(Some(r))
+            }
+        }
     }
 
     fn to_value(&self) -> serde_json::Value {
+        if let Self::Randomized { base, randomized } = self {
+            let mut value = base.to_value();
+            if let serde_json::Value::Object(map) = &mut value {
+                map.insert(
+                    "randomized".into(),
+                    serde_json::to_value(randomized).expect("a randomized config serialises"),
+                );
+            }
+            return value;
+        }
         Self::serialize(self, serde_json::value::Serializer)
             .expect("encoding configs serialise to JSON")
+    }
+
+    /// The encoding itself, without its randomized positions.
+    pub fn base(&self) -> &Self {
+        match self {
+            Self::Randomized { base, .. } => base,
+            other => other,
+        }
+    }
+
+    /// The randomized-position setting; `None` when tokens sit at `0..N`.
+    pub fn randomized(&self) -> Option<&RandomizedConfig> {
+        match self {
+            Self::Randomized { randomized, .. } => Some(randomized),
+            _ => None,
+        }
+    }
+
+    /// Whether the encoding is driven by integer positions, so that it can take randomized
+    /// positions: the absolute encodings, the rotary family, the position-driven biases (T5,
+    /// ALiBi, Kerple, FIRE, Sandwich, Shaw, Transformer-XL) and DAPE over any of these biases.
+    /// Not NoPE, CoPE (contextual positions), BiPE (segment indices), forgetting attention
+    /// (data-dependent), nor DAPE over NoPE or forgetting attention.
+    pub fn takes_randomized(&self) -> bool {
+        use PositionalEncodingConfig as C;
+        match self.base() {
+            C::Nope | C::Cope(_) | C::BipeAlibi { .. } | C::BipeRope { .. } => false,
+            C::Fox(_) | C::DapeFox { .. } => false,
+            c if c.dape_parts().is_some() => c.dape_parts().is_some_and(|(bias, _)| bias.is_some()),
+            _ => true,
+        }
+    }
+
+    /// The same encoding at randomized positions (`None`: at `0..N`). An error naming the
+    /// encoding when it is not driven by integer positions ([`Self::takes_randomized`]), for a
+    /// `max_position` of 0, and for learned positions whose table is shorter than
+    /// `max_position`.
+    pub fn with_randomized(self, randomized: Option<RandomizedConfig>) -> Result<Self> {
+        let base = match self {
+            Self::Randomized { base, .. } => *base,
+            other => other,
+        };
+        let Some(randomized) = randomized else {
+            return Ok(base);
+        };
+        randomized.validate()?;
+        if !base.takes_randomized() {
+            let takers: Vec<&str> = ENCODING_NAMES
+                .iter()
+                .copied()
+                .filter(|n| Self::from_name(n).is_ok_and(|c| c.takes_randomized()))
+                .collect();
+            return Err(Error::invalid(
+                "randomized",
+                base.name(),
+                format!(
+                    "this encoding is not driven by integer positions, so it cannot take randomized positions; those that can: {}",
+                    takers.join(", ")
+                ),
+            ));
+        }
+        if let Self::Learned(l) = &base {
+            ensure(
+                randomized.max_position <= l.max_len,
+                "randomized.max_position",
+                randomized.max_position,
+                &format!(
+                    "learned positions have a table of max_len = {} rows; max_position may not exceed it",
+                    l.max_len
+                ),
+            )?;
+        }
+        Ok(Self::Randomized {
+            base: Box::new(base),
+            randomized,
+        })
+    }
+
+    /// A name for runs, tables and plots: [`Self::name`], with `+randomized` at randomized
+    /// positions.
+    pub fn label(&self) -> String {
+        match self.randomized() {
+            Some(_) => format!("{}+randomized", self.name()),
+            None => self.name(),
+        }
     }
 
     /// The snake_case name of this encoding (its `type` tag).
@@ -571,7 +744,7 @@ impl PositionalEncodingConfig {
     /// Where this encoding acts.
     pub fn hook(&self) -> Hook {
         use PositionalEncodingConfig as C;
-        match self {
+        match self.base() {
             C::Nope => Hook::None,
             C::Sinusoidal(_) | C::Learned(_) => Hook::Embedding,
             C::Rope(_)
@@ -589,7 +762,7 @@ impl PositionalEncodingConfig {
     /// Whether DAPE's MLP runs over every (query, key) pair (DAPE V1 and V2 over any base, and
     /// over forgetting attention).
     pub fn is_dape(&self) -> bool {
-        self.dape_parts().is_some() || matches!(self, Self::DapeFox { .. })
+        self.dape_parts().is_some() || matches!(self.base(), Self::DapeFox { .. })
     }
 
     /// The base bias and DAPE function of a DAPE variant; `None` for other encodings.
@@ -598,7 +771,7 @@ impl PositionalEncodingConfig {
         use PositionalEncodingConfig as C;
         let v1 = |d: &DapeConfig| DapeKind::V1(d.clone());
         let v2 = |d: &DapeV2Config| DapeKind::V2(d.clone());
-        Some(match self {
+        Some(match self.base() {
             C::DapeNope { dape } => (None, v1(dape)),
             C::DapeAlibi { bias, dape } => (Some(BiasConfig::Alibi(bias.clone())), v1(dape)),
             C::DapeKerpleLog { bias, dape } => {
@@ -640,6 +813,9 @@ impl PositionalEncodingConfig {
         ensure(n_heads > 0, "n_heads", n_heads, "must be at least 1")?;
         ensure(head_dim > 0, "head_dim", head_dim, "must be at least 1")?;
         let d_model = n_heads * head_dim;
+        if let Self::Randomized { base, .. } = self {
+            return base.init(n_heads, head_dim, device);
+        }
         if let Some((bias, kind)) = self.dape_parts() {
             let bias = bias.map(|b| b.init::<B>(n_heads, device)).transpose()?;
             return Ok(match kind {
@@ -674,7 +850,7 @@ impl PositionalEncodingConfig {
             C::DapeFox { fox, dape } => {
                 P::DapeFox(DapeFox::new(fox, dape, n_heads, d_model, device)?)
             }
-            _ => unreachable!("DAPE variants are handled above"),
+            _ => unreachable!("DAPE and randomized variants are handled above"),
         })
     }
 }
@@ -690,7 +866,10 @@ impl burn::config::Config for PositionalEncodingConfig {}
 
 impl Serialize for PositionalEncodingConfig {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        Self::serialize(self, serializer)
+        match self {
+            Self::Randomized { .. } => self.to_value().serialize(serializer),
+            _ => Self::serialize(self, serializer),
+        }
     }
 }
 
@@ -840,18 +1019,47 @@ impl<B: Backend> PositionalEncoding<B> {
         }
     }
 
-    /// Adds absolute positions `start .. start + seq` to embeddings `x: [batch, seq, d_model]`;
-    /// BiPE adds its in-segment positions from `segments` (from [`Self::segments`]) instead.
-    /// Identity for encodings that do not act on embeddings.
+    /// Whether this encoding reads the tokens' positions, so that it can run at randomized
+    /// [`Positions`] (see [`PositionalEncodingConfig::takes_randomized`]).
+    pub fn takes_positions(&self) -> bool {
+        match self {
+            Self::Sinusoidal(_)
+            | Self::Learned(_)
+            | Self::Rotary(_)
+            | Self::Bias(_)
+            | Self::Shaw(_)
+            | Self::TransformerXl(_) => true,
+            Self::Dape(d) => d.bias.is_some(),
+            Self::DapeV2(d) => d.bias.is_some(),
+            Self::Nope(_) | Self::Cope(_) | Self::Bipe(_) | Self::Fox(_) | Self::DapeFox(_) => {
+                false
+            }
+        }
+    }
+
+    /// Adds the absolute positions of tokens `start .. start + seq` to embeddings
+    /// `x: [batch, seq, d_model]`: token `t` at position `t`, or at `positions[t]`
+    /// (randomized positions). BiPE adds its in-segment positions from `segments` (from
+    /// [`Self::segments`]) instead. Identity for encodings that do not act on embeddings.
     pub fn embed(
         &self,
         x: Tensor<B, 3>,
         start: usize,
+        positions: Option<&Positions>,
         segments: Option<&Segments<B>>,
     ) -> Result<Tensor<B, 3>> {
+        let at = positions
+            .map(|p| p.window(start, x.dims()[1]))
+            .transpose()?;
         match (self, segments) {
-            (Self::Sinusoidal(s), _) => Ok(s.forward(x, start)),
-            (Self::Learned(l), _) => l.forward(x, start),
+            (Self::Sinusoidal(s), _) => Ok(match at {
+                Some(at) => s.forward_at(x, at),
+                None => s.forward(x, start),
+            }),
+            (Self::Learned(l), _) => match at {
+                Some(at) => l.forward_at(x, at),
+                None => l.forward(x, start),
+            },
             (Self::Bipe(b), Some(segments)) => Ok(b.embed(x, segments)),
             (Self::Bipe(_), None) => Err(Error::InvalidInput(
                 "BiPE needs the segments of the tokens to embed them".into(),
@@ -860,19 +1068,21 @@ impl<B: Backend> PositionalEncoding<B> {
         }
     }
 
-    /// Rotates queries `q: [batch, heads, seq_q, d_head]` at positions
-    /// `q_start .. q_start + seq_q` and keys `k: [batch, heads, seq_k, d_head]` at positions
-    /// `0 .. seq_k`; BiPE-RoPE rotates them by the segment indices in `segments`. Identity for
-    /// non-rotary encodings.
+    /// Rotates queries `q: [batch, heads, seq_q, d_head]` of tokens
+    /// `q_start .. q_start + seq_q` and keys `k: [batch, heads, seq_k, d_head]` of tokens
+    /// `0 .. seq_k`, token `t` at position `t` or at `positions[t]` (randomized positions; it
+    /// needs an entry for every token); BiPE-RoPE rotates them by the segment indices in
+    /// `segments`. Identity for non-rotary encodings.
     pub fn rotate(
         &self,
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
         q_start: usize,
+        positions: Option<&Positions>,
         segments: Option<&SegmentIds<B>>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         match (self, segments) {
-            (Self::Rotary(r), _) => r.forward(q, k, q_start),
+            (Self::Rotary(r), _) => r.rotate_tokens(q, k, q_start, positions.map(|p| p.as_slice())),
             (Self::Bipe(b), Some(ids)) => b.rotate(q, k, ids),
             _ => (q, k),
         }

@@ -307,13 +307,16 @@ impl Rotary {
         }
     }
 
-    /// cos and sin tables `[len, r/2]` for positions `start..start+len`. For xPos, `sign` is +1
-    /// for queries and -1 for keys and `center` is subtracted from positions in the decay.
+    /// cos and sin tables `[len, r/2]` for the positions `positions` (`start..start + len` when
+    /// `None`). For xPos, `sign` is +1 for queries and -1 for keys and `center` is subtracted
+    /// from positions in the decay.
+    #[allow(clippy::too_many_arguments)]
     fn tables<B: Backend>(
         &self,
         inv_freq: &[f64],
         start: usize,
         len: usize,
+        positions: Option<&[i64]>,
         sign: f64,
         center: f64,
         device: &B::Device,
@@ -331,28 +334,43 @@ impl Rotary {
             (sb.to_bits(), sign.to_bits(), center.to_bits()).hash(&mut h);
         }
         let settings = h.finish();
+        let at = positions.map_or(String::new(), |p| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            p.hash(&mut h);
+            format!(" at {:x}", h.finish())
+        });
         super::cache::cached::<B, _>(
             device,
-            || format!("rope {settings:x} {start}+{len}"),
+            || format!("rope {settings:x} {start}+{len}{at}"),
             2 * len * half,
-            || self.build_tables(inv_freq, start, len, sign, center, device),
+            || {
+                let sequential: Vec<i64>;
+                let positions = match positions {
+                    Some(p) => p,
+                    None => {
+                        sequential = (start as i64..(start + len) as i64).collect();
+                        &sequential
+                    }
+                };
+                self.build_tables(inv_freq, positions, sign, center, device)
+            },
         )
     }
 
     fn build_tables<B: Backend>(
         &self,
         inv_freq: &[f64],
-        start: usize,
-        len: usize,
+        positions: &[i64],
         sign: f64,
         center: f64,
         device: &B::Device,
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let half = inv_freq.len();
+        let len = positions.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         let r = self.rotary_dim as f64;
-        for p in start..start + len {
+        for &p in positions {
             for (i, f) in inv_freq.iter().enumerate() {
                 let angle = p as f64 * f;
                 let mut scale = self.attention_factor;
@@ -433,13 +451,38 @@ impl Rotary {
         k: Tensor<B, 4>,
         q_start: usize,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        self.rotate_tokens(q, k, q_start, None)
+    }
+
+    /// Rotates the queries of tokens `q_start..` and the keys of tokens `0..seq_k`, token `t` at
+    /// position `positions[t]` (randomized positions; `None`: at `t`). Every scaling applies as
+    /// for positions `0..=max`: dynamic NTK's length is the last key's position + 1.
+    pub fn rotate_tokens<B: Backend>(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        q_start: usize,
+        positions: Option<&[i64]>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let device = q.device();
         let lq = q.dims()[2];
         let lk = k.dims()[2];
-        let inv = self.inv_freq(lk.max(q_start + lq));
-        let center = (lk / 2) as f64;
-        let (qc, qs) = self.tables::<B>(&inv, q_start, lq, 1.0, center, &device);
-        let (kc, ks) = self.tables::<B>(&inv, 0, lk, -1.0, center, &device);
+        let (q_pos, k_pos) = match positions {
+            Some(p) => (Some(&p[q_start..q_start + lq]), Some(&p[..lk])),
+            None => (None, None),
+        };
+        let extent = match positions {
+            Some(p) => (p[lk.max(q_start + lq) - 1] + 1) as usize,
+            None => lk.max(q_start + lq),
+        };
+        let key_extent = match k_pos {
+            Some(k) => (k[lk - 1] + 1) as usize,
+            None => lk,
+        };
+        let inv = self.inv_freq(extent);
+        let center = (key_extent / 2) as f64;
+        let (qc, qs) = self.tables::<B>(&inv, q_start, lq, q_pos, 1.0, center, &device);
+        let (kc, ks) = self.tables::<B>(&inv, 0, lk, k_pos, -1.0, center, &device);
         (self.apply(q, qc, qs), self.apply(k, kc, ks))
     }
 

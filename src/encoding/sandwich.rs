@@ -94,8 +94,8 @@ impl<B: Backend> Sandwich<B> {
             || format!("sandwich d{dim} base{base} {}", span.cache_key()),
             lq * lk,
             || {
-                let last_query = span.query_start + lq - 1;
-                let max_distance = last_query.max(lk.saturating_sub(1));
+                let (low, high) = span.offset_range();
+                let max_distance = low.unsigned_abs().max(high.unsigned_abs()) as usize;
                 let table: Vec<f32> = (0..=max_distance)
                     .map(|d| sandwich_inner_product(d as f64, dim, base) as f32)
                     .collect();

@@ -120,7 +120,8 @@ impl<B: Backend> TransformerXl<B> {
     /// `k: [batch, heads, seq_k, d_head]` of this span.
     ///
     /// The projected relative vectors are computed once per distinct distance in the span
-    /// (`seq_q + seq_k - 1` of them) and gathered, as Transformer-XL's relative shift does.
+    /// (`seq_q + seq_k - 1` of them; every offset between the smallest and the largest with
+    /// randomized positions) and gathered, as Transformer-XL's relative shift does.
     pub fn forward(
         &self,
         logits: Tensor<B, 4>,
@@ -133,8 +134,8 @@ impl<B: Backend> TransformerXl<B> {
         let lk = span.key_len;
         let scale = (dh as f64).sqrt().recip();
         // Distances i - j from the last key before the first row to the last row's own.
-        let first = span.query_start as i64 - (lk as i64 - 1);
-        let count = lq + lk - 1;
+        let (first, last) = span.offset_range();
+        let count = (last - first + 1) as usize;
         let table = Tensor::<B, 2>::from_data(
             TensorData::new(
                 relative_sinusoids(first, count, self.rel_dim, self.base),

@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use super::plot::{line_chart_svg, Chart, Series};
 use crate::data::che::{Rng, Task};
+use crate::encoding::{Positions, RandomizedConfig};
 use crate::error::{ensure, Error, Result};
-use crate::experiment::che::{che_forward, CheBatch, CheTrainConfig};
+use crate::experiment::che::{che_forward, CheBatch, CheTrainConfig, POSITION_STREAM};
+use crate::experiment::stream_seed;
 use crate::model::SequenceModel;
 use crate::util::{io_error, portable_path, write_atomic};
 
@@ -142,11 +144,14 @@ fn batch_for(total: usize, max: usize) -> usize {
     (budget / (rows * total * 32).max(1)).clamp(1, max)
 }
 
-/// Accuracy of `model` on `task` at every length of `config`.
+/// Accuracy of `model` on `task` at every length of `config`; with `randomized`, each forward
+/// pass sits at a fresh seeded sample of positions (an error for a length whose tokens outnumber
+/// `max_position`).
 pub fn accuracy_by_length<B: Backend>(
     model: &SequenceModel<B>,
     task: Task,
     config: &CheEvalConfig,
+    randomized: Option<&RandomizedConfig>,
     device: &B::Device,
     mut on_length: impl FnMut(&LengthAccuracy),
 ) -> Result<Vec<LengthAccuracy>> {
@@ -159,13 +164,20 @@ pub fn accuracy_by_length<B: Backend>(
         // Query-chunk long inputs: exact, and bounded memory.
         let model = model.clone().with_chunk_size((total > 256).then_some(128));
         let per_batch = batch_for(total, config.batch);
+        // Randomized positions: a fresh sample for every forward pass, as Ruoss et al.'s
+        // evaluation draws one; seeded by the length and the pass.
+        let mut position_rng = Rng::new(stream_seed(config.seed ^ POSITION_STREAM, length as u64));
         let (mut correct, mut counted, mut done) = (0.0, 0.0, 0);
         while done < config.sequences {
             let n = per_batch.min(config.sequences - done);
             let samples = (0..n)
                 .map(|_| task.sample(length, &mut rng))
                 .collect::<Result<Vec<_>>>()?;
-            let output = che_forward(&model, CheBatch::from_samples(&samples, device));
+            let positions = randomized
+                .map(|r| Positions::sample(total, r.max_position, &mut position_rng))
+                .transpose()?;
+            let batch = CheBatch::from_samples(&samples, device).with_positions(positions);
+            let output = che_forward(&model, batch);
             let (c, m) = output.counts();
             correct += c;
             counted += m;
@@ -258,11 +270,18 @@ pub fn evaluate_run<B: Backend>(
     on_length: impl FnMut(&LengthAccuracy),
 ) -> Result<CheEvalReport> {
     let start = Instant::now();
-    let lengths = accuracy_by_length(model, train_config.task, eval, device, on_length)?;
+    let lengths = accuracy_by_length(
+        model,
+        train_config.task,
+        eval,
+        train_config.encoding.randomized(),
+        device,
+        on_length,
+    )?;
     Ok(CheEvalReport {
         run: portable_path(run),
         task: train_config.task.name().to_string(),
-        encoding: train_config.encoding.name(),
+        encoding: train_config.encoding.label(),
         backend: backend.to_string(),
         train_lengths: [train_config.min_train_length, train_config.max_train_length],
         train_steps: train_config.steps,

@@ -15,8 +15,11 @@ use serde::{Deserialize, Serialize};
 
 use super::plot::{line_chart_svg, Chart, Series};
 use crate::data::corpus::{Corpus, Part, TokenizedCorpus};
+use crate::encoding::RandomizedConfig;
 use crate::error::{ensure, Error, Result};
-use crate::experiment::lm::{auto_chunk, load, token_nll, LmBatch, LmTrainConfig, Window};
+use crate::experiment::lm::{
+    auto_chunk, load, sample_positions, token_nll, LmBatch, LmTrainConfig, Window,
+};
 use crate::model::LanguageModel;
 use crate::progress::ProgressBar;
 use crate::sysmem;
@@ -146,6 +149,7 @@ pub fn document_windows(docs: &[&[u16]], length: usize, max: usize) -> Vec<Windo
             if r < n {
                 let s = r * length;
                 out.push(Window {
+                    positions: None,
                     tokens: doc[s..s + length + 1].to_vec(),
                 });
             }
@@ -177,9 +181,13 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+/// Seed of the evaluation's randomized positions (the same samples for every run).
+const EVAL_POSITION_SEED: u64 = 0x7E57_0905;
+
 /// Negative log-likelihood sums `(last, all)` over `windows`.
 fn nll_sums<B: Backend>(
     model: &LanguageModel<B>,
+    randomized: Option<&RandomizedConfig>,
     windows: &[Window],
     rows: usize,
     last: usize,
@@ -187,9 +195,21 @@ fn nll_sums<B: Backend>(
     device: &B::Device,
 ) -> Result<(f64, f64)> {
     let (mut sum_last, mut sum_all) = (0.0, 0.0);
-    for group in windows.chunks(rows) {
-        let batch = LmBatch::<B>::from_windows(group, 1.0, device);
-        let nll = token_nll(model, batch.inputs, batch.targets)?;
+    for (pass, group) in windows.chunks(rows).enumerate() {
+        // Randomized positions: a fresh seeded sample for every forward pass, as Ruoss et
+        // al.'s evaluation draws one.
+        let positions = randomized
+            .map(|r| {
+                sample_positions(
+                    r,
+                    group[0].tokens.len() - 1,
+                    EVAL_POSITION_SEED,
+                    pass as u64,
+                )
+            })
+            .transpose()?;
+        let batch = LmBatch::<B>::from_windows(group, 1.0, device).with_positions(positions);
+        let nll = token_nll(model, batch.inputs, batch.targets, batch.positions.as_ref())?;
         let [_, length] = nll.dims();
         let values: Vec<f32> = nll.into_data().convert::<f32>().to_vec().map_err(|e| {
             Error::InvalidInput(format!("cannot read the evaluation results: {e:?}"))
@@ -250,7 +270,15 @@ pub fn perplexity_by_length<B: Backend>(
         let start = Instant::now();
         let mut bar = ProgressBar::new(format!("eval length {length}"), windows.len());
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            nll_sums(&model, &windows, rows, last, &mut bar, device)
+            nll_sums(
+                &model,
+                train.encoding.randomized(),
+                &windows,
+                rows,
+                last,
+                &mut bar,
+                device,
+            )
         }));
         bar.finish();
         let (sum_last, sum_all) = match outcome {
@@ -315,7 +343,7 @@ pub fn evaluate_run<B: Backend>(
     let (lengths, skipped) = perplexity_by_length(&model, &train, &docs, config, device)?;
     let report = LmEvalReport {
         run: portable_path(run),
-        encoding: train.encoding.name(),
+        encoding: train.encoding.label(),
         train_length: train.train_length,
         backend: backend.to_string(),
         tokenizer: train.tokenizer.name().to_string(),

@@ -9,7 +9,7 @@ use burn::tensor::activation::log_softmax;
 
 use crate::attention::SsmaxConfig;
 use crate::data::che::{Sample, Task};
-use crate::encoding::PositionalEncodingConfig;
+use crate::encoding::{PositionalEncodingConfig, Positions};
 use crate::error::{ensure, Error, Result};
 use crate::model::{SequenceModel, SequenceModelConfig, TransformerConfig};
 
@@ -93,7 +93,35 @@ impl CheTrainConfig {
             self.valid_sequences,
             "must be at least 1",
         )?;
+        if let Some(r) = self.encoding.randomized() {
+            let longest = self
+                .valid_lengths
+                .iter()
+                .copied()
+                .chain([self.max_train_length])
+                .max()
+                .unwrap_or(self.max_train_length);
+            let tokens = longest + self.task.output_len(longest);
+            ensure(
+                r.max_position >= tokens,
+                "randomized.max_position",
+                r.max_position,
+                &format!(
+                    "the longest training or validation input ({longest}) takes {tokens} tokens with its outputs; max_position must be at least that"
+                ),
+            )?;
+        }
         Ok(())
+    }
+
+    /// The randomized positions of the `tokens` tokens (inputs and outputs) of item `index` of
+    /// the data stream seeded with `seed`; `None` without randomized positions. Every sequence
+    /// of one step shares them.
+    pub fn positions(&self, tokens: usize, seed: u64, index: u64) -> Result<Option<Positions>> {
+        self.encoding
+            .randomized()
+            .map(|r| r.sample(tokens, super::stream_seed(seed ^ POSITION_STREAM, index)))
+            .transpose()
     }
 
     /// The model this run trains.
@@ -108,6 +136,9 @@ impl CheTrainConfig {
     }
 }
 
+/// Salt of the randomized-position stream (independent of the data stream of the same seed).
+pub const POSITION_STREAM: u64 = 0x9051_7105_5EED_0001;
+
 /// A batch on a device: inputs without the output placeholders, targets and mask.
 #[derive(Clone, Debug)]
 pub struct CheBatch<B: Backend> {
@@ -119,9 +150,18 @@ pub struct CheBatch<B: Backend> {
     pub mask: Tensor<B, 2>,
     /// Factor on the loss before `backward` (multi-device training).
     pub loss_scale: f64,
+    /// Randomized positions of the `input_len + output_len` tokens, shared by the batch;
+    /// `None`: token `t` at position `t`.
+    pub positions: Option<Positions>,
 }
 
 impl<B: Backend> CheBatch<B> {
+    /// The same batch with its tokens at `positions`.
+    pub fn with_positions(mut self, positions: Option<Positions>) -> Self {
+        self.positions = positions;
+        self
+    }
+
     /// Stacks samples of equal input and output length.
     pub fn from_samples(samples: &[Sample], device: &B::Device) -> Self {
         let n = samples.len();
@@ -146,6 +186,7 @@ impl<B: Backend> CheBatch<B> {
             targets: Tensor::from_data(TensorData::new(targets, [n, lout]), device),
             mask: Tensor::from_data(TensorData::new(mask, [n, lout]), device),
             loss_scale: 1.0,
+            positions: None,
         }
     }
 }
@@ -178,7 +219,7 @@ impl<B: Backend> CheOutput<B> {
 pub fn che_forward<B: Backend>(model: &SequenceModel<B>, batch: CheBatch<B>) -> CheOutput<B> {
     let [n, out_len] = batch.targets.dims();
     let logits = model
-        .predict(batch.inputs, out_len)
+        .predict_at(batch.inputs, out_len, batch.positions.as_ref())
         .unwrap_or_else(|e| panic!("CHE batch rejected by the model: {e}"));
     let picked = log_softmax(logits.clone(), 2).gather(2, batch.targets.clone().unsqueeze_dim(2));
     let loss = picked.sum().neg() / n as f64;

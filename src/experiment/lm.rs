@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attention::SsmaxConfig;
 use crate::data::corpus::{Manifest, SplitConfig, Tokenizer};
-use crate::encoding::PositionalEncodingConfig;
+use crate::encoding::{PositionalEncodingConfig, Positions, RandomizedConfig};
 use crate::error::{ensure, Error, Result};
 use crate::model::{LanguageModel, LanguageModelConfig, TransformerConfig};
 
@@ -166,6 +166,23 @@ impl LmTrainConfig {
             )?;
         }
         super::validate_shared(f64::from(self.grad_clip), &self.valid_lengths)?;
+        if let Some(r) = self.encoding.randomized() {
+            let longest = self
+                .valid_lengths
+                .iter()
+                .copied()
+                .chain([self.train_length])
+                .max()
+                .unwrap_or(self.train_length);
+            ensure(
+                r.max_position >= longest,
+                "randomized.max_position",
+                r.max_position,
+                &format!(
+                    "the longest training or validation window holds {longest} tokens; max_position must be at least that"
+                ),
+            )?;
+        }
         self.split.validate()?;
         // One block is enough to check the shape and the encoding's own settings.
         let mut one = self.model().transformer;
@@ -196,6 +213,9 @@ impl LmTrainConfig {
 pub struct Window {
     /// The tokens.
     pub tokens: Vec<u16>,
+    /// Randomized positions of the `length` input tokens (a batch takes its first window's);
+    /// `None`: at `0..length`.
+    pub positions: Option<Positions>,
 }
 
 /// Consecutive non-overlapping windows of `length` (+1) tokens of a stream, at most `max`.
@@ -206,6 +226,7 @@ pub fn tiled_windows(stream: &[u16], length: usize, max: usize) -> Vec<Window> {
         .take(max)
         .map(|s| Window {
             tokens: stream[s..s + length + 1].to_vec(),
+            positions: None,
         })
         .collect()
 }
@@ -220,6 +241,8 @@ pub struct LmBatch<B: Backend> {
     /// Factor on the loss before `backward` (`1 / grad_accumulation`, so that accumulated
     /// gradients are the mean over micro-batches).
     pub loss_scale: f64,
+    /// Randomized positions of the inputs, shared by the batch; `None`: at `0..length`.
+    pub positions: Option<Positions>,
 }
 
 impl<B: Backend> LmBatch<B> {
@@ -243,17 +266,43 @@ impl<B: Backend> LmBatch<B> {
             inputs: Tensor::from_data(TensorData::new(inputs, [n, len]), device),
             targets: Tensor::from_data(TensorData::new(targets, [n, len]), device),
             loss_scale,
+            positions: windows[0].positions.clone(),
         }
+    }
+
+    /// The same batch with its inputs at `positions`.
+    pub fn with_positions(mut self, positions: Option<Positions>) -> Self {
+        self.positions = positions;
+        self
     }
 }
 
-/// Per-token negative log-likelihood `[batch, length]` of `targets` after `inputs`.
+/// Salt of the randomized-position stream (independent of the data stream of the same seed).
+pub const POSITION_STREAM: u64 = 0x9051_7105_5EED_0002;
+
+/// The randomized positions for forward pass `index` over windows of `length` tokens, from
+/// `seed`: a sorted sample from `0..max_position` (see [`crate::encoding::positions`]).
+pub fn sample_positions(
+    randomized: &RandomizedConfig,
+    length: usize,
+    seed: u64,
+    index: u64,
+) -> Result<Positions> {
+    randomized.sample(
+        length,
+        super::stream_seed(seed ^ POSITION_STREAM ^ length as u64, index),
+    )
+}
+
+/// Per-token negative log-likelihood `[batch, length]` of `targets` after `inputs`, the
+/// inputs at `positions` (randomized positions; `None`: at `0..length`).
 pub fn token_nll<B: Backend>(
     model: &LanguageModel<B>,
     inputs: Tensor<B, 2, Int>,
     targets: Tensor<B, 2, Int>,
+    positions: Option<&Positions>,
 ) -> Result<Tensor<B, 2>> {
-    let logits = model.forward(inputs)?;
+    let logits = model.forward_at(inputs, positions)?;
     let picked = log_softmax(logits, 2).gather(2, targets.unsqueeze_dim(2));
     Ok(picked.squeeze_dim::<2>(2).neg())
 }

@@ -26,8 +26,11 @@ use super::checkpoint::save_module;
 use super::metrics::{LossMetric, MaskedAccuracyMetric, StepStats};
 use super::renderer::LineRenderer;
 use crate::data::che::{Rng, Sample, Task};
+use crate::encoding::{Positions, RandomizedConfig};
 use crate::error::{ensure, Error, Result};
-use crate::experiment::che::{che_forward, model_path, CheBatch, CheOutput, CheTrainConfig};
+use crate::experiment::che::{
+    che_forward, model_path, CheBatch, CheOutput, CheTrainConfig, POSITION_STREAM,
+};
 use crate::experiment::stream_seed;
 use crate::model::SequenceModel;
 use crate::util::write_atomic;
@@ -39,6 +42,8 @@ pub struct CheItem {
     pub length: usize,
     /// The samples.
     pub samples: Vec<Sample>,
+    /// The randomized positions every sample of the step sits at; `None`: at `0..N`.
+    pub positions: Option<Positions>,
 }
 
 /// A dataset whose item `i` is a whole step: either a random length in a range (training) or
@@ -50,6 +55,7 @@ pub struct CheStepDataset {
     batch: usize,
     seed: u64,
     shards: usize,
+    randomized: Option<RandomizedConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -78,7 +84,16 @@ impl CheStepDataset {
             batch,
             seed,
             shards: 1,
+            randomized: None,
         }
+    }
+
+    /// Each step's samples at a sorted random sample of positions from `0..max_position`
+    /// (randomized positions), drawn from `(seed, step)` and shared by every sample and shard
+    /// of the step; `None`: at `0..N`.
+    pub fn randomized(mut self, randomized: Option<RandomizedConfig>) -> Self {
+        self.randomized = randomized;
+        self
     }
 
     /// For `n` devices: `n × steps` items of `batch / n` samples, where item `s + k·steps`
@@ -99,6 +114,7 @@ impl CheStepDataset {
             batch,
             seed,
             shards: 1,
+            randomized: None,
         }
     }
 }
@@ -129,7 +145,19 @@ impl Dataset<CheItem> for CheStepDataset {
             .map(|_| self.task.sample(length, &mut rng))
             .collect::<Result<Vec<_>>>()
             .ok()?;
-        Some(CheItem { length, samples })
+        let positions = match &self.randomized {
+            Some(r) => {
+                let tokens = length + self.task.output_len(length);
+                let seed = stream_seed(self.seed ^ POSITION_STREAM, step as u64);
+                Some(r.sample(tokens, seed).ok()?)
+            }
+            None => None,
+        };
+        Some(CheItem {
+            length,
+            samples,
+            positions,
+        })
     }
 
     fn len(&self) -> usize {
@@ -150,8 +178,9 @@ pub struct CheBatcher {
 
 impl<B: Backend> Batcher<B, CheItem, CheBatch<B>> for CheBatcher {
     fn batch(&self, items: Vec<CheItem>, device: &B::Device) -> CheBatch<B> {
+        let positions = items.first().and_then(|i| i.positions.clone());
         let samples: Vec<Sample> = items.into_iter().flat_map(|i| i.samples).collect();
-        let mut batch = CheBatch::from_samples(&samples, device);
+        let mut batch = CheBatch::from_samples(&samples, device).with_positions(positions);
         if self.loss_scale > 0.0 {
             batch.loss_scale = self.loss_scale;
         }
@@ -261,13 +290,15 @@ pub fn train_on<B: AutodiffBackend>(
         config.batch_size,
         config.seed,
     )
+    .randomized(config.encoding.randomized().cloned())
     .sharded(n_devices);
     let valid_data = CheStepDataset::fixed(
         config.task,
         config.valid_lengths.clone(),
         config.valid_sequences,
         config.seed ^ 0x5EED_0FDA,
-    );
+    )
+    .randomized(config.encoding.randomized().cloned());
     let train_loader = DataLoaderBuilder::<B, _, _>::new(CheBatcher {
         loss_scale: 1.0 / n_devices as f64,
     })

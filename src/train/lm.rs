@@ -39,10 +39,11 @@ use super::renderer::LineRenderer;
 use crate::backend::DeviceSpec;
 use crate::data::che::Rng;
 use crate::data::corpus::{Corpus, Manifest, Part, TokenizedCorpus};
+use crate::encoding::RandomizedConfig;
 use crate::error::{ensure, Error, Result};
 use crate::experiment::lm::{
-    auto_chunk, read_json, tiled_windows, token_nll, LmBatch, LmTrainConfig, Window,
-    EVAL_BATCH_TOKENS,
+    auto_chunk, read_json, sample_positions, tiled_windows, token_nll, LmBatch, LmTrainConfig,
+    Window, EVAL_BATCH_TOKENS,
 };
 use crate::experiment::stream_seed;
 use crate::model::LanguageModel;
@@ -107,6 +108,7 @@ pub struct RandomWindows {
     length: usize,
     count: usize,
     seed: u64,
+    randomized: Option<RandomizedConfig>,
 }
 
 impl RandomWindows {
@@ -126,7 +128,15 @@ impl RandomWindows {
             length,
             count,
             seed,
+            randomized: None,
         })
+    }
+
+    /// Window `i` at randomized positions drawn from `(seed, i)` (a batch takes its first
+    /// window's); `None`: at `0..length`.
+    pub fn randomized(mut self, randomized: Option<RandomizedConfig>) -> Self {
+        self.randomized = randomized;
+        self
     }
 }
 
@@ -137,8 +147,13 @@ impl Dataset<Window> for RandomWindows {
         }
         let mut rng = Rng::new(stream_seed(self.seed, index as u64));
         let start = rng.below((self.stream.len() - self.length) as u64) as usize;
+        let positions = match &self.randomized {
+            Some(r) => Some(sample_positions(r, self.length, self.seed, index as u64).ok()?),
+            None => None,
+        };
         Some(Window {
             tokens: self.stream[start..start + self.length + 1].to_vec(),
+            positions,
         })
     }
 
@@ -183,14 +198,25 @@ impl<B: Backend> Batcher<B, Window, LmBatch<B>> for LmBatcher {
     }
 }
 
-/// Stacks a validation group (the loader's batch size is 1).
+/// Stacks a validation group (the loader's batch size is 1); with randomized positions, every
+/// window of a length sits at one sample drawn from `(seed, length)`.
 #[derive(Clone, Debug, Default)]
-pub struct GroupBatcher;
+pub struct GroupBatcher {
+    /// Randomized positions of the run; `None`: at `0..length`.
+    pub randomized: Option<RandomizedConfig>,
+    /// Seed of the position samples.
+    pub seed: u64,
+}
 
 impl<B: Backend> Batcher<B, WindowGroup, LmBatch<B>> for GroupBatcher {
     fn batch(&self, items: Vec<WindowGroup>, device: &B::Device) -> LmBatch<B> {
         let windows: Vec<Window> = items.into_iter().flat_map(|g| g.windows).collect();
-        LmBatch::from_windows(&windows, 1.0, device)
+        let positions = self.randomized.as_ref().map(|r| {
+            let length = windows[0].tokens.len() - 1;
+            sample_positions(r, length, self.seed, 0)
+                .unwrap_or_else(|e| panic!("validation positions: {e}"))
+        });
+        LmBatch::from_windows(&windows, 1.0, device).with_positions(positions)
     }
 }
 
@@ -222,7 +248,7 @@ impl<B: AutodiffBackend> TrainStep for LanguageModel<B> {
 
     fn step(&self, batch: LmBatch<B>) -> TrainOutput<LmOutput<B>> {
         let [n, length] = batch.inputs.dims();
-        let loss = token_nll(self, batch.inputs, batch.targets)
+        let loss = token_nll(self, batch.inputs, batch.targets, batch.positions.as_ref())
             .unwrap_or_else(|e| panic!("LM batch rejected by the model: {e}"))
             .mean();
         let grads = (loss.clone() * batch.loss_scale).backward();
@@ -256,6 +282,7 @@ impl<B: Backend> InferenceStep for LanguageModel<B> {
                 &model,
                 batch.inputs.clone().slice(start..end),
                 batch.targets.clone().slice(start..end),
+                batch.positions.as_ref(),
             )
             .unwrap_or_else(|e| panic!("LM batch rejected by the model: {e}"))
             .sum()
@@ -523,7 +550,8 @@ pub fn train<B: AutodiffBackend>(
         config.train_length,
         total_micro * config.batch_size,
         config.seed,
-    )?;
+    )?
+    .randomized(config.encoding.randomized().cloned());
     // Gradients are summed over micro-batches and devices: scale each loss so that the sum is
     // the mean over the whole step.
     let full = DataLoaderBuilder::<B, _, _>::new(LmBatcher {
@@ -543,10 +571,13 @@ pub fn train<B: AutodiffBackend>(
         epochs,
         next: Arc::new(AtomicUsize::new(done_epochs)),
     });
-    let valid_loader = DataLoaderBuilder::<B::InnerBackend, _, _>::new(GroupBatcher)
-        .batch_size(1)
-        .set_device(device.clone())
-        .build(GroupDataset(groups));
+    let valid_loader = DataLoaderBuilder::<B::InnerBackend, _, _>::new(GroupBatcher {
+        randomized: config.encoding.randomized().cloned(),
+        seed: config.seed,
+    })
+    .batch_size(1)
+    .set_device(device.clone())
+    .build(GroupDataset(groups));
 
     let scheduler = WarmupCosineLr::new(
         config.learning_rate,
