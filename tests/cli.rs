@@ -91,6 +91,7 @@ fn che_train_runs_for_the_newer_encodings() {
         ("bipe_alibi", "1", None),
         ("bipe_rope", "2", None),
         ("kerple_log", "1", Some("--ssmax")),
+        ("rope", "2", Some("--randomized=512")),
         ("fox", "1", None),
         ("dape_fox", "1", None),
     ] {
@@ -131,6 +132,43 @@ fn che_train_runs_for_the_newer_encodings() {
         if extra == Some("--ssmax") {
             let config = std::fs::read_to_string(out.join("config.json")).unwrap();
             assert!(config.contains("\"ssmax\""), "{encoding}: {config}");
+        }
+        // Randomized RoPE: recorded in the run's encoding, and its evaluation samples positions
+        // too (so a test input longer than the range is an error naming it).
+        if extra == Some("--randomized=512") {
+            let config = std::fs::read_to_string(out.join("config.json")).unwrap();
+            assert!(config.contains("\"max_position\": 512"), "{config}");
+            let run = out.to_str().unwrap();
+            let eval = dape(&[
+                "che",
+                "eval",
+                "--run",
+                run,
+                "--lengths",
+                "41,60",
+                "--sequences",
+                "4",
+            ]);
+            assert!(
+                eval.status.success(),
+                "eval: {}",
+                String::from_utf8_lossy(&eval.stderr)
+            );
+            let report = std::fs::read_to_string(out.join("che.json")).unwrap();
+            assert!(report.contains("rope+randomized"), "{report}");
+            let long = dape(&[
+                "che",
+                "eval",
+                "--run",
+                run,
+                "--lengths",
+                "600",
+                "--sequences",
+                "2",
+            ]);
+            assert!(!long.status.success());
+            let err = String::from_utf8_lossy(&long.stderr);
+            assert!(err.contains("max_position"), "{err}");
         }
         // Issue 16's learned-bias picture, on a CHE run of DAPE over forgetting attention.
         if encoding == "dape_fox" {

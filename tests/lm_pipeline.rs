@@ -352,6 +352,74 @@ fn evaluation_reports_perplexity_by_length_and_why_lengths_were_skipped() {
     );
 }
 
+#[test]
+fn randomized_rope_trains_reproducibly_and_evaluates_within_its_range() {
+    let data = temp("rand-data");
+    write_corpus(&data);
+    let cache = temp("rand-cache");
+    let config = LmTrainConfig {
+        steps: 2,
+        encoding: PositionalEncodingConfig::from_json(
+            r#"{"type": "rope", "randomized": {"max_position": 48}}"#,
+        )
+        .unwrap(),
+        ..tiny_config(&data, "rope")
+    };
+    let device = Default::default();
+    let (a, b) = (temp("rand-run-a"), temp("rand-run-b"));
+    train::<AB>(&config, &options(&a, &cache, false), &device, "ndarray").unwrap();
+    train::<AB>(&config, &options(&b, &cache, false), &device, "ndarray").unwrap();
+    let (_, _, model_a) = load::<B>(&a, &device).unwrap();
+    let (_, _, model_b) = load::<B>(&b, &device).unwrap();
+    let gap = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let d = gap(&params(&model_a), &params(&model_b));
+    assert!(d < 1e-5, "a seeded run reproduces: the two differ by {d}");
+    // The same run without randomized positions trains to other weights.
+    let plain = temp("rand-run-plain");
+    let plain_config = LmTrainConfig {
+        encoding: PositionalEncodingConfig::from_name("rope").unwrap(),
+        ..config.clone()
+    };
+    train::<AB>(
+        &plain_config,
+        &options(&plain, &cache, false),
+        &device,
+        "ndarray",
+    )
+    .unwrap();
+    let (_, _, model_plain) = load::<B>(&plain, &device).unwrap();
+    let d = gap(&params(&model_a), &params(&model_plain));
+    assert!(d > 1e-4, "positions reached training: {d}");
+    let eval = LmEvalConfig {
+        lengths: vec![16, 40, 64],
+        last: 8,
+        max_tokens: 128,
+        ..Default::default()
+    };
+    let report = evaluate_run::<B>(&a, None, &eval, &cache, "ndarray", &device).unwrap();
+    assert_eq!(report.encoding, "rope+randomized");
+    assert_eq!(
+        report.lengths.iter().map(|l| l.length).collect::<Vec<_>>(),
+        vec![16, 40]
+    );
+    assert_eq!(report.skipped.len(), 1);
+    assert!(
+        report.skipped[0].reason.contains("max_position"),
+        "{}",
+        report.skipped[0].reason
+    );
+    // Evaluation positions are seeded: the same report twice.
+    let again = evaluate_run::<B>(&a, None, &eval, &cache, "ndarray", &device).unwrap();
+    for (x, y) in report.lengths.iter().zip(&again.lengths) {
+        assert_eq!(x.ppl_all, y.ppl_all);
+    }
+}
+
 /// The CLI end to end: `dape train` killed mid-way, then `--resume`, then `dape eval` and
 /// `dape plot`.
 #[test]

@@ -7,16 +7,11 @@ use burn::backend::NdArray;
 use burn::module::Param;
 use burn::prelude::*;
 
-use dape::data::che::Task;
 use dape::encoding::{AdditiveBias, Positions, RandomizedConfig, Span};
-use dape::experiment::che::CheTrainConfig;
-use dape::train::che::CheStepDataset;
 use dape::{
     LanguageModel, LanguageModelConfig, PositionalEncoding, PositionalEncodingConfig,
     SequenceModelConfig, TransformerConfig, ENCODING_NAMES,
 };
-
-use burn::data::dataset::Dataset;
 
 type B = NdArray<f32>;
 const VOCAB: usize = 13;
@@ -193,7 +188,11 @@ fn randomized_configs_round_trip_and_bad_ones_name_the_field() {
         bad(r#"{"type": "learned", "max_len": 100, "randomized": {"max_position": 101}}"#)
             .contains("max_len")
     );
-    // An LM config carries it in its encoding.
+}
+
+#[cfg(feature = "harness")]
+#[test]
+fn lm_configs_carry_randomized_positions_in_their_encoding() {
     let lm: dape::experiment::lm::LmTrainConfig = serde_json::from_str(
         r#"{"encoding": {"type": "rope", "randomized": {"max_position": 8192}}}"#,
     )
@@ -397,8 +396,14 @@ fn biases_and_rotations_at_positions_match_their_formulas() {
     assert!(max_diff(&to_vec(ka), &to_vec(kb)) < 1e-5);
 }
 
+#[cfg(feature = "harness")]
 #[test]
 fn che_steps_draw_seeded_positions_shared_by_the_step() {
+    use burn::data::dataset::Dataset;
+    use dape::data::che::Task;
+    use dape::experiment::che::CheTrainConfig;
+    use dape::train::che::CheStepDataset;
+
     let task = Task::ReverseString;
     let r = RandomizedConfig::new(2048);
     let data = CheStepDataset::random(task, 1, 40, 6, 4, 9).randomized(Some(r.clone()));
