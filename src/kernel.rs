@@ -205,6 +205,35 @@ pub fn attention<B: Backend>(
     None
 }
 
+/// Whether [`distance_table_bias`] has a kernel for backend `B` (ndarray without autodiff).
+pub fn distance_table_applies<B: Backend>() -> bool {
+    #[cfg(feature = "ndarray")]
+    return applies::<B>();
+    #[cfg(not(feature = "ndarray"))]
+    false
+}
+
+/// A bias that depends on the distance alone, looked up from a per-head table:
+/// `out[0, h, r, c] = table[h, |rows[r] - cols[c]|]` for `table` `[heads, n]` and the positions
+/// `rows` of the query rows and `cols` of the key columns: `[1, heads, rows, keys]`. One pass on
+/// ndarray without autodiff (evaluation), where building it from tensor ops would take one pass
+/// per op with a transcendental function in one of them. `None` elsewhere, or when a distance
+/// reaches past the table: the caller builds the bias from tensor ops (which autodiff
+/// differentiates).
+pub fn distance_table_bias<B: Backend>(
+    table: Tensor<B, 2>,
+    rows: &[i64],
+    cols: &[i64],
+) -> Option<Tensor<B, 4>> {
+    #[cfg(feature = "ndarray")]
+    if applies::<B>() && table.dtype() == burn::tensor::DType::F32 {
+        return distance_table_nd(table, rows, cols);
+    }
+    #[cfg(not(feature = "ndarray"))]
+    let _ = (table, rows, cols);
+    None
+}
+
 /// Softmax over the keys of `logits` `[batch, heads, rows, keys]` as one fused pass forward and
 /// one backward on ndarray, with the causal mask folded in: with `causal_from = Some(q0)`, row
 /// `r` (absolute position `q0 + r`) sees keys `0..=q0 + r` and gets probability 0 elsewhere,
@@ -449,6 +478,37 @@ mod nd {
         let (dims, device) = (x.dims(), x.device());
         let y = gelu_forward(&host(x)?);
         cast(to_nd(y, dims, &device))
+    }
+
+    /// [`super::distance_table_bias`] on `NdArray<f32>`: one task per (head, row).
+    pub(super) fn distance_table_nd<B: Backend>(
+        table: Tensor<B, 2>,
+        rows: &[i64],
+        cols: &[i64],
+    ) -> Option<Tensor<B, 4>> {
+        let table: Tensor<Nd, 2> = cast(table)?;
+        let [h, n] = table.dims();
+        let device = table.device();
+        let (lq, lk) = (rows.len(), cols.len());
+        let (first, last) = (*cols.first()?, *cols.last()?);
+        let reach = rows
+            .iter()
+            .map(|&p| (p - first).unsigned_abs().max((p - last).unsigned_abs()))
+            .max()?;
+        if reach as usize >= n || cols.windows(2).any(|w| w[0] > w[1]) {
+            return None;
+        }
+        let values = host(table)?;
+        let mut out = vec![0.0f32; h * lq * lk];
+        out.par_chunks_mut(lk).enumerate().for_each(|(task, row)| {
+            let (head, r) = (task / lq, task % lq);
+            let tab = &values[head * n..(head + 1) * n];
+            let p = rows[r];
+            for (o, &c) in row.iter_mut().zip(cols) {
+                *o = tab[(p - c).unsigned_abs() as usize];
+            }
+        });
+        cast(to_nd(out, [1, h, lq, lk], &device))
     }
 
     /// A matrix in borrowed or owned memory, read through its row and column strides (in
@@ -1776,8 +1836,23 @@ mod tests {
     fn fused_layer_norm_is_the_tensor_path_in_values_and_gradients() {
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
-        <A as Backend>::seed(&device, 11);
         let normal = Distribution::Normal(0.5, 2.0);
+        // Inputs from a generator of the test's own: the backend's random source is shared by
+        // the tests running beside this one, so seeding it would not fix the values.
+        let mut rng = crate::util::Rng::new(11);
+        let mut seeded = |dims: [usize; 3]| {
+            let n = dims.iter().product::<usize>();
+            let v: Vec<f32> = (0..n)
+                .map(|_| (rng.below(1 << 20) as f32 / (1 << 20) as f32) * 8.0 - 3.5)
+                .collect();
+            Tensor::<A, 3>::from_data(TensorData::new(v, dims), &device)
+        };
+        let seeded_1d = |n: usize, rng: &mut crate::util::Rng| {
+            let v: Vec<f32> = (0..n)
+                .map(|_| (rng.below(1 << 20) as f32 / (1 << 20) as f32) * 4.0 - 1.5)
+                .collect();
+            Tensor::<A, 1>::from_data(TensorData::new(v, [n]), &device)
+        };
         for (case, transposed, with_beta, d) in [
             ("row-major", false, true, 40),
             ("transposed input", true, true, 19),
@@ -1785,22 +1860,22 @@ mod tests {
             ("narrow rows", false, true, 3),
         ] {
             let x_leaf = if transposed {
-                Tensor::<A, 3>::random([3, d, 45], normal, &device).require_grad()
+                seeded([3, d, 45]).require_grad()
             } else {
-                Tensor::<A, 3>::random([3, 45, d], normal, &device).require_grad()
+                seeded([3, 45, d]).require_grad()
             };
             let x = || match transposed {
                 true => x_leaf.clone().swap_dims(1, 2),
                 false => x_leaf.clone(),
             };
-            let gamma = Tensor::<A, 1>::random([d], normal, &device).require_grad();
-            let beta =
-                with_beta.then(|| Tensor::<A, 1>::random([d], normal, &device).require_grad());
+            let mut local = crate::util::Rng::new(d as u64);
+            let gamma = seeded_1d(d, &mut local).require_grad();
+            let beta = with_beta.then(|| seeded_1d(d, &mut local).require_grad());
             let fused = layer_norm(x(), gamma.clone(), beta.clone(), 1e-5);
             let tensor = layer_norm_tensor(x(), gamma.clone(), beta.clone(), 1e-5);
             let dv = max_diff(fused.clone().inner(), tensor.clone().inner());
             assert!(dv < 1e-4, "{case}: values differ by {dv}");
-            let weights = Tensor::<A, 3>::random([3, 45, d], normal, &device);
+            let weights = seeded([3, 45, d]);
             let g1 = (fused * weights.clone()).sum().backward();
             let g2 = (tensor * weights).sum().backward();
             // Relative to the gradient's scale: a row of three features can have a small

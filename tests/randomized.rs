@@ -445,3 +445,62 @@ fn che_steps_draw_seeded_positions_shared_by_the_step() {
         .to_string();
     assert!(e.contains("max_position"), "{e}");
 }
+
+/// Collects every float parameter whose gradient is missing, non-finite or all zero.
+struct GradCheck<'a> {
+    grads: &'a <burn::backend::Autodiff<B> as burn::tensor::backend::AutodiffBackend>::Gradients,
+    seen: usize,
+    bad: Vec<String>,
+}
+
+impl burn::module::ModuleVisitor<burn::backend::Autodiff<B>> for GradCheck<'_> {
+    fn visit_float<const D: usize>(
+        &mut self,
+        param: &Param<Tensor<burn::backend::Autodiff<B>, D>>,
+    ) {
+        self.seen += 1;
+        let dims = param.val().dims();
+        match param.val().grad(self.grads) {
+            None => self.bad.push(format!("{dims:?}: no gradient")),
+            Some(g) => {
+                let v: Vec<f32> = g.into_data().to_vec().unwrap();
+                if v.iter().any(|x| !x.is_finite()) {
+                    self.bad.push(format!("{dims:?}: non-finite gradient"));
+                } else if v.iter().all(|&x| x == 0.0) {
+                    self.bad.push(format!("{dims:?}: zero gradient"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gradients_reach_every_parameter_at_randomized_positions() {
+    use burn::module::Module;
+    type AD = burn::backend::Autodiff<B>;
+    let len = 9;
+    // Some positions below FIRE's threshold L (4 here), so that its L multiplier acts.
+    let p = Positions::new(vec![0, 2, 3, 9, 40, 41, 100, 250, 399]).unwrap();
+    for (name, config) in cases() {
+        let model = LanguageModelConfig::new(
+            VOCAB,
+            TransformerConfig::new(16, 2, 4).with_encoding(config.clone()),
+        )
+        .init::<AD>(&Default::default())
+        .unwrap();
+        let x = Tensor::<AD, 2, Int>::from_data(
+            TensorData::new(ids(len, 4), [1, len]),
+            &Default::default(),
+        );
+        let logits = model.forward_at(x, Some(&p)).unwrap();
+        let grads = (logits.clone() * logits).sum().backward();
+        let mut check = GradCheck {
+            grads: &grads,
+            seen: 0,
+            bad: Vec::new(),
+        };
+        model.visit(&mut check);
+        assert!(check.seen > 0, "{name}");
+        assert!(check.bad.is_empty(), "{name}: {:?}", check.bad);
+    }
+}

@@ -750,3 +750,82 @@ fn positional_logits_of_alibi_are_its_formula() {
         .to_string();
     assert!(err.contains("not on the attention logits"), "{err}");
 }
+
+/// Kerple's bias on ndarray without autodiff is looked up from one value per distance
+/// (`kernel::distance_table_bias`): it equals the formula at every entry, for both kernels, a
+/// causal chunk, a non-causal block and randomized positions; and under autodiff (tensor ops)
+/// it is the same.
+#[test]
+fn kerple_looked_up_bias_matches_the_formula() {
+    use burn::backend::Autodiff;
+    use dape::encoding::{AdditiveBias, Positions};
+    let spans = [
+        Span::full(9),
+        Span {
+            query_start: 5,
+            query_len: 4,
+            key_len: 9,
+            causal: true,
+            positions: None,
+        },
+        Span {
+            query_start: 0,
+            query_len: 6,
+            key_len: 6,
+            causal: false,
+            positions: None,
+        },
+        Span {
+            query_start: 2,
+            query_len: 3,
+            key_len: 6,
+            causal: false,
+            positions: Some(Positions::new(vec![1, 4, 30, 31, 77, 200]).unwrap()),
+        },
+    ];
+    for kind in [KerpleKind::Log, KerpleKind::Power] {
+        let kerple = KerpleConfig::new().init::<B>(3, kind, &dev()).unwrap();
+        let (p, a) = (values(kerple.p.val()), values(kerple.a.val()));
+        let lift = |t: Tensor<B, 1>| {
+            Param::from_tensor(Tensor::<Autodiff<B>, 1>::from_data(t.into_data(), &dev()))
+        };
+        let tracked = AdditiveBias::Kerple(dape::encoding::Kerple {
+            p: lift(kerple.p.val()),
+            a: lift(kerple.a.val()),
+            kind,
+            eps: kerple.eps,
+        });
+        let kerple = AdditiveBias::Kerple(kerple);
+        for span in &spans {
+            let got = values(kerple.forward(span, &dev()));
+            let other: Vec<f32> = tracked.forward(span, &dev()).into_data().to_vec().unwrap();
+            let (lq, lk) = (span.query_len, span.key_len);
+            for h in 0..3 {
+                let (ph, ah) = (f64::from(p[h].max(1e-2)), f64::from(a[h].max(1e-2)));
+                for r in 0..lq {
+                    for c in 0..lk {
+                        let d =
+                            (span.position(span.query_start + r) - span.position(c)).abs() as f64;
+                        let want = match kind {
+                            KerpleKind::Log => -ph * (1.0 + ah * d).ln(),
+                            KerpleKind::Power => {
+                                -ph * if d > 0.0 { d.powf(ah.min(2.0)) } else { 0.0 }
+                            }
+                        };
+                        let at = (h * lq + r) * lk + c;
+                        let tol = 1e-5 * (1.0 + want.abs());
+                        assert!(
+                            (f64::from(got[at]) - want).abs() < tol,
+                            "{kind:?} {span:?} h{h} r{r} c{c}: {} vs {want}",
+                            got[at]
+                        );
+                        assert!(
+                            (f64::from(other[at]) - want).abs() < tol,
+                            "autodiff {kind:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -185,10 +185,29 @@ pub struct Kerple<B: Backend> {
 }
 
 impl<B: Backend> Kerple<B> {
-    /// `[1, heads, seq_q, seq_k]`.
+    /// `[1, heads, seq_q, seq_k]`. Without autodiff on ndarray (evaluation) the kernel is
+    /// evaluated once per distinct distance and looked up
+    /// ([`crate::kernel::distance_table_bias`]); elsewhere it is built from tensor ops.
     pub fn forward(&self, span: &Span, device: &B::Device) -> Tensor<B, 4> {
         let h = self.p.dims()[0];
-        let d = span.distance::<B>(device).unsqueeze::<4>();
+        let (low, high) = span.offset_range();
+        let n = low.unsigned_abs().max(high.unsigned_abs()) as usize + 1;
+        if crate::kernel::distance_table_applies::<B>() {
+            let d = Tensor::<B, 1, Int>::arange(0..n as i64, device)
+                .float()
+                .reshape([1, 1, 1, n]);
+            let table = self.kernel(d).reshape([h, n]);
+            let (rows, cols) = (span.query_position_values(), span.key_position_values());
+            if let Some(bias) = crate::kernel::distance_table_bias(table, &rows, &cols) {
+                return bias;
+            }
+        }
+        self.kernel(span.distance::<B>(device).unsqueeze::<4>())
+    }
+
+    /// The kernel at distances `d` `[1, 1, x, y]`: `[1, heads, x, y]`.
+    fn kernel(&self, d: Tensor<B, 4>) -> Tensor<B, 4> {
+        let h = self.p.dims()[0];
         let p = self.p.val().clamp_min(self.eps).reshape([1, h, 1, 1]);
         let a = self.a.val().clamp_min(self.eps);
         match self.kind {
