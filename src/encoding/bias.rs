@@ -53,6 +53,29 @@ impl<B: Backend> AdditiveBias<B> {
     }
 }
 
+/// A bias that depends on the distance alone, from `f` evaluated once per distinct distance
+/// (`f` maps distances `[1, 1, 1, n]` to `[1, heads, 1, n]`) and looked up by
+/// [`crate::kernel::distance_table_bias`]; `None` where that kernel does not apply (autodiff,
+/// other backends), and the caller evaluates `f` on the span's distances.
+fn distance_table<B: Backend>(
+    span: &Span,
+    device: &B::Device,
+    f: impl FnOnce(Tensor<B, 4>) -> Tensor<B, 4>,
+) -> Option<Tensor<B, 4>> {
+    if !crate::kernel::distance_table_applies::<B>() {
+        return None;
+    }
+    let (low, high) = span.offset_range();
+    let n = low.unsigned_abs().max(high.unsigned_abs()) as usize + 1;
+    let d = Tensor::<B, 1, Int>::arange(0..n as i64, device)
+        .float()
+        .reshape([1, 1, 1, n]);
+    let table = f(d);
+    let h = table.dims()[1];
+    let (rows, cols) = (span.query_position_values(), span.key_position_values());
+    crate::kernel::distance_table_bias(table.reshape([h, n]), &rows, &cols)
+}
+
 // ---------------------------------------------------------------------------------------- ALiBi
 
 /// Configuration of [`Alibi`].
@@ -103,10 +126,16 @@ pub struct Alibi<B: Backend> {
 
 impl<B: Backend> Alibi<B> {
     /// `[1, heads, seq_q, seq_k]`.
+    ///
+    /// Without autodiff on ndarray (evaluation) it is looked up from one value per distance
+    /// ([`crate::kernel::distance_table_bias`]).
     pub fn forward(&self, span: &Span, device: &B::Device) -> Tensor<B, 4> {
         let h = self.slopes.dims()[0];
-        let d = span.distance::<B>(device).unsqueeze::<4>();
-        d * self.slopes.clone().reshape([1, h, 1, 1]).neg()
+        let slopes = self.slopes.clone().reshape([1, h, 1, 1]).neg();
+        if let Some(bias) = distance_table(span, device, |d| d * slopes.clone()) {
+            return bias;
+        }
+        span.distance::<B>(device).unsqueeze::<4>() * slopes
     }
 }
 
@@ -189,18 +218,8 @@ impl<B: Backend> Kerple<B> {
     /// evaluated once per distinct distance and looked up
     /// ([`crate::kernel::distance_table_bias`]); elsewhere it is built from tensor ops.
     pub fn forward(&self, span: &Span, device: &B::Device) -> Tensor<B, 4> {
-        let h = self.p.dims()[0];
-        let (low, high) = span.offset_range();
-        let n = low.unsigned_abs().max(high.unsigned_abs()) as usize + 1;
-        if crate::kernel::distance_table_applies::<B>() {
-            let d = Tensor::<B, 1, Int>::arange(0..n as i64, device)
-                .float()
-                .reshape([1, 1, 1, n]);
-            let table = self.kernel(d).reshape([h, n]);
-            let (rows, cols) = (span.query_position_values(), span.key_position_values());
-            if let Some(bias) = crate::kernel::distance_table_bias(table, &rows, &cols) {
-                return bias;
-            }
+        if let Some(bias) = distance_table(span, device, |d| self.kernel(d)) {
+            return bias;
         }
         self.kernel(span.distance::<B>(device).unsqueeze::<4>())
     }
