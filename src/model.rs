@@ -185,6 +185,19 @@ impl<B: Backend> Transformer<B> {
         self.forward_at(tokens, caches, None)
     }
 
+    /// `head` over the hidden states of `tokens` at `positions` (both models' logits).
+    fn head_logits(
+        &self,
+        head: &Linear<B>,
+        tokens: Tensor<B, 2, Int>,
+        positions: Option<&Positions>,
+    ) -> Result<Tensor<B, 3>> {
+        Ok(linear_layer(
+            head,
+            self.forward_at(tokens, None, positions)?,
+        ))
+    }
+
     /// Whether the encoding reads the tokens' positions (so that it can run at randomized
     /// positions).
     pub fn takes_positions(&self) -> bool {
@@ -383,10 +396,7 @@ impl<B: Backend> LanguageModel<B> {
         tokens: Tensor<B, 2, Int>,
         positions: Option<&Positions>,
     ) -> Result<Tensor<B, 3>> {
-        Ok(linear_layer(
-            &self.head,
-            self.transformer.forward_at(tokens, None, positions)?,
-        ))
+        self.transformer.head_logits(&self.head, tokens, positions)
     }
 
     /// An empty cache for incremental decoding.
@@ -482,10 +492,7 @@ impl<B: Backend> SequenceModel<B> {
         tokens: Tensor<B, 2, Int>,
         positions: Option<&Positions>,
     ) -> Result<Tensor<B, 3>> {
-        Ok(linear_layer(
-            &self.head,
-            self.transformer.forward_at(tokens, None, positions)?,
-        ))
+        self.transformer.head_logits(&self.head, tokens, positions)
     }
 
     /// The same model with another attention chunk size (`None`: no chunking).

@@ -57,6 +57,17 @@ impl RandomizedConfig {
         )
     }
 
+    /// An error naming `max_position` unless a sequence of `tokens` tokens (`what` says which)
+    /// fits in the range.
+    pub fn check_fits(&self, tokens: usize, what: &str) -> Result<()> {
+        ensure(
+            self.max_position >= tokens,
+            "randomized.max_position",
+            self.max_position,
+            &format!("{what} holds {tokens} tokens; max_position must be at least that"),
+        )
+    }
+
     /// The positions of a sequence of `len` tokens drawn from a generator seeded with `seed`
     /// (see [`Positions::sample`]).
     pub fn sample(&self, len: usize, seed: u64) -> Result<Positions> {

@@ -94,21 +94,10 @@ impl CheTrainConfig {
             "must be at least 1",
         )?;
         if let Some(r) = self.encoding.randomized() {
-            let longest = self
-                .valid_lengths
-                .iter()
-                .copied()
-                .chain([self.max_train_length])
-                .max()
-                .unwrap_or(self.max_train_length);
-            let tokens = longest + self.task.output_len(longest);
-            ensure(
-                r.max_position >= tokens,
-                "randomized.max_position",
-                r.max_position,
-                &format!(
-                    "the longest training or validation input ({longest}) takes {tokens} tokens with its outputs; max_position must be at least that"
-                ),
+            let longest = super::longest(self.max_train_length, &self.valid_lengths);
+            r.check_fits(
+                longest + self.task.output_len(longest),
+                &format!("the longest training or validation input ({longest}), with its outputs,"),
             )?;
         }
         Ok(())

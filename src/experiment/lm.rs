@@ -167,21 +167,8 @@ impl LmTrainConfig {
         }
         super::validate_shared(f64::from(self.grad_clip), &self.valid_lengths)?;
         if let Some(r) = self.encoding.randomized() {
-            let longest = self
-                .valid_lengths
-                .iter()
-                .copied()
-                .chain([self.train_length])
-                .max()
-                .unwrap_or(self.train_length);
-            ensure(
-                r.max_position >= longest,
-                "randomized.max_position",
-                r.max_position,
-                &format!(
-                    "the longest training or validation window holds {longest} tokens; max_position must be at least that"
-                ),
-            )?;
+            let longest = super::longest(self.train_length, &self.valid_lengths);
+            r.check_fits(longest, "the longest training or validation window")?;
         }
         self.split.validate()?;
         // One block is enough to check the shape and the encoding's own settings.

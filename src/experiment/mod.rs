@@ -14,6 +14,11 @@ pub fn stream_seed(seed: u64, index: u64) -> u64 {
     rng.next_u64()
 }
 
+/// The longest of the training length and the validation lengths.
+pub(crate) fn longest(train: usize, valid: &[usize]) -> usize {
+    valid.iter().copied().fold(train, usize::max)
+}
+
 /// Checks the settings LM and CHE runs share: the gradient-clipping threshold and the
 /// validation lengths.
 pub(crate) fn validate_shared(grad_clip: f64, valid_lengths: &[usize]) -> Result<()> {
