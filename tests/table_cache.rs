@@ -106,7 +106,12 @@ fn tables_are_built_once_per_length_and_shared_by_layers_and_steps() {
     // bias up from one value per distance, computed per forward from the (possibly learned)
     // parameters: no span-sized table is built or kept, and the outputs stay the same from call
     // to call.
-    for name in ["alibi", "kerple_log", "dape_kerple_log", "dapev2_kerple_log"] {
+    for name in [
+        "alibi",
+        "kerple_log",
+        "dape_kerple_log",
+        "dapev2_kerple_log",
+    ] {
         clear_table_cache();
         let model = model(name);
         let first = values(model.forward(tokens(24)).expect("forward"));
