@@ -134,8 +134,11 @@ impl Span {
     }
 
     /// The smallest and largest offset `i - j` between a row's and a column's position in this
-    /// block (future columns included).
+    /// block (future columns included); `(0, 0)` for a block without rows or columns.
     pub fn offset_range(&self) -> (i64, i64) {
+        if self.query_len == 0 || self.key_len == 0 {
+            return (0, 0);
+        }
         let last_row = self.query_start + self.query_len - 1;
         (
             self.position(self.query_start) - self.position(self.key_len - 1),
