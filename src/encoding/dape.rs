@@ -727,11 +727,17 @@ mod tests {
                 .with_negative_slope(0.1)
                 .init::<Ad>(4, bias, &device)
                 .unwrap();
-            dape.mlp_in.bias = Some(burn::module::Param::from_tensor(Tensor::random(
-                [32],
-                normal,
-                &device,
-            )));
+            // Hidden biases of ±8: the two paths round the pre-activations differently (by
+            // ~1e-7), so a pre-activation that close to LeakyReLU's kink takes the other slope
+            // on one path (a gradient difference of 0.9 of its weight). With ±8 none comes
+            // near the kink, and half the units still take each slope.
+            let signs: Vec<f32> = (0..32)
+                .map(|i| if i % 2 == 0 { 8.0 } else { -8.0 })
+                .collect();
+            dape.mlp_in.bias = Some(burn::module::Param::from_tensor(
+                Tensor::<Ad, 1>::from_floats(signs.as_slice(), &device)
+                    + Tensor::random([32], normal, &device) * 0.1,
+            ));
             dape.mlp_out.bias = Some(burn::module::Param::from_tensor(Tensor::random(
                 [4],
                 normal,
