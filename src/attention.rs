@@ -25,7 +25,7 @@ use crate::encoding::{
     Span,
 };
 use crate::error::{ensure, Error, Result};
-use crate::kernel::{attention, attention_applies, fused_softmax, linear_layer};
+use crate::kernel::{attention, attention_applies, attention_packed, fused_softmax, linear_layer};
 
 /// Configuration of [`MultiHeadAttention`].
 #[derive(Config, Debug)]
@@ -446,10 +446,36 @@ impl<B: Backend> MultiHeadAttention<B> {
     /// one projection to `[batch, seq, 3·heads, d_head]` (q's heads, then k's, then v's), of
     /// which each part is a view (no copy) that the fused kernel reads through its strides.
     fn project_qkv(&self, x: Tensor<B, 3>) -> [Tensor<B, 4>; 3] {
+        self.split_qkv(self.packed_qkv(x))
+    }
+
+    /// The QKV projection of `x: [batch, seq, d_model]` as `[batch, seq, 3·heads, d_head]`.
+    fn packed_qkv(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, l, _] = x.dims();
-        let (h, dh) = (self.n_heads, self.head_dim);
-        let qkv = linear_layer(&self.qkv, x).reshape([b, l, 3 * h, dh]);
+        linear_layer(&self.qkv, x).reshape([b, l, 3 * self.n_heads, self.head_dim])
+    }
+
+    /// q, k and v `[batch, heads, seq, d_head]` of a packed projection.
+    fn split_qkv(&self, qkv: Tensor<B, 4>) -> [Tensor<B, 4>; 3] {
+        let h = self.n_heads;
         [0, 1, 2].map(|i| qkv.clone().narrow(2, i * h, h).swap_dims(1, 2))
+    }
+
+    /// The bias that the fused attention kernel adds to the scaled logits of `span`:
+    /// `Some(None)` for none, `None` when the encoding needs the tensor path.
+    fn fused_bias(
+        &self,
+        span: &Span,
+        gate: Option<&Tensor<B, 4>>,
+        device: &B::Device,
+    ) -> Option<Option<Tensor<B, 4>>> {
+        // Forgetting attention's bias is additive: the fused node takes it (one per sequence);
+        // DAPE over it reads the logits and takes the tensor path.
+        match (&self.encoding, gate) {
+            (PositionalEncoding::Fox(_), Some(g)) => Some(Some(g.clone())),
+            (PositionalEncoding::DapeFox(_), _) => None,
+            _ => self.encoding.additive_logit_bias(span, device),
+        }
     }
 
     fn attend(
@@ -468,7 +494,37 @@ impl<B: Backend> MultiHeadAttention<B> {
             let carried = cache.as_ref().and_then(|c| c.last_forget_sum());
             fox.cumulative(x.clone(), carried)
         });
-        let [q, k, v] = self.project_qkv(x);
+        let qkv = self.packed_qkv(x);
+        let scale = (dh as f64).sqrt().recip();
+        // The fused kernel (ndarray) takes the bias apart from the logits; elsewhere, and for
+        // encodings that read the logits, the tensor path below.
+        let fused = attention_applies::<B>()
+            && self.encoding.hook() != Hook::Segments
+            && self.ssmax.is_none();
+        // Without a cache, chunks or rotation, the fused kernel reads q, k and v from the
+        // packed projection, and its backward pass writes the packed gradient at once.
+        let whole = self.chunk_size == 0 || self.chunk_size >= l;
+        if fused && cache.is_none() && whole && !self.encoding.rotates() {
+            let span = Span {
+                query_start: 0,
+                query_len: l,
+                key_len: l,
+                causal: self.causal,
+                positions: positions.cloned(),
+            };
+            let gate = forget_rows
+                .as_ref()
+                .map(|f| Fox::bias(f.clone(), f.clone()));
+            let out = self
+                .fused_bias(&span, gate.as_ref(), &x_device)
+                .and_then(|bias| {
+                    attention_packed(qkv.clone(), h, bias, scale as f32, self.causal.then_some(0))
+                });
+            if let Some(out) = out {
+                return linear_layer(&self.output, out.reshape([b, l, d_model]));
+            }
+        }
+        let [q, k, v] = self.split_qkv(qkv);
         let offset = cache.as_ref().map_or(0, |c| c.len());
         // BiPE: segment indices of the query rows; without any, each token is its own segment.
         let query_segments = (self.encoding.hook() == Hook::Segments).then(|| {
@@ -499,10 +555,6 @@ impl<B: Backend> MultiHeadAttention<B> {
         } else {
             self.chunk_size
         };
-        let scale = (dh as f64).sqrt().recip();
-        // The fused kernel (ndarray) takes the bias apart from the logits; elsewhere, and for
-        // encodings that read the logits, the tensor path below.
-        let fused = attention_applies::<B>() && segment_ids.is_none() && self.ssmax.is_none();
         // The scale goes on the queries (`rows × d_head` values) rather than on the logits
         // (`rows × keys`): the same scaled logits, one pass fewer over the larger tensor.
         let q_scaled = (!fused).then(|| q.clone() * scale);
@@ -523,9 +575,18 @@ impl<B: Backend> MultiHeadAttention<B> {
                 causal: self.causal,
                 positions: positions.cloned(),
             };
-            let qc = q.clone().narrow(2, r0, rows);
-            let kc = k.clone().narrow(2, 0, span.key_len);
-            let vc = v.clone().narrow(2, 0, span.key_len);
+            // A narrow of the whole range is still an op (whose backward pass fills a zero
+            // tensor): skip it.
+            let narrow = |t: &Tensor<B, 4>, start: usize, len: usize| {
+                if start == 0 && len == t.dims()[2] {
+                    t.clone()
+                } else {
+                    t.clone().narrow(2, start, len)
+                }
+            };
+            let qc = narrow(&q, r0, rows);
+            let kc = narrow(&k, 0, span.key_len);
+            let vc = narrow(&v, 0, span.key_len);
             let gate = forget_rows
                 .as_ref()
                 .zip(forget_keys.as_ref())
@@ -538,23 +599,18 @@ impl<B: Backend> MultiHeadAttention<B> {
             r0 += rows;
             let causal_from = span.causal.then_some(span.query_start);
             if fused {
-                // Forgetting attention's bias is additive: the fused node takes it (one per
-                // sequence); DAPE over it reads the logits and takes the tensor path.
-                let bias = match (&self.encoding, &gate) {
-                    (PositionalEncoding::Fox(_), Some(g)) => Some(Some(g.clone())),
-                    (PositionalEncoding::DapeFox(_), _) => None,
-                    _ => self.encoding.additive_logit_bias(&span, &x_device),
-                };
-                let kernel = bias.and_then(|bias| {
-                    attention(
-                        qc.clone(),
-                        kc.clone(),
-                        vc.clone(),
-                        bias,
-                        scale as f32,
-                        causal_from,
-                    )
-                });
+                let kernel = self
+                    .fused_bias(&span, gate.as_ref(), &x_device)
+                    .and_then(|bias| {
+                        attention(
+                            qc.clone(),
+                            kc.clone(),
+                            vc.clone(),
+                            bias,
+                            scale as f32,
+                            causal_from,
+                        )
+                    });
                 if let Some(out) = kernel {
                     outputs.push(out);
                     continue;

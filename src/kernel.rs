@@ -33,7 +33,7 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 /// Every leading dimension is one row of a single matrix product (`[rows, d_in] · [d_in,
 /// d_out]`): Burn's `Linear` on a 3-d input runs one product per sequence and sums the weight
 /// gradient's batch afterwards. On ndarray it is one graph node whose forward pass is one GEMM
-/// (`matrixmultiply`, threaded) onto the bias, and whose backward pass is one GEMM for the
+/// (the `gemm` crate, threaded) onto the bias, and whose backward pass is one GEMM for the
 /// input's gradient and one for the weight's, reading the transposed operands through their
 /// strides instead of copying them, and one pass of column sums for the bias's. Every other
 /// backend runs `burn::tensor::module::linear` on the flattened input: the same function (the
@@ -161,7 +161,7 @@ pub fn attention_applies<B: Backend>() -> bool {
 /// position `q0 + r`) sees keys `0..=q0 + r`, as [`fused_softmax`] masks. The output is
 /// `[batch, rows, heads, d_v]` (the heads side by side per row, ready for the output projection).
 ///
-/// Each head is one rayon task over the batch: two GEMMs (`matrixmultiply`) with the bias,
+/// Each head is one rayon task over the batch: two GEMMs (the `gemm` crate) with the bias,
 /// mask and softmax between them in one pass, q, k and v read through their strides (no
 /// layout copies). Under autodiff it is one graph node, and the `[rows, keys]` probabilities
 /// are never kept: the backward pass recomputes them per head and batch row, as FlashAttention
@@ -202,6 +202,53 @@ pub fn attention<B: Backend>(
     }
     #[cfg(not(feature = "ndarray"))]
     let _ = (q, k, v, bias, scale, causal_from);
+    None
+}
+
+/// [`attention`] over queries, keys and values packed as one projection yields them: `qkv`
+/// `[batch, seq, 3 · heads, d_head]` holds q's heads, then k's, then v's, and `bias` is
+/// `[1 or batch, heads, seq, seq]`; every query row sees every key (or, with
+/// `causal_from = Some(0)`, the keys up to its own). The output is `[batch, seq, heads, d_head]`.
+///
+/// The same kernel as [`attention`], reading q, k and v through their strides in `qkv`; under
+/// autodiff it is one graph node whose parent is `qkv` itself, so the backward pass writes the
+/// packed gradient at once. Split into three `narrow`s first, each of those ops' backward
+/// passes fills a zero tensor of the packed size, copies its part in, and the three are then
+/// added. `None` where no kernel applies (another backend or element type, `heads` not dividing
+/// the third dimension by three, a bias of another shape): the caller splits and takes
+/// [`attention`] or the tensor path.
+pub fn attention_packed<B: Backend>(
+    qkv: Tensor<B, 4>,
+    heads: usize,
+    bias: Option<Tensor<B, 4>>,
+    scale: f32,
+    causal_from: Option<usize>,
+) -> Option<Tensor<B, 4>> {
+    #[cfg(feature = "ndarray")]
+    {
+        let [b, l, packed, _] = qkv.dims();
+        let shapes_agree = heads > 0
+            && packed == 3 * heads
+            && causal_from.is_none_or(|q0| q0 == 0)
+            && bias.as_ref().is_none_or(|t| {
+                let [bb, bh, br, bk] = t.dims();
+                (bb == 1 || bb == b) && (bh, br, bk) == (heads, l, l)
+            });
+        let f32s = std::iter::once(&qkv)
+            .chain(bias.as_ref())
+            .all(|t| t.dtype() == burn::tensor::DType::F32);
+        if !shapes_agree || !f32s {
+            return None;
+        }
+        if applies::<B>() {
+            return attention_packed_nd(qkv, heads, bias, scale, causal_from);
+        }
+        if applies_autodiff::<B>() {
+            return attention_packed_autodiff(qkv, heads, bias, scale, causal_from);
+        }
+    }
+    #[cfg(not(feature = "ndarray"))]
+    let _ = (qkv, heads, bias, scale, causal_from);
     None
 }
 
@@ -259,6 +306,58 @@ pub fn fused_softmax<B: Backend>(
     #[cfg(not(feature = "ndarray"))]
     let _ = causal_from;
     Err(logits)
+}
+
+/// The negative log-likelihood of each target under the softmax of its row of logits:
+/// `-log softmax(logits)[b, t, targets[b, t]]` for `logits` `[batch, seq, vocab]` and
+/// `targets` `[batch, seq]`, giving `[batch, seq]` (the cross-entropy of each token).
+///
+/// On ndarray one graph node: one pass per row forward (the row's log-sum-exp is all it keeps
+/// besides the logits), and one pass per row backward, `g · (softmax − onehot(target))`.
+/// Burn's `log_softmax` and `gather` are six composite ops with a backward pass each, the
+/// `gather`'s filling a zero tensor of the logits' size. Every other backend, and a target
+/// outside `0..vocab`, takes that tensor path ([`token_nll_tensor`]); the tests hold the two
+/// together in values and gradients.
+pub fn token_nll<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    #[cfg(feature = "ndarray")]
+    if logits.dtype() == burn::tensor::DType::F32 && (applies::<B>() || applies_autodiff::<B>()) {
+        let [b, l, vocab] = logits.dims();
+        if targets.dims() == [b, l] && vocab > 0 {
+            let picked: Option<Vec<usize>> = targets
+                .clone()
+                .into_data()
+                .convert::<i64>()
+                .to_vec::<i64>()
+                .ok()
+                .and_then(|t| {
+                    t.into_iter()
+                        .map(|t| usize::try_from(t).ok().filter(|&t| t < vocab))
+                        .collect()
+                });
+            if let Some(picked) = picked {
+                let fused = if applies::<B>() {
+                    token_nll_nd(logits.clone(), &picked)
+                } else {
+                    token_nll_autodiff(logits.clone(), picked)
+                };
+                if let Some(y) = fused {
+                    return y;
+                }
+            }
+        }
+    }
+    token_nll_tensor(logits, targets)
+}
+
+/// [`token_nll`] by Burn's tensor ops (`log_softmax`, then `gather`): the tensor path.
+pub fn token_nll_tensor<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+) -> Tensor<B, 2> {
+    burn::tensor::activation::log_softmax(logits, 2)
+        .gather(2, targets.unsqueeze_dim(2))
+        .squeeze_dim::<2>(2)
+        .neg()
 }
 
 #[cfg(feature = "ndarray")]
@@ -512,7 +611,7 @@ mod nd {
     }
 
     /// A matrix in borrowed or owned memory, read through its row and column strides (in
-    /// elements, never negative): what `matrixmultiply` takes, so that a transposed operand is a
+    /// elements, never negative): what the GEMM takes, so that a transposed operand is a
     /// swap of strides rather than a copy.
     struct Mat<'a> {
         data: std::borrow::Cow<'a, [f32]>,
@@ -564,6 +663,20 @@ mod nd {
             Self::row_major(data, rows, cols)
         }
 
+        /// The values in row-major order: borrowed when the matrix already is, else copied.
+        fn row_major_values(&self) -> std::borrow::Cow<'_, [f32]> {
+            if self.cs == 1 && self.rs == self.cols {
+                std::borrow::Cow::Borrowed(&self.data[..self.rows * self.cols])
+            } else {
+                std::borrow::Cow::Owned(
+                    (0..self.rows)
+                        .flat_map(|r| (0..self.cols).map(move |c| r * self.rs + c * self.cs))
+                        .map(|at| self.data[at])
+                        .collect(),
+                )
+            }
+        }
+
         /// The transpose (no copy).
         fn t(&self) -> Mat<'_> {
             Mat {
@@ -599,24 +712,38 @@ mod nd {
         if c.is_empty() {
             return;
         }
+        // Inside a rayon task (the attention node's heads) the product runs on that task's
+        // thread; otherwise `gemm` splits it over rayon's pool (it keeps small products serial).
+        let parallelism = if rayon::current_thread_index().is_some() {
+            gemm::Parallelism::None
+        } else {
+            gemm::Parallelism::Rayon(0)
+        };
         // SAFETY: the asserts above keep every element that the strides reach inside `a`'s,
-        // `b`'s and `c`'s memory; `c` is borrowed mutably, so nothing else aliases it.
+        // `b`'s and `c`'s memory; `c` is borrowed mutably, so nothing else aliases it. `gemm`
+        // computes `dst = alpha · dst + beta · lhs · rhs` (its alpha and beta are BLAS's
+        // swapped) and reads `dst` only when told to.
         unsafe {
-            matrixmultiply::sgemm(
+            gemm::gemm(
                 a.rows,
-                a.cols,
                 b.cols,
-                alpha,
-                a.data.as_ptr(),
-                a.rs as isize,
-                a.cs as isize,
-                b.data.as_ptr(),
-                b.rs as isize,
-                b.cs as isize,
-                beta,
+                a.cols,
                 c.as_mut_ptr(),
-                b.cols as isize,
                 1,
+                b.cols as isize,
+                beta != 0.0,
+                a.data.as_ptr(),
+                a.cs as isize,
+                a.rs as isize,
+                b.data.as_ptr(),
+                b.cs as isize,
+                b.rs as isize,
+                beta,
+                alpha,
+                false,
+                false,
+                false,
+                parallelism,
             );
         }
     }
@@ -1291,10 +1418,86 @@ mod nd {
             g: ndarray::ArrayView4<'_, f32>,
             bias_grad: bool,
         ) -> [Vec<f32>; 4] {
+            let (b, h, rows, keys, dh, dv) = self.dims();
+            let bias_batch = self.bias.as_ref().map_or(1, |t| t.dim().0);
+            let per_head = self.head_grads(o, g, bias_grad);
+            // From per-head blocks [batch, ..] to [batch, heads, ..].
+            let gather = |which: usize, per_batch: usize, batches: usize| -> Vec<f32> {
+                let mut out = vec![0.0f32; batches * h * per_batch];
+                for (hi, head) in per_head.iter().enumerate() {
+                    for bi in 0..batches {
+                        let at = (bi * h + hi) * per_batch;
+                        out[at..at + per_batch]
+                            .copy_from_slice(&head[which][bi * per_batch..(bi + 1) * per_batch]);
+                    }
+                }
+                out
+            };
+            let dbias = if bias_grad {
+                gather(3, rows * keys, bias_batch)
+            } else {
+                Vec::new()
+            };
+            [
+                gather(0, rows * dh, b),
+                gather(1, keys * dh, b),
+                gather(2, keys * dv, b),
+                dbias,
+            ]
+        }
+
+        /// The gradient of a packed `[batch, seq, 3 · heads, d_head]` input (q, k, v as
+        /// [`packed_views`] reads them), and the bias's (its own shape, if wanted).
+        fn backward_packed(
+            &self,
+            o: ndarray::ArrayView4<'_, f32>,
+            g: ndarray::ArrayView4<'_, f32>,
+            bias_grad: bool,
+        ) -> [Vec<f32>; 2] {
+            let (b, h, rows, keys, dh, dv) = self.dims();
+            assert!(
+                rows == keys && dh == dv,
+                "a packed attention block is square"
+            );
+            let bias_batch = self.bias.as_ref().map_or(1, |t| t.dim().0);
+            let per_head = self.head_grads(o, g, bias_grad);
+            let mut packed = vec![0.0f32; b * rows * 3 * h * dh];
+            for (hi, head) in per_head.iter().enumerate() {
+                for (part, src) in head[..3].iter().enumerate() {
+                    for (block, values) in src.chunks_exact(dh.max(1)).enumerate() {
+                        let (bi, r) = (block / rows.max(1), block % rows.max(1));
+                        let at = ((bi * rows + r) * 3 * h + part * h + hi) * dh;
+                        packed[at..at + dh].copy_from_slice(values);
+                    }
+                }
+            }
+            let mut dbias = Vec::new();
+            if bias_grad {
+                let per_batch = rows * keys;
+                dbias = vec![0.0f32; bias_batch * h * per_batch];
+                for (hi, head) in per_head.iter().enumerate() {
+                    for bi in 0..bias_batch {
+                        let at = (bi * h + hi) * per_batch;
+                        dbias[at..at + per_batch]
+                            .copy_from_slice(&head[3][bi * per_batch..(bi + 1) * per_batch]);
+                    }
+                }
+            }
+            [packed, dbias]
+        }
+
+        /// Per head: the gradients of q, k and v of every batch row (`[batch, .., ..]`,
+        /// row-major), and the bias's (`[1 or batch, rows, keys]`, when wanted).
+        fn head_grads(
+            &self,
+            o: ndarray::ArrayView4<'_, f32>,
+            g: ndarray::ArrayView4<'_, f32>,
+            bias_grad: bool,
+        ) -> Vec<[Vec<f32>; 4]> {
             use ndarray::s;
             let (b, h, rows, keys, dh, dv) = self.dims();
             let bias_batch = self.bias.as_ref().map_or(1, |t| t.dim().0);
-            let per_head: Vec<[Vec<f32>; 4]> = (0..h)
+            (0..h)
                 .into_par_iter()
                 .map(|hi| {
                     let mut dq = vec![0.0f32; b * rows * dh];
@@ -1347,30 +1550,7 @@ mod nd {
                     }
                     [dq, dk, dv_, dbias]
                 })
-                .collect();
-            // From per-head blocks [batch, ..] to [batch, heads, ..].
-            let gather = |which: usize, per_batch: usize, batches: usize| -> Vec<f32> {
-                let mut out = vec![0.0f32; batches * h * per_batch];
-                for (hi, head) in per_head.iter().enumerate() {
-                    for bi in 0..batches {
-                        let at = (bi * h + hi) * per_batch;
-                        out[at..at + per_batch]
-                            .copy_from_slice(&head[which][bi * per_batch..(bi + 1) * per_batch]);
-                    }
-                }
-                out
-            };
-            let dbias = if bias_grad {
-                gather(3, rows * keys, bias_batch)
-            } else {
-                Vec::new()
-            };
-            [
-                gather(0, rows * dh, b),
-                gather(1, keys * dh, b),
-                gather(2, keys * dv, b),
-                dbias,
-            ]
+                .collect()
         }
     }
 
@@ -1520,6 +1700,325 @@ mod nd {
             ),
         };
         cast(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    /// q, k and v `[batch, heads, seq, d_head]` as strided views of a packed
+    /// `[batch, seq, 3 · heads, d_head]` projection (no copies).
+    fn packed_views<'a>(
+        qkv: &'a burn_ndarray::NdArrayTensor,
+        heads: usize,
+        bias: Option<&'a burn_ndarray::NdArrayTensor>,
+        scale: f32,
+        causal_from: Option<usize>,
+    ) -> Option<AttentionViews<'a>> {
+        use ndarray::s;
+        let packed = view4(qkv)?;
+        if heads == 0 || packed.dim().2 != 3 * heads {
+            return None;
+        }
+        let [q, k, v] = [0, 1, 2].map(|i| {
+            packed
+                .slice_move(s![.., .., i * heads..(i + 1) * heads, ..])
+                .permuted_axes([0, 2, 1, 3])
+        });
+        Some(AttentionViews {
+            q,
+            k,
+            v,
+            bias: match bias {
+                Some(t) => Some(view4(t)?),
+                None => None,
+            },
+            scale,
+            causal_from,
+        })
+    }
+
+    fn packed_out_dims(qkv: [usize; 4], heads: usize) -> [usize; 4] {
+        [qkv[0], qkv[1], heads, qkv[3]]
+    }
+
+    pub(super) fn attention_packed_nd<B: Backend>(
+        qkv: Tensor<B, 4>,
+        heads: usize,
+        bias: Option<Tensor<B, 4>>,
+        scale: f32,
+        causal_from: Option<usize>,
+    ) -> Option<Tensor<B, 4>> {
+        let qkv: Tensor<Nd, 4> = cast(qkv)?;
+        let bias: Option<Tensor<Nd, 4>> = cast_opt(bias)?;
+        let (dims, device) = (packed_out_dims(qkv.dims(), heads), qkv.device());
+        let qkv = qkv.into_primitive().tensor();
+        let bias = bias.map(|t| t.into_primitive().tensor());
+        let y = packed_views(&qkv, heads, bias.as_ref(), scale, causal_from)?.forward();
+        cast(to_nd(y, dims, &device))
+    }
+
+    /// What a packed attention node keeps: its inputs and output (shared, not copied).
+    #[derive(Clone, Debug)]
+    struct PackedAttentionState {
+        qkv: burn_ndarray::NdArrayTensor,
+        heads: usize,
+        bias: Option<burn_ndarray::NdArrayTensor>,
+        out: burn_ndarray::NdArrayTensor,
+        scale: f32,
+        causal_from: Option<usize>,
+    }
+
+    /// The backward pass of a packed attention node with `N` parents (the packed q, k, v, and
+    /// the bias when there is one).
+    #[derive(Debug)]
+    struct PackedAttentionBackward<const N: usize>;
+
+    fn packed_attention_backward<const N: usize>(
+        ops: Ops<PackedAttentionState, N>,
+        grads: &mut Gradients,
+    ) {
+        let grad = grads.consume::<Nd>(&ops.node);
+        let s = &ops.state;
+        let views = packed_views(&s.qkv, s.heads, s.bias.as_ref(), s.scale, s.causal_from)
+            .expect("a packed attention node keeps an f32 4-d input");
+        let bias_grad = N == 2 && ops.parents[N - 1].is_some();
+        let o = view4(&s.out).expect("f32 output");
+        let g = view4(&grad).expect("the gradient of an f32 output is f32");
+        let [dqkv, dbias] = views.backward_packed(o, g, bias_grad);
+        let device = Default::default();
+        if let Some(parent) = &ops.parents[0] {
+            let shape = view4(&s.qkv).expect("f32 input").shape().to_vec();
+            let t = Nd::float_from_data(TensorData::new(dqkv, shape), &device);
+            grads.register::<Nd>(parent.id, t);
+        }
+        if let (true, Some(parent), Some(bias)) = (
+            bias_grad,
+            ops.parents.get(1).and_then(|p| p.as_ref()),
+            &views.bias,
+        ) {
+            let t = Nd::float_from_data(TensorData::new(dbias, bias.shape().to_vec()), &device);
+            grads.register::<Nd>(parent.id, t);
+        }
+    }
+
+    backward_for_parents!(
+        PackedAttentionBackward,
+        PackedAttentionState,
+        packed_attention_backward,
+        [1, 2]
+    );
+
+    pub(super) fn attention_packed_autodiff<B: Backend>(
+        qkv: Tensor<B, 4>,
+        heads: usize,
+        bias: Option<Tensor<B, 4>>,
+        scale: f32,
+        causal_from: Option<usize>,
+    ) -> Option<Tensor<B, 4>> {
+        let qkv: Tensor<Ad, 4> = cast(qkv)?;
+        let bias: Option<Tensor<Ad, 4>> = cast_opt(bias)?;
+        let (dims, device) = (packed_out_dims(qkv.dims(), heads), qkv.device());
+        let qkv = qkv.into_primitive().tensor();
+        let bias = bias.map(|t| t.into_primitive().tensor());
+        let y = packed_views(
+            &qkv.primitive,
+            heads,
+            bias.as_ref().map(|t| &t.primitive),
+            scale,
+            causal_from,
+        )?
+        .forward();
+        let out = to_nd(y, dims, &device).into_primitive().tensor();
+        let state = PackedAttentionState {
+            qkv: qkv.primitive,
+            heads,
+            bias: bias.as_ref().map(|t| t.primitive.clone()),
+            out: out.clone(),
+            scale,
+            causal_from,
+        };
+        let out = match bias {
+            Some(t) => finish_node(
+                PackedAttentionBackward::<2>
+                    .prepare::<NoCheckpointing>([qkv.node, t.node])
+                    .compute_bound()
+                    .stateful(),
+                state,
+                out,
+            ),
+            None => finish_node(
+                PackedAttentionBackward::<1>
+                    .prepare::<NoCheckpointing>([qkv.node])
+                    .compute_bound()
+                    .stateful(),
+                state,
+                out,
+            ),
+        };
+        cast(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    /// Rows of logits per rayon task of the token NLL kernel.
+    const NLL_ROWS: usize = 32;
+
+    vectorized! {
+        /// Each row's log-sum-exp as its max and `ln Σ exp(x − max)` (`lse`, kept apart so
+        /// that `x − max` stays exact), and the NLL of its target (`nll`), for row-major
+        /// `rows × cols` logits `x`.
+        fn nll_rows(
+            x: &[f32],
+            cols: usize,
+            targets: &[usize],
+            lse: &mut [[f32; 2]],
+            nll: &mut [f32],
+        ) {
+            let mut e = vec![0.0f32; cols];
+            for (((row, &t), l), n) in x
+                .chunks_exact(cols)
+                .zip(targets)
+                .zip(lse.iter_mut())
+                .zip(nll.iter_mut())
+            {
+                let max = lane_max(row);
+                for (e, &v) in e.iter_mut().zip(row) {
+                    *e = exp(v - max);
+                }
+                let log_sum = lane_sum(&e).ln();
+                *l = [max, log_sum];
+                *n = log_sum - (row[t] - max);
+            }
+        }
+    }
+
+    vectorized! {
+        /// `dx = g · (exp(x − lse) − onehot(target))` row by row.
+        fn nll_grad_rows(
+            dx: &mut [f32],
+            x: &[f32],
+            cols: usize,
+            targets: &[usize],
+            lse: &[[f32; 2]],
+            g: &[f32],
+        ) {
+            for ((((d, row), &t), &[max, log_sum]), &g) in dx
+                .chunks_exact_mut(cols)
+                .zip(x.chunks_exact(cols))
+                .zip(targets)
+                .zip(lse)
+                .zip(g)
+            {
+                for (d, &v) in d.iter_mut().zip(row) {
+                    *d = g * exp((v - max) - log_sum);
+                }
+                d[t] -= g;
+            }
+        }
+    }
+
+    /// The logits as row-major `[rows, vocab]` values, NLL per row and log-sum-exp per row.
+    fn nll_values(x: &burn_ndarray::NdArrayTensor, targets: &[usize]) -> Option<NllValues> {
+        let view = f32_view(x)?;
+        let cols = *view.shape().last()?;
+        let rows = targets.len();
+        if cols == 0 || view.len() != rows * cols {
+            return None;
+        }
+        let m = Mat::of(view);
+        if m.rows != rows {
+            return None;
+        }
+        let x = m.row_major_values();
+        let mut lse = vec![[0.0f32; 2]; rows];
+        let mut nll = vec![0.0f32; rows];
+        x.par_chunks(NLL_ROWS * cols)
+            .zip(targets.par_chunks(NLL_ROWS))
+            .zip(lse.par_chunks_mut(NLL_ROWS))
+            .zip(nll.par_chunks_mut(NLL_ROWS))
+            .for_each(|(((x, t), l), n)| nll_rows(x, cols, t, l, n));
+        Some(NllValues { nll, lse, cols })
+    }
+
+    struct NllValues {
+        nll: Vec<f32>,
+        lse: Vec<[f32; 2]>,
+        cols: usize,
+    }
+
+    pub(super) fn token_nll_nd<B: Backend>(
+        logits: Tensor<B, 3>,
+        targets: &[usize],
+    ) -> Option<Tensor<B, 2>> {
+        let logits: Tensor<Nd, 3> = cast(logits)?;
+        let ([b, l, _], device) = (logits.dims(), logits.device());
+        let values = nll_values(&logits.into_primitive().tensor(), targets)?;
+        cast(to_nd(values.nll, [b, l], &device))
+    }
+
+    /// What a token NLL node keeps: the logits (shared, not copied), the targets and each
+    /// row's log-sum-exp.
+    #[derive(Clone, Debug)]
+    struct NllState {
+        logits: burn_ndarray::NdArrayTensor,
+        targets: Arc<Vec<usize>>,
+        lse: Arc<Vec<[f32; 2]>>,
+        cols: usize,
+    }
+
+    #[derive(Debug)]
+    struct NllBackward<const N: usize>;
+
+    fn nll_backward<const N: usize>(ops: Ops<NllState, N>, grads: &mut Gradients) {
+        let grad = grads.consume::<Nd>(&ops.node);
+        let s = &ops.state;
+        let Some(parent) = &ops.parents[0] else {
+            return;
+        };
+        let view = f32_view(&s.logits).expect("f32 logits");
+        let shape = view.shape().to_vec();
+        let m = Mat::of(view);
+        let cols = s.cols;
+        let rows = s.targets.len();
+        let x = m.row_major_values();
+        // The output's gradient in row-major order (it may be a broadcast view of a mean's).
+        let g: Vec<f32> = f32_view(&grad)
+            .expect("the gradient of an f32 output is f32")
+            .iter()
+            .copied()
+            .collect();
+        let mut dx = vec![0.0f32; rows * cols];
+        dx.par_chunks_mut(NLL_ROWS * cols)
+            .zip(x.par_chunks(NLL_ROWS * cols))
+            .zip(s.targets.par_chunks(NLL_ROWS))
+            .zip(s.lse.par_chunks(NLL_ROWS))
+            .zip(g.par_chunks(NLL_ROWS))
+            .for_each(|((((d, x), t), l), g)| nll_grad_rows(d, x, cols, t, l, g));
+        let t = Nd::float_from_data(TensorData::new(dx, shape), &Default::default());
+        grads.register::<Nd>(parent.id, t);
+    }
+
+    backward_for_parents!(NllBackward, NllState, nll_backward, [1]);
+
+    pub(super) fn token_nll_autodiff<B: Backend>(
+        logits: Tensor<B, 3>,
+        targets: Vec<usize>,
+    ) -> Option<Tensor<B, 2>> {
+        let logits: Tensor<Ad, 3> = cast(logits)?;
+        let ([b, l, _], device) = (logits.dims(), logits.device());
+        let logits = logits.into_primitive().tensor();
+        let values = nll_values(&logits.primitive, &targets)?;
+        let out = to_nd(values.nll, [b, l], &device).into_primitive().tensor();
+        let state = NllState {
+            logits: logits.primitive,
+            targets: Arc::new(targets),
+            lse: Arc::new(values.lse),
+            cols: values.cols,
+        };
+        let out = finish_node(
+            NllBackward::<1>
+                .prepare::<NoCheckpointing>([logits.node])
+                .compute_bound()
+                .stateful(),
+            state,
+            out,
+        );
+        cast(Tensor::<Ad, 2>::from_primitive(TensorPrimitive::Float(out)))
     }
 
     /// Softmax of `row[..n]` in place, and 0 at `row[n..]` (the masked keys).
@@ -2146,6 +2645,207 @@ mod tests {
                 close(bias.grad(&g1).unwrap(), bias64.grad(&g2).unwrap(), "dbias");
             }
         }
+    }
+
+    /// The packed attention node (q, k, v read from one `[batch, seq, 3·heads, d_head]`
+    /// projection, one gradient for it) against the tensor path in f64 on the split parts:
+    /// values, and the gradients of the packed tensor (each of its q, k and v parts) and of the
+    /// bias, causal and non-causal, a bias shared by the batch or one per row, and no bias. The
+    /// projection comes transposed (a strided view), as a layer's output may.
+    #[test]
+    fn packed_attention_is_the_tensor_path_in_values_and_gradients() {
+        type A = Autodiff<NdArray<f32>>;
+        type A64 = Autodiff<NdArray<f64>>;
+        let device = Default::default();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let (b, h, dh, l) = (2, 3, 4, 7);
+        for (case, causal_from, bias_batch) in [
+            ("causal", Some(0), Some(1)),
+            ("full", None, Some(1)),
+            ("bias per batch row", Some(0), Some(b)),
+            ("no bias", Some(0), None),
+        ] {
+            let stored = Tensor::<A, 4>::random([b, 3 * h, l, dh], normal, &device).require_grad();
+            let qkv = stored.clone().swap_dims(1, 2);
+            let bias = bias_batch
+                .map(|bb| Tensor::<A, 4>::random([bb, h, l, l], normal, &device).require_grad());
+            let scale = 0.41;
+            let fused = attention_packed(qkv, h, bias.clone(), scale, causal_from)
+                .expect("a kernel on Autodiff<NdArray<f32>>");
+            assert_eq!(fused.dims(), [b, l, h, dh], "{case}");
+            let weights = Tensor::<A, 4>::random([b, l, h, dh], normal, &device);
+            let to64 = |t: &Tensor<A, 4>| {
+                let data = t.to_data().convert::<f64>();
+                Tensor::<A64, 4>::from_data(data, (&device, DType::F64)).require_grad()
+            };
+            let (stored64, w64) = (to64(&stored), to64(&weights));
+            let bias64 = bias.as_ref().map(to64);
+            let part = |i: usize| stored64.clone().narrow(1, i * h, h);
+            let reference = attention_reference(
+                part(0),
+                part(1),
+                part(2),
+                bias64.clone(),
+                scale,
+                causal_from,
+            );
+            let close =
+                |ours: Tensor<NdArray<f32>, 4>, want: Tensor<NdArray<f64>, 4>, what: &str| {
+                    let want = Tensor::<NdArray<f32>, 4>::from_data(
+                        want.into_data().convert::<f32>(),
+                        &device,
+                    );
+                    let scale = want.clone().abs().max().into_scalar().max(1.0);
+                    let d = max_diff(ours, want);
+                    assert!(
+                        d < 2e-6 * scale,
+                        "{case}: {what} differs by {d} (largest {scale})"
+                    );
+                };
+            close(fused.clone().inner(), reference.clone().inner(), "output");
+            let g1 = (fused * weights).sum().backward();
+            let g2 = (reference * w64).sum().backward();
+            let (gs, gs64) = (stored.grad(&g1).unwrap(), stored64.grad(&g2).unwrap());
+            for (i, what) in ["dq", "dk", "dv"].into_iter().enumerate() {
+                close(
+                    gs.clone().narrow(1, i * h, h),
+                    gs64.clone().narrow(1, i * h, h),
+                    what,
+                );
+            }
+            if let (Some(bias), Some(bias64)) = (&bias, &bias64) {
+                close(bias.grad(&g1).unwrap(), bias64.grad(&g2).unwrap(), "dbias");
+            }
+        }
+    }
+
+    /// Without autodiff the packed kernel is the split one; it hands back a third dimension
+    /// that is not three times the heads, a bias of another shape, and a causal block that
+    /// does not start at 0.
+    #[test]
+    fn packed_attention_without_autodiff_and_bad_shapes() {
+        type N = NdArray<f32>;
+        let device = Default::default();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let (b, h, dh, l) = (2, 2, 4, 6);
+        let qkv = Tensor::<N, 4>::random([b, l, 3 * h, dh], normal, &device);
+        let bias = Tensor::<N, 4>::random([1, h, l, l], normal, &device);
+        let fused = attention_packed(qkv.clone(), h, Some(bias.clone()), 0.5, Some(0))
+            .expect("a kernel on NdArray<f32>");
+        let part = |i: usize| qkv.clone().narrow(2, i * h, h).swap_dims(1, 2);
+        let split = attention(part(0), part(1), part(2), Some(bias.clone()), 0.5, Some(0))
+            .expect("a kernel on NdArray<f32>");
+        assert_eq!(max_diff(fused, split), 0.0);
+        assert!(attention_packed(qkv.clone(), 3, None, 0.5, None).is_none());
+        let wrong_bias = Tensor::<N, 4>::zeros([1, h, l, l - 1], &device);
+        assert!(attention_packed(qkv.clone(), h, Some(wrong_bias), 0.5, None).is_none());
+        assert!(attention_packed(qkv, h, None, 0.5, Some(2)).is_none());
+    }
+
+    /// The fused token NLL against `log_softmax` + `gather` in f64: values and the logits'
+    /// gradient under a weighted sum (each token's own weight) and under a mean (a broadcast
+    /// gradient), for row-major and transposed (strided) logits, with rows of a wide range
+    /// (a max subtracted or not shows); a target outside the vocabulary takes the tensor path.
+    #[test]
+    fn fused_token_nll_is_the_tensor_path_in_values_and_gradients() {
+        type A = Autodiff<NdArray<f32>>;
+        type A64 = Autodiff<NdArray<f64>>;
+        let device = Default::default();
+        let (b, l, vocab) = (3, 37, 50);
+        let mut rng = crate::util::Rng::new(7);
+        let targets: Vec<i64> = (0..b * l).map(|_| rng.below(vocab as u64) as i64).collect();
+        let mut unit = || (rng.next_u64() >> 40) as f32 / 16_777_216.0;
+        let logits: Vec<f32> = (0..b * l * vocab)
+            .map(|i| (unit() - 0.5) * 8.0 + (i % 5) as f32 * 20.0)
+            .collect();
+        let weights: Vec<f32> = (0..b * l).map(|_| unit()).collect();
+        for transposed in [false, true] {
+            for mean in [false, true] {
+                let case = format!("transposed {transposed}, mean {mean}");
+                let stored = if transposed {
+                    // The same logits, stored [b, vocab, l] and viewed back.
+                    let mut t = vec![0.0f32; logits.len()];
+                    for bi in 0..b {
+                        for r in 0..l {
+                            for c in 0..vocab {
+                                t[(bi * vocab + c) * l + r] = logits[(bi * l + r) * vocab + c];
+                            }
+                        }
+                    }
+                    Tensor::<A, 3>::from_data(TensorData::new(t, [b, vocab, l]), &device)
+                } else {
+                    Tensor::<A, 3>::from_data(
+                        TensorData::new(logits.clone(), [b, l, vocab]),
+                        &device,
+                    )
+                }
+                .require_grad();
+                let x = if transposed {
+                    stored.clone().swap_dims(1, 2)
+                } else {
+                    stored.clone()
+                };
+                let t = Tensor::<A, 2, Int>::from_data(
+                    TensorData::new(targets.clone(), [b, l]),
+                    &device,
+                );
+                let w =
+                    Tensor::<A, 2>::from_data(TensorData::new(weights.clone(), [b, l]), &device);
+                let x64 = Tensor::<A64, 3>::from_data(
+                    TensorData::new(logits.clone(), [b, l, vocab]).convert::<f64>(),
+                    (&device, DType::F64),
+                )
+                .require_grad();
+                let t64 = Tensor::<A64, 2, Int>::from_data(
+                    TensorData::new(targets.clone(), [b, l]),
+                    &device,
+                );
+                let w64 = Tensor::<A64, 2>::from_data(
+                    TensorData::new(weights.clone(), [b, l]).convert::<f64>(),
+                    (&device, DType::F64),
+                );
+                let ours = token_nll(x, t);
+                let want = token_nll_tensor(x64.clone(), t64);
+                let ov = ours.to_data().to_vec::<f32>().unwrap();
+                let wv = want.to_data().convert::<f32>().to_vec::<f32>().unwrap();
+                for (o, w) in ov.iter().zip(&wv) {
+                    assert!(
+                        (o - w).abs() < 2e-5 * w.abs().max(1.0),
+                        "{case}: nll {o} vs {w}"
+                    );
+                }
+                let (g, g64) = if mean {
+                    (ours.mean().backward(), want.mean().backward())
+                } else {
+                    ((ours * w).sum().backward(), (want * w64).sum().backward())
+                };
+                let mut dx = stored.grad(&g).unwrap();
+                if transposed {
+                    dx = dx.swap_dims(1, 2);
+                }
+                let dx = dx.into_data().to_vec::<f32>().unwrap();
+                let dx64 = x64
+                    .grad(&g64)
+                    .unwrap()
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .unwrap();
+                for (i, (o, w)) in dx.iter().zip(&dx64).enumerate() {
+                    assert!((o - w).abs() < 1e-6, "{case}: gradient {i}: {o} vs {w}");
+                }
+            }
+        }
+        // A target outside 0..vocab: the tensor path (Burn's gather), not the kernel.
+        type N = NdArray<f32>;
+        let x = Tensor::<N, 3>::from_data(
+            TensorData::new(logits[..vocab].to_vec(), [1, 1, vocab]),
+            &device,
+        );
+        let inside = Tensor::<N, 2, Int>::from_data(TensorData::new(vec![3i64], [1, 1]), &device);
+        let a = token_nll(x.clone(), inside.clone()).into_scalar();
+        let b_ = token_nll_tensor(x, inside).into_scalar();
+        assert!((a - b_).abs() < 1e-5, "{a} vs {b_}");
     }
 
     /// Without autodiff the kernel gives the same values, and it hands other shapes back.

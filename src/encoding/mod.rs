@@ -1071,6 +1071,12 @@ impl<B: Backend> PositionalEncoding<B> {
         }
     }
 
+    /// Whether [`rotate`](Self::rotate) changes q and k (rotary encodings, and BiPE's
+    /// segment rotation).
+    pub fn rotates(&self) -> bool {
+        matches!(self, Self::Rotary(_) | Self::Bipe(_))
+    }
+
     /// Rotates queries `q: [batch, heads, seq_q, d_head]` of tokens
     /// `q_start .. q_start + seq_q` and keys `k: [batch, heads, seq_k, d_head]` of tokens
     /// `0 .. seq_k`, token `t` at position `t` or at `positions[t]` (randomized positions; it

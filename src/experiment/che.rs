@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use burn::record::DefaultRecorder;
-use burn::tensor::activation::log_softmax;
 
 use crate::attention::SsmaxConfig;
 use crate::data::che::{Sample, Task};
@@ -210,8 +209,7 @@ pub fn che_forward<B: Backend>(model: &SequenceModel<B>, batch: CheBatch<B>) -> 
     let logits = model
         .predict_at(batch.inputs, out_len, batch.positions.as_ref())
         .unwrap_or_else(|e| panic!("CHE batch rejected by the model: {e}"));
-    let picked = log_softmax(logits.clone(), 2).gather(2, batch.targets.clone().unsqueeze_dim(2));
-    let loss = picked.sum().neg() / n as f64;
+    let loss = crate::kernel::token_nll(logits.clone(), batch.targets.clone()).sum() / n as f64;
     CheOutput {
         loss,
         logits,

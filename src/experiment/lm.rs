@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use burn::record::DefaultRecorder;
-use burn::tensor::activation::log_softmax;
 use serde::{Deserialize, Serialize};
 
 use crate::attention::SsmaxConfig;
@@ -290,8 +289,7 @@ pub fn token_nll<B: Backend>(
     positions: Option<&Positions>,
 ) -> Result<Tensor<B, 2>> {
     let logits = model.forward_at(inputs, positions)?;
-    let picked = log_softmax(logits, 2).gather(2, targets.unsqueeze_dim(2));
-    Ok(picked.squeeze_dim::<2>(2).neg())
+    Ok(crate::kernel::token_nll(logits, targets))
 }
 
 /// The attention chunk used to evaluate `rows` windows of `length` tokens: none while the
