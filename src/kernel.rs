@@ -252,10 +252,11 @@ pub fn attention_packed<B: Backend>(
     None
 }
 
-/// Whether [`distance_table_bias`] has a kernel for backend `B` (ndarray without autodiff).
+/// Whether [`distance_table_bias`] has a kernel for backend `B` (ndarray, with or without
+/// autodiff).
 pub fn distance_table_applies<B: Backend>() -> bool {
     #[cfg(feature = "ndarray")]
-    return applies::<B>();
+    return applies::<B>() || applies_autodiff::<B>();
     #[cfg(not(feature = "ndarray"))]
     false
 }
@@ -263,18 +264,25 @@ pub fn distance_table_applies<B: Backend>() -> bool {
 /// A bias that depends on the distance alone, looked up from a per-head table:
 /// `out[0, h, r, c] = table[h, |rows[r] - cols[c]|]` for `table` `[heads, n]` and the positions
 /// `rows` of the query rows and `cols` of the key columns: `[1, heads, rows, keys]`. One pass on
-/// ndarray without autodiff (evaluation), where building it from tensor ops would take one pass
-/// per op with a transcendental function in one of them. `None` elsewhere, or when a distance
-/// reaches past the table: the caller builds the bias from tensor ops (which autodiff
-/// differentiates).
+/// ndarray, where building it from tensor ops would take one pass per op over every (row, key)
+/// pair, with a transcendental function in one of them. Under autodiff (training) it is one
+/// graph node whose parent is the table: its backward pass sums the bias's gradient per head
+/// and distance, so the gradients of whatever the table was computed from (Kerple's `p` and
+/// `a`) flow through the table's own `[heads, n]` ops. `None` elsewhere, or when a distance
+/// reaches past the table: the caller builds the bias from tensor ops.
 pub fn distance_table_bias<B: Backend>(
     table: Tensor<B, 2>,
     rows: &[i64],
     cols: &[i64],
 ) -> Option<Tensor<B, 4>> {
     #[cfg(feature = "ndarray")]
-    if applies::<B>() && table.dtype() == burn::tensor::DType::F32 {
-        return distance_table_nd(table, rows, cols);
+    if table.dtype() == burn::tensor::DType::F32 {
+        if applies::<B>() {
+            return distance_table_nd(table, rows, cols);
+        }
+        if applies_autodiff::<B>() {
+            return distance_table_autodiff(table, rows, cols);
+        }
     }
     #[cfg(not(feature = "ndarray"))]
     let _ = (table, rows, cols);
@@ -588,16 +596,28 @@ mod nd {
         let table: Tensor<Nd, 2> = cast(table)?;
         let [h, n] = table.dims();
         let device = table.device();
+        let out = distance_lookup(&host(table)?, h, n, rows, cols)?;
+        cast(to_nd(out, [1, h, rows.len(), cols.len()], &device))
+    }
+
+    /// `[heads, rows, cols]` values `table[h, |rows[r] - cols[c]|]` (one task per head and
+    /// row); `None` when a distance reaches past the table or `cols` is not sorted.
+    fn distance_lookup(
+        values: &[f32],
+        h: usize,
+        n: usize,
+        rows: &[i64],
+        cols: &[i64],
+    ) -> Option<Vec<f32>> {
         let (lq, lk) = (rows.len(), cols.len());
         let (first, last) = (*cols.first()?, *cols.last()?);
         let reach = rows
             .iter()
             .map(|&p| (p - first).unsigned_abs().max((p - last).unsigned_abs()))
             .max()?;
-        if reach as usize >= n || cols.windows(2).any(|w| w[0] > w[1]) {
+        if reach as usize >= n || cols.windows(2).any(|w| w[0] > w[1]) || values.len() != h * n {
             return None;
         }
-        let values = host(table)?;
         let mut out = vec![0.0f32; h * lq * lk];
         out.par_chunks_mut(lk).enumerate().for_each(|(task, row)| {
             let (head, r) = (task / lq, task % lq);
@@ -607,7 +627,7 @@ mod nd {
                 *o = tab[(p - c).unsigned_abs() as usize];
             }
         });
-        cast(to_nd(out, [1, h, lq, lk], &device))
+        Some(out)
     }
 
     /// A matrix in borrowed or owned memory, read through its row and column strides (in
@@ -862,6 +882,86 @@ mod nd {
                 }
             })*
         };
+    }
+
+    /// What a distance-table node keeps: the positions and the table's shape.
+    #[derive(Clone, Debug)]
+    struct DistanceTableState {
+        rows: Arc<Vec<i64>>,
+        cols: Arc<Vec<i64>>,
+        heads: usize,
+        n: usize,
+    }
+
+    #[derive(Debug)]
+    struct DistanceTableBackward<const N: usize>;
+
+    fn distance_table_backward<const N: usize>(
+        ops: Ops<DistanceTableState, N>,
+        grads: &mut Gradients,
+    ) {
+        let grad = grads.consume::<Nd>(&ops.node);
+        let Some(parent) = &ops.parents[0] else {
+            return;
+        };
+        let s = &ops.state;
+        let (lq, lk) = (s.rows.len(), s.cols.len());
+        let g = Mat::of(f32_view(&grad).expect("the gradient of an f32 output is f32"));
+        let g = g.row_major_values();
+        // Per head: the gradient summed over the pairs at each distance.
+        let mut dtable = vec![0.0f32; s.heads * s.n];
+        dtable
+            .par_chunks_mut(s.n.max(1))
+            .enumerate()
+            .for_each(|(head, acc)| {
+                let block = &g[head * lq * lk..(head + 1) * lq * lk];
+                for (row, &p) in block.chunks_exact(lk.max(1)).zip(s.rows.iter()) {
+                    for (&x, &c) in row.iter().zip(s.cols.iter()) {
+                        acc[(p - c).unsigned_abs() as usize] += x;
+                    }
+                }
+            });
+        let t = Nd::float_from_data(TensorData::new(dtable, [s.heads, s.n]), &Default::default());
+        grads.register::<Nd>(parent.id, t);
+    }
+
+    backward_for_parents!(
+        DistanceTableBackward,
+        DistanceTableState,
+        distance_table_backward,
+        [1]
+    );
+
+    /// [`super::distance_table_bias`] on `Autodiff<NdArray<f32>>`: one node over the table.
+    pub(super) fn distance_table_autodiff<B: Backend>(
+        table: Tensor<B, 2>,
+        rows: &[i64],
+        cols: &[i64],
+    ) -> Option<Tensor<B, 4>> {
+        let table: Tensor<Ad, 2> = cast(table)?;
+        let [h, n] = table.dims();
+        let device = table.device();
+        let table = table.into_primitive().tensor();
+        let values = host_primitive(table.primitive.clone())?;
+        let out = distance_lookup(&values, h, n, rows, cols)?;
+        let out = to_nd(out, [1, h, rows.len(), cols.len()], &device)
+            .into_primitive()
+            .tensor();
+        let state = DistanceTableState {
+            rows: Arc::new(rows.to_vec()),
+            cols: Arc::new(cols.to_vec()),
+            heads: h,
+            n,
+        };
+        let out = finish_node(
+            DistanceTableBackward::<1>
+                .prepare::<NoCheckpointing>([table.node])
+                .compute_bound()
+                .stateful(),
+            state,
+            out,
+        );
+        cast(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
     }
 
     /// The backward pass of a linear node with `N` parents (input, weight, and bias when
@@ -2846,6 +2946,55 @@ mod tests {
         let a = token_nll(x.clone(), inside.clone()).into_scalar();
         let b_ = token_nll_tensor(x, inside).into_scalar();
         assert!((a - b_).abs() < 1e-5, "{a} vs {b_}");
+    }
+
+    /// The distance-table lookup under autodiff against Burn's `select` of the same table (the
+    /// tensor path): values, and the table's gradient under a weighted sum (pairs at the same
+    /// distance add up), for a causal chunk after earlier keys, a non-causal block (both signs
+    /// of the offset) and sparse randomized positions; a distance past the table hands back.
+    #[test]
+    fn distance_table_lookup_is_select_in_values_and_gradients() {
+        type A = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let h = 3;
+        for (case, rows, cols) in [
+            (
+                "causal chunk",
+                (4..9).collect::<Vec<i64>>(),
+                (0..9).collect::<Vec<i64>>(),
+            ),
+            ("non-causal", (0..6).collect(), (0..6).collect()),
+            (
+                "randomized",
+                vec![3, 10, 17, 40],
+                vec![0, 3, 10, 17, 22, 40],
+            ),
+        ] {
+            let n = 41;
+            let table = Tensor::<A, 2>::random([h, n], normal, &device).require_grad();
+            let ours = distance_table_bias(table.clone(), &rows, &cols)
+                .expect("a kernel on Autodiff<NdArray<f32>>");
+            let (lq, lk) = (rows.len(), cols.len());
+            let index: Vec<i64> = rows
+                .iter()
+                .flat_map(|&p| cols.iter().map(move |&c| (p - c).abs()))
+                .collect();
+            let index = Tensor::<A, 1, Int>::from_data(TensorData::new(index, [lq * lk]), &device);
+            let want = table.clone().select(1, index).reshape([1, h, lq, lk]);
+            assert_eq!(
+                max_diff(ours.clone().inner(), want.clone().inner()),
+                0.0,
+                "{case}"
+            );
+            let w = Tensor::<A, 4>::random([1, h, lq, lk], normal, &device);
+            let g1 = (ours * w.clone()).sum().backward();
+            let g2 = (want * w).sum().backward();
+            let d = max_diff(table.grad(&g1).unwrap(), table.grad(&g2).unwrap());
+            assert!(d < 1e-5, "{case}: the table's gradient differs by {d}");
+        }
+        let table = Tensor::<A, 2>::zeros([h, 4], &device);
+        assert!(distance_table_bias(table, &[0, 1, 2, 3, 4], &[0, 1, 2, 3, 4]).is_none());
     }
 
     /// Without autodiff the kernel gives the same values, and it hands other shapes back.
