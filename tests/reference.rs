@@ -764,8 +764,9 @@ fn positional_logits_of_alibi_are_its_formula() {
 
 /// Kerple's bias on ndarray without autodiff is looked up from one value per distance
 /// (`kernel::distance_table_bias`): it equals the formula at every entry, for both kernels, a
-/// causal chunk, a non-causal block and randomized positions; and under autodiff (tensor ops)
-/// it is the same.
+/// causal chunk, a non-causal block and randomized positions; under autodiff (a graph node
+/// over the same per-distance table) it is the same, and the gradients of `p` and `a` through
+/// the table are the formula's derivatives summed over every entry.
 #[test]
 fn kerple_looked_up_bias_matches_the_formula() {
     use burn::backend::Autodiff;
@@ -835,6 +836,65 @@ fn kerple_looked_up_bias_matches_the_formula() {
                             "autodiff {kind:?}"
                         );
                     }
+                }
+            }
+            // d/dp and d/da of Σ w · bias, with fixed weights w, against the formula's.
+            let (lq, lk) = (span.query_len, span.key_len);
+            let weight = |at: usize| ((at % 7) as f64 - 3.0) / 3.0;
+            let w: Vec<f32> = (0..3 * lq * lk).map(|at| weight(at) as f32).collect();
+            let w = Tensor::<Autodiff<B>, 4>::from_data(TensorData::new(w, [1, 3, lq, lk]), &dev());
+            let grads = (tracked.forward(span, &dev()) * w).sum().backward();
+            let AdditiveBias::Kerple(k) = &tracked else {
+                unreachable!()
+            };
+            let dp: Vec<f32> =
+                k.p.val()
+                    .grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .to_vec()
+                    .unwrap();
+            let da: Vec<f32> =
+                k.a.val()
+                    .grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .to_vec()
+                    .unwrap();
+            for h in 0..3 {
+                // The parameters are clamped (p, a ≥ eps; the power kernel's a ≤ 2): outside,
+                // the gradient is 0.
+                let eps = k.eps;
+                let a_max = if kind == KerpleKind::Power {
+                    2.0
+                } else {
+                    f64::INFINITY
+                };
+                let (ph, ah) = (f64::from(p[h]).max(eps), f64::from(a[h]).clamp(eps, a_max));
+                let p_live = f64::from(p[h]) >= eps;
+                let a_live = f64::from(a[h]) >= eps && f64::from(a[h]) <= a_max;
+                let (mut want_p, mut want_a) = (0.0, 0.0);
+                for r in 0..lq {
+                    for c in 0..lk {
+                        let d =
+                            (span.position(span.query_start + r) - span.position(c)).abs() as f64;
+                        let wt = weight((h * lq + r) * lk + c);
+                        let (bp, ba) = match kind {
+                            KerpleKind::Log => (-(1.0 + ah * d).ln(), -ph * d / (1.0 + ah * d)),
+                            KerpleKind::Power if d > 0.0 => {
+                                (-d.powf(ah), -ph * d.powf(ah) * d.ln())
+                            }
+                            KerpleKind::Power => (0.0, 0.0),
+                        };
+                        want_p += if p_live { wt * bp } else { 0.0 };
+                        want_a += if a_live { wt * ba } else { 0.0 };
+                    }
+                }
+                for (what, got, want) in [("p", dp[h], want_p), ("a", da[h], want_a)] {
+                    assert!(
+                        (f64::from(got) - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{kind:?} {span:?} h{h}: d{what} {got} vs {want}"
+                    );
                 }
             }
         }
