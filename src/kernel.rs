@@ -2630,6 +2630,31 @@ mod tests {
         assert!(worst < 1e-5, "relative error {worst:e}");
     }
 
+    /// A copy of `t` in f64 on `Autodiff<NdArray<f64>>`, tracked. The dtype is named: without
+    /// it `from_data` takes the device's default float dtype, f32.
+    fn tracked_f64(t: &Tensor<Autodiff<NdArray<f32>>, 4>) -> Tensor<Autodiff<NdArray<f64>>, 4> {
+        let data = t.to_data().convert::<f64>();
+        Tensor::from_data(data, (&Default::default(), DType::F64)).require_grad()
+    }
+
+    /// Asserts that `ours` is within 2e-6 of the f64 reference `want`, relative to its largest
+    /// entry (at least 1).
+    fn assert_near_f64(
+        ours: Tensor<NdArray<f32>, 4>,
+        want: Tensor<NdArray<f64>, 4>,
+        case: &str,
+        what: &str,
+    ) {
+        let want =
+            Tensor::<NdArray<f32>, 4>::from_data(want.into_data().convert::<f32>(), &ours.device());
+        let scale = want.clone().abs().max().into_scalar().max(1.0);
+        let d = max_diff(ours, want);
+        assert!(
+            d < 2e-6 * scale,
+            "{case}: {what} differs by {d} (largest {scale})"
+        );
+    }
+
     /// `softmax(scale · q kᵀ + bias, mask) · v` by Burn's tensor ops, as
     /// `[batch, rows, heads, d_v]`: the reference of the fused attention kernel.
     fn attention_reference<B: Backend>(
@@ -2700,15 +2725,9 @@ mod tests {
             assert_eq!(fused.dims(), [b, rows, h, dv], "{case}");
             let weights = Tensor::<A, 4>::random([b, rows, h, dv], normal, &device);
             // The reference in f64 (two f32 computations in different orders differ by ~5e-5
-            // here): the same inputs, the tensor path, on Autodiff<NdArray<f64>>. The dtype is
-            // named: without it `from_data` takes the device's default float dtype, f32.
-            type A64 = Autodiff<NdArray<f64>>;
-            let to64 = |t: &Tensor<A, 4>| {
-                let data = t.to_data().convert::<f64>();
-                Tensor::<A64, 4>::from_data(data, (&device, DType::F64)).require_grad()
-            };
-            let (qp64, kv64, w64) = (to64(&qp), to64(&kv), to64(&weights));
-            let bias64 = bias.as_ref().map(to64);
+            // here): the same inputs, the tensor path, on Autodiff<NdArray<f64>>.
+            let (qp64, kv64, w64) = (tracked_f64(&qp), tracked_f64(&kv), tracked_f64(&weights));
+            let bias64 = bias.as_ref().map(tracked_f64);
             let reference = attention_reference(
                 qp64.clone().swap_dims(1, 2),
                 kv64.clone().narrow(3, 0, dh).swap_dims(1, 2),
@@ -2717,19 +2736,7 @@ mod tests {
                 scale,
                 causal_from,
             );
-            let close =
-                |ours: Tensor<NdArray<f32>, 4>, want: Tensor<NdArray<f64>, 4>, what: &str| {
-                    let want = Tensor::<NdArray<f32>, 4>::from_data(
-                        want.into_data().convert::<f32>(),
-                        &device,
-                    );
-                    let scale = want.clone().abs().max().into_scalar().max(1.0);
-                    let d = max_diff(ours, want);
-                    assert!(
-                        d < 2e-6 * scale,
-                        "{case}: {what} differs by {d} (largest {scale})"
-                    );
-                };
+            let close = |ours, want, what: &str| assert_near_f64(ours, want, case, what);
             close(fused.clone().inner(), reference.clone().inner(), "output");
             let g1 = (fused * weights).sum().backward();
             let g2 = (reference * w64).sum().backward();
@@ -2755,7 +2762,6 @@ mod tests {
     #[test]
     fn packed_attention_is_the_tensor_path_in_values_and_gradients() {
         type A = Autodiff<NdArray<f32>>;
-        type A64 = Autodiff<NdArray<f64>>;
         let device = Default::default();
         let normal = Distribution::Normal(0.0, 1.0);
         let (b, h, dh, l) = (2, 3, 4, 7);
@@ -2774,12 +2780,8 @@ mod tests {
                 .expect("a kernel on Autodiff<NdArray<f32>>");
             assert_eq!(fused.dims(), [b, l, h, dh], "{case}");
             let weights = Tensor::<A, 4>::random([b, l, h, dh], normal, &device);
-            let to64 = |t: &Tensor<A, 4>| {
-                let data = t.to_data().convert::<f64>();
-                Tensor::<A64, 4>::from_data(data, (&device, DType::F64)).require_grad()
-            };
-            let (stored64, w64) = (to64(&stored), to64(&weights));
-            let bias64 = bias.as_ref().map(to64);
+            let (stored64, w64) = (tracked_f64(&stored), tracked_f64(&weights));
+            let bias64 = bias.as_ref().map(tracked_f64);
             let part = |i: usize| stored64.clone().narrow(1, i * h, h);
             let reference = attention_reference(
                 part(0),
@@ -2789,19 +2791,7 @@ mod tests {
                 scale,
                 causal_from,
             );
-            let close =
-                |ours: Tensor<NdArray<f32>, 4>, want: Tensor<NdArray<f64>, 4>, what: &str| {
-                    let want = Tensor::<NdArray<f32>, 4>::from_data(
-                        want.into_data().convert::<f32>(),
-                        &device,
-                    );
-                    let scale = want.clone().abs().max().into_scalar().max(1.0);
-                    let d = max_diff(ours, want);
-                    assert!(
-                        d < 2e-6 * scale,
-                        "{case}: {what} differs by {d} (largest {scale})"
-                    );
-                };
+            let close = |ours, want, what: &str| assert_near_f64(ours, want, case, what);
             close(fused.clone().inner(), reference.clone().inner(), "output");
             let g1 = (fused * weights).sum().backward();
             let g2 = (reference * w64).sum().backward();
