@@ -6,9 +6,8 @@
 
 use std::time::Instant;
 
-use burn::grad_clipping::GradientClippingConfig;
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -17,6 +16,7 @@ use crate::encoding::{table_cache_stats, PositionalEncodingConfig};
 use crate::error::{ensure, Result};
 use crate::experiment::lm::{auto_chunk, token_nll};
 use crate::model::{LanguageModel, LanguageModelConfig, TransformerConfig};
+use crate::optim::FusedAdamWConfig;
 use crate::sysmem;
 
 /// What is timed.
@@ -187,12 +187,12 @@ pub fn run<B: AutodiffBackend>(
         match config.mode {
             BenchMode::Train => {
                 let mut model = model.clone();
-                let mut optim = AdamWConfig::new()
+                let mut optim = FusedAdamWConfig::new()
                     .with_beta_1(0.9)
                     .with_beta_2(0.95)
                     .with_weight_decay(0.1)
-                    .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
-                    .init::<B, LanguageModel<B>>();
+                    .with_grad_clip_norm(Some(1.0))
+                    .init::<B, LanguageModel<B>>()?;
                 for _ in 0..steps {
                     let t0 = Instant::now();
                     let loss = token_nll(&model, inputs.clone(), targets.clone(), None)?.mean();

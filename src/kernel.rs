@@ -385,6 +385,8 @@ mod nd {
     use burn::tensor::{DType, TensorData, TensorPrimitive};
     use rayon::prelude::*;
 
+    use crate::optim::AdamWStep;
+
     /// The backend the kernels run on outside autodiff.
     pub(crate) type Nd = burn_ndarray::NdArray<f32>;
     /// The backend the kernels run on under autodiff.
@@ -633,7 +635,7 @@ mod nd {
     /// A matrix in borrowed or owned memory, read through its row and column strides (in
     /// elements, never negative): what the GEMM takes, so that a transposed operand is a
     /// swap of strides rather than a copy.
-    struct Mat<'a> {
+    pub(crate) struct Mat<'a> {
         data: std::borrow::Cow<'a, [f32]>,
         rows: usize,
         cols: usize,
@@ -643,7 +645,11 @@ mod nd {
 
     impl<'a> Mat<'a> {
         /// A row-major `rows × cols` matrix.
-        fn row_major(data: std::borrow::Cow<'a, [f32]>, rows: usize, cols: usize) -> Self {
+        pub(crate) fn row_major(
+            data: std::borrow::Cow<'a, [f32]>,
+            rows: usize,
+            cols: usize,
+        ) -> Self {
             assert_eq!(data.len(), rows * cols, "matrix of {rows} x {cols}");
             Self {
                 data,
@@ -698,7 +704,7 @@ mod nd {
         }
 
         /// The transpose (no copy).
-        fn t(&self) -> Mat<'_> {
+        pub(crate) fn t(&self) -> Mat<'_> {
             Mat {
                 data: std::borrow::Cow::Borrowed(&self.data),
                 rows: self.cols,
@@ -717,7 +723,7 @@ mod nd {
     }
 
     /// `c = a · b + beta · c`, `c` row-major `a.rows × b.cols`.
-    fn gemm(a: &Mat, b: &Mat, beta: f32, c: &mut [f32]) {
+    pub(crate) fn gemm(a: &Mat, b: &Mat, beta: f32, c: &mut [f32]) {
         gemm_alpha(1.0, a, b, beta, c)
     }
 
@@ -1066,7 +1072,7 @@ mod nd {
     /// The sum of `x` over sixteen running sums (so that it vectorizes: one running sum is a
     /// chain of dependent adds).
     #[inline(always)]
-    fn lane_sum(x: &[f32]) -> f32 {
+    pub(crate) fn lane_sum(x: &[f32]) -> f32 {
         let mut acc = [0.0f32; 16];
         let chunks = x.chunks_exact(16);
         let tail: f32 = chunks.remainder().iter().sum();
@@ -2338,6 +2344,128 @@ mod nd {
         cast(record_unary(x, y, move |_| {
             Box::new(GeluGrad { x: x_host })
         }))
+    }
+    /// One parameter's AdamW moments before a step: the steps taken, the first moment and the
+    /// second moment (`None` before the first step).
+    pub(crate) type Moments<B, const D: usize> = Option<(usize, Tensor<B, D>, Tensor<B, D>)>;
+
+    /// The updated parameter and its two moments.
+    type AdamWOut<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>, Tensor<B, D>);
+
+    /// An `f32` array of `NdArray<f32>` in row-major order, owned (copied only when it is not
+    /// row-major).
+    fn owned_f32<const D: usize>(
+        x: Tensor<Nd, D>,
+    ) -> Option<ndarray::ArcArray<f32, ndarray::IxDyn>> {
+        match x.into_primitive().tensor() {
+            burn_ndarray::NdArrayTensor::F32(storage) => {
+                let a = storage.into_owned();
+                Some(if a.is_standard_layout() {
+                    a
+                } else {
+                    a.as_standard_layout().into_owned().into_shared()
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn from_array<const D: usize>(a: ndarray::ArcArray<f32, ndarray::IxDyn>) -> Tensor<Nd, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(burn_ndarray::NdArrayTensor::from(a)))
+    }
+
+    vectorized! {
+        fn sum_squares_chunk(g: &[f32]) -> f32 {
+            let mut acc = [0.0f32; 16];
+            let chunks = g.chunks_exact(16);
+            let tail: f32 = chunks.remainder().iter().map(|&v| v * v).sum();
+            for c in chunks {
+                for (a, &v) in acc.iter_mut().zip(c) {
+                    *a += v * v;
+                }
+            }
+            acc.iter().sum::<f32>() + tail
+        }
+    }
+
+    vectorized! {
+        fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamWStep, coef: f32) {
+            let (f1, f2) = (1.0 - s.beta_1, 1.0 - s.beta_2);
+            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                let g = g * coef;
+                *m = *m * s.beta_1 + g * f1;
+                *v = *v * s.beta_2 + g * g * f2;
+                let delta = (*m / s.correction_1) / ((*v / s.correction_2).sqrt() + s.epsilon);
+                *p = *p * s.decay - delta * s.lr;
+            }
+        }
+    }
+
+    /// One AdamW step with clipping by norm ([`crate::optim::FusedAdamW`]) on `NdArray<f32>`:
+    /// the gradient's norm in one read, then one pass that updates the parameter and both
+    /// moments in place. The inputs come back unchanged (`Err`) on another backend, another
+    /// element type or mismatched shapes. Partial sums of the norm run over fixed chunks and
+    /// are added in order, so the step is deterministic.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn adamw_nd<B: Backend, const D: usize>(
+        s: AdamWStep,
+        tensor: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        moments: Moments<B, D>,
+    ) -> Result<AdamWOut<B, D>, (Tensor<B, D>, Tensor<B, D>, Moments<B, D>)> {
+        let dims = tensor.dims();
+        let fits = |t: &Tensor<B, D>| t.dtype() == DType::F32 && t.dims() == dims;
+        let moments_fit = moments.as_ref().is_none_or(|(_, m, v)| fits(m) && fits(v));
+        if !applies::<B>() || !fits(&tensor) || !fits(&grad) || !moments_fit {
+            return Err((tensor, grad, moments));
+        }
+        let arrays = (|| {
+            let p = owned_f32(cast::<_, Tensor<Nd, D>>(tensor)?)?;
+            let g = owned_f32(cast::<_, Tensor<Nd, D>>(grad)?)?;
+            let mv = match moments {
+                Some((_, m, v)) => Some((
+                    owned_f32(cast::<_, Tensor<Nd, D>>(m)?)?,
+                    owned_f32(cast::<_, Tensor<Nd, D>>(v)?)?,
+                )),
+                None => None,
+            };
+            Some((p, g, mv))
+        })();
+        // `B` is `NdArray<f32>` and every tensor is `f32` (checked above), so each cast holds.
+        let Some((mut p, g, mv)) = arrays else {
+            unreachable!("NdArray<f32> tensors of f32 values")
+        };
+        let (mut m, mut v) = mv.unwrap_or_else(|| {
+            let zeros = || ndarray::ArcArray::zeros(ndarray::IxDyn(&dims));
+            (zeros(), zeros())
+        });
+        let (Some(ps), Some(ms), Some(vs), Some(gs)) = (
+            p.as_slice_mut(),
+            m.as_slice_mut(),
+            v.as_slice_mut(),
+            g.as_slice(),
+        ) else {
+            unreachable!("row-major arrays (made so above)")
+        };
+        let coef = match s.clip_norm {
+            Some(threshold) => {
+                let partial: Vec<f32> = gs.par_chunks(CHUNK).map(sum_squares_chunk).collect();
+                let norm = partial.iter().sum::<f32>().sqrt();
+                (threshold / (norm + f32::MIN_POSITIVE)).min(1.0)
+            }
+            None => 1.0,
+        };
+        ps.par_chunks_mut(CHUNK)
+            .zip(ms.par_chunks_mut(CHUNK))
+            .zip(vs.par_chunks_mut(CHUNK))
+            .zip(gs.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| adamw_chunk(p, m, v, g, &s, coef));
+        let out = (from_array::<D>(p), from_array::<D>(m), from_array::<D>(v));
+        let cast_back = |t: Tensor<Nd, D>| cast::<_, Tensor<B, D>>(t);
+        match (cast_back(out.0), cast_back(out.1), cast_back(out.2)) {
+            (Some(p), Some(m), Some(v)) => Ok((p, m, v)),
+            _ => unreachable!("B is NdArray<f32>"),
+        }
     }
 }
 

@@ -63,6 +63,7 @@ pub mod error;
 pub mod kernel;
 pub mod model;
 pub mod norm;
+pub mod optim;
 pub mod util;
 
 // The harness (feature `harness`, on by default): data, training, evaluation and the tools the

@@ -692,7 +692,7 @@ mod tests {
     /// On `Autodiff<NdArray>` DAPE runs as one fused operation with its own backward pass: its
     /// output and the gradients of the logits, of the base bias's parameters (Kerple's `p`, `a`)
     /// and of both layers equal the tensor path's, with and without a base bias, for a full
-    /// causal forward and a causal chunk with batch 2, and a second run gives the same output and
+    /// causal forward, a causal chunk and a non-causal block with batch 2, and a second run gives the same output and
     /// gradients bit for bit. The loss weights future keys by zero, as the causal mask does.
     #[test]
     fn fused_autodiff_matches_tensor_path() {
@@ -708,6 +708,13 @@ mod tests {
                 query_len: 9,
                 key_len: 29,
                 causal: true,
+                positions: None,
+            },
+            Span {
+                query_start: 0,
+                query_len: 7,
+                key_len: 12,
+                causal: false,
                 positions: None,
             },
         ];

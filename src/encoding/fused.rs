@@ -14,8 +14,10 @@
 //!   `NdArray<f32>`, checked by type: evaluation, validation and decoding.
 //! * [`dape_v1_autodiff`] runs for `Autodiff<NdArray<f32>>` (training): DAPE V1 is recorded as
 //!   one graph node whose backward pass, [`dape_v1_backward`], recomputes the hidden layer row by
-//!   row and returns the gradients of the logits, the bias map and both layers. DAPE V2 under
-//!   autodiff keeps the tensor path.
+//!   row and returns the gradients of the logits, the bias map and both layers. It runs each
+//!   query row (all batch elements at once) as five matrix products over the row's (batch
+//!   element, key) pairs, through the `gemm` crate: a per-pair loop cannot keep the weight
+//!   gradients' sums in registers. DAPE V2 under autodiff keeps the tensor path.
 //!
 //! Every other backend (WGPU, LibTorch) keeps the tensor path. Sums run in another order than
 //! the tensor path's, so results agree to float32 rounding, not bit for bit; the unit tests in
@@ -38,7 +40,7 @@ use rayon::prelude::*;
 
 use super::Span;
 pub(crate) use crate::kernel::{applies, applies_autodiff, host};
-use crate::kernel::{cast, cast_opt, finish_node, Ad, Nd};
+use crate::kernel::{cast, cast_opt, finish_node, gemm, lane_sum, Ad, Mat, Nd};
 
 /// Keys per block: two AVX registers of `f32`.
 const LANES: usize = 16;
@@ -261,18 +263,6 @@ simd_entry! {
 }
 
 simd_entry! {
-    /// [`backward_row`] for this CPU.
-    fn backward_row_simd = backward_row(
-        mlp: &Mlp,
-        rows: &BackwardRow,
-        da: &mut [&mut [f32]],
-        db: &mut [&mut [f32]],
-        s: &mut Scratch,
-        acc: &mut WeightGrads,
-    )
-}
-
-simd_entry! {
     /// [`v2_row`] for this CPU.
     fn v2_row_simd = v2_row(
         convs: &KeyConvs,
@@ -292,14 +282,8 @@ struct Scratch {
     z: Vec<[f32; LANES]>,
     /// Hidden values after LeakyReLU, `D`.
     hidden: Vec<[f32; LANES]>,
-    /// Output gradient, `H` (backward).
-    g: Vec<[f32; LANES]>,
-    /// Gradient at the pre-activations, `D` (backward).
-    delta: Vec<[f32; LANES]>,
-    /// Second-layer outputs, `H` (forward).
+    /// Second-layer outputs, `H`.
     out: Vec<[f32; LANES]>,
-    /// Gradient at the inputs, `C` (backward).
-    dx: Vec<[f32; LANES]>,
 }
 
 impl Scratch {
@@ -308,10 +292,7 @@ impl Scratch {
             x: vec![[0.0; LANES]; mlp.c],
             z: vec![[0.0; LANES]; mlp.d],
             hidden: vec![[0.0; LANES]; mlp.d],
-            g: vec![[0.0; LANES]; mlp.h],
-            delta: vec![[0.0; LANES]; mlp.d],
             out: vec![[0.0; LANES]; mlp.h],
-            dx: vec![[0.0; LANES]; mlp.c],
         }
     }
 }
@@ -433,26 +414,25 @@ pub(crate) struct V1Grads {
     pub b2: Vec<f32>,
 }
 
-/// Per-thread weight-gradient sums, one accumulator per lane (summed over lanes at the end).
+/// One task's weight-gradient sums, in the kernels' layouts.
 struct WeightGrads {
     /// `[D, C]`.
-    w1: Vec<[f32; LANES]>,
+    w1: Vec<f32>,
     /// `[D]`.
-    b1: Vec<[f32; LANES]>,
+    b1: Vec<f32>,
     /// `[H, D]`.
-    w2: Vec<[f32; LANES]>,
+    w2: Vec<f32>,
     /// `[H]`.
-    b2: Vec<[f32; LANES]>,
+    b2: Vec<f32>,
 }
 
 impl WeightGrads {
     fn new(mlp: &Mlp) -> Self {
-        let z = [0.0; LANES];
         Self {
-            w1: vec![z; mlp.d * mlp.c],
-            b1: vec![z; mlp.d],
-            w2: vec![z; mlp.h * mlp.d],
-            b2: vec![z; mlp.h],
+            w1: vec![0.0; mlp.d * mlp.c],
+            b1: vec![0.0; mlp.d],
+            w2: vec![0.0; mlp.h * mlp.d],
+            b2: vec![0.0; mlp.h],
         }
     }
 
@@ -464,16 +444,10 @@ impl WeightGrads {
             (&mut self.b2, &other.b2),
         ] {
             for (x, y) in a.iter_mut().zip(b) {
-                for l in 0..LANES {
-                    x[l] += y[l];
-                }
+                *x += y;
             }
         }
         self
-    }
-
-    fn sum_lanes(v: &[[f32; LANES]]) -> Vec<f32> {
-        v.iter().map(|x| x.iter().sum()).collect()
     }
 }
 
@@ -509,24 +483,18 @@ pub(crate) fn dape_v1_backward(
     let partial: Vec<WeightGrads> = groups
         .into_par_iter()
         .map(|group| {
-            let (mut s, mut acc) = (Scratch::new(mlp), WeightGrads::new(mlp));
+            let (mut cols, mut acc) = (Columns::default(), WeightGrads::new(mlp));
             for (i, mut da, mut db) in group {
-                let bias = bias_rows(bias, h, i, lq, lk);
-                let visible = visible_keys(span, i, lk);
-                for (bi, da) in da.chunks_mut(h).enumerate() {
-                    let row = |hh: usize| {
-                        ((bi * h + hh) * lq + i) * lk..((bi * h + hh) * lq + i + 1) * lk
-                    };
-                    let a: Vec<&[f32]> = (0..h).map(|hh| &logits[row(hh)]).collect();
-                    let g: Vec<&[f32]> = (0..h).map(|hh| &grad[row(hh)]).collect();
-                    let rows = BackwardRow {
-                        a: &a,
-                        bias: &bias,
-                        g: &g,
-                        visible,
-                    };
-                    backward_row_simd(mlp, &rows, da, &mut db, &mut s, &mut acc);
-                }
+                let row = |p: usize| (p * lq + i) * lk..(p * lq + i + 1) * lk;
+                let a: Vec<&[f32]> = (0..b * h).map(|p| &logits[row(p)]).collect();
+                let g: Vec<&[f32]> = (0..b * h).map(|p| &grad[row(p)]).collect();
+                let rows = BackwardRow {
+                    a: &a,
+                    bias: &bias_rows(bias, h, i, lq, lk),
+                    g: &g,
+                    visible: visible_keys(span, i, lk),
+                };
+                backward_row(mlp, &rows, &mut da, &mut db, &mut cols, &mut acc);
             }
             acc
         })
@@ -537,10 +505,10 @@ pub(crate) fn dape_v1_backward(
     V1Grads {
         logits: d_logits,
         bias: d_bias,
-        w1t: transpose(&WeightGrads::sum_lanes(&sums.w1), mlp.d, mlp.c),
-        b1: WeightGrads::sum_lanes(&sums.b1),
-        w2t: transpose(&WeightGrads::sum_lanes(&sums.w2), mlp.h, mlp.d),
-        b2: WeightGrads::sum_lanes(&sums.b2),
+        w1t: transpose(&sums.w1, mlp.d, mlp.c),
+        b1: sums.b1,
+        w2t: transpose(&sums.w2, mlp.h, mlp.d),
+        b2: sums.b2,
     }
 }
 
@@ -551,93 +519,143 @@ const ROWS_PER_GROUP: usize = 8;
 /// heads) and its `d bias` rows.
 type BackwardTask<'a> = (usize, Vec<&'a mut [f32]>, Vec<&'a mut [f32]>);
 
-/// The read-only rows of one (batch element, query row) of the backward pass, per head.
+/// The read-only rows of one query row of the backward pass.
 struct BackwardRow<'a> {
+    /// The logits' rows, one per (batch element, head) plane in plane order.
     a: &'a [&'a [f32]],
+    /// The bias map's rows, one per head (empty without a base bias).
     bias: &'a [&'a [f32]],
+    /// The output gradient's rows, like `a`.
     g: &'a [&'a [f32]],
+    /// Keys `0..visible` can be attended to.
     visible: usize,
 }
 
-/// One query row of one batch element of the backward pass: writes `d logits` into `da`, adds
-/// `d bias` into `db` (summed over the batch) and the weight gradients into `acc`.
-#[inline(always)]
-fn backward_row<const FMA: bool>(
+/// A task's working memory for one query row: one column per (batch element, visible key) pair,
+/// channel-major (`[channels, pairs]`, row-major), so that gathering a row of keys is one copy.
+#[derive(Default)]
+struct Columns {
+    /// The MLP's inputs, `[C, N]`.
+    x: Vec<f32>,
+    /// The output gradient, `[H, N]`.
+    g: Vec<f32>,
+    /// Pre-activations, `[D, N]`.
+    z: Vec<f32>,
+    /// Hidden values after LeakyReLU, `[D, N]`.
+    hidden: Vec<f32>,
+    /// The gradient at the pre-activations, `[D, N]`.
+    delta: Vec<f32>,
+    /// The gradient at the inputs, `[C, N]`.
+    dx: Vec<f32>,
+}
+
+/// One query row of the backward pass, every batch element at once, as five matrix products
+/// over the row's `N = batch × visible` pairs (DAPE's layers are far too narrow for a per-pair
+/// loop to keep its weight-gradient sums in registers; as products they are `[D, N] · [N, C]`):
+/// writes `d logits` into `da`, adds `d bias` (summed over the batch) into `db` and the weight
+/// gradients into `acc`.
+fn backward_row(
     mlp: &Mlp,
     rows: &BackwardRow,
     da: &mut [&mut [f32]],
     db: &mut [&mut [f32]],
-    s: &mut Scratch,
+    cols: &mut Columns,
     acc: &mut WeightGrads,
 ) {
-    let h = mlp.h;
-    let lk = rows.g.first().map_or(0, |r| r.len());
-    let visible = rows.visible;
-    for j0 in (0..visible).step_by(LANES) {
-        let n = LANES.min(visible - j0);
-        gather(&mut s.x[..h], rows.a.iter(), j0, n);
-        gather(&mut s.x[h..], rows.bias.iter(), j0, n);
-        // Zero-padded lanes of `g` make every gradient term of the padding zero.
-        gather(&mut s.g, rows.g.iter(), j0, n);
-        hidden_layer::<FMA>(mlp, s);
-        // Second layer: dW2 += g ⊗ hidden, db2 += g.
-        outer_accumulate::<FMA>(&mut acc.w2, &mut acc.b2, &s.g, &s.hidden);
-        // δ = (W2ᵀ g) ⊙ LeakyReLU'(z).
-        layer::<FMA>(&mut s.delta, &mlp.w2t, &[], &s.g);
-        for (dl, z) in s.delta.iter_mut().zip(&s.z) {
-            for l in 0..LANES {
-                if z[l] < 0.0 {
-                    dl[l] *= mlp.slope;
+    use std::borrow::Cow::Borrowed;
+    let (c, d, h) = (mlp.c, mlp.d, mlp.h);
+    let b = rows.a.len() / h.max(1);
+    let vis = rows.visible;
+    let n = b * vis;
+    if n > 0 {
+        let Columns {
+            x,
+            g,
+            z,
+            hidden,
+            delta,
+            dx,
+        } = cols;
+        for (buf, channels) in [
+            (&mut *x, c),
+            (g, h),
+            (z, d),
+            (hidden, d),
+            (delta, d),
+            (dx, c),
+        ] {
+            buf.resize(channels * n, 0.0);
+        }
+        // Column `bi · vis + j` is key `j` of batch element `bi`.
+        for bi in 0..b {
+            for hh in 0..h {
+                let (plane, at) = (bi * h + hh, hh * n + bi * vis);
+                x[at..at + vis].copy_from_slice(&rows.a[plane][..vis]);
+                g[at..at + vis].copy_from_slice(&rows.g[plane][..vis]);
+                if let Some(bias) = rows.bias.get(hh) {
+                    x[(h + hh) * n + bi * vis..][..vis].copy_from_slice(&bias[..vis]);
                 }
             }
         }
-        // First layer: dW1 += δ ⊗ x, db1 += δ.
-        outer_accumulate::<FMA>(&mut acc.w1, &mut acc.b1, &s.delta, &s.x);
-        // dx = W1ᵀ δ: the logits' and the bias's halves; the identity paths add g.
-        layer::<FMA>(&mut s.dx, &mlp.w1t, &[], &s.delta);
-        let dx = &s.dx;
-        for hh in 0..h {
-            let g = &s.g[hh];
-            for (l, o) in da[hh][j0..j0 + n].iter_mut().enumerate() {
-                *o = g[l] + dx[hh][l];
+        fn mat(v: &[f32], r: usize, n: usize) -> Mat<'_> {
+            Mat::row_major(std::borrow::Cow::Borrowed(&v[..r * n]), r, n)
+        }
+        // z = W1 x + b1; hidden = LeakyReLU(z).
+        for (row, &bias) in z.chunks_exact_mut(n).zip(&mlp.b1) {
+            row.fill(bias);
+        }
+        let w1 = Mat::row_major(Borrowed(&mlp.w1), d, c);
+        gemm(&w1, &mat(x, c, n), 1.0, z);
+        for (hd, &zv) in hidden.iter_mut().zip(z.iter()) {
+            *hd = if zv >= 0.0 { zv } else { zv * mlp.slope };
+        }
+        // dW2 += g · hiddenᵀ, db2 += Σ g.
+        gemm(&mat(g, h, n), &mat(hidden, d, n).t(), 1.0, &mut acc.w2);
+        for (s, row) in acc.b2.iter_mut().zip(g.chunks_exact(n)) {
+            *s += lane_sum(row);
+        }
+        // δ = (W2ᵀ g) ⊙ LeakyReLU'(z).
+        gemm(
+            &Mat::row_major(Borrowed(&mlp.w2t), d, h),
+            &mat(g, h, n),
+            0.0,
+            delta,
+        );
+        for (dl, &zv) in delta.iter_mut().zip(z.iter()) {
+            if zv < 0.0 {
+                *dl *= mlp.slope;
             }
-            if let Some(db) = db.get_mut(hh) {
-                for (l, o) in db[j0..j0 + n].iter_mut().enumerate() {
-                    *o += g[l] + dx[h + hh][l];
+        }
+        // dW1 += δ · xᵀ, db1 += Σ δ.
+        gemm(&mat(delta, d, n), &mat(x, c, n).t(), 1.0, &mut acc.w1);
+        for (s, row) in acc.b1.iter_mut().zip(delta.chunks_exact(n)) {
+            *s += lane_sum(row);
+        }
+        // dx = W1ᵀ δ: the logits' and the bias's halves; the identity paths add g.
+        let w1t = Mat::row_major(Borrowed(&mlp.w1t), c, d);
+        gemm(&w1t, &mat(delta, d, n), 0.0, dx);
+        for bi in 0..b {
+            for hh in 0..h {
+                let (at, gv) = (hh * n + bi * vis, &g[hh * n + bi * vis..][..vis]);
+                for ((o, &gl), &dl) in da[bi * h + hh][..vis].iter_mut().zip(gv).zip(&dx[at..]) {
+                    *o = gl + dl;
+                }
+                if let Some(db) = db.get_mut(hh) {
+                    let dxb = &dx[(h + hh) * n + bi * vis..][..vis];
+                    for ((o, &gl), &dl) in db[..vis].iter_mut().zip(gv).zip(dxb) {
+                        *o += gl + dl;
+                    }
                 }
             }
         }
     }
     // Future keys: the output there is `logits + bias`.
-    for hh in 0..h {
-        let g = &rows.g[hh][visible..lk];
-        da[hh][visible..].copy_from_slice(g);
-        if let Some(db) = db.get_mut(hh) {
-            for (o, &gv) in db[visible..].iter_mut().zip(g) {
+    for (plane, da) in da.iter_mut().enumerate() {
+        let g = &rows.g[plane][vis..];
+        da[vis..].copy_from_slice(g);
+        if let Some(db) = db.get_mut(plane % h.max(1)) {
+            for (o, &gv) in db[vis..].iter_mut().zip(g) {
                 *o += gv;
-            }
-        }
-    }
-}
-
-/// A layer's weight and bias gradients over one block, lane by lane: `weight[r, k] += out[r] ·
-/// input[k]` and `bias[r] += out[r]`, where `out` is the gradient at the layer's outputs and
-/// `weight: [out.len(), input.len()]`.
-#[inline(always)]
-fn outer_accumulate<const FMA: bool>(
-    weight: &mut [[f32; LANES]],
-    bias: &mut [[f32; LANES]],
-    out: &[[f32; LANES]],
-    input: &[[f32; LANES]],
-) {
-    let n = input.len();
-    for (r, (g, b)) in out.iter().zip(bias.iter_mut()).enumerate() {
-        for l in 0..LANES {
-            b[l] += g[l];
-        }
-        for (a, x) in weight[r * n..(r + 1) * n].iter_mut().zip(input) {
-            for l in 0..LANES {
-                a[l] = madd::<FMA>(a[l], g[l], x[l]);
             }
         }
     }

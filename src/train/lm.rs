@@ -1,6 +1,6 @@
 //! Training a [`LanguageModel`] on real text with burn-train's Learner.
 //!
-//! AdamW (β 0.9/0.95, weight decay 0.1), a linear warmup then cosine decay, gradient clipping
+//! AdamW ([`crate::optim::FusedAdamW`]: β 0.9/0.95, weight decay 0.1), a linear warmup then cosine decay, gradient clipping
 //! at 1.0, gradient accumulation and a fixed seed. Training windows of `train_length + 1`
 //! tokens are drawn at random offsets of the training stream; window `i` depends only on
 //! `(seed, i)`, so a resumed run sees the same data in the same order.
@@ -18,9 +18,8 @@ use std::time::Instant;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder, DataLoaderIterator};
 use burn::data::dataset::Dataset;
-use burn::grad_clipping::GradientClippingConfig;
 use burn::lr_scheduler::LrScheduler;
-use burn::optim::{AdamWConfig, Optimizer};
+use burn::optim::Optimizer;
 use burn::prelude::*;
 use burn::record::{DefaultRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
@@ -47,6 +46,7 @@ use crate::experiment::lm::{
 };
 use crate::experiment::stream_seed;
 use crate::model::LanguageModel;
+use crate::optim::FusedAdamWConfig;
 use crate::util::{portable_path, write_atomic};
 
 /// A linear warmup to `peak`, then a cosine decay to `min` at `total` (in scheduler steps).
@@ -522,12 +522,12 @@ pub fn train<B: AutodiffBackend>(
 
     B::seed(device, config.seed);
     let model = config.model().init::<B>(device)?;
-    let optimizer = AdamWConfig::new()
+    let optimizer = FusedAdamWConfig::new()
         .with_beta_1(config.beta_1)
         .with_beta_2(config.beta_2)
         .with_weight_decay(config.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip)))
-        .init::<B, LanguageModel<B>>();
+        .with_grad_clip_norm(Some(config.grad_clip))
+        .init::<B, LanguageModel<B>>()?;
     if let Some(epoch) = resume_from {
         check_checkpoint(out, epoch, &model, &optimizer, device)?;
     }
