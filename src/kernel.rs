@@ -368,6 +368,24 @@ pub fn token_nll_tensor<B: Backend>(
         .neg()
 }
 
+/// The scalars of one AdamW step ([`crate::optim::FusedAdamW`]), shared by its fused kernel and
+/// its tensor path.
+#[derive(Clone, Copy, Debug)]
+// Without ndarray only the tensor path reads it (the clipping threshold).
+#[cfg_attr(not(feature = "ndarray"), allow(dead_code))]
+pub(crate) struct AdamWStep {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    /// `1 − lr · weight_decay`.
+    pub decay: f32,
+    pub lr: f32,
+    /// `1 − beta_1^t` and `1 − beta_2^t` at this step's time `t`.
+    pub correction_1: f32,
+    pub correction_2: f32,
+    pub clip_norm: Option<f32>,
+}
+
 #[cfg(feature = "ndarray")]
 pub(crate) use nd::*;
 
@@ -385,7 +403,7 @@ mod nd {
     use burn::tensor::{DType, TensorData, TensorPrimitive};
     use rayon::prelude::*;
 
-    use crate::optim::AdamWStep;
+    use super::AdamWStep;
 
     /// The backend the kernels run on outside autodiff.
     pub(crate) type Nd = burn_ndarray::NdArray<f32>;
@@ -585,7 +603,7 @@ mod nd {
     pub(super) fn gelu_nd<B: Backend, const D: usize>(x: Tensor<B, D>) -> Option<Tensor<B, D>> {
         let x: Tensor<Nd, D> = cast(x)?;
         let (dims, device) = (x.dims(), x.device());
-        let y = gelu_forward(&host(x)?);
+        let y = gelu_forward(&row_major_values(&x.into_primitive().tensor())?);
         cast(to_nd(y, dims, &device))
     }
 
@@ -1214,7 +1232,9 @@ mod nd {
     }
 
     /// The values of a primitive in row-major order, borrowed when it is row-major already.
-    fn row_major_values(x: &burn_ndarray::NdArrayTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
+    pub(crate) fn row_major_values(
+        x: &burn_ndarray::NdArrayTensor,
+    ) -> Option<std::borrow::Cow<'_, [f32]>> {
         let view = f32_view(x)?;
         Some(match view.to_slice() {
             Some(values) => std::borrow::Cow::Borrowed(values),
@@ -2206,21 +2226,27 @@ mod nd {
     ) -> Option<Tensor<B, 4>> {
         let x: Tensor<Nd, 4> = cast(x)?;
         let (dims, device) = (x.dims(), x.device());
-        let y = softmax_forward(&host(x)?, dims, causal_from);
+        let y = softmax_forward(
+            &row_major_values(&x.into_primitive().tensor())?,
+            dims,
+            causal_from,
+        );
         cast(to_nd(y, dims, &device))
     }
 
-    /// The softmax's backward pass: from its saved output, `y ⊙ (g − Σ g y)` per row.
+    /// The softmax's backward pass: from its saved output (the output tensor itself, shared,
+    /// not a copy), `y ⊙ (g − Σ g y)` per row.
     #[derive(Debug)]
     struct SoftmaxGrad {
-        y: Vec<f32>,
+        y: burn_ndarray::NdArrayTensor,
         dims: [usize; 4],
         causal_from: Option<usize>,
     }
 
     impl UnaryGrad for SoftmaxGrad {
         fn input_grad(&self, grad: &[f32]) -> Vec<f32> {
-            softmax_backward(&self.y, grad, self.dims, self.causal_from)
+            let y = row_major_values(&self.y).expect("the softmax's output is f32");
+            softmax_backward(&y, grad, self.dims, self.causal_from)
         }
     }
 
@@ -2230,10 +2256,11 @@ mod nd {
     ) -> Option<Tensor<B, 4>> {
         let x: Tensor<Ad, 4> = cast(x)?;
         let dims = x.dims();
-        let y = softmax_forward(&host(x.clone().inner())?, dims, causal_from);
+        let input = x.clone().inner().into_primitive().tensor();
+        let y = softmax_forward(&row_major_values(&input)?, dims, causal_from);
         cast(record_unary(x, y, |y| {
             Box::new(SoftmaxGrad {
-                y: y.to_vec(),
+                y,
                 dims,
                 causal_from,
             })
@@ -2264,7 +2291,10 @@ mod nd {
             let [Some(parent)] = ops.parents else {
                 return;
             };
-            let dx = ops.state.grad.input_grad(&host_grad(grad));
+            let dx = match row_major_values(&grad) {
+                Some(g) => ops.state.grad.input_grad(&g),
+                None => ops.state.grad.input_grad(&host_grad(grad)),
+            };
             let t = Nd::float_from_data(
                 TensorData::new(dx, ops.state.dims.clone()),
                 &Default::default(),
@@ -2274,11 +2304,12 @@ mod nd {
     }
 
     /// Records a one-input kernel as one node of `x`'s graph, with output values `y` (`x`'s
-    /// shape). `saved` runs only when `x` is tracked, and is given `y`.
+    /// shape). `saved` runs only when `x` is tracked, and is given the output tensor (shared
+    /// with the graph, not a copy).
     fn record_unary<const D: usize>(
         x: Tensor<Ad, D>,
         y: Vec<f32>,
-        saved: impl FnOnce(&[f32]) -> Box<dyn UnaryGrad>,
+        saved: impl FnOnce(burn_ndarray::NdArrayTensor) -> Box<dyn UnaryGrad>,
     ) -> Tensor<Ad, D> {
         let (dims, device) = (x.dims(), x.device());
         let node = x.into_primitive().tensor().node;
@@ -2288,11 +2319,12 @@ mod nd {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
+                let out = to_nd(y, dims, &device).into_primitive().tensor();
                 let state = Arc::new(Saved {
                     dims: dims.to_vec(),
-                    grad: saved(&y),
+                    grad: saved(out.clone()),
                 });
-                prep.finish(state, to_nd(y, dims, &device).into_primitive().tensor())
+                prep.finish(state, out)
             }
             OpsKind::UnTracked(prep) => {
                 prep.finish(to_nd(y, dims, &device).into_primitive().tensor())
@@ -2321,15 +2353,17 @@ mod nd {
         host_primitive(grad).expect("the gradient of an f32 output is f32")
     }
 
-    /// GELU's backward pass: from the saved input, `g · (Φ(x) + x φ(x))`.
+    /// GELU's backward pass: from the saved input (the input tensor itself, shared, not a
+    /// copy), `g · (Φ(x) + x φ(x))`.
     #[derive(Debug)]
     struct GeluGrad {
-        x: Vec<f32>,
+        x: burn_ndarray::NdArrayTensor,
     }
 
     impl UnaryGrad for GeluGrad {
         fn input_grad(&self, grad: &[f32]) -> Vec<f32> {
-            gelu_backward(&self.x, grad)
+            let x = row_major_values(&self.x).expect("GELU's input is f32");
+            gelu_backward(&x, grad)
         }
     }
 
@@ -2339,11 +2373,9 @@ mod nd {
         x: Tensor<B, D>,
     ) -> Option<Tensor<B, D>> {
         let x: Tensor<Ad, D> = cast(x)?;
-        let x_host = host(x.clone().inner())?;
-        let y = gelu_forward(&x_host);
-        cast(record_unary(x, y, move |_| {
-            Box::new(GeluGrad { x: x_host })
-        }))
+        let input = x.clone().inner().into_primitive().tensor();
+        let y = gelu_forward(&row_major_values(&input)?);
+        cast(record_unary(x, y, move |_| Box::new(GeluGrad { x: input })))
     }
     /// One parameter's AdamW moments before a step: the steps taken, the first moment and the
     /// second moment (`None` before the first step).

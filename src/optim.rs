@@ -39,6 +39,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::error::{ensure, Result};
+use crate::kernel::AdamWStep;
 
 /// Configuration of [`FusedAdamW`]: the fields and defaults of Burn's `AdamWConfig` (without
 /// AMSGrad and cautious decay), with clipping by norm as a plain threshold.
@@ -128,21 +129,6 @@ pub struct FusedAdamW {
     epsilon: f32,
     weight_decay: f32,
     clip_norm: Option<f32>,
-}
-
-/// The scalars of one step, shared by both paths.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct AdamWStep {
-    pub beta_1: f32,
-    pub beta_2: f32,
-    pub epsilon: f32,
-    /// `1 − lr · weight_decay`.
-    pub decay: f32,
-    pub lr: f32,
-    /// `1 − beta_1^t` and `1 − beta_2^t` at this step's time `t`.
-    pub correction_1: f32,
-    pub correction_2: f32,
-    pub clip_norm: Option<f32>,
 }
 
 impl FusedAdamW {

@@ -9,7 +9,7 @@
 //! | 0 | `error` |
 //! | 1 | `util` (materialisation, exact GELU, atomic writes) |
 //! | 2 | `kernel` (fused CPU kernels for ndarray and their host-copy helpers) |
-//! | 3 | `encoding`, `norm` (the layer norm module over the fused kernel) |
+//! | 3 | `encoding`, `norm` (the layer norm module over the fused kernel), `optim` (fused AdamW) |
 //! | 4 | `attention` |
 //! | 5 | `model` — the library ends here (it builds without the `harness` feature) |
 //! | 6 | `progress`, `sysmem`, `backend` |
@@ -28,6 +28,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("kernel", 2),
     ("encoding", 3),
     ("norm", 3),
+    ("optim", 3),
     ("attention", 4),
     ("model", 5),
     ("progress", 6),

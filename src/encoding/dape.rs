@@ -815,8 +815,16 @@ mod tests {
                         .iter()
                         .zip(&t)
                         .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                    // Kerple's p and a gradients are sums over every (query, key) pair whose
+                    // terms cancel: in 400 seeded draws one came to 1.2e-4 of the result (the
+                    // same before and after the GEMM backward), so they get a wider tolerance.
+                    let tol = if name.starts_with("d kerple") {
+                        1e-3
+                    } else {
+                        1e-4
+                    };
                     assert!(
-                        diff <= 1e-4 * scale,
+                        diff <= tol * scale,
                         "bias {with_bias}, {span:?}: {name} differs by {diff} (scale {scale})"
                     );
                 }

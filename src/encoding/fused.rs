@@ -40,7 +40,7 @@ use rayon::prelude::*;
 
 use super::Span;
 pub(crate) use crate::kernel::{applies, applies_autodiff, host};
-use crate::kernel::{cast, cast_opt, finish_node, gemm, lane_sum, Ad, Mat, Nd};
+use crate::kernel::{cast, cast_opt, finish_node, gemm, lane_sum, row_major_values, Ad, Mat, Nd};
 
 /// Keys per block: two AVX registers of `f32`.
 const LANES: usize = 16;
@@ -703,12 +703,23 @@ pub(crate) fn dape_v1_autodiff<B: Backend>(
         },
         slope,
     );
-    let a_host = host(logits.clone().inner())?;
-    let bias_host = match &bias {
-        Some(m) => Some(host(m.clone().inner())?),
+    // The backward pass keeps the input tensors themselves (shared, not copied).
+    let a_saved = logits.clone().inner().into_primitive().tensor();
+    let bias_saved = bias
+        .as_ref()
+        .map(|m| m.clone().inner().into_primitive().tensor());
+    let bias_values = match &bias_saved {
+        Some(m) => Some(row_major_values(m)?),
         None => None,
     };
-    let out = dape_v1(a_host.clone(), bias_host.as_deref(), dims, span, &mlp);
+    let out = dape_v1(
+        row_major_values(&a_saved)?.into_owned(),
+        bias_values.as_deref(),
+        dims,
+        span,
+        &mlp,
+    );
+    drop(bias_values);
     let out = Tensor::<Nd, 4>::from_data(TensorData::new(out, dims), &device)
         .into_primitive()
         .tensor();
@@ -735,8 +746,8 @@ pub(crate) fn dape_v1_autodiff<B: Backend>(
         node1(b2),
     ];
     let state = Arc::new(V1State {
-        logits: a_host,
-        bias: bias_host,
+        logits: a_saved,
+        bias: bias_saved,
         dims,
         span: span.clone(),
         mlp,
@@ -755,8 +766,10 @@ pub(crate) fn dape_v1_autodiff<B: Backend>(
 /// What the backward pass of [`dape_v1_autodiff`] needs, on the host.
 #[derive(Debug)]
 struct V1State {
-    logits: Vec<f32>,
-    bias: Option<Vec<f32>>,
+    /// The logits (`f32`, checked in the forward pass).
+    logits: burn_ndarray::NdArrayTensor,
+    /// The base bias's map (`f32`).
+    bias: Option<burn_ndarray::NdArrayTensor>,
     dims: [usize; 4],
     span: Span,
     mlp: Mlp,
@@ -770,17 +783,14 @@ impl Backward<Nd, 6> for V1Backward {
 
     fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
         let st = ops.state;
-        let grad =
-            Tensor::<Nd, 4>::from_primitive(TensorPrimitive::Float(grads.consume::<Nd>(&ops.node)));
-        let grad = host(grad).expect("the gradient of an f32 output is f32");
-        let g = dape_v1_backward(
-            &st.logits,
-            st.bias.as_deref(),
-            &grad,
-            st.dims,
-            &st.span,
-            &st.mlp,
-        );
+        let grad = grads.consume::<Nd>(&ops.node);
+        let grad = row_major_values(&grad).expect("the gradient of an f32 output is f32");
+        let logits = row_major_values(&st.logits).expect("f32 logits (checked forward)");
+        let bias = st
+            .bias
+            .as_ref()
+            .map(|m| row_major_values(m).expect("an f32 bias map (checked forward)"));
+        let g = dape_v1_backward(&logits, bias.as_deref(), &grad, st.dims, &st.span, &st.mlp);
         let [b, h, lq, lk] = st.dims;
         let Mlp { c, d, .. } = st.mlp;
         let device = Default::default();
