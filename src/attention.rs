@@ -25,7 +25,9 @@ use crate::encoding::{
     Span,
 };
 use crate::error::{ensure, Error, Result};
-use crate::kernel::{attention, attention_applies, attention_packed, fused_softmax, linear_layer};
+use crate::kernel::{
+    attention, attention_applies, attention_packed, batched_matmul, fused_softmax, linear_layer,
+};
 
 /// Configuration of [`MultiHeadAttention`].
 #[derive(Config, Debug)]
@@ -621,9 +623,8 @@ impl<B: Backend> MultiHeadAttention<B> {
                 key: s.key.clone().narrow(1, 0, span.key_len),
             });
             let q_scaled = q_scaled.clone().unwrap_or_else(|| q.clone() * scale);
-            let logits = q_scaled
-                .narrow(2, r0 - rows, rows)
-                .matmul(kc.clone().transpose());
+            let logits =
+                batched_matmul(q_scaled.narrow(2, r0 - rows, rows), kc.clone().transpose());
             let logits = self
                 .encoding
                 .adjust_logits(logits, qc, kc, &span, ids.as_ref());
@@ -649,7 +650,7 @@ impl<B: Backend> MultiHeadAttention<B> {
                     softmax(logits, 3)
                 }
             };
-            outputs.push(probs.matmul(vc).swap_dims(1, 2));
+            outputs.push(batched_matmul(probs, vc).swap_dims(1, 2));
         }
         let out = if outputs.len() == 1 {
             outputs.pop().expect("one chunk")

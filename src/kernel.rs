@@ -205,6 +205,37 @@ pub fn attention<B: Backend>(
     None
 }
 
+/// `a · b` over the last two dimensions, for `a: [n0, n1, m, k]` and `b: [n0, n1, k, n]` with
+/// the same leading dimensions (no broadcasting). On ndarray, with or without autodiff: one
+/// `gemm` call per pair of matrices, in parallel, reading strided operands (a transposed key
+/// tensor, say) through their strides, and under autodiff one node whose backward pass is
+/// `da = g · bᵀ` and `db = aᵀ · g` per pair. Elsewhere, and for other shapes or element types,
+/// Burn's `matmul`. The attention layer's tensor path (the encodings that read or rewrite the
+/// logits: DAPE, CoPE, Shaw, Transformer-XL, …) takes it for `q · kᵀ` and `P · V`.
+pub fn batched_matmul<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+    #[cfg(feature = "ndarray")]
+    {
+        let [a0, a1, _, ak] = a.dims();
+        let [b0, b1, bk, _] = b.dims();
+        let fits = (a0, a1, ak) == (b0, b1, bk)
+            && a.dtype() == burn::tensor::DType::F32
+            && b.dtype() == burn::tensor::DType::F32;
+        let fused = if !fits {
+            None
+        } else if applies::<B>() {
+            matmul_nd(a.clone(), b.clone())
+        } else if applies_autodiff::<B>() {
+            matmul_autodiff(a.clone(), b.clone())
+        } else {
+            None
+        };
+        if let Some(y) = fused {
+            return y;
+        }
+    }
+    a.matmul(b)
+}
+
 /// [`attention`] over queries, keys and values packed as one projection yields them: `qkv`
 /// `[batch, seq, 3 · heads, d_head]` holds q's heads, then k's, then v's, and `bias` is
 /// `[1 or batch, heads, seq, seq]`; every query row sees every key (or, with
@@ -2499,6 +2530,121 @@ mod nd {
             _ => unreachable!("B is NdArray<f32>"),
         }
     }
+    /// The products of [`super::batched_matmul`] for 4-d `f32` primitives of agreeing shapes:
+    /// the row-major output and its shape.
+    fn matmul_values(
+        a: &burn_ndarray::NdArrayTensor,
+        b: &burn_ndarray::NdArrayTensor,
+    ) -> Option<(Vec<f32>, [usize; 4])> {
+        let (a4, b4) = (view4(a)?, view4(b)?);
+        let (n0, n1, m, k) = a4.dim();
+        let (b0, b1, bk, n) = b4.dim();
+        if (b0, b1, bk) != (n0, n1, k) {
+            return None;
+        }
+        let mut out = vec![0.0f32; n0 * n1 * m * n];
+        if m * n > 0 {
+            out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+                let (i0, i1) = (i / n1, i % n1);
+                let am = view2(
+                    a4.index_axis(ndarray::Axis(0), i0)
+                        .index_axis_move(ndarray::Axis(0), i1),
+                );
+                let bm = view2(
+                    b4.index_axis(ndarray::Axis(0), i0)
+                        .index_axis_move(ndarray::Axis(0), i1),
+                );
+                gemm(&am, &bm, 0.0, c);
+            });
+        }
+        Some((out, [n0, n1, m, n]))
+    }
+
+    pub(super) fn matmul_nd<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Option<Tensor<B, 4>> {
+        let (a, b): (Tensor<Nd, 4>, Tensor<Nd, 4>) = (cast(a)?, cast(b)?);
+        let device = a.device();
+        let (y, dims) = matmul_values(&a.into_primitive().tensor(), &b.into_primitive().tensor())?;
+        cast(to_nd(y, dims, &device))
+    }
+
+    /// What a batched matrix product node keeps: both inputs (shared, not copied).
+    #[derive(Clone, Debug)]
+    struct MatmulState {
+        a: burn_ndarray::NdArrayTensor,
+        b: burn_ndarray::NdArrayTensor,
+    }
+
+    #[derive(Debug)]
+    struct MatmulBackward;
+
+    impl Backward<Nd, 2> for MatmulBackward {
+        type State = MatmulState;
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let grad = grads.consume::<Nd>(&ops.node);
+            let s = &ops.state;
+            let (a4, b4) = (
+                view4(&s.a).expect("f32 4-d input"),
+                view4(&s.b).expect("f32 4-d input"),
+            );
+            let g4 = view4(&grad).expect("the gradient of an f32 output is f32");
+            let (n0, n1, m, k) = a4.dim();
+            let n = b4.dim().3;
+            fn pair<'v>(
+                x: &ndarray::ArrayView4<'v, f32>,
+                i: usize,
+                n1: usize,
+            ) -> ndarray::ArrayView2<'v, f32> {
+                (*x).index_axis_move(ndarray::Axis(0), i / n1)
+                    .index_axis_move(ndarray::Axis(0), i % n1)
+            }
+            let device = Default::default();
+            let [pa, pb] = &ops.parents;
+            // da = g · bᵀ, [m, n] · [n, k]; db = aᵀ · g, [k, m] · [m, n].
+            for (parent, rows, cols, is_a) in [(pa, m, k, true), (pb, k, n, false)] {
+                let Some(parent) = parent else { continue };
+                let mut d = vec![0.0f32; n0 * n1 * rows * cols];
+                if rows * cols > 0 {
+                    d.par_chunks_mut(rows * cols)
+                        .enumerate()
+                        .for_each(|(i, c)| {
+                            let gm = view2(pair(&g4, i, n1));
+                            if is_a {
+                                gemm(&gm, &view2(pair(&b4, i, n1)).t(), 0.0, c);
+                            } else {
+                                gemm(&view2(pair(&a4, i, n1)).t(), &gm, 0.0, c);
+                            }
+                        });
+                }
+                let t = Nd::float_from_data(TensorData::new(d, [n0, n1, rows, cols]), &device);
+                grads.register::<Nd>(parent.id, t);
+            }
+        }
+    }
+
+    pub(super) fn matmul_autodiff<B: Backend>(
+        a: Tensor<B, 4>,
+        b: Tensor<B, 4>,
+    ) -> Option<Tensor<B, 4>> {
+        let (a, b): (Tensor<Ad, 4>, Tensor<Ad, 4>) = (cast(a)?, cast(b)?);
+        let device = a.device();
+        let [a, b] = [a, b].map(|t| t.into_primitive().tensor());
+        let (y, dims) = matmul_values(&a.primitive, &b.primitive)?;
+        let out = to_nd(y, dims, &device).into_primitive().tensor();
+        let state = MatmulState {
+            a: a.primitive,
+            b: b.primitive,
+        };
+        let out = finish_node(
+            MatmulBackward
+                .prepare::<NoCheckpointing>([a.node, b.node])
+                .compute_bound()
+                .stateful(),
+            state,
+            out,
+        );
+        cast(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
+    }
 }
 
 #[cfg(all(test, feature = "ndarray"))]
@@ -2515,6 +2661,79 @@ mod tests {
     /// values, and the gradients of the input, the weight and the bias, for a row-major input
     /// and weight, a transposed input (read through its strides), a transposed weight, 2-d and
     /// 4-d inputs, and no bias.
+    /// The batched matrix product node equals Burn's `matmul` in values and in both gradients
+    /// (row-major operands, a transposed right operand as `q · kᵀ` has, a transposed left
+    /// one), without autodiff too; gives zeros for an empty inner dimension; and hands shapes it
+    /// does not take (broadcast leading dimensions) to Burn's `matmul`.
+    #[test]
+    fn batched_matmul_is_burns_matmul_in_values_and_gradients() {
+        type A = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        let normal = Distribution::Normal(0.0, 1.0);
+        for (case, ta, tb, k) in [
+            ("row-major", false, false, 4),
+            ("transposed right operand", false, true, 4),
+            ("transposed left operand", true, false, 3),
+        ] {
+            let (m, n) = (5, 6);
+            let a_leaf = match ta {
+                true => Tensor::<A, 4>::random([2, 3, k, m], normal, &device),
+                false => Tensor::<A, 4>::random([2, 3, m, k], normal, &device),
+            }
+            .require_grad();
+            let b_leaf = match tb {
+                true => Tensor::<A, 4>::random([2, 3, n, k], normal, &device),
+                false => Tensor::<A, 4>::random([2, 3, k, n], normal, &device),
+            }
+            .require_grad();
+            let a = || {
+                if ta {
+                    a_leaf.clone().swap_dims(2, 3)
+                } else {
+                    a_leaf.clone()
+                }
+            };
+            let b = || {
+                if tb {
+                    b_leaf.clone().swap_dims(2, 3)
+                } else {
+                    b_leaf.clone()
+                }
+            };
+            let fused = batched_matmul(a(), b());
+            let burn = a().matmul(b());
+            let d = max_diff(fused.clone().inner(), burn.clone().inner());
+            assert!(d < 1e-5, "{case}: values differ by {d}");
+            let weights = Tensor::<A, 4>::random([2, 3, m, n], normal, &device);
+            let g1 = (fused * weights.clone()).sum().backward();
+            let g2 = (burn * weights).sum().backward();
+            let da = max_diff(a_leaf.grad(&g1).unwrap(), a_leaf.grad(&g2).unwrap());
+            let db = max_diff(b_leaf.grad(&g1).unwrap(), b_leaf.grad(&g2).unwrap());
+            assert!(
+                da < 1e-5 && db < 1e-5,
+                "{case}: gradients differ by {da}, {db}"
+            );
+            let d = max_diff(
+                batched_matmul(a().inner(), b().inner()),
+                a().inner().matmul(b().inner()),
+            );
+            assert!(d < 1e-5, "{case}, no autodiff: values differ by {d}");
+        }
+        // An empty inner dimension: zeros (Burn 0.21's ndarray matmul divides by zero there).
+        let a = Tensor::<A, 4>::zeros([2, 3, 5, 0], &device).require_grad();
+        let b = Tensor::<A, 4>::zeros([2, 3, 0, 6], &device).require_grad();
+        let y = batched_matmul(a.clone(), b.clone());
+        assert_eq!(y.dims(), [2, 3, 5, 6]);
+        assert_eq!(y.clone().inner().abs().max().into_scalar(), 0.0);
+        let g = y.sum().backward();
+        assert_eq!(a.grad(&g).map(|t| t.dims()), Some([2, 3, 5, 0]));
+        // Broadcast leading dimensions: Burn's matmul.
+        let a = Tensor::<NdArray<f32>, 4>::random([1, 3, 5, 4], normal, &device);
+        let b = Tensor::<NdArray<f32>, 4>::random([2, 3, 4, 6], normal, &device);
+        let d = max_diff(batched_matmul(a.clone(), b.clone()), a.matmul(b));
+        assert_eq!(d, 0.0, "broadcast shapes go to Burn's matmul");
+    }
+
     #[test]
     fn fused_linear_is_the_tensor_path_in_values_and_gradients() {
         type A = Autodiff<NdArray<f32>>;
