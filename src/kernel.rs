@@ -2439,15 +2439,7 @@ mod nd {
 
     vectorized! {
         fn sum_squares_chunk(g: &[f32]) -> f32 {
-            let mut acc = [0.0f32; 16];
-            let chunks = g.chunks_exact(16);
-            let tail: f32 = chunks.remainder().iter().map(|&v| v * v).sum();
-            for c in chunks {
-                for (a, &v) in acc.iter_mut().zip(c) {
-                    *a += v * v;
-                }
-            }
-            acc.iter().sum::<f32>() + tail
+            lane_sum_sq_dev(g, 0.0)
         }
     }
 
