@@ -604,22 +604,43 @@ mod nd {
     }
 
     vectorized! {
-        fn gelu_grad_chunk(dx: &mut [f32], x: &[f32], g: &[f32]) {
+        /// GELU and its derivative in one pass: `y = x Φ(x)`, `d = Φ(x) + x φ(x)`.
+        fn gelu_and_slope_chunk(y: &mut [f32], d: &mut [f32], x: &[f32]) {
             const INV_SQRT_2PI: f32 = 0.398_942_3;
-            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                let density = exp(-0.5 * x * x) * INV_SQRT_2PI;
-                *dx = g * (phi(x) + x * density);
+            for ((y, d), &x) in y.iter_mut().zip(d.iter_mut()).zip(x) {
+                let p = phi(x);
+                *y = x * p;
+                *d = p + x * exp(-0.5 * x * x) * INV_SQRT_2PI;
             }
         }
     }
 
-    /// `g · (Φ(x) + x φ(x))`, with `φ(x) = exp(-x²/2) / √(2π)`.
-    fn gelu_backward(x: &[f32], g: &[f32]) -> Vec<f32> {
-        let mut dx = vec![0.0f32; x.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(dx, (x, g))| gelu_grad_chunk(dx, x, g));
-        dx
+    /// GELU's values and its slope at `x` (what the backward pass multiplies by).
+    fn gelu_forward_with_slope(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let mut y = vec![0.0f32; x.len()];
+        let mut d = vec![0.0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(d.par_chunks_mut(CHUNK))
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|((y, d), x)| gelu_and_slope_chunk(y, d, x));
+        (y, d)
+    }
+
+    vectorized! {
+        fn mul_chunk(out: &mut [f32], a: &[f32], b: &[f32]) {
+            for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+                *o = a * b;
+            }
+        }
+    }
+
+    /// `a ⊙ b`, elementwise over rayon chunks.
+    fn mul_values(a: &[f32], b: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0f32; a.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| mul_chunk(o, a, b));
+        out
     }
 
     fn to_nd<const D: usize>(
@@ -778,13 +799,42 @@ mod nd {
 
     /// `c = alpha · a · b + beta · c`, `c` row-major `a.rows × b.cols`.
     fn gemm_alpha(alpha: f32, a: &Mat, b: &Mat, beta: f32, c: &mut [f32]) {
-        assert_eq!(a.cols, b.rows, "inner dimensions of a matrix product");
         assert_eq!(c.len(), a.rows * b.cols, "output of a matrix product");
+        // SAFETY: `c` is a live, initialised, exclusively borrowed buffer of the output's size.
+        unsafe { gemm_raw(alpha, a, b, beta, c.as_mut_ptr()) }
+    }
+
+    /// `alpha · a · b` in a new row-major `a.rows × b.cols` buffer that the GEMM writes
+    /// without its being zeroed first (the fills were 3% of a training step).
+    pub(crate) fn gemm_new(alpha: f32, a: &Mat, b: &Mat) -> Vec<f32> {
+        let n = a.rows * b.cols;
+        let mut c: Vec<f32> = Vec::with_capacity(n);
+        // SAFETY: `c` has room for `n` values and nothing else refers to it. With `beta = 0`
+        // (`read_dst` false) `gemm` never reads `dst` and writes every one of its `n`
+        // elements: zeros when the inner dimension is empty, `alpha · a · b` otherwise
+        // (gemm-common 0.19's `gemm_basic_generic`: `alpha` is set to zero, so the first depth
+        // block stores `lhs · rhs` without loading `dst`). So all `n` are initialised before
+        // `set_len`.
+        unsafe {
+            gemm_raw(alpha, a, b, 0.0, c.as_mut_ptr());
+            c.set_len(n);
+        }
+        c
+    }
+
+    /// `c = alpha · a · b + beta · c` into `c`, row-major `a.rows × b.cols`; with `beta = 0`
+    /// the memory at `c` is only written.
+    ///
+    /// # Safety
+    /// `c` must be valid for writes of `a.rows × b.cols` values, aliased by nothing else, and
+    /// initialised when `beta != 0`.
+    unsafe fn gemm_raw(alpha: f32, a: &Mat, b: &Mat, beta: f32, c: *mut f32) {
+        assert_eq!(a.cols, b.rows, "inner dimensions of a matrix product");
         assert!(
             a.in_bounds() && b.in_bounds(),
             "matrix strides past the memory"
         );
-        if c.is_empty() {
+        if a.rows == 0 || b.cols == 0 {
             return;
         }
         // Inside a rayon task (the attention node's heads) the product runs on that task's
@@ -794,16 +844,16 @@ mod nd {
         } else {
             gemm::Parallelism::Rayon(0)
         };
-        // SAFETY: the asserts above keep every element that the strides reach inside `a`'s,
-        // `b`'s and `c`'s memory; `c` is borrowed mutably, so nothing else aliases it. `gemm`
-        // computes `dst = alpha · dst + beta · lhs · rhs` (its alpha and beta are BLAS's
-        // swapped) and reads `dst` only when told to.
+        // SAFETY: the asserts above keep every element that the strides reach inside `a`'s
+        // and `b`'s memory; the caller vouches for `c`. `gemm` computes
+        // `dst = alpha · dst + beta · lhs · rhs` (its alpha and beta are BLAS's swapped) and
+        // reads `dst` only when told to.
         unsafe {
             gemm::gemm(
                 a.rows,
                 b.cols,
                 a.cols,
-                c.as_mut_ptr(),
+                c,
                 1,
                 b.cols as isize,
                 beta != 0.0,
@@ -846,9 +896,9 @@ mod nd {
                 }
                 y
             }
-            None => vec![0.0; rows * n],
+            None => return gemm_new(1.0, x, w),
         };
-        gemm(x, w, if b.is_some() { 1.0 } else { 0.0 }, &mut y);
+        gemm(x, w, 1.0, &mut y);
         y
     }
 
@@ -1041,14 +1091,12 @@ mod nd {
         let device = Default::default();
         let parents = ops.parents;
         if let Some(parent) = &parents[0] {
-            let mut dx = vec![0.0; x.rows * x.cols];
-            gemm(&g, &w.t(), 0.0, &mut dx);
+            let dx = gemm_new(1.0, &g, &w.t());
             let t = Nd::float_from_data(TensorData::new(dx, state.x_dims.clone()), &device);
             grads.register::<Nd>(parent.id, t);
         }
         if let Some(parent) = &parents[1] {
-            let mut dw = vec![0.0; w.rows * w.cols];
-            gemm(&x.t(), &g, 0.0, &mut dw);
+            let dw = gemm_new(1.0, &x.t(), &g);
             let t = Nd::float_from_data(TensorData::new(dw, [w.rows, w.cols]), &device);
             grads.register::<Nd>(parent.id, t);
         }
@@ -1528,8 +1576,7 @@ mod nd {
             let (_, _, rows, keys, _, _) = self.dims();
             let q = view2(self.q.slice(s![bi, hi, .., ..]));
             let k = view2(self.k.slice(s![bi, hi, .., ..]));
-            let mut p = vec![0.0f32; rows * keys];
-            gemm_scaled(self.scale, &q, &k.t(), &mut p);
+            let mut p = gemm_new(self.scale, &q, &k.t());
             let bias = self.bias.as_ref().map(|t| {
                 let bb = if t.dim().0 == 1 { 0 } else { bi };
                 view2(t.slice(s![bb, hi, .., ..]))
@@ -1681,8 +1728,7 @@ mod nd {
                             &mut dv_[bi * keys * dv..(bi + 1) * keys * dv],
                         );
                         // dP = dO · Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)) in place.
-                        let mut ds = vec![0.0f32; rows * keys];
-                        gemm(&og, &v.t(), 0.0, &mut ds);
+                        let mut ds = gemm_new(1.0, &og, &v.t());
                         softmax_grad_rows(&mut ds, &p, &og, &oo, keys);
                         if bias_grad {
                             let at = if bias_batch == 1 { 0 } else { bi * rows * keys };
@@ -2384,29 +2430,50 @@ mod nd {
         host_primitive(grad).expect("the gradient of an f32 output is f32")
     }
 
-    /// GELU's backward pass: from the saved input (the input tensor itself, shared, not a
-    /// copy), `g · (Φ(x) + x φ(x))`.
+    /// GELU's backward pass: the slope `Φ(x) + x φ(x)` at the input, computed in the forward
+    /// pass beside the values (it shares `Φ`), so that the backward pass is one product
+    /// `g · slope` and the input itself need not be kept.
     #[derive(Debug)]
     struct GeluGrad {
-        x: burn_ndarray::NdArrayTensor,
+        slope: Vec<f32>,
     }
 
     impl UnaryGrad for GeluGrad {
         fn input_grad(&self, grad: &[f32]) -> Vec<f32> {
-            let x = row_major_values(&self.x).expect("GELU's input is f32");
-            gelu_backward(&x, grad)
+            mul_values(grad, &self.slope)
         }
     }
 
-    /// The kernel on `Autodiff<NdArray<f32>>`: one node, whose backward recomputes `Φ` and `φ`
-    /// from the saved input.
+    /// The kernel on `Autodiff<NdArray<f32>>`: one node, whose backward multiplies the
+    /// incoming gradient by the slope saved in the forward pass (only when `x` is tracked).
     pub(super) fn gelu_autodiff<B: Backend, const D: usize>(
         x: Tensor<B, D>,
     ) -> Option<Tensor<B, D>> {
         let x: Tensor<Ad, D> = cast(x)?;
         let input = x.clone().inner().into_primitive().tensor();
-        let y = gelu_forward(&row_major_values(&input)?);
-        cast(record_unary(x, y, move |_| Box::new(GeluGrad { x: input })))
+        let values = row_major_values(&input)?;
+        let (dims, device) = (x.dims(), x.device());
+        let node = x.into_primitive().tensor().node;
+        let out = match UnaryBackward
+            .prepare::<NoCheckpointing>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, slope) = gelu_forward_with_slope(&values);
+                let state = Arc::new(Saved {
+                    dims: dims.to_vec(),
+                    grad: Box::new(GeluGrad { slope }),
+                });
+                prep.finish(state, to_nd(y, dims, &device).into_primitive().tensor())
+            }
+            OpsKind::UnTracked(prep) => prep.finish(
+                to_nd(gelu_forward(&values), dims, &device)
+                    .into_primitive()
+                    .tensor(),
+            ),
+        };
+        cast(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out)))
     }
     /// One parameter's AdamW moments before a step: the steps taken, the first moment and the
     /// second moment (`None` before the first step).
@@ -3454,27 +3521,36 @@ mod tests {
         let base =
             Tensor::<NdArray<f32>, 2>::random([129, 257], Distribution::Normal(0.0, 3.0), &device);
         let w = Tensor::<A, 2>::random([129, 257], Distribution::Default, &device);
-        let run = |fused: bool| {
-            let x = Tensor::<A, 2>::from_inner(base.clone()).require_grad();
-            // Two uses of the output, so that the node's gradient is a sum.
-            let y = if fused {
-                gelu(x.clone())
-            } else {
-                crate::util::gelu_exact(x.clone())
+        // On a leaf, and on an intermediate tensor (tracked, though `is_require_grad` says no:
+        // the model's case, GELU after a linear layer).
+        for intermediate in [false, true] {
+            let run = |fused: bool| {
+                let x = Tensor::<A, 2>::from_inner(base.clone()).require_grad();
+                let input = if intermediate {
+                    x.clone() * 1.5 - 0.25
+                } else {
+                    x.clone()
+                };
+                // Two uses of the output, so that the node's gradient is a sum.
+                let y = if fused {
+                    gelu(input)
+                } else {
+                    crate::util::gelu_exact(input)
+                };
+                let loss = (y.clone() * w.clone()).sum() + (y.clone() * y.clone()).sum();
+                let grads = loss.backward();
+                (y.inner(), x.grad(&grads).unwrap())
             };
-            let loss = (y.clone() * w.clone()).sum() + (y.clone() * y.clone()).sum();
-            let grads = loss.backward();
-            (y.inner(), x.grad(&grads).unwrap())
-        };
-        let (y1, g1) = run(true);
-        let (y2, g2) = run(false);
-        assert!(max_diff(y1, y2) <= 1e-6);
-        let scale = g2.clone().abs().max().into_scalar().max(1.0);
-        let d = max_diff(g1, g2);
-        assert!(
-            d <= 2e-6 * scale,
-            "fused GELU gradient differs by {d} (scale {scale})"
-        );
+            let (y1, g1) = run(true);
+            let (y2, g2) = run(false);
+            assert!(max_diff(y1, y2) <= 1e-6);
+            let scale = g2.clone().abs().max().into_scalar().max(1.0);
+            let d = max_diff(g1, g2);
+            assert!(
+                d <= 2e-6 * scale,
+                "fused GELU gradient (intermediate input: {intermediate}) differs by {d} (scale {scale})"
+            );
+        }
     }
 
     /// The tensor path of [`fused_softmax`]: `mask_fill(-inf)` at future keys, then softmax.
