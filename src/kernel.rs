@@ -2388,6 +2388,18 @@ mod nd {
         y: Vec<f32>,
         saved: impl FnOnce(burn_ndarray::NdArrayTensor) -> Box<dyn UnaryGrad>,
     ) -> Tensor<Ad, D> {
+        record_unary_lazy(x, |_| (y, Some(saved)))
+    }
+
+    /// [`record_unary`] for a kernel whose forward pass does more when `x` is tracked:
+    /// `forward(tracked)` gives the output values and, when tracked, what makes the saved state.
+    fn record_unary_lazy<const D: usize, S>(
+        x: Tensor<Ad, D>,
+        forward: impl FnOnce(bool) -> (Vec<f32>, Option<S>),
+    ) -> Tensor<Ad, D>
+    where
+        S: FnOnce(burn_ndarray::NdArrayTensor) -> Box<dyn UnaryGrad>,
+    {
         let (dims, device) = (x.dims(), x.device());
         let node = x.into_primitive().tensor().node;
         let out = match UnaryBackward
@@ -2396,6 +2408,8 @@ mod nd {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
+                let (y, saved) = forward(true);
+                let saved = saved.expect("a tracked unary kernel saves its state");
                 let out = to_nd(y, dims, &device).into_primitive().tensor();
                 let state = Arc::new(Saved {
                     dims: dims.to_vec(),
@@ -2404,6 +2418,7 @@ mod nd {
                 prep.finish(state, out)
             }
             OpsKind::UnTracked(prep) => {
+                let (y, _) = forward(false);
                 prep.finish(to_nd(y, dims, &device).into_primitive().tensor())
             }
         };
@@ -2452,28 +2467,15 @@ mod nd {
         let x: Tensor<Ad, D> = cast(x)?;
         let input = x.clone().inner().into_primitive().tensor();
         let values = row_major_values(&input)?;
-        let (dims, device) = (x.dims(), x.device());
-        let node = x.into_primitive().tensor().node;
-        let out = match UnaryBackward
-            .prepare::<NoCheckpointing>([node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
+        cast(record_unary_lazy(x, |tracked| {
+            if tracked {
                 let (y, slope) = gelu_forward_with_slope(&values);
-                let state = Arc::new(Saved {
-                    dims: dims.to_vec(),
-                    grad: Box::new(GeluGrad { slope }),
-                });
-                prep.finish(state, to_nd(y, dims, &device).into_primitive().tensor())
+                let saved = move |_| Box::new(GeluGrad { slope }) as Box<dyn UnaryGrad>;
+                (y, Some(saved))
+            } else {
+                (gelu_forward(&values), None)
             }
-            OpsKind::UnTracked(prep) => prep.finish(
-                to_nd(gelu_forward(&values), dims, &device)
-                    .into_primitive()
-                    .tensor(),
-            ),
-        };
-        cast(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out)))
+        }))
     }
     /// One parameter's AdamW moments before a step: the steps taken, the first moment and the
     /// second moment (`None` before the first step).
