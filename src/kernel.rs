@@ -5,12 +5,18 @@
 //! (training, as one graph node with a hand-written backward pass), checked by type at run
 //! time; every other backend, and the `ndarray` feature off, takes the tensor path. Each kernel
 //! is tested against the tensor path in values and gradients.
+//!
+//! With the `tch` feature, LibTorch (`LibTorch<f32>`, with or without autodiff) gets PyTorch's
+//! own fused kernels behind the same functions where Burn 0.21 does not reach them under
+//! autodiff: exact GELU, LayerNorm (`native_layer_norm`) and CPU flash attention, each one
+//! graph node (`kernel/torch.rs`; `tests/torch_kernels.rs` holds them to the tensor path).
 
 use burn::prelude::*;
 
 /// Exact GELU, `x Φ(x)`, as one pass forward and one pass backward on ndarray (elementwise over
-/// rayon chunks, in f32 with a branch-free `erfc`), and [`crate::util::gelu_exact`] on
-/// every other backend. Same function: the tests hold the two to 1e-6.
+/// rayon chunks, in f32 with a branch-free `erfc`), PyTorch's exact GELU kernel forward and
+/// backward on LibTorch, and [`crate::util::gelu_exact`] on every other backend. Same
+/// function: the tests hold them to 1e-6.
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "ndarray")]
     if x.dtype() == burn::tensor::DType::F32 {
@@ -23,6 +29,10 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
                 return y;
             }
         }
+    }
+    #[cfg(feature = "tch")]
+    if let Some(y) = torch::gelu(x.clone()) {
+        return y;
     }
     crate::util::gelu_exact(x)
 }
@@ -98,9 +108,11 @@ pub fn linear_layer<B: Backend, const D: usize>(
 /// reciprocal standard deviation are all it keeps besides the input), and the backward pass
 /// one pass per row for the input's gradient, with the gradients of `gamma` and `beta` summed
 /// over rayon tasks of rows. Burn's op is a composite of nine tensor ops (two of them means
-/// whose backward passes fill a tensor of ones of the input's size). Every other backend runs
-/// `B::layer_norm`, native on LibTorch: the tensor path, which the tests hold this one to in
-/// values and in every gradient. An input with a zero-sized last dimension, or whose `gamma`
+/// whose backward passes fill a tensor of ones of the input's size). On LibTorch under autodiff
+/// it is one node too: PyTorch's `native_layer_norm` forward and the closed-form backward from
+/// its saved row statistics (Burn's autodiff would run the nine-op composite). Every other
+/// backend runs `B::layer_norm` (native on LibTorch without autodiff): the tensor path, which
+/// the tests hold these to in values and in every gradient. An input with a zero-sized last dimension, or whose `gamma`
 /// does not match it, takes the tensor path too.
 pub fn layer_norm<B: Backend, const D: usize>(
     x: Tensor<B, D>,
@@ -127,6 +139,10 @@ pub fn layer_norm<B: Backend, const D: usize>(
             }
         }
     }
+    #[cfg(feature = "tch")]
+    if let Some(y) = torch::layer_norm_autodiff(x.clone(), gamma.clone(), beta.clone(), epsilon) {
+        return y;
+    }
     layer_norm_tensor(x, gamma, beta, epsilon)
 }
 
@@ -146,12 +162,31 @@ pub fn layer_norm_tensor<B: Backend, const D: usize>(
     )))
 }
 
-/// Whether [`attention`] has a kernel for backend `B` (ndarray, with or without autodiff).
+/// Whether [`attention`] has a kernel for backend `B`: ndarray or LibTorch (f32), with or
+/// without autodiff.
 pub fn attention_applies<B: Backend>() -> bool {
     #[cfg(feature = "ndarray")]
-    return applies::<B>() || applies_autodiff::<B>();
-    #[cfg(not(feature = "ndarray"))]
+    if applies::<B>() || applies_autodiff::<B>() {
+        return true;
+    }
+    #[cfg(feature = "tch")]
+    if torch::applies_any::<B>() {
+        return true;
+    }
     false
+}
+
+/// Whether [`attention`] on backend `B` takes a bias that needs a gradient. ndarray's kernel
+/// does (its backward pass gives the bias's gradient); LibTorch's flash attention does not
+/// (PyTorch's kernel gives none for its mask), so under autodiff a learned bias (Kerple's,
+/// FIRE's, a forget gate's) makes [`attention`] return `None` there, and the attention layer
+/// goes straight to the tensor path instead of building the bias twice.
+pub fn attention_takes_bias_gradients<B: Backend>() -> bool {
+    #[cfg(feature = "tch")]
+    if torch::applies_autodiff::<B>() {
+        return false;
+    }
+    true
 }
 
 /// Attention from the queries to the output in one kernel on ndarray:
@@ -165,8 +200,11 @@ pub fn attention_applies<B: Backend>() -> bool {
 /// mask and softmax between them in one pass, q, k and v read through their strides (no
 /// layout copies). Under autodiff it is one graph node, and the `[rows, keys]` probabilities
 /// are never kept: the backward pass recomputes them per head and batch row, as FlashAttention
-/// does, so the memory the node holds is its inputs and output. `None` when no kernel applies
-/// (another backend or element type, or mismatched shapes): the caller takes the tensor path.
+/// does, so the memory the node holds is its inputs and output. On LibTorch (CPU) it is
+/// PyTorch's flash attention forward and backward, with the bias and the causal mask as one
+/// float mask; a bias that needs a gradient is refused there
+/// ([`attention_takes_bias_gradients`]). `None` when no kernel applies (another backend or
+/// element type, mismatched shapes, a refused bias): the caller takes the tensor path.
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -175,24 +213,24 @@ pub fn attention<B: Backend>(
     scale: f32,
     causal_from: Option<usize>,
 ) -> Option<Tensor<B, 4>> {
+    let [b, h, rows, dh] = q.dims();
+    let [kb, kh, keys, kdh] = k.dims();
+    let [vb, vh, vkeys, _] = v.dims();
+    let shapes_agree = (kb, kh, kdh) == (b, h, dh)
+        && (vb, vh, vkeys) == (b, h, keys)
+        && bias.as_ref().is_none_or(|t| {
+            let [bb, bh, br, bk] = t.dims();
+            (bb == 1 || bb == b) && (bh, br, bk) == (h, rows, keys)
+        });
+    let f32s = [&q, &k, &v]
+        .into_iter()
+        .chain(bias.as_ref())
+        .all(|t| t.dtype() == burn::tensor::DType::F32);
+    if !shapes_agree || !f32s {
+        return None;
+    }
     #[cfg(feature = "ndarray")]
     {
-        let [b, h, rows, dh] = q.dims();
-        let [kb, kh, keys, kdh] = k.dims();
-        let [vb, vh, vkeys, _] = v.dims();
-        let shapes_agree = (kb, kh, kdh) == (b, h, dh)
-            && (vb, vh, vkeys) == (b, h, keys)
-            && bias.as_ref().is_none_or(|t| {
-                let [bb, bh, br, bk] = t.dims();
-                (bb == 1 || bb == b) && (bh, br, bk) == (h, rows, keys)
-            });
-        let f32s = [&q, &k, &v]
-            .into_iter()
-            .chain(bias.as_ref())
-            .all(|t| t.dtype() == burn::tensor::DType::F32);
-        if !shapes_agree || !f32s {
-            return None;
-        }
         if applies::<B>() {
             return attention_nd(q, k, v, bias, scale, causal_from);
         }
@@ -200,7 +238,10 @@ pub fn attention<B: Backend>(
             return attention_autodiff(q, k, v, bias, scale, causal_from);
         }
     }
-    #[cfg(not(feature = "ndarray"))]
+    #[cfg(feature = "tch")]
+    if torch::applies_any::<B>() {
+        return torch::attention(q, k, v, bias, scale, causal_from);
+    }
     let _ = (q, k, v, bias, scale, causal_from);
     None
 }
@@ -417,12 +458,33 @@ pub(crate) struct AdamWStep {
     pub clip_norm: Option<f32>,
 }
 
+/// Moves a value to the type it is known to have (`None` if it has another).
+#[cfg_attr(not(any(feature = "ndarray", feature = "tch")), allow(dead_code))]
+pub(crate) fn cast<T: 'static, U: 'static>(x: T) -> Option<U> {
+    (Box::new(x) as Box<dyn std::any::Any>)
+        .downcast::<U>()
+        .ok()
+        .map(|u| *u)
+}
+
+/// [`cast`] of an optional value: `Some(None)` for `None`, `None` if it has another type.
+#[cfg_attr(not(any(feature = "ndarray", feature = "tch")), allow(dead_code))]
+pub(crate) fn cast_opt<T: 'static, U: 'static>(x: Option<T>) -> Option<Option<U>> {
+    match x {
+        Some(x) => cast(x).map(Some),
+        None => Some(None),
+    }
+}
+
+#[cfg(feature = "tch")]
+mod torch;
+
 #[cfg(feature = "ndarray")]
 pub(crate) use nd::*;
 
 #[cfg(feature = "ndarray")]
 mod nd {
-    use std::any::{Any, TypeId};
+    use std::any::TypeId;
     use std::sync::Arc;
 
     use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
@@ -434,7 +496,7 @@ mod nd {
     use burn::tensor::{DType, TensorData, TensorPrimitive};
     use rayon::prelude::*;
 
-    use super::AdamWStep;
+    use super::{cast, cast_opt, AdamWStep};
 
     /// The backend the kernels run on outside autodiff.
     pub(crate) type Nd = burn_ndarray::NdArray<f32>;
@@ -449,22 +511,6 @@ mod nd {
     /// Whether `B` is `Autodiff<NdArray<f32>>` (training on ndarray).
     pub(crate) fn applies_autodiff<B: Backend>() -> bool {
         TypeId::of::<B>() == TypeId::of::<Ad>()
-    }
-
-    /// Moves a value to the type it is known to have (`None` if it has another).
-    pub(crate) fn cast<T: 'static, U: 'static>(x: T) -> Option<U> {
-        (Box::new(x) as Box<dyn Any>)
-            .downcast::<U>()
-            .ok()
-            .map(|u| *u)
-    }
-
-    /// [`cast`] of an optional value: `Some(None)` for `None`, `None` if it has another type.
-    pub(crate) fn cast_opt<T: 'static, U: 'static>(x: Option<T>) -> Option<Option<U>> {
-        match x {
-            Some(x) => cast(x).map(Some),
-            None => Some(None),
-        }
     }
 
     /// Reads an `f32` tensor's values in row-major order (`None` for another element type). On

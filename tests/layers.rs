@@ -8,7 +8,7 @@
 //! | --- | --- |
 //! | 0 | `error` |
 //! | 1 | `util` (materialisation, exact GELU, atomic writes) |
-//! | 2 | `kernel` (fused CPU kernels for ndarray and their host-copy helpers) |
+//! | 2 | `kernel` (fused CPU kernels for ndarray, PyTorch's on LibTorch, host-copy helpers) |
 //! | 3 | `encoding`, `norm` (the layer norm module over the fused kernel), `optim` (fused AdamW) |
 //! | 4 | `attention` |
 //! | 5 | `model` — the library ends here (it builds without the `harness` feature) |

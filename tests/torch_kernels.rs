@@ -1,0 +1,293 @@
+//! LibTorch's fused kernels (`--features tch`: PyTorch's exact GELU, `native_layer_norm` and CPU
+//! flash attention, each one graph node under autodiff) against the tensor path on the same
+//! backend, in values and in every gradient: causal and not, with and without a bias, a chunk
+//! of rows past position 0, a single decode row, and a bias that needs a gradient (which the
+//! kernel must refuse). CI runs it with the LibTorch of `scripts/setup-libtorch.sh`:
+//! `cargo test --features tch --test torch_kernels`.
+#![cfg(feature = "tch")]
+
+use burn::backend::libtorch::LibTorchDevice;
+use burn::backend::{Autodiff, LibTorch};
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+
+use dape::kernel::{attention, gelu, layer_norm, layer_norm_tensor};
+use dape::util::gelu_exact;
+
+type Tb = LibTorch<f32>;
+type Ta = Autodiff<Tb>;
+
+const DEVICE: LibTorchDevice = LibTorchDevice::Cpu;
+const TOL: f32 = 2e-5;
+
+/// Deterministic values in about [-scale, scale].
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn tensor<B: Backend<Device = LibTorchDevice>, const D: usize>(
+    shape: [usize; D],
+    seed: u64,
+    scale: f32,
+) -> Tensor<B, D> {
+    let n = shape.iter().product();
+    Tensor::from_data(TensorData::new(values(n, seed, scale), shape), &DEVICE)
+}
+
+fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().expect("f32")
+}
+
+/// Largest |a - b| relative to b's largest magnitude (at least 1).
+fn assert_close(what: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    let scale = b.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    let err = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        err <= TOL * scale,
+        "{what}: max error {err:e} against scale {scale}"
+    );
+    assert!(a.iter().all(|x| x.is_finite()), "{what}: non-finite values");
+}
+
+/// A leaf with gradient, and an intermediate computed from it (`2 · leaf`): Burn's
+/// `is_require_grad` is true for leaves only, and the kernels must work on both.
+fn leaf<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<Ta, D> {
+    tensor::<Ta, D>(shape, seed, 1.0).require_grad()
+}
+
+/// `sum(y · w)` for fixed weights `w`, so that every output element gets its own gradient.
+fn loss<const D: usize>(y: Tensor<Ta, D>, seed: u64) -> Tensor<Ta, 1> {
+    let w = tensor::<Ta, D>(y.dims(), seed, 1.0);
+    (y * w).sum()
+}
+
+#[test]
+fn gelu_is_the_tensor_path_in_values_and_gradients() {
+    for intermediate in [false, true] {
+        let run = |fused: bool| {
+            let x = leaf([6, 40], 1);
+            let input = if intermediate {
+                x.clone() * 2.0
+            } else {
+                x.clone()
+            };
+            let y = if fused {
+                gelu(input)
+            } else {
+                gelu_exact(input)
+            };
+            let grads = loss(y.clone(), 2).backward();
+            (to_vec(y), to_vec(x.grad(&grads).expect("x's gradient")))
+        };
+        let ((y, gx), (y_ref, gx_ref)) = (run(true), run(false));
+        assert_close("gelu values", &y, &y_ref);
+        assert_close("gelu dx", &gx, &gx_ref);
+    }
+    let x = tensor::<Tb, 2>([3, 9], 3, 3.0);
+    assert_close(
+        "gelu values (no autodiff)",
+        &to_vec(gelu(x.clone())),
+        &to_vec(gelu_exact(x)),
+    );
+}
+
+#[test]
+fn layer_norm_is_the_tensor_path_in_values_and_every_gradient() {
+    for with_beta in [true, false] {
+        let run = |fused: bool| {
+            let x = leaf([2, 5, 6], 4);
+            let gamma = leaf([6], 5);
+            let beta = leaf([6], 6);
+            let input = x.clone() * 2.0 + 0.5;
+            let b = with_beta.then(|| beta.clone());
+            let y = if fused {
+                layer_norm(input, gamma.clone(), b, 1e-5)
+            } else {
+                layer_norm_tensor(input, gamma.clone(), b, 1e-5)
+            };
+            let grads = loss(y.clone(), 7).backward();
+            let mut out = vec![
+                to_vec(y),
+                to_vec(x.grad(&grads).expect("x's gradient")),
+                to_vec(gamma.grad(&grads).expect("gamma's gradient")),
+            ];
+            if with_beta {
+                out.push(to_vec(beta.grad(&grads).expect("beta's gradient")));
+            }
+            out
+        };
+        let (fused, reference) = (run(true), run(false));
+        for (i, (a, b)) in fused.iter().zip(&reference).enumerate() {
+            let what = ["values", "dx", "dgamma", "dbeta"][i];
+            assert_close(&format!("layer norm {what} (beta: {with_beta})"), a, b);
+        }
+    }
+}
+
+/// `softmax(scale · q kᵀ + bias, causal mask) · v` by tensor ops, `[batch, rows, heads, d]`.
+fn attention_reference<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Option<Tensor<B, 4>>,
+    scale: f32,
+    causal_from: Option<usize>,
+) -> Tensor<B, 4> {
+    let [b, h, rows, _] = q.dims();
+    let keys = k.dims()[2];
+    let mut logits = q.matmul(k.transpose()) * scale;
+    if let Some(bias) = bias {
+        logits = logits + bias;
+    }
+    if let Some(q0) = causal_from {
+        let future: Vec<bool> = (0..rows)
+            .flat_map(|r| (0..keys).map(move |c| c > q0 + r))
+            .collect();
+        let mask = Tensor::<B, 2, Bool>::from_data(
+            TensorData::new(future, [rows, keys]),
+            &logits.device(),
+        )
+        .unsqueeze::<4>()
+        .expand([b, h, rows, keys]);
+        logits = logits.mask_fill(mask, f32::NEG_INFINITY);
+    }
+    softmax(logits, 3).matmul(v).swap_dims(1, 2)
+}
+
+/// One attention case: `rows` query rows over `keys` keys, the first row at position `q0`
+/// when causal, a constant bias broadcast over the batch or one per batch element.
+struct Case {
+    rows: usize,
+    keys: usize,
+    causal_from: Option<usize>,
+    bias: Option<usize>,
+}
+
+const CASES: [Case; 6] = [
+    // Whole causal sequence without a bias: PyTorch's own causal flag.
+    Case {
+        rows: 7,
+        keys: 7,
+        causal_from: Some(0),
+        bias: None,
+    },
+    // ALiBi-like: a bias shared by the batch, causal.
+    Case {
+        rows: 7,
+        keys: 7,
+        causal_from: Some(0),
+        bias: Some(1),
+    },
+    // A chunk of rows past position 0, with a bias.
+    Case {
+        rows: 3,
+        keys: 8,
+        causal_from: Some(5),
+        bias: Some(1),
+    },
+    // Not causal, one bias per batch element.
+    Case {
+        rows: 5,
+        keys: 6,
+        causal_from: None,
+        bias: Some(2),
+    },
+    // One decode row over a cache.
+    Case {
+        rows: 1,
+        keys: 9,
+        causal_from: Some(8),
+        bias: None,
+    },
+    // Not causal, no bias.
+    Case {
+        rows: 4,
+        keys: 4,
+        causal_from: None,
+        bias: None,
+    },
+];
+
+#[test]
+fn flash_attention_is_the_tensor_path_in_values_and_gradients() {
+    let (b, h, d) = (2, 3, 8);
+    let scale = (d as f32).sqrt().recip();
+    for (i, case) in CASES.iter().enumerate() {
+        let run = |fused: bool| {
+            let q = leaf([b, h, case.rows, d], 10);
+            let k = leaf([b, h, case.keys, d], 11);
+            let v = leaf([b, h, case.keys, d], 12);
+            // Intermediates, as the attention layer's q, k and v are.
+            let (qi, ki, vi) = (q.clone() * 1.5, k.clone() * 1.5, v.clone() - 0.25);
+            let bias = case
+                .bias
+                .map(|bb| tensor::<Ta, 4>([bb, h, case.rows, case.keys], 13, 2.0));
+            let y = if fused {
+                attention(qi, ki, vi, bias, scale, case.causal_from)
+                    .unwrap_or_else(|| panic!("case {i}: the kernel must apply"))
+            } else {
+                attention_reference(qi, ki, vi, bias, scale, case.causal_from)
+            };
+            let grads = loss(y.clone(), 14).backward();
+            [
+                to_vec(y),
+                to_vec(q.grad(&grads).expect("dq")),
+                to_vec(k.grad(&grads).expect("dk")),
+                to_vec(v.grad(&grads).expect("dv")),
+            ]
+        };
+        let (fused, reference) = (run(true), run(false));
+        for (j, (a, r)) in fused.iter().zip(&reference).enumerate() {
+            let what = ["values", "dq", "dk", "dv"][j];
+            assert_close(&format!("attention case {i} {what}"), a, r);
+        }
+        // Without autodiff (evaluation), the same values.
+        let [q, k, v] = [(case.rows, 10), (case.keys, 11), (case.keys, 12)]
+            .map(|(n, seed)| tensor::<Tb, 4>([b, h, n, d], seed, 1.0));
+        let bias = case
+            .bias
+            .map(|bb| tensor::<Tb, 4>([bb, h, case.rows, case.keys], 13, 2.0));
+        let y = attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            bias.clone(),
+            scale,
+            case.causal_from,
+        )
+        .expect("the kernel applies without autodiff");
+        let y_ref = attention_reference(q, k, v, bias, scale, case.causal_from);
+        assert_close(
+            &format!("attention case {i} values (no autodiff)"),
+            &to_vec(y),
+            &to_vec(y_ref),
+        );
+    }
+}
+
+#[test]
+fn flash_attention_refuses_a_bias_that_needs_a_gradient() {
+    let (b, h, l, d) = (1, 2, 5, 4);
+    let [q, k, v] = [20, 21, 22].map(|seed| leaf([b, h, l, d], seed));
+    let table = leaf([1, h, l, l], 23);
+    // A learned bias (as Kerple's is): the flash kernel gives no gradient for its mask.
+    let bias = table * 2.0;
+    assert!(attention(q, k, v, Some(bias), 0.5, Some(0)).is_none());
+    assert!(!dape::kernel::attention_takes_bias_gradients::<Ta>());
+    assert!(dape::kernel::attention_takes_bias_gradients::<Tb>());
+}
