@@ -26,8 +26,7 @@ use crate::encoding::{
 };
 use crate::error::{ensure, Error, Result};
 use crate::kernel::{
-    attention, attention_applies, attention_packed, attention_takes_bias_gradients, batched_matmul,
-    fused_softmax, linear_layer,
+    attention, attention_applies, attention_packed, batched_matmul, fused_softmax, linear_layer,
 };
 
 /// Configuration of [`MultiHeadAttention`].
@@ -499,14 +498,11 @@ impl<B: Backend> MultiHeadAttention<B> {
         });
         let qkv = self.packed_qkv(x);
         let scale = (dh as f64).sqrt().recip();
-        // The fused kernel (ndarray) takes the bias apart from the logits; elsewhere, and for
-        // encodings that read the logits, the tensor path below.
-        // LibTorch's flash attention takes no bias that needs a gradient: a learned bias goes
-        // to the tensor path there (built once, not first for the kernel).
+        // The fused kernel (ndarray, LibTorch) takes the bias apart from the logits; elsewhere,
+        // and for encodings that read the logits, the tensor path below.
         let fused = attention_applies::<B>()
             && self.encoding.hook() != Hook::Segments
-            && self.ssmax.is_none()
-            && (attention_takes_bias_gradients::<B>() || self.encoding.num_params() == 0);
+            && self.ssmax.is_none();
         // Without a cache, chunks or rotation, the fused kernel reads q, k and v from the
         // packed projection, and its backward pass writes the packed gradient at once.
         let whole = self.chunk_size == 0 || self.chunk_size >= l;

@@ -176,19 +176,6 @@ pub fn attention_applies<B: Backend>() -> bool {
     false
 }
 
-/// Whether [`attention`] on backend `B` takes a bias that needs a gradient. ndarray's kernel
-/// does (its backward pass gives the bias's gradient); LibTorch's flash attention does not
-/// (PyTorch's kernel gives none for its mask), so under autodiff a learned bias (Kerple's,
-/// FIRE's, a forget gate's) makes [`attention`] return `None` there, and the attention layer
-/// goes straight to the tensor path instead of building the bias twice.
-pub fn attention_takes_bias_gradients<B: Backend>() -> bool {
-    #[cfg(feature = "tch")]
-    if torch::applies_autodiff::<B>() {
-        return false;
-    }
-    true
-}
-
 /// Attention from the queries to the output in one kernel on ndarray:
 /// `softmax(scale · q kᵀ + bias, causal mask) · v`, for `q` `[batch, heads, rows, d_head]`,
 /// `k` `[batch, heads, keys, d_head]`, `v` `[batch, heads, keys, d_v]` and an optional additive
@@ -202,9 +189,10 @@ pub fn attention_takes_bias_gradients<B: Backend>() -> bool {
 /// are never kept: the backward pass recomputes them per head and batch row, as FlashAttention
 /// does, so the memory the node holds is its inputs and output. On LibTorch (CPU) it is
 /// PyTorch's flash attention forward and backward, with the bias and the causal mask as one
-/// float mask; a bias that needs a gradient is refused there
-/// ([`attention_takes_bias_gradients`]). `None` when no kernel applies (another backend or
-/// element type, mismatched shapes, a refused bias): the caller takes the tensor path.
+/// float mask, or, for a bias that needs a gradient (which PyTorch's flash kernel does not
+/// give), one node of PyTorch's matrix products and softmax kernels forward and backward.
+/// `None` when no kernel applies (another backend or element type, mismatched shapes): the
+/// caller takes the tensor path.
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -362,11 +350,12 @@ pub fn distance_table_bias<B: Backend>(
 }
 
 /// Softmax over the keys of `logits` `[batch, heads, rows, keys]` as one fused pass forward and
-/// one backward on ndarray, with the causal mask folded in: with `causal_from = Some(q0)`, row
-/// `r` (absolute position `q0 + r`) sees keys `0..=q0 + r` and gets probability 0 elsewhere,
-/// as `mask_fill(-inf)` then `softmax` give. `Err(logits)` hands the input back when no kernel
-/// applies (another backend or element type, or the `ndarray` feature off): the caller then
-/// takes the tensor path.
+/// one backward on ndarray (on LibTorch, PyTorch's softmax kernels as one graph node), with the
+/// causal mask folded in: with `causal_from = Some(q0)`, row `r` (absolute position `q0 + r`)
+/// sees keys `0..=q0 + r` and gets probability 0 elsewhere, as `mask_fill(-inf)` then `softmax`
+/// give. `Err(logits)` hands the input back when no kernel applies (another backend or element
+/// type, or neither the `ndarray` nor the `tch` feature on): the caller then takes the tensor
+/// path.
 pub fn fused_softmax<B: Backend>(
     logits: Tensor<B, 4>,
     causal_from: Option<usize>,
@@ -383,7 +372,13 @@ pub fn fused_softmax<B: Backend>(
             }
         }
     }
-    #[cfg(not(feature = "ndarray"))]
+    #[cfg(feature = "tch")]
+    if logits.dtype() == burn::tensor::DType::F32 && torch::applies_any::<B>() {
+        if let Some(p) = torch::softmax(logits.clone(), causal_from) {
+            return Ok(p);
+        }
+    }
+    #[cfg(not(any(feature = "ndarray", feature = "tch")))]
     let _ = causal_from;
     Err(logits)
 }

@@ -1,8 +1,9 @@
 //! LibTorch's fused kernels (`--features tch`: PyTorch's exact GELU, `native_layer_norm` and CPU
 //! flash attention, each one graph node under autodiff) against the tensor path on the same
 //! backend, in values and in every gradient: causal and not, with and without a bias, a chunk
-//! of rows past position 0, a single decode row, and a bias that needs a gradient (which the
-//! kernel must refuse). CI runs it with the LibTorch of `scripts/setup-libtorch.sh`:
+//! of rows past position 0, a single decode row, a bias that needs a gradient (which takes the
+//! matrix-product node, flash attention giving no gradient for its mask), and the softmax of
+//! adjusted logits. CI runs it with the LibTorch of `scripts/setup-libtorch.sh`:
 //! `cargo test --features tch --test torch_kernels`.
 #![cfg(feature = "tch")]
 
@@ -148,29 +149,34 @@ fn attention_reference<B: Backend>(
     scale: f32,
     causal_from: Option<usize>,
 ) -> Tensor<B, 4> {
-    let [b, h, rows, _] = q.dims();
-    let keys = k.dims()[2];
     let mut logits = q.matmul(k.transpose()) * scale;
     if let Some(bias) = bias {
         logits = logits + bias;
     }
-    if let Some(q0) = causal_from {
-        let future: Vec<bool> = (0..rows)
-            .flat_map(|r| (0..keys).map(move |c| c > q0 + r))
-            .collect();
-        let mask = Tensor::<B, 2, Bool>::from_data(
-            TensorData::new(future, [rows, keys]),
-            &logits.device(),
-        )
+    softmax_reference(logits, causal_from)
+        .matmul(v)
+        .swap_dims(1, 2)
+}
+
+/// `softmax(mask_fill(x, future, -inf))` over the last dimension by tensor ops, with the causal
+/// mask of rows from position `causal_from` (none when `None`).
+fn softmax_reference<B: Backend>(x: Tensor<B, 4>, causal_from: Option<usize>) -> Tensor<B, 4> {
+    let [b, h, rows, keys] = x.dims();
+    let Some(q0) = causal_from else {
+        return softmax(x, 3);
+    };
+    let future: Vec<bool> = (0..rows)
+        .flat_map(|r| (0..keys).map(move |c| c > q0 + r))
+        .collect();
+    let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(future, [rows, keys]), &x.device())
         .unsqueeze::<4>()
         .expand([b, h, rows, keys]);
-        logits = logits.mask_fill(mask, f32::NEG_INFINITY);
-    }
-    softmax(logits, 3).matmul(v).swap_dims(1, 2)
+    softmax(x.mask_fill(mask, f32::NEG_INFINITY), 3)
 }
 
 /// One attention case: `rows` query rows over `keys` keys, the first row at position `q0`
-/// when causal, a constant bias broadcast over the batch or one per batch element.
+/// when causal, a bias broadcast over the batch or one per batch element.
+#[derive(Debug)]
 struct Case {
     rows: usize,
     keys: usize,
@@ -223,38 +229,58 @@ const CASES: [Case; 6] = [
     },
 ];
 
+/// Attention by the kernel (`fused`) or by [`attention_reference`], under autodiff: the values
+/// and the gradients of q, k, v and, for a learned bias (`learned`: an intermediate of a leaf,
+/// as Kerple's is), of the bias's leaf.
+fn attention_run(case: &Case, fused: bool, learned: bool) -> Vec<Vec<f32>> {
+    let (b, h, d) = (2, 3, 8);
+    let scale = (d as f32).sqrt().recip();
+    let q = leaf([b, h, case.rows, d], 10);
+    let k = leaf([b, h, case.keys, d], 11);
+    let v = leaf([b, h, case.keys, d], 12);
+    // Intermediates, as the attention layer's q, k and v are.
+    let (qi, ki, vi) = (q.clone() * 1.5, k.clone() * 1.5, v.clone() - 0.25);
+    let table = case.bias.map(|bb| {
+        let t = tensor::<Ta, 4>([bb, h, case.rows, case.keys], 13, 1.0);
+        if learned {
+            t.require_grad()
+        } else {
+            t
+        }
+    });
+    let bias = table.clone().map(|t| t * 2.0);
+    let y = if fused {
+        attention(qi, ki, vi, bias, scale, case.causal_from)
+            .unwrap_or_else(|| panic!("{case:?}: the kernel must apply"))
+    } else {
+        attention_reference(qi, ki, vi, bias, scale, case.causal_from)
+    };
+    let grads = loss(y.clone(), 14).backward();
+    let mut out = vec![
+        to_vec(y),
+        to_vec(q.grad(&grads).expect("dq")),
+        to_vec(k.grad(&grads).expect("dk")),
+        to_vec(v.grad(&grads).expect("dv")),
+    ];
+    if learned {
+        let table = table.expect("a learned case has a bias");
+        out.push(to_vec(table.grad(&grads).expect("dbias")));
+    }
+    out
+}
+
 #[test]
 fn flash_attention_is_the_tensor_path_in_values_and_gradients() {
     let (b, h, d) = (2, 3, 8);
     let scale = (d as f32).sqrt().recip();
-    for (i, case) in CASES.iter().enumerate() {
-        let run = |fused: bool| {
-            let q = leaf([b, h, case.rows, d], 10);
-            let k = leaf([b, h, case.keys, d], 11);
-            let v = leaf([b, h, case.keys, d], 12);
-            // Intermediates, as the attention layer's q, k and v are.
-            let (qi, ki, vi) = (q.clone() * 1.5, k.clone() * 1.5, v.clone() - 0.25);
-            let bias = case
-                .bias
-                .map(|bb| tensor::<Ta, 4>([bb, h, case.rows, case.keys], 13, 2.0));
-            let y = if fused {
-                attention(qi, ki, vi, bias, scale, case.causal_from)
-                    .unwrap_or_else(|| panic!("case {i}: the kernel must apply"))
-            } else {
-                attention_reference(qi, ki, vi, bias, scale, case.causal_from)
-            };
-            let grads = loss(y.clone(), 14).backward();
-            [
-                to_vec(y),
-                to_vec(q.grad(&grads).expect("dq")),
-                to_vec(k.grad(&grads).expect("dk")),
-                to_vec(v.grad(&grads).expect("dv")),
-            ]
-        };
-        let (fused, reference) = (run(true), run(false));
+    for case in &CASES {
+        let (fused, reference) = (
+            attention_run(case, true, false),
+            attention_run(case, false, false),
+        );
         for (j, (a, r)) in fused.iter().zip(&reference).enumerate() {
             let what = ["values", "dq", "dk", "dv"][j];
-            assert_close(&format!("attention case {i} {what}"), a, r);
+            assert_close(&format!("{case:?} {what}"), a, r);
         }
         // Without autodiff (evaluation), the same values.
         let [q, k, v] = [(case.rows, 10), (case.keys, 11), (case.keys, 12)]
@@ -273,7 +299,7 @@ fn flash_attention_is_the_tensor_path_in_values_and_gradients() {
         .expect("the kernel applies without autodiff");
         let y_ref = attention_reference(q, k, v, bias, scale, case.causal_from);
         assert_close(
-            &format!("attention case {i} values (no autodiff)"),
+            &format!("{case:?} values (no autodiff)"),
             &to_vec(y),
             &to_vec(y_ref),
         );
@@ -281,13 +307,61 @@ fn flash_attention_is_the_tensor_path_in_values_and_gradients() {
 }
 
 #[test]
-fn flash_attention_refuses_a_bias_that_needs_a_gradient() {
-    let (b, h, l, d) = (1, 2, 5, 4);
-    let [q, k, v] = [20, 21, 22].map(|seed| leaf([b, h, l, d], seed));
-    let table = leaf([1, h, l, l], 23);
-    // A learned bias (as Kerple's is): the flash kernel gives no gradient for its mask.
-    let bias = table * 2.0;
-    assert!(attention(q, k, v, Some(bias), 0.5, Some(0)).is_none());
-    assert!(!dape::kernel::attention_takes_bias_gradients::<Ta>());
-    assert!(dape::kernel::attention_takes_bias_gradients::<Tb>());
+fn attention_with_a_learned_bias_is_the_tensor_path_in_values_and_every_gradient() {
+    // PyTorch's flash kernel gives no gradient for its mask: a bias that needs one takes the
+    // node of matrix products and softmax kernels, which must give the bias's gradient too
+    // (summed over the batch when one bias serves it).
+    let mut checked = 0;
+    for case in CASES.iter().filter(|c| c.bias.is_some()) {
+        let (fused, reference) = (
+            attention_run(case, true, true),
+            attention_run(case, false, true),
+        );
+        assert_eq!(fused.len(), 5);
+        for (j, (a, r)) in fused.iter().zip(&reference).enumerate() {
+            let what = ["values", "dq", "dk", "dv", "dbias"][j];
+            assert_close(&format!("learned bias, {case:?} {what}"), a, r);
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 3, "shared, chunked and per-batch biases");
+}
+
+#[test]
+fn softmax_is_the_tensor_path_in_values_and_gradients() {
+    let (b, h) = (2, 3);
+    for case in &CASES {
+        let run = |fused: bool| {
+            let x = leaf([b, h, case.rows, case.keys], 30);
+            // An intermediate, as adjusted logits are; kept to check that it is not masked in
+            // place.
+            let logits = x.clone() * 3.0;
+            let p = if fused {
+                dape::kernel::fused_softmax(logits.clone(), case.causal_from)
+                    .unwrap_or_else(|_| panic!("{case:?}: the kernel must apply"))
+            } else {
+                softmax_reference(logits.clone(), case.causal_from)
+            };
+            let grads = loss(p.clone(), 31).backward();
+            [
+                to_vec(p),
+                to_vec(x.grad(&grads).expect("dx")),
+                to_vec(logits),
+            ]
+        };
+        let (fused, reference) = (run(true), run(false));
+        for (j, (a, r)) in fused.iter().zip(&reference).enumerate() {
+            let what = ["values", "dx", "input after the call"][j];
+            assert_close(&format!("softmax {case:?} {what}"), a, r);
+        }
+        let x = tensor::<Tb, 4>([b, h, case.rows, case.keys], 30, 3.0);
+        let p = dape::kernel::fused_softmax(x.clone(), case.causal_from)
+            .unwrap_or_else(|_| panic!("{case:?}: the kernel applies without autodiff"));
+        let reference = to_vec(softmax_reference(x, case.causal_from));
+        assert_close(
+            &format!("softmax {case:?} (no autodiff)"),
+            &to_vec(p),
+            &reference,
+        );
+    }
 }

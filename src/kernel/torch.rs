@@ -13,9 +13,12 @@
 //! * **Attention**: PyTorch's CPU flash attention (`_scaled_dot_product_flash_attention_for_cpu`,
 //!   what `F.scaled_dot_product_attention` runs on the CPU) forward and its own backward kernel
 //!   for q, k and v; an additive bias and the causal mask go in as one float mask. The
-//!   `[rows, keys]` probabilities are never kept. A bias that needs a gradient (Kerple's, FIRE's,
-//!   a forget gate's) is not taken: PyTorch's kernel gives no gradient for the mask, and the
-//!   attention layer then takes the tensor path.
+//!   `[rows, keys]` probabilities are never kept. PyTorch's kernel gives no gradient for its
+//!   mask, so a bias that needs one (Kerple's, FIRE's, a forget gate's) takes another node:
+//!   the logits, bias and mask added in place, PyTorch's softmax, and the backward pass from
+//!   the kept probabilities with PyTorch's softmax backward kernel (what eager PyTorch does).
+//! * **Softmax** (of the logits that an encoding such as DAPE has adjusted): the causal mask
+//!   and PyTorch's softmax forward, its softmax backward kernel backward.
 //! * **GELU**: Burn's own `gelu`, which is PyTorch's exact (erf) GELU forward and backward on
 //!   LibTorch; elsewhere the crate writes it from `erf` (Burn's default `gelu_backward` is the
 //!   tanh approximation's derivative).
@@ -171,6 +174,190 @@ fn finish<BW: Backward<Tb, N>, const N: usize>(
     }
 }
 
+/// The causal mask of `rows` query rows from absolute position `q0` over `keys` keys: `true`
+/// at the keys after each row's own position (row `r` sees keys `0..=q0 + r`).
+fn future_mask(rows: i64, keys: i64, q0: usize, device: tch::Device) -> tch::Tensor {
+    tch::Tensor::ones([rows, keys], (tch::Kind::Bool, device)).triu(q0 as i64 + 1)
+}
+
+/// Softmax over the last dimension of `logits` with the causal mask of `causal_from` folded
+/// in, by PyTorch's softmax kernel (the input is left as it is).
+fn masked_softmax(logits: &tch::Tensor, causal_from: Option<usize>) -> tch::Tensor {
+    match causal_from {
+        Some(q0) => {
+            let size = logits.size();
+            let (rows, keys) = (size[size.len() - 2], size[size.len() - 1]);
+            logits
+                .masked_fill(
+                    &future_mask(rows, keys, q0, logits.device()),
+                    f64::NEG_INFINITY,
+                )
+                .internal_softmax(-1, false)
+        }
+        None => logits.internal_softmax(-1, false),
+    }
+}
+
+/// The backward pass of a softmax node: its input's gradient from the output's, by PyTorch's
+/// kernel (`p ⊙ (g − Σ g p)` per row; 0 where the mask made `p` 0).
+fn softmax_grad(g: &tch::Tensor, probs: &tch::Tensor) -> tch::Tensor {
+    tch::Tensor::internal_softmax_backward_data(g, probs, -1, tch::Kind::Float)
+}
+
+#[derive(Debug)]
+struct SoftmaxBackward;
+
+impl Backward<Tb, 1> for SoftmaxBackward {
+    type State = TchTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = grads.consume::<Tb>(&ops.node).tensor;
+        if let Some(p) = &ops.parents[0] {
+            grads.register::<Tb>(p.id, TchTensor::new(softmax_grad(&g, &ops.state.tensor)));
+        }
+    }
+}
+
+/// [`crate::kernel::fused_softmax`] on LibTorch (`[.., rows, keys]` logits): the mask and
+/// PyTorch's softmax forward, and under autodiff one graph node whose backward pass is
+/// PyTorch's softmax backward kernel from the kept probabilities (Burn's softmax is five ops
+/// each way). `None` on any other backend.
+pub(crate) fn softmax<B: Backend>(
+    logits: Tensor<B, 4>,
+    causal_from: Option<usize>,
+) -> Option<Tensor<B, 4>> {
+    if applies::<B>() {
+        let logits: Tensor<Tb, 4> = cast(logits)?;
+        let x = logits.into_primitive().tensor();
+        let p = TchTensor::new(masked_softmax(&x.tensor, causal_from));
+        return cast(Tensor::<Tb, 4>::from_primitive(TensorPrimitive::Float(p)));
+    }
+    if !applies_autodiff::<B>() {
+        return None;
+    }
+    let logits: Tensor<Ta, 4> = cast(logits)?;
+    let x = logits.into_primitive().tensor();
+    let probs = TchTensor::new(masked_softmax(&x.primitive.tensor, causal_from));
+    let out = finish(
+        SoftmaxBackward
+            .prepare::<NoCheckpointing>([x.node])
+            .compute_bound()
+            .stateful(),
+        probs.clone(),
+        probs,
+    );
+    cast(Tensor::<Ta, 4>::from_primitive(TensorPrimitive::Float(out)))
+}
+
+/// What an attention node with a learned bias keeps: the scaled queries, the keys and values,
+/// and the probabilities (as PyTorch's eager attention keeps them), and whether one bias
+/// serves the whole batch.
+#[derive(Clone, Debug)]
+struct BiasedAttentionState {
+    q_scaled: TchTensor,
+    k: TchTensor,
+    v: TchTensor,
+    probs: TchTensor,
+    scale: f64,
+    shared_bias: bool,
+}
+
+#[derive(Debug)]
+struct BiasedAttentionBackward;
+
+impl Backward<Tb, 4> for BiasedAttentionBackward {
+    type State = BiasedAttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = grads.consume::<Tb>(&ops.node).tensor;
+        let s = &ops.state;
+        let (qs, k, v, p) = (
+            &s.q_scaled.tensor,
+            &s.k.tensor,
+            &s.v.tensor,
+            &s.probs.tensor,
+        );
+        let [pq, pk, pv, pb] = &ops.parents;
+        if let Some(parent) = pv {
+            let dv = p.transpose(-2, -1).matmul(&g);
+            grads.register::<Tb>(parent.id, TchTensor::new(dv));
+        }
+        if pq.is_none() && pk.is_none() && pb.is_none() {
+            return;
+        }
+        // dS = softmax'(dO vᵀ): the gradient of the biased, scaled logits.
+        let ds = softmax_grad(&g.matmul(&v.transpose(-2, -1)), p);
+        if let Some(parent) = pq {
+            let dq = ds.matmul(k) * s.scale;
+            grads.register::<Tb>(parent.id, TchTensor::new(dq));
+        }
+        if let Some(parent) = pk {
+            let dk = ds.transpose(-2, -1).matmul(qs);
+            grads.register::<Tb>(parent.id, TchTensor::new(dk));
+        }
+        if let Some(parent) = pb {
+            let db = if s.shared_bias {
+                ds.sum_dim_intlist([0i64].as_slice(), true, None)
+            } else {
+                ds
+            };
+            grads.register::<Tb>(parent.id, TchTensor::new(db));
+        }
+    }
+}
+
+/// Attention with a bias that needs a gradient, on `Autodiff<LibTorch<f32>>`, as one graph
+/// node: forward the scaled logits, the bias and mask added in place, PyTorch's softmax and the
+/// product with v; backward PyTorch's softmax backward kernel between the four matrix
+/// products, and the bias's gradient from the logits' (summed over the batch for a shared
+/// bias). PyTorch's flash kernel gives no gradient for its mask; this node costs what eager
+/// PyTorch's attention costs, in one node rather than Burn's composite of a dozen. The output
+/// is `[batch, rows, heads, d_v]`.
+fn learned_bias_attention(
+    q: burn::tensor::ops::FloatTensor<Ta>,
+    k: burn::tensor::ops::FloatTensor<Ta>,
+    v: burn::tensor::ops::FloatTensor<Ta>,
+    bias: burn::tensor::ops::FloatTensor<Ta>,
+    scale: f64,
+    causal_from: Option<usize>,
+) -> Tensor<Ta, 4> {
+    let (qt, kt, vt, bt) = (
+        &q.primitive.tensor,
+        &k.primitive.tensor,
+        &v.primitive.tensor,
+        &bias.primitive.tensor,
+    );
+    let size = qt.size();
+    let (rows, keys) = (size[2], kt.size()[2]);
+    // The causal mask goes into the bias (`[1 or batch, ..]`) rather than over the logits.
+    let (mask, _) = float_mask(Some(bt), rows, keys, causal_from, qt);
+    let q_scaled = qt * scale;
+    let mut logits = q_scaled.matmul(&kt.transpose(-2, -1));
+    if let Some(mask) = &mask {
+        let _ = logits.g_add_(mask);
+    }
+    let probs = logits.internal_softmax(-1, false);
+    let out = TchTensor::new(probs.matmul(vt));
+    let shared_bias = bt.size()[0] == 1 && size[0] > 1;
+    let state = BiasedAttentionState {
+        q_scaled: TchTensor::new(q_scaled),
+        k: k.primitive.clone(),
+        v: v.primitive.clone(),
+        probs: TchTensor::new(probs),
+        scale,
+        shared_bias,
+    };
+    let out = finish(
+        BiasedAttentionBackward
+            .prepare::<NoCheckpointing>([q.node, k.node, v.node, bias.node])
+            .compute_bound()
+            .stateful(),
+        state,
+        out,
+    );
+    Tensor::<Ta, 4>::from_primitive(TensorPrimitive::Float(out)).swap_dims(1, 2)
+}
+
 /// The additive float mask of one attention call: `bias` (if any) with `-inf` at the keys
 /// after each row's own position (`causal_from = Some(q0)`: row `r` sees keys `0..=q0 + r`),
 /// and whether PyTorch's own top-left causal flag says the same without a mask (no bias, the
@@ -187,8 +374,7 @@ fn float_mask(
         (None, Some(0)) => (None, true),
         (Some(b), None) => (Some(b.shallow_clone()), false),
         (bias, Some(q0)) => {
-            let future = tch::Tensor::ones([rows, keys], (tch::Kind::Bool, like.device()))
-                .triu(q0 as i64 + 1);
+            let future = future_mask(rows, keys, q0, like.device());
             let base = match bias {
                 Some(b) => b.shallow_clone(),
                 None => tch::Tensor::zeros([1, 1, rows, keys], (like.kind(), like.device())),
@@ -303,10 +489,13 @@ pub(crate) fn attention<B: Backend>(
     let [q, k, v]: [Tensor<Ta, 4>; 3] = [cast(q)?, cast(k)?, cast(v)?];
     let bias: Option<Tensor<Ta, 4>> = cast_opt(bias)?;
     let bias = bias.map(|b| b.into_primitive().tensor());
-    if bias.as_ref().is_some_and(|b| !b.node.requirement.is_none()) {
-        return None;
-    }
     let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
+    let bias = match bias {
+        Some(b) if !b.node.requirement.is_none() => {
+            return cast(learned_bias_attention(q, k, v, b, scale, causal_from));
+        }
+        bias => bias,
+    };
     let (mask, is_causal) = float_mask(
         bias.as_ref().map(|b| &b.primitive.tensor),
         rows as i64,
