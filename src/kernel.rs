@@ -438,8 +438,8 @@ pub fn token_nll_tensor<B: Backend>(
 /// The scalars of one AdamW step ([`crate::optim::FusedAdamW`]), shared by its fused kernel and
 /// its tensor path.
 #[derive(Clone, Copy, Debug)]
-// Without ndarray only the tensor path reads it (the clipping threshold).
-#[cfg_attr(not(feature = "ndarray"), allow(dead_code))]
+// Without ndarray or tch only the tensor path reads it (the clipping threshold).
+#[cfg_attr(not(any(feature = "ndarray", feature = "tch")), allow(dead_code))]
 pub(crate) struct AdamWStep {
     pub beta_1: f32,
     pub beta_2: f32,
@@ -473,6 +473,8 @@ pub(crate) fn cast_opt<T: 'static, U: 'static>(x: Option<T>) -> Option<Option<U>
 
 #[cfg(feature = "tch")]
 mod torch;
+#[cfg(feature = "tch")]
+pub(crate) use torch::adamw as adamw_tch;
 
 #[cfg(feature = "ndarray")]
 pub(crate) use nd::*;

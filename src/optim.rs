@@ -6,7 +6,9 @@
 //! gradient, both moments, their bias corrections, the square root, the quotient, the decay and
 //! the update. On `NdArray<f32>` [`FusedAdamW`] does the norm in one read of the gradient and
 //! everything else in one pass that updates the parameter and both moments in place (when no
-//! one else holds them). On every other backend it runs Burn's own `AdamW` and clipping, so its
+//! one else holds them). On `LibTorch<f32>` (feature `tch`) it updates them in place with
+//! PyTorch's own kernels (`lerp_`, `mul_`, `addcdiv_`: about a dozen kernels, two
+//! temporaries). On every other backend it runs Burn's own `AdamW` and clipping, so its
 //! results there are Burn's.
 //!
 //! The state is Burn's [`AdamWState`], so an optimizer record (a checkpoint) written by
@@ -119,7 +121,8 @@ impl FusedAdamWConfig {
     }
 }
 
-/// AdamW with per-parameter clipping by norm, fused on `NdArray<f32>` (see the module docs).
+/// AdamW with per-parameter clipping by norm, fused on `NdArray<f32>` and in place on
+/// `LibTorch<f32>` (see the module docs).
 #[derive(Clone)]
 pub struct FusedAdamW {
     /// Burn's `AdamW` with the same settings: the path on other backends.
@@ -163,12 +166,19 @@ impl<B: Backend> SimpleOptimizer<B> for FusedAdamW {
         });
         let time = moments.as_ref().map_or(0, |m| m.0) + 1;
         let step = self.scalars(lr, time);
+        #[cfg(any(feature = "ndarray", feature = "tch"))]
+        let done = |(tensor, moment_1, moment_2)| {
+            let momentum = AdaptiveMomentumState::new(time, moment_1, moment_2);
+            (tensor, Some(AdamWState::new(momentum)))
+        };
         #[cfg(feature = "ndarray")]
         let (tensor, grad, moments) = match crate::kernel::adamw_nd(step, tensor, grad, moments) {
-            Ok((tensor, moment_1, moment_2)) => {
-                let momentum = AdaptiveMomentumState::new(time, moment_1, moment_2);
-                return (tensor, Some(AdamWState::new(momentum)));
-            }
+            Ok(out) => return done(out),
+            Err(inputs) => inputs,
+        };
+        #[cfg(feature = "tch")]
+        let (tensor, grad, moments) = match crate::kernel::adamw_tch(step, tensor, grad, moments) {
+            Ok(out) => return done(out),
             Err(inputs) => inputs,
         };
         let grad = match step.clip_norm {

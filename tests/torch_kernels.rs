@@ -3,8 +3,8 @@
 //! backend, in values and in every gradient: causal and not, with and without a bias, a chunk
 //! of rows past position 0, a single decode row, a bias that needs a gradient (which takes the
 //! matrix-product node, flash attention giving no gradient for its mask), and the softmax of
-//! adjusted logits. CI runs it with the LibTorch of `scripts/setup-libtorch.sh`:
-//! `cargo test --features tch --test torch_kernels`.
+//! adjusted logits; and `FusedAdamW`'s in-place step against Burn's `AdamW`. CI runs it with
+//! the LibTorch of `scripts/setup-libtorch.sh`: `cargo test --features tch --test torch_kernels`.
 #![cfg(feature = "tch")]
 
 use burn::backend::libtorch::LibTorchDevice;
@@ -364,4 +364,98 @@ fn softmax_is_the_tensor_path_in_values_and_gradients() {
             &reference,
         );
     }
+}
+
+/// A linear layer with fixed parameters (not the backend's random source).
+fn adamw_model() -> burn::nn::Linear<Ta> {
+    let mut model = burn::nn::LinearConfig::new(37, 23).init::<Ta>(&DEVICE);
+    model.weight = burn::module::Param::from_tensor(tensor([37, 23], 40, 0.3));
+    model.bias = Some(burn::module::Param::from_tensor(tensor([23], 41, 0.3)));
+    model
+}
+
+/// Gradients of a loss whose gradient norm is far above 1 (`scale` 30) or below it (0.01).
+fn adamw_grads(
+    model: &burn::nn::Linear<Ta>,
+    step: u64,
+    scale: f32,
+) -> burn::optim::GradientsParams {
+    let x = tensor::<Ta, 2>([5, 37], 50 + step, 1.0);
+    let loss = model.forward(x).powf_scalar(2.0).mean().mul_scalar(scale);
+    burn::optim::GradientsParams::from_grads(loss.backward(), model)
+}
+
+fn adamw_values(model: &burn::nn::Linear<Ta>) -> Vec<f32> {
+    let mut v = to_vec(model.weight.val());
+    v.extend(to_vec(model.bias.as_ref().expect("bias").val()));
+    v
+}
+
+#[test]
+fn fused_adamw_is_burns_adamw_and_leaves_held_tensors_alone() {
+    use burn::grad_clipping::GradientClippingConfig;
+    use burn::optim::{AdamWConfig, Optimizer};
+    use dape::optim::FusedAdamWConfig;
+    // Several steps, so the moments and their bias corrections count; a step at learning rate
+    // 0 (decay and update skipped, the moments still move).
+    for (wd, clip, scale) in [
+        (0.1, Some(1.0), 30.0),
+        (0.1, Some(1.0), 0.01),
+        (0.0, None, 30.0),
+        (0.3, Some(0.05), 1.0),
+    ] {
+        let mut reference = adamw_model();
+        let mut fused = adamw_model();
+        let mut burn_opt = AdamWConfig::new()
+            .with_beta_1(0.9)
+            .with_beta_2(0.95)
+            .with_weight_decay(wd)
+            .with_grad_clipping(clip.map(GradientClippingConfig::Norm))
+            .init::<Ta, burn::nn::Linear<Ta>>();
+        let mut fused_opt = FusedAdamWConfig::new()
+            .with_beta_1(0.9)
+            .with_beta_2(0.95)
+            .with_weight_decay(wd)
+            .with_grad_clip_norm(clip)
+            .init::<Ta, burn::nn::Linear<Ta>>()
+            .expect("valid settings");
+        for step in 0..6u64 {
+            let lr = if step == 3 {
+                0.0
+            } else {
+                1e-2 / (1.0 + step as f64)
+            };
+            let g = adamw_grads(&reference, step, scale);
+            reference = burn_opt.step(lr, reference, g);
+            let g = adamw_grads(&fused, step, scale);
+            fused = fused_opt.step(lr, fused, g);
+            let case = format!("AdamW: wd {wd}, clip {clip:?}, scale {scale}, step {step}");
+            assert_close(&case, &adamw_values(&fused), &adamw_values(&reference));
+        }
+    }
+    // A module handed in while a clone and a tensor of it are held elsewhere: those keep their
+    // values (the step copies what it cannot own), the result moves.
+    let model = adamw_model();
+    let before = adamw_values(&model);
+    let held = model.weight.val();
+    let mut opt = FusedAdamWConfig::new()
+        .init::<Ta, burn::nn::Linear<Ta>>()
+        .expect("valid settings");
+    let g = adamw_grads(&model, 0, 30.0);
+    let stepped = opt.step(1e-2, model.clone(), g);
+    assert_ne!(
+        adamw_values(&stepped),
+        before,
+        "the step moved the parameters"
+    );
+    assert_eq!(
+        adamw_values(&model),
+        before,
+        "the module handed in is unchanged"
+    );
+    assert_eq!(
+        to_vec(held),
+        before[..37 * 23],
+        "a tensor held elsewhere is unchanged"
+    );
 }
