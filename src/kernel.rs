@@ -453,6 +453,30 @@ pub(crate) struct AdamWStep {
     pub clip_norm: Option<f32>,
 }
 
+/// One parameter's AdamW moments before a step: the steps taken, the first moment and the
+/// second moment (`None` before the first step).
+#[cfg(any(feature = "ndarray", feature = "tch"))]
+pub(crate) type Moments<B, const D: usize> = Option<(usize, Tensor<B, D>, Tensor<B, D>)>;
+
+/// What a fused AdamW step gives: the updated parameter and its two moments, or (`Err`) its
+/// inputs unchanged, for the tensor path.
+#[cfg(any(feature = "ndarray", feature = "tch"))]
+#[allow(clippy::type_complexity)]
+pub(crate) type AdamWResult<B, const D: usize> =
+    Result<(Tensor<B, D>, Tensor<B, D>, Tensor<B, D>), (Tensor<B, D>, Tensor<B, D>, Moments<B, D>)>;
+
+/// Whether a fused AdamW step takes these tensors: all `f32`, all of the parameter's shape.
+#[cfg(any(feature = "ndarray", feature = "tch"))]
+pub(crate) fn adamw_fits<B: Backend, const D: usize>(
+    tensor: &Tensor<B, D>,
+    grad: &Tensor<B, D>,
+    moments: &Moments<B, D>,
+) -> bool {
+    let dims = tensor.dims();
+    let fits = |t: &Tensor<B, D>| t.dtype() == burn::tensor::DType::F32 && t.dims() == dims;
+    fits(tensor) && fits(grad) && moments.as_ref().is_none_or(|(_, m, v)| fits(m) && fits(v))
+}
+
 /// Moves a value to the type it is known to have (`None` if it has another).
 #[cfg_attr(not(any(feature = "ndarray", feature = "tch")), allow(dead_code))]
 pub(crate) fn cast<T: 'static, U: 'static>(x: T) -> Option<U> {
@@ -493,7 +517,7 @@ mod nd {
     use burn::tensor::{DType, TensorData, TensorPrimitive};
     use rayon::prelude::*;
 
-    use super::{cast, cast_opt, AdamWStep};
+    use super::{adamw_fits, cast, cast_opt, AdamWResult, AdamWStep, Moments};
 
     /// The backend the kernels run on outside autodiff.
     pub(crate) type Nd = burn_ndarray::NdArray<f32>;
@@ -2520,13 +2544,6 @@ mod nd {
             }
         }))
     }
-    /// One parameter's AdamW moments before a step: the steps taken, the first moment and the
-    /// second moment (`None` before the first step).
-    pub(crate) type Moments<B, const D: usize> = Option<(usize, Tensor<B, D>, Tensor<B, D>)>;
-
-    /// The updated parameter and its two moments.
-    type AdamWOut<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>, Tensor<B, D>);
-
     /// An `f32` array of `NdArray<f32>` in row-major order, owned (copied only when it is not
     /// row-major).
     fn owned_f32<const D: usize>(
@@ -2573,17 +2590,14 @@ mod nd {
     /// moments in place. The inputs come back unchanged (`Err`) on another backend, another
     /// element type or mismatched shapes. Partial sums of the norm run over fixed chunks and
     /// are added in order, so the step is deterministic.
-    #[allow(clippy::type_complexity)]
     pub(crate) fn adamw_nd<B: Backend, const D: usize>(
         s: AdamWStep,
         tensor: Tensor<B, D>,
         grad: Tensor<B, D>,
         moments: Moments<B, D>,
-    ) -> Result<AdamWOut<B, D>, (Tensor<B, D>, Tensor<B, D>, Moments<B, D>)> {
+    ) -> AdamWResult<B, D> {
         let dims = tensor.dims();
-        let fits = |t: &Tensor<B, D>| t.dtype() == DType::F32 && t.dims() == dims;
-        let moments_fit = moments.as_ref().is_none_or(|(_, m, v)| fits(m) && fits(v));
-        if !applies::<B>() || !fits(&tensor) || !fits(&grad) || !moments_fit {
+        if !applies::<B>() || !adamw_fits(&tensor, &grad, &moments) {
             return Err((tensor, grad, moments));
         }
         let arrays = (|| {

@@ -33,9 +33,9 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::libtorch::TchTensor;
 use burn::backend::{Autodiff, LibTorch};
 use burn::prelude::*;
-use burn::tensor::{DType, TensorPrimitive};
+use burn::tensor::TensorPrimitive;
 
-use super::{cast, cast_opt, AdamWStep};
+use super::{adamw_fits, cast, cast_opt, AdamWResult, AdamWStep, Moments};
 
 /// The backend these kernels run on outside autodiff.
 type Tb = LibTorch<f32>;
@@ -536,13 +536,6 @@ pub(crate) fn attention<B: Backend>(
     cast(out.swap_dims(1, 2))
 }
 
-/// One parameter's AdamW moments before a step: the steps taken, the first moment and the
-/// second moment (`None` before the first step).
-type Moments<B, const D: usize> = Option<(usize, Tensor<B, D>, Tensor<B, D>)>;
-
-/// The updated parameter and its two moments.
-type AdamWOut<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>, Tensor<B, D>);
-
 /// The tensor of `t` to update in place: its own when no one else holds its memory, else a
 /// copy (so that a tensor held elsewhere, a model's clone say, never changes).
 fn writable(t: TchTensor) -> tch::Tensor {
@@ -561,17 +554,13 @@ fn writable(t: TchTensor) -> tch::Tensor {
 /// device, so the step never waits for it. The same arithmetic as the ndarray kernel, in the
 /// same order up to rounding. The inputs come back unchanged (`Err`) on another backend or
 /// element type, or for mismatched shapes.
-#[allow(clippy::type_complexity)]
 pub(crate) fn adamw<B: Backend, const D: usize>(
     s: AdamWStep,
     tensor: Tensor<B, D>,
     grad: Tensor<B, D>,
     moments: Moments<B, D>,
-) -> Result<AdamWOut<B, D>, (Tensor<B, D>, Tensor<B, D>, Moments<B, D>)> {
-    let dims = tensor.dims();
-    let fits = |t: &Tensor<B, D>| t.dtype() == DType::F32 && t.dims() == dims;
-    let moments_fit = moments.as_ref().is_none_or(|(_, m, v)| fits(m) && fits(v));
-    if !applies::<B>() || !fits(&tensor) || !fits(&grad) || !moments_fit {
+) -> AdamWResult<B, D> {
+    if !applies::<B>() || !adamw_fits(&tensor, &grad, &moments) {
         return Err((tensor, grad, moments));
     }
     let raw = |t: Tensor<B, D>| cast::<_, Tensor<Tb, D>>(t).map(|t| t.into_primitive().tensor());
