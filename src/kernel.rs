@@ -498,7 +498,7 @@ pub(crate) fn cast_opt<T: 'static, U: 'static>(x: Option<T>) -> Option<Option<U>
 #[cfg(feature = "tch")]
 mod torch;
 #[cfg(feature = "tch")]
-pub(crate) use torch::adamw as adamw_tch;
+pub(crate) use torch::{adamw as adamw_tch, applies_any as applies_tch, dape_v1 as dape_v1_tch};
 
 #[cfg(feature = "ndarray")]
 pub(crate) use nd::*;

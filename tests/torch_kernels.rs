@@ -12,6 +12,8 @@ use burn::backend::{Autodiff, LibTorch};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
+use burn::module::{AutodiffModule, Param};
+use dape::encoding::{AdditiveBias, AlibiConfig, Dape, DapeConfig, KerpleConfig, KerpleKind, Span};
 use dape::kernel::{attention, gelu, layer_norm, layer_norm_tensor};
 use dape::util::gelu_exact;
 
@@ -458,4 +460,144 @@ fn fused_adamw_is_burns_adamw_and_leaves_held_tensors_alone() {
         before[..37 * 23],
         "a tensor held elsewhere is unchanged"
     );
+}
+
+/// DAPE V1 over Kerple (a bias with learned parameters), over ALiBi (a fixed bias) and over
+/// NoPE, with hidden biases of ±8 so that no pre-activation lies near LeakyReLU's kink (where
+/// the two paths' roundings could take different slopes).
+fn dape_module(base: &str) -> Dape<Ta> {
+    let heads = 4;
+    let bias = match base {
+        "kerple" => {
+            let mut k = KerpleConfig::new()
+                .init::<Ta>(heads, KerpleKind::Log, &DEVICE)
+                .expect("kerple");
+            k.p = Param::from_tensor(tensor::<Ta, 1>([heads], 51, 0.5) + 1.0);
+            k.a = Param::from_tensor(tensor::<Ta, 1>([heads], 52, 0.5) + 1.0);
+            Some(AdditiveBias::Kerple(k))
+        }
+        "alibi" => Some(AdditiveBias::Alibi(
+            AlibiConfig::new()
+                .init::<Ta>(heads, &DEVICE)
+                .expect("alibi"),
+        )),
+        _ => None,
+    };
+    let mut dape = DapeConfig::new()
+        .with_negative_slope(0.1)
+        .init::<Ta>(heads, bias, &DEVICE)
+        .expect("dape");
+    let width = dape.mlp_in.weight.dims()[1];
+    let signs: Vec<f32> = (0..width)
+        .map(|i| if i % 2 == 0 { 8.0 } else { -8.0 })
+        .collect();
+    dape.mlp_in.bias = Some(Param::from_tensor(
+        Tensor::<Ta, 1>::from_floats(signs.as_slice(), &DEVICE) + tensor::<Ta, 1>([width], 53, 0.1),
+    ));
+    dape.mlp_out.bias = Some(Param::from_tensor(tensor::<Ta, 1>([heads], 54, 1.0)));
+    dape
+}
+
+/// The output of DAPE and the gradients of the logits and of every parameter, by the LibTorch
+/// node (`fused`, over blocks of hidden tensors of at most `budget` elements) or by the tensor
+/// path in one block.
+fn dape_run(
+    dape: &Dape<Ta>,
+    span: &Span,
+    batch: usize,
+    fused: bool,
+    budget: usize,
+) -> Vec<(String, Vec<f32>)> {
+    let leaf_a = leaf([batch, 4, span.query_len, span.key_len], 55);
+    // An intermediate, as the attention layer's logits are.
+    let a = leaf_a.clone() * 2.0;
+    let out = if fused {
+        dape.forward_in_blocks(a, span, budget)
+    } else {
+        dape.forward_tensor_path(a, span, usize::MAX)
+    };
+    let grads = loss(out.clone(), 56).backward();
+    let mut got = vec![
+        ("output".to_string(), to_vec(out)),
+        (
+            "d logits".to_string(),
+            to_vec(leaf_a.grad(&grads).expect("logits' gradient")),
+        ),
+        (
+            "d w1".to_string(),
+            to_vec(dape.mlp_in.weight.grad(&grads).expect("w1")),
+        ),
+        (
+            "d w2".to_string(),
+            to_vec(dape.mlp_out.weight.grad(&grads).expect("w2")),
+        ),
+    ];
+    for (name, b) in [("d b1", &dape.mlp_in.bias), ("d b2", &dape.mlp_out.bias)] {
+        let b = b.as_ref().expect("a bias");
+        got.push((name.into(), to_vec(b.grad(&grads).expect("bias gradient"))));
+    }
+    if let Some(AdditiveBias::Kerple(k)) = &dape.bias {
+        got.push(("d kerple p".into(), to_vec(k.p.grad(&grads).expect("p"))));
+        got.push(("d kerple a".into(), to_vec(k.a.grad(&grads).expect("a"))));
+    }
+    got
+}
+
+#[test]
+fn dape_node_is_the_tensor_path_in_values_and_every_gradient() {
+    let spans = [
+        Span::full(13),
+        // A chunk of rows past position 0, and a single decode row.
+        Span {
+            query_start: 6,
+            query_len: 5,
+            key_len: 11,
+            causal: true,
+            positions: None,
+        },
+        Span {
+            query_start: 9,
+            query_len: 1,
+            key_len: 10,
+            causal: true,
+            positions: None,
+        },
+        Span {
+            query_start: 0,
+            query_len: 7,
+            key_len: 12,
+            causal: false,
+            positions: None,
+        },
+    ];
+    for base in ["kerple", "alibi", "nope"] {
+        let dape = dape_module(base);
+        let width = dape.mlp_in.weight.dims()[1];
+        for span in &spans {
+            let batch = 3;
+            let reference = dape_run(&dape, span, batch, false, usize::MAX);
+            // One block, and blocks of 3 rows (ragged: the last one shorter).
+            for rows in [span.query_len, 3] {
+                let budget = rows * batch * width * span.key_len;
+                let fused = dape_run(&dape, span, batch, true, budget);
+                for ((name, got), (_, want)) in fused.iter().zip(&reference) {
+                    assert_close(
+                        &format!("dape over {base}, {span:?}, {rows} rows per block: {name}"),
+                        got,
+                        want,
+                    );
+                }
+            }
+        }
+        // Without autodiff (evaluation): the forward pass alone.
+        let dape = dape.valid();
+        let span = &spans[1];
+        let a = tensor::<Tb, 4>([2, 4, span.query_len, span.key_len], 57, 2.0);
+        let budget = 2 * 2 * width * span.key_len;
+        assert_close(
+            &format!("dape over {base} without autodiff"),
+            &to_vec(dape.forward_in_blocks(a.clone(), span, budget)),
+            &to_vec(dape.forward_tensor_path(a, span, usize::MAX)),
+        );
+    }
 }

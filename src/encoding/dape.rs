@@ -143,8 +143,25 @@ impl<B: Backend> Dape<B> {
     /// kernel instead, one pass per row with the hidden vector in registers, which skips the keys
     /// a causal row cannot see (their entries are `logits + B`, masked afterwards); on
     /// `Autodiff<NdArray<f32>>` (training) the same kernel is one graph node with a fused backward
-    /// pass.
+    /// pass. On LibTorch (feature `tch`) it is PyTorch's batched matrix products over the same
+    /// blocks of rows, and under autodiff one graph node that keeps only its inputs and
+    /// recomputes each block's hidden activations in its backward pass.
     pub fn forward(&self, logits: Tensor<B, 4>, span: &Span) -> Tensor<B, 4> {
+        self.forward_in_blocks(logits, span, HIDDEN_BLOCK)
+    }
+
+    /// [`Self::forward`] with blocks of query rows whose hidden tensor `[batch, D, rows ·
+    /// seq_k]` stays under `budget` elements (`forward` uses [`HIDDEN_BLOCK`]), on the tensor
+    /// path and on LibTorch; the ndarray kernels hold one row's hidden vector at a time and
+    /// ignore it. The result does not depend on the budget (up to rounding).
+    pub fn forward_in_blocks(
+        &self,
+        logits: Tensor<B, 4>,
+        span: &Span,
+        budget: usize,
+    ) -> Tensor<B, 4> {
+        #[cfg(any(feature = "ndarray", feature = "tch"))]
+        let f32s = logits.dtype() == burn::tensor::DType::F32;
         #[cfg(feature = "ndarray")]
         {
             use super::fused;
@@ -152,7 +169,7 @@ impl<B: Backend> Dape<B> {
                 if let Some(out) = self.forward_fused(&logits, span) {
                     return out;
                 }
-            } else if fused::applies_autodiff::<B>() && logits.dtype() == burn::tensor::DType::F32 {
+            } else if fused::applies_autodiff::<B>() && f32s {
                 let bias = self
                     .bias
                     .as_ref()
@@ -171,7 +188,26 @@ impl<B: Backend> Dape<B> {
                 }
             }
         }
-        self.forward_blocked(logits, span, HIDDEN_BLOCK)
+        let bmap = self
+            .bias
+            .as_ref()
+            .map(|bias| bias.forward(span, &logits.device())); // [1, h, lq, lk]
+        #[cfg(feature = "tch")]
+        if f32s && crate::kernel::applies_tch::<B>() {
+            if let Some(out) = crate::kernel::dape_v1_tch(
+                logits.clone(),
+                bmap.clone(),
+                self.mlp_in.weight.val(),
+                self.mlp_in.bias.as_ref().map(|b| b.val()),
+                self.mlp_out.weight.val(),
+                self.mlp_out.bias.as_ref().map(|b| b.val()),
+                self.negative_slope,
+                budget,
+            ) {
+                return out;
+            }
+        }
+        self.blocked(logits, bmap, budget)
     }
 
     /// [`Self::forward`] through the fused CPU kernel; `None` when the tensors are not `f32`.
@@ -193,12 +229,30 @@ impl<B: Backend> Dape<B> {
         })
     }
 
-    /// [`Self::forward`] with blocks of rows whose hidden tensor stays under `budget` elements.
-    fn forward_blocked(&self, logits: Tensor<B, 4>, span: &Span, budget: usize) -> Tensor<B, 4> {
-        let device = logits.device();
+    /// [`Self::forward_in_blocks`] on Burn's tensor path on every backend: the reference that
+    /// the fused ndarray and LibTorch paths are tested against.
+    pub fn forward_tensor_path(
+        &self,
+        logits: Tensor<B, 4>,
+        span: &Span,
+        budget: usize,
+    ) -> Tensor<B, 4> {
+        let bmap = self
+            .bias
+            .as_ref()
+            .map(|bias| bias.forward(span, &logits.device()));
+        self.blocked(logits, bmap, budget)
+    }
+
+    /// The tensor path over the base bias's map `bmap` (`[1, H, seq_q, seq_k]`).
+    fn blocked(
+        &self,
+        logits: Tensor<B, 4>,
+        bmap: Option<Tensor<B, 4>>,
+        budget: usize,
+    ) -> Tensor<B, 4> {
         let [b, _, lq, lk] = logits.dims();
         let d = self.mlp_in.weight.dims()[1];
-        let bmap = self.bias.as_ref().map(|bias| bias.forward(span, &device)); // [1, h, lq, lk]
         let f = by_row_blocks(budget, b * d * lk, lq, |r0, rows| {
             let a = narrow_rows(&logits, r0, rows, lq);
             let m = bmap.as_ref().map(|m| narrow_rows(m, r0, rows, lq));
@@ -544,7 +598,7 @@ mod tests {
         let v1 = DapeConfig::new().init::<B>(4, bias(), &device).unwrap();
         let whole = a.clone() + bmap.clone() + v1.correction(a.clone(), Some(bmap.clone()));
         for budget in [3 * per_row, 1] {
-            let blocked = v1.forward_blocked(a.clone(), &span, budget);
+            let blocked = v1.forward_tensor_path(a.clone(), &span, budget);
             assert!(
                 max_diff(blocked, whole.clone()) < 1e-5,
                 "V1, budget {budget}"
@@ -683,7 +737,7 @@ mod tests {
                 [
                     dape.forward_fused(a, span).expect("f32 tensors"),
                     dape.forward(a.clone(), span),
-                    dape.forward_blocked(a.clone(), span, HIDDEN_BLOCK),
+                    dape.forward_tensor_path(a.clone(), span, HIDDEN_BLOCK),
                 ]
             });
         }
@@ -764,7 +818,7 @@ mod tests {
                     let out = if fused {
                         dape.forward(a.clone(), span)
                     } else {
-                        dape.forward_blocked(a.clone(), span, HIDDEN_BLOCK)
+                        dape.forward_tensor_path(a.clone(), span, HIDDEN_BLOCK)
                     };
                     let grads = (out.clone() * weights.clone()).sum().backward();
                     let mut got: Vec<(String, Vec<f32>)> = vec![
