@@ -8,8 +8,10 @@
 //!
 //! With the `tch` feature, LibTorch (`LibTorch<f32>`, with or without autodiff) gets PyTorch's
 //! own fused kernels behind the same functions where Burn 0.21 does not reach them under
-//! autodiff: exact GELU, LayerNorm (`native_layer_norm`) and CPU flash attention, each one
-//! graph node (`kernel/torch.rs`; `tests/torch_kernels.rs` holds them to the tensor path).
+//! autodiff: exact GELU, LayerNorm (`native_layer_norm`), CPU flash attention, attention with a
+//! learned bias, the softmax of adjusted logits, DAPE's correction and AdamW, each one graph
+//! node or one in-place step (`kernel/torch.rs`; `tests/torch_kernels.rs` holds them to the
+//! tensor path).
 
 use burn::prelude::*;
 
@@ -274,7 +276,9 @@ pub fn batched_matmul<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B,
 /// autodiff it is one graph node whose parent is `qkv` itself, so the backward pass writes the
 /// packed gradient at once. Split into three `narrow`s first, each of those ops' backward
 /// passes fills a zero tensor of the packed size, copies its part in, and the three are then
-/// added. `None` where no kernel applies (another backend or element type, `heads` not dividing
+/// added. On LibTorch q, k and v are views of `qkv` going into PyTorch's flash kernel (or the
+/// learned-bias node), and the node's gradient is one copy into the packed layout. `None`
+/// where no kernel applies (another backend or element type, `heads` not dividing
 /// the third dimension by three, a bias of another shape): the caller splits and takes
 /// [`attention`] or the tensor path.
 pub fn attention_packed<B: Backend>(
@@ -284,22 +288,22 @@ pub fn attention_packed<B: Backend>(
     scale: f32,
     causal_from: Option<usize>,
 ) -> Option<Tensor<B, 4>> {
+    let [b, l, packed, _] = qkv.dims();
+    let shapes_agree = heads > 0
+        && packed == 3 * heads
+        && causal_from.is_none_or(|q0| q0 == 0)
+        && bias.as_ref().is_none_or(|t| {
+            let [bb, bh, br, bk] = t.dims();
+            (bb == 1 || bb == b) && (bh, br, bk) == (heads, l, l)
+        });
+    let f32s = std::iter::once(&qkv)
+        .chain(bias.as_ref())
+        .all(|t| t.dtype() == burn::tensor::DType::F32);
+    if !shapes_agree || !f32s {
+        return None;
+    }
     #[cfg(feature = "ndarray")]
     {
-        let [b, l, packed, _] = qkv.dims();
-        let shapes_agree = heads > 0
-            && packed == 3 * heads
-            && causal_from.is_none_or(|q0| q0 == 0)
-            && bias.as_ref().is_none_or(|t| {
-                let [bb, bh, br, bk] = t.dims();
-                (bb == 1 || bb == b) && (bh, br, bk) == (heads, l, l)
-            });
-        let f32s = std::iter::once(&qkv)
-            .chain(bias.as_ref())
-            .all(|t| t.dtype() == burn::tensor::DType::F32);
-        if !shapes_agree || !f32s {
-            return None;
-        }
         if applies::<B>() {
             return attention_packed_nd(qkv, heads, bias, scale, causal_from);
         }
@@ -307,7 +311,10 @@ pub fn attention_packed<B: Backend>(
             return attention_packed_autodiff(qkv, heads, bias, scale, causal_from);
         }
     }
-    #[cfg(not(feature = "ndarray"))]
+    #[cfg(feature = "tch")]
+    if torch::applies_any::<B>() {
+        return torch::attention_packed(qkv, heads, bias, scale, causal_from);
+    }
     let _ = (qkv, heads, bias, scale, causal_from);
     None
 }

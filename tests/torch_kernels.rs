@@ -3,7 +3,9 @@
 //! backend, in values and in every gradient: causal and not, with and without a bias, a chunk
 //! of rows past position 0, a single decode row, a bias that needs a gradient (which takes the
 //! matrix-product node, flash attention giving no gradient for its mask), and the softmax of
-//! adjusted logits; and `FusedAdamW`'s in-place step against Burn's `AdamW`. CI runs it with
+//! adjusted logits; attention over a packed projection (q, k and v as views, the gradient
+//! written packed); DAPE V1's correction node (over a learned, a fixed and no bias; one block
+//! and ragged blocks of rows); and `FusedAdamW`'s in-place step against Burn's `AdamW`. CI runs it with
 //! the LibTorch of `scripts/setup-libtorch.sh`: `cargo test --features tch --test torch_kernels`.
 #![cfg(feature = "tch")]
 
@@ -14,7 +16,7 @@ use burn::tensor::activation::softmax;
 
 use burn::module::{AutodiffModule, Param};
 use dape::encoding::{AdditiveBias, AlibiConfig, Dape, DapeConfig, KerpleConfig, KerpleKind, Span};
-use dape::kernel::{attention, gelu, layer_norm, layer_norm_tensor};
+use dape::kernel::{attention, attention_packed, gelu, layer_norm, layer_norm_tensor};
 use dape::util::gelu_exact;
 
 type Tb = LibTorch<f32>;
@@ -327,6 +329,75 @@ fn attention_with_a_learned_bias_is_the_tensor_path_in_values_and_every_gradient
         checked += 1;
     }
     assert_eq!(checked, 3, "shared, chunked and per-batch biases");
+}
+
+/// Attention over a packed projection `[batch, seq, 3 · heads, d]` by the kernel (`fused`:
+/// q, k and v read as views, the gradient written packed) or by splitting it and
+/// [`attention_reference`]: the values and the gradients of the projection's leaf and, for a
+/// learned bias, of the bias's leaf. Every row sees the whole sequence or, causal, the keys up
+/// to its own.
+fn packed_run(case: &Case, fused: bool, learned: bool) -> Vec<Vec<f32>> {
+    let (b, h, d, l) = (2, 3, 8, case.rows);
+    let scale = (d as f32).sqrt().recip();
+    let leaf_qkv = leaf([b, l, 3 * h, d], 20);
+    // An intermediate, as the layer's projection is.
+    let qkv = leaf_qkv.clone() * 1.5;
+    let table = case.bias.map(|bb| {
+        let t = tensor::<Ta, 4>([bb, h, l, l], 21, 1.0);
+        if learned {
+            t.require_grad()
+        } else {
+            t
+        }
+    });
+    let bias = table.clone().map(|t| t * 2.0);
+    let y = if fused {
+        attention_packed(qkv, h, bias, scale, case.causal_from)
+            .unwrap_or_else(|| panic!("{case:?}: the packed kernel must apply"))
+    } else {
+        let [q, k, v] = [0, 1, 2].map(|i| qkv.clone().narrow(2, i * h, h).swap_dims(1, 2));
+        attention_reference(q, k, v, bias, scale, case.causal_from)
+    };
+    let grads = loss(y.clone(), 22).backward();
+    let mut out = vec![to_vec(y), to_vec(leaf_qkv.grad(&grads).expect("dqkv"))];
+    if learned {
+        let table = table.expect("a learned case has a bias");
+        out.push(to_vec(table.grad(&grads).expect("dbias")));
+    }
+    out
+}
+
+#[test]
+fn packed_attention_is_the_tensor_path_in_values_and_every_gradient() {
+    // The packed kernel takes whole sequences: causal from position 0, or not causal.
+    let cases = CASES
+        .iter()
+        .filter(|c| c.rows == c.keys && c.causal_from.is_none_or(|q0| q0 == 0));
+    let mut ran = 0;
+    for case in cases {
+        for learned in [false, true] {
+            if learned && case.bias.is_none() {
+                continue;
+            }
+            let want = packed_run(case, false, learned);
+            let got = packed_run(case, true, learned);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_close(&format!("{case:?}, learned {learned}, output {i}"), g, w);
+            }
+            ran += 1;
+        }
+    }
+    assert!(ran >= 4, "only {ran} packed cases ran");
+    // Without autodiff: the forward pass alone, with a bias.
+    let (h, d) = (3, 8);
+    let qkv = tensor::<Tb, 4>([2, 6, 3 * h, d], 23, 1.0);
+    let bias = tensor::<Tb, 4>([1, h, 6, 6], 24, 1.0);
+    let [q, k, v] = [0, 1, 2].map(|i| qkv.clone().narrow(2, i * h, h).swap_dims(1, 2));
+    assert_close(
+        "packed attention without autodiff",
+        &to_vec(attention_packed(qkv, h, Some(bias.clone()), 0.3, Some(0)).expect("applies")),
+        &to_vec(attention_reference(q, k, v, Some(bias), 0.3, Some(0))),
+    );
 }
 
 #[test]

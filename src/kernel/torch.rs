@@ -19,6 +19,11 @@
 //!   the kept probabilities with PyTorch's softmax backward kernel (what eager PyTorch does).
 //! * **Softmax** (of the logits that an encoding such as DAPE has adjusted): the causal mask
 //!   and PyTorch's softmax forward, its softmax backward kernel backward.
+//! * **DAPE V1's correction** ([`crate::encoding::Dape::forward`]): three batched matrix
+//!   products and PyTorch's LeakyReLU kernel per block of query rows, and under autodiff one
+//!   graph node that keeps only the logits, the bias map and the weights; its backward pass
+//!   recomputes each block's pre-activations, so the `[batch, D, rows · keys]` hidden tensors
+//!   of the tensor path are never kept.
 //! * **AdamW** ([`crate::optim::FusedAdamW`]): the parameter and both moments updated in place
 //!   by PyTorch's `lerp_`, `mul_` and `addcdiv_`, the clipping factor kept on the device.
 //! * **GELU**: Burn's own `gelu`, which is PyTorch's exact (erf) GELU forward and backward on
@@ -265,13 +270,30 @@ struct BiasedAttentionState {
     shared_bias: bool,
 }
 
-#[derive(Debug)]
-struct BiasedAttentionBackward;
+/// The gradient of a packed projection `qkv` `[batch, seq, 3 · heads, d_head]` from those of
+/// its q, k and v views `[batch, heads, seq, d_head]`: one copy into the packed layout.
+fn packed_grad(dq: &tch::Tensor, dk: &tch::Tensor, dv: &tch::Tensor) -> tch::Tensor {
+    tch::Tensor::cat(
+        &[dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)],
+        2,
+    )
+}
 
-impl Backward<Tb, 4> for BiasedAttentionBackward {
+/// q, k and v as views `[batch, heads, seq, d_head]` of a packed projection `[batch, seq,
+/// 3 · heads, d_head]` (no copy).
+fn unpack(qkv: &tch::Tensor, heads: i64) -> [tch::Tensor; 3] {
+    [0, 1, 2].map(|i| qkv.narrow(2, i * heads, heads).transpose(1, 2))
+}
+
+/// The backward pass of an attention node with a learned bias. Its parents are q, k, v and the
+/// bias (`N = 4`), or the packed projection and the bias (`N = 2`).
+#[derive(Debug)]
+struct BiasedAttentionBackward<const N: usize>;
+
+impl<const N: usize> Backward<Tb, N> for BiasedAttentionBackward<N> {
     type State = BiasedAttentionState;
 
-    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let g = grads.consume::<Tb>(&ops.node).tensor;
         let s = &ops.state;
         let (qs, k, v, p) = (
@@ -280,31 +302,42 @@ impl Backward<Tb, 4> for BiasedAttentionBackward {
             &s.v.tensor,
             &s.probs.tensor,
         );
-        let [pq, pk, pv, pb] = &ops.parents;
-        if let Some(parent) = pv {
-            let dv = p.transpose(-2, -1).matmul(&g);
-            grads.register::<Tb>(parent.id, TchTensor::new(dv));
+        let ids = ops.parents.each_ref().map(|p| p.as_ref().map(|n| n.id));
+        let (pq, pk, pv, pb) = if N == 2 {
+            (ids[0], ids[0], ids[0], ids[1])
+        } else {
+            (ids[0], ids[1], ids[2], ids[3])
+        };
+        let dv = pv.map(|_| p.transpose(-2, -1).matmul(&g));
+        let (dq, dk, db) = if pq.is_none() && pk.is_none() && pb.is_none() {
+            (None, None, None)
+        } else {
+            // dS = softmax'(dO vᵀ): the gradient of the biased, scaled logits.
+            let ds = softmax_grad(&g.matmul(&v.transpose(-2, -1)), p);
+            let dq = pq.map(|_| ds.matmul(k) * s.scale);
+            let dk = pk.map(|_| ds.transpose(-2, -1).matmul(qs));
+            let db = pb.map(|_| {
+                if s.shared_bias {
+                    ds.sum_dim_intlist([0i64].as_slice(), true, None)
+                } else {
+                    ds
+                }
+            });
+            (dq, dk, db)
+        };
+        if N == 2 {
+            if let (Some(id), Some(dq), Some(dk), Some(dv)) = (pq, &dq, &dk, &dv) {
+                grads.register::<Tb>(id, TchTensor::new(packed_grad(dq, dk, dv)));
+            }
+        } else {
+            for (id, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
+                if let (Some(id), Some(grad)) = (id, grad) {
+                    grads.register::<Tb>(id, TchTensor::new(grad));
+                }
+            }
         }
-        if pq.is_none() && pk.is_none() && pb.is_none() {
-            return;
-        }
-        // dS = softmax'(dO vᵀ): the gradient of the biased, scaled logits.
-        let ds = softmax_grad(&g.matmul(&v.transpose(-2, -1)), p);
-        if let Some(parent) = pq {
-            let dq = ds.matmul(k) * s.scale;
-            grads.register::<Tb>(parent.id, TchTensor::new(dq));
-        }
-        if let Some(parent) = pk {
-            let dk = ds.transpose(-2, -1).matmul(qs);
-            grads.register::<Tb>(parent.id, TchTensor::new(dk));
-        }
-        if let Some(parent) = pb {
-            let db = if s.shared_bias {
-                ds.sum_dim_intlist([0i64].as_slice(), true, None)
-            } else {
-                ds
-            };
-            grads.register::<Tb>(parent.id, TchTensor::new(db));
+        if let (Some(id), Some(db)) = (pb, db) {
+            grads.register::<Tb>(id, TchTensor::new(db));
         }
     }
 }
@@ -314,45 +347,39 @@ impl Backward<Tb, 4> for BiasedAttentionBackward {
 /// product with v; backward PyTorch's softmax backward kernel between the four matrix
 /// products, and the bias's gradient from the logits' (summed over the batch for a shared
 /// bias). PyTorch's flash kernel gives no gradient for its mask; this node costs what eager
-/// PyTorch's attention costs, in one node rather than Burn's composite of a dozen. The output
-/// is `[batch, rows, heads, d_v]`.
-fn learned_bias_attention(
-    q: burn::tensor::ops::FloatTensor<Ta>,
-    k: burn::tensor::ops::FloatTensor<Ta>,
-    v: burn::tensor::ops::FloatTensor<Ta>,
-    bias: burn::tensor::ops::FloatTensor<Ta>,
+/// PyTorch's attention costs, in one node rather than Burn's composite of a dozen. `qkv` are
+/// q, k and v `[batch, heads, seq, d]`, views of the node's first parent when it is packed
+/// (`N = 2`); the output is `[batch, rows, heads, d_v]`.
+fn learned_bias_attention<const N: usize>(
+    [qt, kt, vt]: [tch::Tensor; 3],
+    bias: &tch::Tensor,
+    nodes: [burn::tensor::ops::FloatTensor<Ta>; N],
     scale: f64,
     causal_from: Option<usize>,
 ) -> Tensor<Ta, 4> {
-    let (qt, kt, vt, bt) = (
-        &q.primitive.tensor,
-        &k.primitive.tensor,
-        &v.primitive.tensor,
-        &bias.primitive.tensor,
-    );
     let size = qt.size();
     let (rows, keys) = (size[2], kt.size()[2]);
     // The causal mask goes into the bias (`[1 or batch, ..]`) rather than over the logits.
-    let (mask, _) = float_mask(Some(bt), rows, keys, causal_from, qt);
-    let q_scaled = qt * scale;
+    let (mask, _) = float_mask(Some(bias), rows, keys, causal_from, &qt);
+    let q_scaled = &qt * scale;
     let mut logits = q_scaled.matmul(&kt.transpose(-2, -1));
     if let Some(mask) = &mask {
         let _ = logits.g_add_(mask);
     }
     let probs = logits.internal_softmax(-1, false);
-    let out = TchTensor::new(probs.matmul(vt));
-    let shared_bias = bt.size()[0] == 1 && size[0] > 1;
+    let out = TchTensor::new(probs.matmul(&vt));
+    let shared_bias = bias.size()[0] == 1 && size[0] > 1;
     let state = BiasedAttentionState {
         q_scaled: TchTensor::new(q_scaled),
-        k: k.primitive.clone(),
-        v: v.primitive.clone(),
+        k: TchTensor::new(kt),
+        v: TchTensor::new(vt),
         probs: TchTensor::new(probs),
         scale,
         shared_bias,
     };
     let out = finish(
-        BiasedAttentionBackward
-            .prepare::<NoCheckpointing>([q.node, k.node, v.node, bias.node])
+        BiasedAttentionBackward::<N>
+            .prepare::<NoCheckpointing>(nodes.map(|t| t.node))
             .compute_bound()
             .stateful(),
         state,
@@ -400,13 +427,15 @@ struct AttentionState {
     scale: f64,
 }
 
+/// The backward pass of a flash-attention node: its parents are q, k and v (`N = 3`) or the
+/// packed projection (`N = 1`).
 #[derive(Debug)]
-struct AttentionBackward;
+struct AttentionBackward<const N: usize>;
 
-impl Backward<Tb, 3> for AttentionBackward {
+impl<const N: usize> Backward<Tb, N> for AttentionBackward<N> {
     type State = AttentionState;
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let g = grads.consume::<Tb>(&ops.node).tensor.contiguous();
         let s = &ops.state;
         let (dq, dk, dv) =
@@ -422,6 +451,12 @@ impl Backward<Tb, 3> for AttentionBackward {
                 s.mask.as_ref().map(|m| &m.tensor),
                 s.scale,
             );
+        if N == 1 {
+            if let Some(p) = &ops.parents[0] {
+                grads.register::<Tb>(p.id, TchTensor::new(packed_grad(&dq, &dk, &dv)));
+            }
+            return;
+        }
         for (parent, grad) in ops.parents.iter().zip([dq, dk, dv]) {
             if let Some(p) = parent {
                 grads.register::<Tb>(p.id, TchTensor::new(grad));
@@ -449,9 +484,89 @@ fn flash_forward(
     .ok()
 }
 
+/// Attention over q, k and v `[batch, heads, seq, d]` on LibTorch, with or without autodiff:
+/// the output `[batch, rows, heads, d_v]`. Under autodiff `nodes` are the node's parents
+/// besides the bias: q, k and v (`N = 3`), or the packed projection they are views of
+/// (`N = 1`). `None` off the CPU, or when PyTorch refuses the call.
+fn attention_from<B: Backend, const N: usize>(
+    qkv: [tch::Tensor; 3],
+    nodes: Option<[burn::tensor::ops::FloatTensor<Ta>; N]>,
+    bias: Option<burn::tensor::ops::FloatTensor<Ta>>,
+    bias_plain: Option<tch::Tensor>,
+    scale: f64,
+    causal_from: Option<usize>,
+) -> Option<Tensor<B, 4>> {
+    let [q, k, v] = qkv;
+    let (rows, keys) = (q.size()[2], k.size()[2]);
+    let Some(nodes) = nodes else {
+        // No autodiff: the flash kernel forward.
+        let (mask, is_causal) = float_mask(bias_plain.as_ref(), rows, keys, causal_from, &q);
+        let (out, _) = flash_forward(&q, &k, &v, mask.as_ref(), is_causal, scale)?;
+        let out = Tensor::<Tb, 4>::from_primitive(TensorPrimitive::Float(TchTensor::new(out)));
+        return cast(out.swap_dims(1, 2));
+    };
+    let bias = match bias {
+        Some(b) if !b.node.requirement.is_none() => {
+            let learned = |parents: [burn::tensor::ops::FloatTensor<Ta>; N]| match N {
+                3 => {
+                    let [pq, pk, pv]: [_; 3] = parents.to_vec().try_into().ok()?;
+                    Some(learned_bias_attention(
+                        [q.shallow_clone(), k.shallow_clone(), v.shallow_clone()],
+                        &b.primitive.tensor,
+                        [pq, pk, pv, b.clone()],
+                        scale,
+                        causal_from,
+                    ))
+                }
+                _ => {
+                    let [p]: [_; 1] = parents.to_vec().try_into().ok()?;
+                    Some(learned_bias_attention(
+                        [q.shallow_clone(), k.shallow_clone(), v.shallow_clone()],
+                        &b.primitive.tensor,
+                        [p, b.clone()],
+                        scale,
+                        causal_from,
+                    ))
+                }
+            };
+            return cast(learned(nodes)?);
+        }
+        bias => bias,
+    };
+    let (mask, is_causal) = float_mask(
+        bias.as_ref().map(|b| &b.primitive.tensor),
+        rows,
+        keys,
+        causal_from,
+        &q,
+    );
+    let (out, lse) = flash_forward(&q, &k, &v, mask.as_ref(), is_causal, scale)?;
+    let out = TchTensor::new(out);
+    let state = AttentionState {
+        q: TchTensor::new(q),
+        k: TchTensor::new(k),
+        v: TchTensor::new(v),
+        out: out.clone(),
+        lse: TchTensor::new(lse),
+        mask: mask.map(TchTensor::new),
+        is_causal,
+        scale,
+    };
+    let out = finish(
+        AttentionBackward::<N>
+            .prepare::<NoCheckpointing>(nodes.map(|t| t.node))
+            .compute_bound()
+            .stateful(),
+        state,
+        out,
+    );
+    let out = Tensor::<Ta, 4>::from_primitive(TensorPrimitive::Float(out));
+    cast(out.swap_dims(1, 2))
+}
+
 /// [`crate::kernel::attention`] on LibTorch: the output `[batch, rows, heads, d_v]`, or `None`
-/// where it does not apply (another backend, not the CPU, a bias that needs a gradient). The
-/// caller has checked the shapes and element types.
+/// where it does not apply (another backend, not the CPU). The caller has checked the shapes
+/// and element types.
 pub(crate) fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -460,31 +575,13 @@ pub(crate) fn attention<B: Backend>(
     scale: f32,
     causal_from: Option<usize>,
 ) -> Option<Tensor<B, 4>> {
-    let [_, _, rows, _] = q.dims();
-    let keys = k.dims()[2];
     let scale = f64::from(scale);
     if applies::<B>() {
         let [q, k, v]: [Tensor<Tb, 4>; 3] = [cast(q)?, cast(k)?, cast(v)?];
         let bias: Option<Tensor<Tb, 4>> = cast_opt(bias)?;
-        let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
-        let bias = bias.map(|b| b.into_primitive().tensor());
-        let (mask, is_causal) = float_mask(
-            bias.as_ref().map(|b| &b.tensor),
-            rows as i64,
-            keys as i64,
-            causal_from,
-            &q.tensor,
-        );
-        let (out, _) = flash_forward(
-            &q.tensor,
-            &k.tensor,
-            &v.tensor,
-            mask.as_ref(),
-            is_causal,
-            scale,
-        )?;
-        let out = Tensor::<Tb, 4>::from_primitive(TensorPrimitive::Float(TchTensor::new(out)));
-        return cast(out.swap_dims(1, 2));
+        let qkv = [q, k, v].map(|t| t.into_primitive().tensor().tensor);
+        let bias = bias.map(|b| b.into_primitive().tensor().tensor);
+        return attention_from::<B, 3>(qkv, None, None, bias, scale, causal_from);
     }
     if !applies_autodiff::<B>() {
         return None;
@@ -493,48 +590,40 @@ pub(crate) fn attention<B: Backend>(
     let bias: Option<Tensor<Ta, 4>> = cast_opt(bias)?;
     let bias = bias.map(|b| b.into_primitive().tensor());
     let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
-    let bias = match bias {
-        Some(b) if !b.node.requirement.is_none() => {
-            return cast(learned_bias_attention(q, k, v, b, scale, causal_from));
-        }
-        bias => bias,
-    };
-    let (mask, is_causal) = float_mask(
-        bias.as_ref().map(|b| &b.primitive.tensor),
-        rows as i64,
-        keys as i64,
-        causal_from,
-        &q.primitive.tensor,
-    );
-    let (out, lse) = flash_forward(
-        &q.primitive.tensor,
-        &k.primitive.tensor,
-        &v.primitive.tensor,
-        mask.as_ref(),
-        is_causal,
-        scale,
-    )?;
-    let out = TchTensor::new(out);
-    let state = AttentionState {
-        q: q.primitive.clone(),
-        k: k.primitive.clone(),
-        v: v.primitive.clone(),
-        out: out.clone(),
-        lse: TchTensor::new(lse),
-        mask: mask.map(TchTensor::new),
-        is_causal,
-        scale,
-    };
-    let out = finish(
-        AttentionBackward
-            .prepare::<NoCheckpointing>([q.node, k.node, v.node])
-            .compute_bound()
-            .stateful(),
-        state,
-        out,
-    );
-    let out = Tensor::<Ta, 4>::from_primitive(TensorPrimitive::Float(out));
-    cast(out.swap_dims(1, 2))
+    let tensors = [&q, &k, &v].map(|t| t.primitive.tensor.shallow_clone());
+    let nodes = [q, k, v];
+    attention_from::<B, 3>(tensors, Some(nodes), bias, None, scale, causal_from)
+}
+
+/// [`crate::kernel::attention_packed`] on LibTorch: q, k and v read as views of the packed
+/// projection `qkv` `[batch, seq, 3 · heads, d_head]` (no copies), and under autodiff one node
+/// whose parent is `qkv` itself, its gradient written in the packed layout at once (the
+/// split's three narrows would each fill a zero tensor of `qkv`'s size and add it). The
+/// output is `[batch, seq, heads, d_head]`. The caller has checked the shapes.
+pub(crate) fn attention_packed<B: Backend>(
+    qkv: Tensor<B, 4>,
+    heads: usize,
+    bias: Option<Tensor<B, 4>>,
+    scale: f32,
+    causal_from: Option<usize>,
+) -> Option<Tensor<B, 4>> {
+    let (scale, heads) = (f64::from(scale), heads as i64);
+    if applies::<B>() {
+        let qkv: Tensor<Tb, 4> = cast(qkv)?;
+        let bias: Option<Tensor<Tb, 4>> = cast_opt(bias)?;
+        let views = unpack(&qkv.into_primitive().tensor().tensor, heads);
+        let bias = bias.map(|b| b.into_primitive().tensor().tensor);
+        return attention_from::<B, 1>(views, None, None, bias, scale, causal_from);
+    }
+    if !applies_autodiff::<B>() {
+        return None;
+    }
+    let qkv: Tensor<Ta, 4> = cast(qkv)?;
+    let bias: Option<Tensor<Ta, 4>> = cast_opt(bias)?;
+    let bias = bias.map(|b| b.into_primitive().tensor());
+    let qkv = qkv.into_primitive().tensor();
+    let views = unpack(&qkv.primitive.tensor, heads);
+    attention_from::<B, 1>(views, Some([qkv]), bias, None, scale, causal_from)
 }
 
 /// The tensor of `t` to update in place: its own when no one else holds its memory, else a
