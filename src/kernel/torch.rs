@@ -465,6 +465,13 @@ impl<const N: usize> Backward<Tb, N> for AttentionBackward<N> {
     }
 }
 
+/// The bias of an attention call when it needs a gradient (the flash kernel gives none).
+fn learned(bias: &Option<burn::tensor::ops::FloatTensor<Ta>>) -> Option<&tch::Tensor> {
+    bias.as_ref()
+        .filter(|b| !b.node.requirement.is_none())
+        .map(|b| &b.primitive.tensor)
+}
+
 /// Flash attention forward on the CPU: the output `[batch, heads, rows, d_v]` and its row
 /// log-sum-exps; `None` off the CPU or when PyTorch refuses the call.
 fn flash_forward(
@@ -484,10 +491,11 @@ fn flash_forward(
     .ok()
 }
 
-/// Attention over q, k and v `[batch, heads, seq, d]` on LibTorch, with or without autodiff:
-/// the output `[batch, rows, heads, d_v]`. Under autodiff `nodes` are the node's parents
-/// besides the bias: q, k and v (`N = 3`), or the packed projection they are views of
-/// (`N = 1`). `None` off the CPU, or when PyTorch refuses the call.
+/// Flash attention over q, k and v `[batch, heads, seq, d]` on LibTorch, with or without
+/// autodiff (`bias_plain` without, `bias` with; neither needs a gradient): the output
+/// `[batch, rows, heads, d_v]`. Under autodiff `nodes` are the node's parents: q, k and v
+/// (`N = 3`), or the packed projection they are views of (`N = 1`). `None` off the CPU, or
+/// when PyTorch refuses the call.
 fn attention_from<B: Backend, const N: usize>(
     qkv: [tch::Tensor; 3],
     nodes: Option<[burn::tensor::ops::FloatTensor<Ta>; N]>,
@@ -504,34 +512,6 @@ fn attention_from<B: Backend, const N: usize>(
         let (out, _) = flash_forward(&q, &k, &v, mask.as_ref(), is_causal, scale)?;
         let out = Tensor::<Tb, 4>::from_primitive(TensorPrimitive::Float(TchTensor::new(out)));
         return cast(out.swap_dims(1, 2));
-    };
-    let bias = match bias {
-        Some(b) if !b.node.requirement.is_none() => {
-            let learned = |parents: [burn::tensor::ops::FloatTensor<Ta>; N]| match N {
-                3 => {
-                    let [pq, pk, pv]: [_; 3] = parents.to_vec().try_into().ok()?;
-                    Some(learned_bias_attention(
-                        [q.shallow_clone(), k.shallow_clone(), v.shallow_clone()],
-                        &b.primitive.tensor,
-                        [pq, pk, pv, b.clone()],
-                        scale,
-                        causal_from,
-                    ))
-                }
-                _ => {
-                    let [p]: [_; 1] = parents.to_vec().try_into().ok()?;
-                    Some(learned_bias_attention(
-                        [q.shallow_clone(), k.shallow_clone(), v.shallow_clone()],
-                        &b.primitive.tensor,
-                        [p, b.clone()],
-                        scale,
-                        causal_from,
-                    ))
-                }
-            };
-            return cast(learned(nodes)?);
-        }
-        bias => bias,
     };
     let (mask, is_causal) = float_mask(
         bias.as_ref().map(|b| &b.primitive.tensor),
@@ -591,8 +571,17 @@ pub(crate) fn attention<B: Backend>(
     let bias = bias.map(|b| b.into_primitive().tensor());
     let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
     let tensors = [&q, &k, &v].map(|t| t.primitive.tensor.shallow_clone());
-    let nodes = [q, k, v];
-    attention_from::<B, 3>(tensors, Some(nodes), bias, None, scale, causal_from)
+    if let Some(b) = learned(&bias) {
+        let parents = [q, k, v, bias.clone()?];
+        return cast(learned_bias_attention(
+            tensors,
+            &b.shallow_clone(),
+            parents,
+            scale,
+            causal_from,
+        ));
+    }
+    attention_from::<B, 3>(tensors, Some([q, k, v]), bias, None, scale, causal_from)
 }
 
 /// [`crate::kernel::attention_packed`] on LibTorch: q, k and v read as views of the packed
@@ -623,6 +612,16 @@ pub(crate) fn attention_packed<B: Backend>(
     let bias = bias.map(|b| b.into_primitive().tensor());
     let qkv = qkv.into_primitive().tensor();
     let views = unpack(&qkv.primitive.tensor, heads);
+    if let Some(b) = learned(&bias) {
+        let parents = [qkv, bias.clone()?];
+        return cast(learned_bias_attention(
+            views,
+            &b.shallow_clone(),
+            parents,
+            scale,
+            causal_from,
+        ));
+    }
     attention_from::<B, 1>(views, Some([qkv]), bias, None, scale, causal_from)
 }
 
