@@ -60,7 +60,13 @@ fn books(corpus: &Path, steps: usize, device: &WgpuDevice) -> dape::Result<()> {
         ..Default::default()
     };
     let report = lm::evaluate_run::<Wgpu>(out, None, &eval, &default_cache_dir(), "wgpu", device)?;
-    println!("{}", lm::results_markdown(&[report]));
+    println!(
+        "perplexity on the last {} tokens of each window:",
+        report.last
+    );
+    for l in &report.lengths {
+        println!("  length {:>5}: {:.2}", l.length, l.ppl_last);
+    }
     println!(
         "wrote eval.json, eval.csv and ppl_by_length.svg into {}",
         out.display()

@@ -1,29 +1,41 @@
 #!/usr/bin/env bash
-# The length-extrapolation study: train one tiny byte-level LM per encoding on the books corpus
-# at one training length, evaluate each by length on the test documents, and draw every curve
-# in one plot with a table (ppl_by_length.svg, results.md).
+# The length-extrapolation study: train one tiny byte-level LM per encoding on a corpus at one
+# training length, evaluate each by length on the test documents, and draw every curve in one
+# plot with a table (ppl_by_length.svg, results.md).
 #
-#   scripts/lm-sweep.sh                       # train length 128, 300 steps per config
-#   STEPS=1000 scripts/lm-sweep.sh            # longer training
+#   scripts/lm-sweep.sh                       # books, train length 128, the configs' 300 steps
+#   STEPS=2000 scripts/lm-sweep.sh            # longer training
+#   CORPUS=latex SEED=1 scripts/lm-sweep.sh   # another corpus, another seed
 #   TRAIN_LENGTH=64 scripts/lm-sweep.sh       # the configs/lm/*-len64.json variants
 #
-# Environment: DATA (default data/books; fetched if missing), OUT (default
-# runs/lm-sweep-<train length>), STEPS (override the configs' steps), LENGTHS (evaluation
-# lengths, default 128,...,8192 — lengths that memory or the documents do not allow are
-# reported, not dropped), MAX_TOKENS (evaluated tokens per length, default 16384), BACKEND
-# (default ndarray), ENCODINGS (space-separated, default the paper's ten), CARGO_FEATURES.
+# Environment: CORPUS (books, latex or code; default books), DATA (default data/$CORPUS;
+# fetched if missing), OUT (default runs/lm-sweep-<train length>, or
+# runs/lm-sweep-<corpus>-<train length> for another corpus), SEED (default 0: the seed of the
+# weights and the window order, not of the split; a run of seed N > 0 is named <encoding>-seedN),
+# STEPS (override the configs' steps), CHECKPOINT_EVERY (steps between checkpoints and
+# validation rounds, overriding the configs'), LENGTHS (evaluation lengths, default 128,...,8192 —
+# lengths that memory or the documents do not allow are reported, not dropped), MAX_TOKENS
+# (evaluated tokens per length, default 16384), BACKEND (default ndarray), ENCODINGS
+# (space-separated, default the thirteen of the study), CARGO_FEATURES, DAPE_BIN (a built dape
+# binary: skips the release build), PLOT (default 1; 0 skips the combined plot).
 # Re-running resumes: finished runs are skipped, interrupted ones continue from their
 # checkpoint, evaluated ones are not evaluated again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TRAIN_LENGTH=${TRAIN_LENGTH:-128}
-DATA=${DATA:-data/books}
-OUT=${OUT:-runs/lm-sweep-$TRAIN_LENGTH}
+CORPUS=${CORPUS:-books}
+DATA=${DATA:-data/$CORPUS}
+if [ "$CORPUS" = books ]; then
+  OUT=${OUT:-runs/lm-sweep-$TRAIN_LENGTH}
+else
+  OUT=${OUT:-runs/lm-sweep-$CORPUS-$TRAIN_LENGTH}
+fi
+SEED=${SEED:-0}
 LENGTHS=${LENGTHS:-128,256,512,1024,2048,4096,8192}
 MAX_TOKENS=${MAX_TOKENS:-16384}
 BACKEND=${BACKEND:-ndarray}
-ENCODINGS=${ENCODINGS:-nope rope t5 alibi kerple_log fire dape_alibi dape_kerple_log dape_fire dapev2_kerple_log}
+ENCODINGS=${ENCODINGS:-nope rope rope_randomized t5 alibi kerple_log fire dape_alibi dape_kerple_log dape_fire dapev2_kerple_log fox dape_fox}
 
 case "$TRAIN_LENGTH" in
   128) suffix="" ;;
@@ -31,28 +43,33 @@ case "$TRAIN_LENGTH" in
   *) echo "TRAIN_LENGTH must be 128 or 64 (the configs in configs/lm/)" >&2; exit 2 ;;
 esac
 
-[ -d "$DATA" ] && [ -n "$(ls -A "$DATA")" ] || scripts/fetch-corpus.sh books "$DATA"
+[ -f "$DATA/.complete" ] || scripts/fetch-corpus.sh "$CORPUS" "$DATA"
 
-cargo build --release ${CARGO_FEATURES:+--features "$CARGO_FEATURES"}
+if [ -z "${DAPE_BIN:-}" ]; then
+  cargo build --release ${CARGO_FEATURES:+--features "$CARGO_FEATURES"}
+fi
 dape=${DAPE_BIN:-${CARGO_TARGET_DIR:-target}/release/dape}
 
 mkdir -p "$OUT"
-step_args=()
-[ -n "${STEPS:-}" ] && step_args=(--steps "$STEPS")
+step_args=(--seed "$SEED")
+[ -n "${STEPS:-}" ] && step_args+=(--steps "$STEPS")
+[ -n "${CHECKPOINT_EVERY:-}" ] && step_args+=(--checkpoint-every "$CHECKPOINT_EVERY")
 runs=()
 for e in $ENCODINGS; do
   config=configs/lm/$e$suffix.json
-  run=$OUT/$e
+  name=$e
+  [ "$SEED" != 0 ] && name=$e-seed$SEED
+  run=$OUT/$name
   runs+=(--run "$run")
   start=$(date +%s)
   if [ -f "$run/model.mpk" ]; then
-    echo "== $e: trained already"
+    echo "== $name: trained already"
   elif [ -f "$run/config.json" ]; then
-    echo "== $e: resuming"
+    echo "== $name: resuming"
     "$dape" train --config "$config" --data "$DATA" --out "$run" --backend "$BACKEND" \
       --lines 50 --resume "${step_args[@]}"
   else
-    echo "== $e: training"
+    echo "== $name: training"
     "$dape" train --config "$config" --data "$DATA" --out "$run" --backend "$BACKEND" \
       --lines 50 "${step_args[@]}"
   fi
@@ -60,8 +77,8 @@ for e in $ENCODINGS; do
   if [ ! -f "$run/eval.json" ]; then
     "$dape" eval --run "$run" --lengths "$LENGTHS" --max-tokens "$MAX_TOKENS" --backend "$BACKEND"
   fi
-  echo "$e train_seconds=$((trained - start)) eval_seconds=$(( $(date +%s) - trained ))" \
+  echo "$name train_seconds=$((trained - start)) eval_seconds=$(( $(date +%s) - trained ))" \
     >> "$OUT/timings.txt"
 done
 
-"$dape" plot "${runs[@]}" --out "$OUT"
+[ "${PLOT:-1}" = 0 ] || "$dape" plot "${runs[@]}" --out "$OUT"

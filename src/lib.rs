@@ -68,7 +68,7 @@ pub mod util;
 
 // The harness (feature `harness`, on by default): data, training, evaluation and the tools the
 // `dape` binary is made of. Layers only point down: data → experiment → {train, eval} →
-// {suite, bench, compare, consistency} → the CLI (src/cli/).
+// {suite, results, bench, compare, consistency} → the CLI (src/cli/).
 #[cfg(feature = "harness")]
 pub mod backend;
 #[cfg(feature = "harness")]
@@ -85,6 +85,8 @@ pub mod eval;
 pub mod experiment;
 #[cfg(feature = "harness")]
 pub mod progress;
+#[cfg(feature = "harness")]
+pub mod results;
 #[cfg(feature = "harness")]
 pub mod suite;
 #[cfg(feature = "harness")]

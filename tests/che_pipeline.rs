@@ -133,25 +133,49 @@ fn suite_writes_a_table_and_resumes() {
         },
         out: dir.clone(),
         resume: false,
+        max_new_cells: Some(1),
+    };
+    // One new cell a call: the first call leaves the second cell pending, in the table and in
+    // suite.json, with no number.
+    let first = run_suite::<AD>(&config, "ndarray", &Default::default()).unwrap();
+    assert_eq!(first.cells.len(), 1);
+    assert_eq!(first.pending.len(), 1);
+    assert_eq!(first.pending[0].encoding, "alibi");
+    let partial = std::fs::read_to_string(dir.join("suite.md")).unwrap();
+    assert!(
+        partial.contains("| R | parity_check | 50 | ") && partial.contains("| pending |"),
+        "{partial}"
+    );
+    assert!(partial.contains("1 of 2 cells finished"), "{partial}");
+    let config = SuiteConfig {
+        resume: true,
+        max_new_cells: None,
+        ..config
     };
     let report = run_suite::<AD>(&config, "ndarray", &Default::default()).unwrap();
     assert_eq!(report.cells.len(), 2);
+    assert!(report.pending.is_empty());
+    // Every cell is also scored at its training lengths.
+    for c in &report.cells {
+        let inside = c.in_distribution.expect("in-distribution accuracy");
+        assert!((0.0..=1.0).contains(&inside), "{inside}");
+        assert!(dir
+            .join("parity_check")
+            .join(&c.encoding)
+            .join("in_distribution.json")
+            .is_file());
+    }
     let table = report.markdown();
     assert!(
-        table.contains("| task | nope | alibi |") && table.contains("| parity_check |"),
+        table.contains("| level | task | chance | nope | alibi |")
+            && table.contains("| R | parity_check | 50 |")
+            && table.contains("at the training lengths 1–")
+            && !table.contains("pending"),
         "{table}"
     );
     assert!(dir.join("suite.md").is_file() && dir.join("parity_check.svg").is_file());
     // Resuming reuses the finished cells and gives the same table.
-    let again = run_suite::<AD>(
-        &SuiteConfig {
-            resume: true,
-            ..config
-        },
-        "ndarray",
-        &Default::default(),
-    )
-    .unwrap();
+    let again = run_suite::<AD>(&config, "ndarray", &Default::default()).unwrap();
     assert_eq!(again.markdown(), table);
     // Cells record where they are relative to the suite folder, never a machine path.
     assert!(again

@@ -96,6 +96,11 @@ pub enum CheCommand {
         /// Reuse finished cells of an earlier, interrupted run in the same folder.
         #[arg(long)]
         resume: bool,
+        /// Train at most N new cells, then write the table with the rest listed as pending and
+        /// stop; with --resume, repeated calls work through the grid one step at a time (the
+        /// last line says how many cells of the grid have finished).
+        #[arg(long, value_name = "N")]
+        cells: Option<usize>,
         /// Backend.
         #[arg(long, value_enum, default_value_t = BackendKind::Ndarray)]
         backend: BackendKind,
@@ -383,6 +388,7 @@ pub fn run(command: CheCommand) -> Result<bool> {
             sequences,
             out,
             resume,
+            cells,
             backend,
         } => {
             let tasks = parse_tasks(&tasks)?;
@@ -401,6 +407,7 @@ pub fn run(command: CheCommand) -> Result<bool> {
                 },
                 out: out.clone(),
                 resume,
+                max_new_cells: cells,
             };
             println!(
                 "CHE suite on {backend}: {} tasks × {} encodings, {} steps each, tested on {} lengths × {} sequences",
@@ -415,6 +422,12 @@ pub fn run(command: CheCommand) -> Result<bool> {
                 "\nMean accuracy (%) over the test lengths:\n\n{}",
                 report.markdown()
             );
+            if !report.pending.is_empty() {
+                println!(
+                    "{} cells pending: run the same command with --resume to go on.",
+                    report.pending.len()
+                );
+            }
             println!(
                 "Wrote {0}/suite.md, {0}/suite.json and one accuracy-by-length plot per task ({0}/<task>.svg).",
                 out.display()

@@ -11,6 +11,7 @@ use dape::eval::bias::{learned_bias, write_bias, BiasReport, BiasRequest};
 use dape::eval::che::parse_lengths;
 use dape::eval::lm::{self as lm_eval, LmEvalConfig, LmEvalReport};
 use dape::experiment::lm::LmTrainConfig;
+use dape::results;
 use dape::train::che::Progress;
 use dape::train::lm::{self as lm_train, LmTrainOptions};
 use dape::Result;
@@ -37,6 +38,10 @@ pub struct TrainArgs {
     /// Steps between checkpoints and validation rounds, overriding the config's.
     #[arg(long)]
     checkpoint_every: Option<usize>,
+    /// Seed of the weights and the training-window order, overriding the config's (the
+    /// train/valid/test split keeps its own `split.seed`, so seeds share their test documents).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Continue the run in --out from its newest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -90,10 +95,15 @@ pub struct EvalArgs {
 /// `dape plot`.
 #[derive(clap::Args)]
 pub struct PlotArgs {
-    /// Run folder with an eval.json (repeat for several runs).
+    /// Run folder with an eval.json (repeat for several runs). Runs whose configs differ only
+    /// in `seed` are one row: the mean, with the seed-to-seed spread in a second table.
     #[arg(long = "run", required = true)]
     runs: Vec<PathBuf>,
-    /// Output folder for ppl_by_length.svg and results.md.
+    /// A run of the plan that has not finished (repeatable): listed as pending, with no
+    /// numbers.
+    #[arg(long)]
+    pending: Vec<String>,
+    /// Output folder for ppl_by_length.svg, results.md and train_cost.svg.
     #[arg(long)]
     out: PathBuf,
 }
@@ -180,6 +190,9 @@ pub fn train(args: TrainArgs) -> Result<bool> {
     if let Some(every) = args.checkpoint_every {
         train.checkpoint_every = every;
     }
+    if let Some(seed) = args.seed {
+        train.seed = seed;
+    }
     train.validate()?;
     let name = args
         .config
@@ -213,9 +226,8 @@ pub fn eval(args: EvalArgs) -> Result<bool> {
     };
     config.validate()?;
     let cache = args.cache.unwrap_or_else(default_cache_dir);
-    let mut reports = Vec::new();
     for run in &args.runs {
-        reports.push(dispatch(
+        dispatch(
             args.backend,
             LmEvalTask {
                 run: run.clone(),
@@ -223,31 +235,50 @@ pub fn eval(args: EvalArgs) -> Result<bool> {
                 config: config.clone(),
                 cache: cache.clone(),
             },
-        )?);
+        )?;
     }
-    if reports.len() > 1 {
+    if args.runs.len() > 1 {
         let out = args.plot.unwrap_or_else(|| {
             args.runs[0]
                 .parent()
                 .map_or_else(|| PathBuf::from("."), PathBuf::from)
         });
-        let (svg, md) = lm_eval::plot_runs(&reports, &out)?;
-        println!("Wrote {} and {}", svg.display(), md.display());
+        let groups = read_groups(&args.runs)?;
+        let files = results::plot_runs(&groups, &[], &out)?;
+        println!("{}", results::results_markdown(&groups, &[]));
+        print_files(&files);
+    } else {
+        let groups = read_groups(&args.runs)?;
+        println!("{}", results::results_markdown(&groups, &[]));
     }
-    println!("{}", lm_eval::results_markdown(&reports));
     Ok(true)
+}
+
+fn read_groups(runs: &[PathBuf]) -> Result<Vec<results::RunGroup>> {
+    let records = runs
+        .iter()
+        .map(|r| results::RunRecord::read(r))
+        .collect::<Result<Vec<_>>>()?;
+    results::group_runs(records)
+}
+
+fn print_files(files: &results::PlotFiles) {
+    let mut written = vec![
+        files.curves.display().to_string(),
+        files.table.display().to_string(),
+    ];
+    if let Some(cost) = &files.cost {
+        written.push(cost.display().to_string());
+    }
+    println!("Wrote {}", written.join(", "));
 }
 
 /// `dape plot`: the evaluated runs' curves in one plot, and their table.
 pub fn plot(args: PlotArgs) -> Result<bool> {
-    let reports = args
-        .runs
-        .iter()
-        .map(|r| lm_eval::read_report(r))
-        .collect::<Result<Vec<_>>>()?;
-    let (svg, md) = lm_eval::plot_runs(&reports, &args.out)?;
-    println!("{}", lm_eval::results_markdown(&reports));
-    println!("Wrote {} and {}", svg.display(), md.display());
+    let groups = read_groups(&args.runs)?;
+    let files = results::plot_runs(&groups, &args.pending, &args.out)?;
+    println!("{}", results::results_markdown(&groups, &args.pending));
+    print_files(&files);
     Ok(true)
 }
 

@@ -7,7 +7,7 @@
 //! DAPE paper's protocol, `last = 256` — and on all tokens. Lengths it cannot evaluate are
 //! reported with the reason (no document long enough, not enough memory, a backend failure).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use burn::prelude::*;
@@ -396,10 +396,11 @@ pub fn write_report(dir: &Path, report: &LmEvalReport) -> Result<()> {
             points: points(|l| l.ppl_all),
         },
     ];
-    plot(&dir.join("ppl_by_length.svg"), report.train_length, &series)
+    plot_perplexity(&dir.join("ppl_by_length.svg"), report.train_length, &series)
 }
 
-fn plot(path: &Path, train_length: usize, series: &[Series]) -> Result<()> {
+/// Draws perplexity-by-length curves (log axes, the training length marked) into `path`.
+pub fn plot_perplexity(path: &Path, train_length: usize, series: &[Series]) -> Result<()> {
     line_chart_svg(
         path,
         &Chart {
@@ -429,84 +430,6 @@ pub fn read_report(run: &Path) -> Result<LmEvalReport> {
             run.display()
         ))
     })
-}
-
-/// One plot with every run's last-tokens perplexity, and a markdown table (runs × lengths),
-/// written as `ppl_by_length.svg` and `results.md` into `out`.
-pub fn plot_runs(reports: &[LmEvalReport], out: &Path) -> Result<(PathBuf, PathBuf)> {
-    ensure(!reports.is_empty(), "run", "[]", "give at least one run")?;
-    std::fs::create_dir_all(out).map_err(|source| Error::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
-    let series: Vec<Series> = reports
-        .iter()
-        .map(|r| Series {
-            name: r.encoding.clone(),
-            points: r
-                .lengths
-                .iter()
-                .map(|l| (l.length as f64, l.ppl_last))
-                .collect(),
-        })
-        .collect();
-    let svg = out.join("ppl_by_length.svg");
-    plot(&svg, reports[0].train_length, &series)?;
-    let md = out.join("results.md");
-    write_atomic(&md, &results_markdown(reports))?;
-    Ok((svg, md))
-}
-
-/// A markdown table: one row per run, one column per length, perplexity on the last tokens;
-/// `—` where a length was not evaluated (the report says why).
-pub fn results_markdown(reports: &[LmEvalReport]) -> String {
-    let mut lengths: Vec<usize> = reports
-        .iter()
-        .flat_map(|r| {
-            r.lengths
-                .iter()
-                .map(|l| l.length)
-                .chain(r.skipped.iter().map(|s| s.length))
-        })
-        .collect();
-    lengths.sort_unstable();
-    lengths.dedup();
-    let last = reports.first().map_or(256, |r| r.last);
-    let mut md = format!(
-        "Perplexity on the last {last} tokens of each window, by evaluation length (lower is \
-         better; training length {}).\n\n| encoding |",
-        reports.first().map_or(0, |r| r.train_length)
-    );
-    for l in &lengths {
-        md.push_str(&format!(" {l} |"));
-    }
-    md.push_str("\n| --- |");
-    md.push_str(&" ---: |".repeat(lengths.len()));
-    md.push('\n');
-    for r in reports {
-        md.push_str(&format!("| {} |", r.encoding));
-        for l in &lengths {
-            match r.lengths.iter().find(|x| x.length == *l) {
-                Some(x) => md.push_str(&format!(" {:.2} |", x.ppl_last)),
-                None => md.push_str(" — |"),
-            }
-        }
-        md.push('\n');
-    }
-    let notes: Vec<String> = reports
-        .iter()
-        .flat_map(|r| {
-            r.skipped
-                .iter()
-                .map(move |s| format!("- {} at {}: {}", r.encoding, s.length, s.reason))
-        })
-        .collect();
-    if !notes.is_empty() {
-        md.push_str("\nNot evaluated:\n\n");
-        md.push_str(&notes.join("\n"));
-        md.push('\n');
-    }
-    md
 }
 
 #[cfg(test)]

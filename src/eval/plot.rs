@@ -1,6 +1,6 @@
-//! Line charts as SVG with plotters: one line per series, the legend in a column of its own
-//! right of the plot, optionally log axes with round tick values and a labelled vertical
-//! marker (the training length).
+//! Charts as SVG with plotters. Line charts: one line per series, the legend in a column of
+//! its own right of the plot, optionally log axes with round tick values and a labelled
+//! vertical marker (the training length). Bar charts: one labelled horizontal bar per entry.
 
 use std::path::Path;
 
@@ -185,6 +185,95 @@ fn draw(path: &Path, chart: &Chart, series: &[Series]) -> std::result::Result<()
     Ok(())
 }
 
+/// One bar of a bar chart.
+#[derive(Clone, Debug)]
+pub struct Bar {
+    /// Label, left of the bar.
+    pub name: String,
+    /// Length of the bar (non-negative), also written at its end.
+    pub value: f64,
+}
+
+/// Draws one horizontal bar per entry, top to bottom in the order given, into an SVG file.
+pub fn bar_chart_svg(path: &Path, title: &str, x_label: &str, bars: &[Bar]) -> Result<()> {
+    draw_bars(path, title, x_label, bars).map_err(|message| Error::Plot {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
+fn draw_bars(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    bars: &[Bar],
+) -> std::result::Result<(), String> {
+    if bars.is_empty() {
+        return Err("nothing to plot".into());
+    }
+    if let Some(b) = bars
+        .iter()
+        .find(|b| !(b.value.is_finite() && b.value >= 0.0))
+    {
+        return Err(format!(
+            "bar {} has value {}; bars need a finite value >= 0",
+            b.name, b.value
+        ));
+    }
+    let n = bars.len();
+    let max = bars.iter().map(|b| b.value).fold(0.0, f64::max).max(1e-12);
+    let height = 120 + 34 * n as u32;
+    let root = SVGBackend::new(path, (SIZE.0, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    // Bar i spans y in [n - i - 1, n - i), so the first bar is at the top.
+    let mut ctx = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 26))
+        .margin(16)
+        .x_label_area_size(52)
+        .y_label_area_size(LEGEND_WIDTH)
+        .build_cartesian_2d(0.0..max * 1.15, 0.0..n as f64)
+        .map_err(|e| e.to_string())?;
+    ctx.configure_mesh()
+        .x_desc(x_label)
+        .axis_desc_style(("sans-serif", 18))
+        .label_style(("sans-serif", 16))
+        .bold_line_style(RGBColor(225, 225, 225))
+        .light_line_style(RGBColor(246, 246, 246))
+        .disable_y_mesh()
+        .y_labels(0)
+        .x_label_formatter(&|v: &f64| tick_label(*v))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    let font = ("sans-serif", 16).into_font().color(&BLACK);
+    for (i, bar) in bars.iter().enumerate() {
+        let top = (n - i) as f64 - 0.15;
+        let bottom = (n - i - 1) as f64 + 0.15;
+        let color = Palette99::pick(i).to_rgba();
+        ctx.draw_series([Rectangle::new(
+            [(0.0, bottom), (bar.value, top)],
+            color.filled(),
+        )])
+        .map_err(|e| e.to_string())?;
+        let middle = (n - i) as f64 - 0.5;
+        let (px, py) = ctx.backend_coord(&(0.0, middle));
+        root.draw(&Text::new(
+            bar.name.clone(),
+            (px - 8, py),
+            font.pos(Pos::new(HPos::Right, VPos::Center)),
+        ))
+        .map_err(|e| e.to_string())?;
+        let (px, py) = ctx.backend_coord(&(bar.value, middle));
+        root.draw(&Text::new(
+            format!("{:.3}", bar.value),
+            (px + 6, py),
+            font.pos(Pos::new(HPos::Left, VPos::Center)),
+        ))
+        .map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// The legend in its own column right of the plot, so that it never covers a curve.
 fn draw_legend<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
@@ -318,5 +407,40 @@ mod tests {
             assert!(svg.contains(text), "{text} missing from the SVG");
         }
         assert!(!svg.contains("7.943"), "log ticks must be round values");
+    }
+
+    #[test]
+    fn a_bar_chart_names_every_bar_and_its_value() {
+        let path = std::env::temp_dir().join(format!("dape-bars-{}.svg", std::process::id()));
+        let bars = [
+            Bar {
+                name: "alibi".into(),
+                value: 0.25,
+            },
+            Bar {
+                name: "dape_kerple_log".into(),
+                value: 0.5,
+            },
+        ];
+        bar_chart_svg(&path, "cost", "s per 1k tokens", &bars).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap().replace('\n', "");
+        std::fs::remove_file(&path).unwrap();
+        for text in [
+            "alibi",
+            "dape_kerple_log",
+            "0.250",
+            "0.500",
+            "s per 1k tokens",
+        ] {
+            assert!(svg.contains(text), "{text} missing from the SVG");
+        }
+        let bad = [Bar {
+            name: "x".into(),
+            value: f64::NAN,
+        }];
+        let err = bar_chart_svg(&path, "cost", "s", &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bar x has value NaN"), "{err}");
     }
 }

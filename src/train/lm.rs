@@ -47,6 +47,7 @@ use crate::experiment::lm::{
 use crate::experiment::stream_seed;
 use crate::model::LanguageModel;
 use crate::optim::FusedAdamWConfig;
+use crate::sysmem;
 use crate::util::{portable_path, write_atomic};
 
 /// A linear warmup to `peak`, then a cosine decay to `min` at `total` (in scheduler steps).
@@ -365,6 +366,10 @@ pub struct LmTrainSummary {
     pub tokens_per_step: usize,
     /// Wall-clock seconds of this invocation (training and validation rounds).
     pub seconds: f64,
+    /// CPU seconds (user + system, all threads) of this invocation, where the system reports
+    /// them (Linux); unlike `seconds`, not inflated by other processes on the machine.
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
     /// Validation lengths that were measured each round.
     pub valid_lengths: Vec<usize>,
 }
@@ -622,8 +627,12 @@ pub fn train<B: AutodiffBackend>(
         ));
     }
     let start = Instant::now();
+    let cpu_start = sysmem::process_cpu_seconds();
     let result = training.launch(Learner::new(model, optimizer, scheduler));
     let seconds = start.elapsed().as_secs_f64();
+    let cpu_seconds = cpu_start
+        .zip(sysmem::process_cpu_seconds())
+        .map(|(a, b)| b - a);
     save_module(result.model.clone(), &out.join("model"))?;
     let summary = LmTrainSummary {
         out: portable_path(out),
@@ -632,6 +641,7 @@ pub fn train<B: AutodiffBackend>(
         started_at_step: (done_epochs * config.checkpoint_every).min(config.steps),
         tokens_per_step: config.batch_size * accum * config.train_length,
         seconds,
+        cpu_seconds,
         valid_lengths,
     };
     write_atomic(

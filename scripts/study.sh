@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# The length-extrapolation study at a budget that can show something (issue 17), as one
+# resumable grid: language models on two corpora with extra seeds, and the 15-task CHE table.
+#
+#   scripts/study.sh                 # run (or resume) the whole grid, phase by phase
+#   PHASES=che scripts/study.sh      # one phase
+#   scripts/study.sh publish         # only rebuild results/ from what has finished
+#
+# Phases, in order (PHASES, space-separated, selects and orders them):
+#   lm-books        13 encodings on books, seed 0      (scripts/lm-sweep.sh, STEPS=2000)
+#   che             15 tasks x 8 encodings             (dape che suite --resume, one cell a call)
+#   lm-latex        13 encodings on latex, seed 0
+#   lm-books-seed1  Kerple, DAPE-Kerple, ALiBi, RoPE on books, seed 1
+#   lm-books-seed2  the same, seed 2
+#
+# Everything resumes: a finished LM run or CHE cell is never redone, an interrupted LM run
+# continues from its last checkpoint (every CHECKPOINT_EVERY steps). Stop the grid between runs
+# by creating $RUNS/STOP (removed on the next start), or at once by killing it; either way the
+# next start goes on where it stopped.
+#
+# After every finished run or cell the driver publishes into $RESULTS (default results/study):
+#   lm-<corpus>/<run>/{config,train,eval}.json, eval.csv   the run's own files
+#   lm-<corpus>/results.md, ppl_by_length.svg, train_cost.svg   (dape plot; unfinished runs
+#                                                               are listed as pending)
+#   che/suite.md, suite.json, <task>.svg                   (pending cells listed as pending)
+# and with COMMIT=1 commits $RESULTS alone (`git commit -- $RESULTS`), so partial results land
+# as they come.
+#
+# Environment: RUNS (default runs/study), RESULTS (default results/study), STEPS (LM optimiser
+# steps, default 2000: 4.1 M tokens of 16 x 128), CHECKPOINT_EVERY (default 200), MAX_TOKENS
+# (evaluated tokens per length, default 65536: 8 windows at 8192), BACKEND
+# (default ndarray), CHE_STEPS (default 1000: the README's default CHE budget), COMMIT (default
+# 0), DAPE_BIN (a built dape binary; default: a release build, copied to $RUNS/bin/dape so that
+# later builds do not change the binary of a running grid).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-runs/study}
+RESULTS=${RESULTS:-results/study}
+STEPS=${STEPS:-2000}
+CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-200}
+MAX_TOKENS=${MAX_TOKENS:-65536}
+BACKEND=${BACKEND:-ndarray}
+CHE_STEPS=${CHE_STEPS:-1000}
+COMMIT=${COMMIT:-0}
+PHASES=${PHASES:-lm-books che lm-latex lm-books-seed1 lm-books-seed2}
+
+LM_ENCODINGS="nope rope rope_randomized t5 alibi kerple_log fire dape_alibi dape_kerple_log dape_fire fox dape_fox dapev2_kerple_log"
+SEED_ENCODINGS="kerple_log dape_kerple_log alibi rope"
+CHE_ENCODINGS="nope,rope,configs/encodings/rope_randomized.json,alibi,kerple_log,fire,dape_kerple_log,dape_fire"
+CHE_ARGS=(--tasks all --encodings "$CHE_ENCODINGS" --steps "$CHE_STEPS" --lengths 41..200:8
+  --sequences 64 --backend "$BACKEND")
+
+mkdir -p "$RUNS/bin"
+if [ -z "${DAPE_BIN:-}" ]; then
+  cargo build --release
+  cp "${CARGO_TARGET_DIR:-target}/release/dape" "$RUNS/bin/dape.tmp"
+  mv "$RUNS/bin/dape.tmp" "$RUNS/bin/dape"
+  DAPE_BIN=$RUNS/bin/dape
+fi
+dape=$DAPE_BIN
+rm -f "$RUNS/STOP"
+
+stop_requested() {
+  if [ -f "$RUNS/STOP" ]; then
+    echo "study: $RUNS/STOP found; stopping between runs (start again to resume)"
+    return 0
+  fi
+  return 1
+}
+
+commit() {
+  [ "$COMMIT" = 1 ] || return 0
+  git add -- "$RESULTS"
+  git diff --cached --quiet -- "$RESULTS" && return 0
+  for _ in 1 2 3; do
+    git commit -q -m "study: $1" -- "$RESULTS" && return 0
+    sleep 5 # another git command holds the index
+  done
+  echo "study: could not commit ($1); the results stay in $RESULTS" >&2
+}
+
+# The runs of an LM corpus, in table order: seed 0 of every encoding, then the extra seeds.
+lm_runs() {
+  local e s
+  for e in $LM_ENCODINGS; do echo "$e"; done
+  for s in 1 2; do
+    for e in $SEED_ENCODINGS; do echo "$e-seed$s"; done
+  done
+}
+
+# Copies the finished runs of one corpus into $RESULTS and redraws its table and plots, with
+# the unfinished runs of the plan listed as pending.
+publish_lm() {
+  local corpus=$1 dst=$RESULTS/lm-$corpus run args=() pending=()
+  mkdir -p "$dst"
+  for run in $(lm_runs); do
+    case "$corpus:$run" in latex:*-seed*) continue ;; esac
+    if [ -f "$RUNS/lm-$corpus/$run/eval.json" ]; then
+      mkdir -p "$dst/$run"
+      for f in config.json train.json eval.json eval.csv; do
+        cp "$RUNS/lm-$corpus/$run/$f" "$dst/$run/$f.tmp" && mv "$dst/$run/$f.tmp" "$dst/$run/$f"
+      done
+      args+=(--run "$dst/$run")
+    else
+      pending+=(--pending "$run")
+    fi
+  done
+  [ ${#args[@]} -gt 0 ] || return 0
+  "$dape" plot "${args[@]}" "${pending[@]}" --out "$dst" >/dev/null ||
+    echo "study: dape plot failed for $dst; the runs' own files are there" >&2
+}
+
+publish_che() {
+  [ -f "$RUNS/che/suite.json" ] || return 0
+  mkdir -p "$RESULTS/che"
+  for f in "$RUNS"/che/suite.json "$RUNS"/che/suite.md "$RUNS"/che/*.svg; do
+    [ -f "$f" ] && cp "$f" "$RESULTS/che/"
+  done
+}
+
+lm_phase() { # corpus seed encodings...
+  local corpus=$1 seed=$2 e name
+  shift 2
+  for e in "$@"; do
+    stop_requested && return 1
+    name=$e
+    [ "$seed" != 0 ] && name=$e-seed$seed
+    [ -f "$RUNS/lm-$corpus/$name/eval.json" ] && continue
+    CORPUS=$corpus SEED=$seed ENCODINGS=$e STEPS=$STEPS CHECKPOINT_EVERY=$CHECKPOINT_EVERY \
+      MAX_TOKENS=$MAX_TOKENS OUT=$RUNS/lm-$corpus BACKEND=$BACKEND DAPE_BIN=$dape PLOT=0 \
+      scripts/lm-sweep.sh
+    publish_lm "$corpus"
+    commit "lm-$corpus/$name finished"
+  done
+}
+
+che_phase() {
+  # One new cell per call, so that every finished cell is published (and committed) at once.
+  while true; do
+    stop_requested && return 1
+    "$dape" che suite "${CHE_ARGS[@]}" --out "$RUNS/che" --resume --cells 1 \
+      | tee "$RUNS/che-last.log"
+    publish_che
+    if grep -Eq '^suite: ([0-9]+) of \1 cells finished' "$RUNS/che-last.log"; then
+      commit "CHE table complete"
+      return 0
+    fi
+    commit "CHE cell $(grep -o '^\[[0-9]*/[0-9]*\] [a-z_]* / [a-z_+]*' "$RUNS/che-last.log" | tail -1)"
+  done
+}
+
+if [ "${1:-}" = publish ]; then
+  publish_lm books
+  publish_lm latex
+  publish_che
+  exit 0
+fi
+
+for phase in $PHASES; do
+  echo "== study phase $phase ($(date -u +%H:%M:%S))"
+  case $phase in
+    lm-books) lm_phase books 0 $LM_ENCODINGS || exit 0 ;;
+    lm-latex) lm_phase latex 0 $LM_ENCODINGS || exit 0 ;;
+    lm-books-seed1) lm_phase books 1 $SEED_ENCODINGS || exit 0 ;;
+    lm-books-seed2) lm_phase books 2 $SEED_ENCODINGS || exit 0 ;;
+    che) che_phase || exit 0 ;;
+    *) echo "unknown phase '$phase' (lm-books, che, lm-latex, lm-books-seed1, lm-books-seed2)" >&2; exit 2 ;;
+  esac
+done
+echo "study: every phase of '$PHASES' is complete"
