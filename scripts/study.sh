@@ -5,6 +5,7 @@
 #   scripts/study.sh                 # run (or resume) the whole grid, phase by phase
 #   PHASES=che scripts/study.sh      # one phase
 #   scripts/study.sh publish         # only rebuild results/ from what has finished
+#   scripts/study.sh status          # what has finished, what is pending
 #
 # Phases, in order (PHASES, space-separated, selects and orders them):
 #   lm-books        13 encodings on books, seed 0      (scripts/lm-sweep.sh, STEPS=2000)
@@ -51,15 +52,6 @@ CHE_ENCODINGS="nope,rope,configs/encodings/rope_randomized.json,alibi,kerple_log
 CHE_ARGS=(--tasks all --encodings "$CHE_ENCODINGS" --steps "$CHE_STEPS" --lengths 41..200:8
   --sequences 64 --backend "$BACKEND")
 
-mkdir -p "$RUNS/bin"
-if [ -z "${DAPE_BIN:-}" ]; then
-  cargo build --release
-  cp "${CARGO_TARGET_DIR:-target}/release/dape" "$RUNS/bin/dape.tmp"
-  mv "$RUNS/bin/dape.tmp" "$RUNS/bin/dape"
-  DAPE_BIN=$RUNS/bin/dape
-fi
-dape=$DAPE_BIN
-rm -f "$RUNS/STOP"
 
 stop_requested() {
   if [ -f "$RUNS/STOP" ]; then
@@ -149,6 +141,31 @@ che_phase() {
     commit "CHE cell $(grep -o '^\[[0-9]*/[0-9]*\] [a-z_]* / [a-z_+]*' "$RUNS/che-last.log" | tail -1)"
   done
 }
+
+if [ "${1:-}" = status ]; then
+  for corpus in books latex; do
+    done_runs=() todo=()
+    for run in $(lm_runs); do
+      case "$corpus:$run" in latex:*-seed*) continue ;; esac
+      if [ -f "$RUNS/lm-$corpus/$run/eval.json" ]; then done_runs+=("$run"); else todo+=("$run"); fi
+    done
+    echo "lm-$corpus: ${#done_runs[@]} of $(( ${#done_runs[@]} + ${#todo[@]} )) runs finished; pending: ${todo[*]:-none}"
+  done
+  cells=0
+  [ -d "$RUNS/che" ] && cells=$(find "$RUNS/che" -name che.json | wc -l)
+  echo "che: $cells of 120 cells finished"
+  exit 0
+fi
+
+mkdir -p "$RUNS/bin"
+if [ -z "${DAPE_BIN:-}" ]; then
+  cargo build --release
+  cp "${CARGO_TARGET_DIR:-target}/release/dape" "$RUNS/bin/dape.tmp"
+  mv "$RUNS/bin/dape.tmp" "$RUNS/bin/dape"
+  DAPE_BIN=$RUNS/bin/dape
+fi
+dape=$DAPE_BIN
+rm -f "$RUNS/STOP"
 
 if [ "${1:-}" = publish ]; then
   publish_lm books
