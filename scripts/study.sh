@@ -8,11 +8,13 @@
 #   scripts/study.sh status          # what has finished, what is pending
 #
 # Phases, in order (PHASES, space-separated, selects and orders them):
-#   lm-books        13 encodings on books, seed 0      (scripts/lm-sweep.sh, STEPS=2000)
+#   lm-books        11 encodings on books, seed 0      (scripts/lm-sweep.sh, STEPS=2000)
 #   che             15 tasks x 8 encodings             (dape che suite --resume, one cell a call)
-#   lm-latex        13 encodings on latex, seed 0
+#   lm-latex        the same 11 encodings on latex, seed 0
 #   lm-books-seed1  Kerple, DAPE-Kerple, ALiBi, RoPE on books, seed 1
 #   lm-books-seed2  the same, seed 2
+#   lm-slow         DAPE-FoX and DAPE V2-Kerple on books, then on latex: on ndarray they train
+#                   through the tensor path, 10-20x slower than the others, so they come last
 #
 # Everything resumes: a finished LM run or CHE cell is never redone, an interrupted LM run
 # continues from its last checkpoint (every CHECKPOINT_EVERY steps). Stop the grid between runs
@@ -44,9 +46,11 @@ MAX_TOKENS=${MAX_TOKENS:-65536}
 BACKEND=${BACKEND:-ndarray}
 CHE_STEPS=${CHE_STEPS:-1000}
 COMMIT=${COMMIT:-0}
-PHASES=${PHASES:-lm-books che lm-latex lm-books-seed1 lm-books-seed2}
+PHASES=${PHASES:-lm-books che lm-latex lm-books-seed1 lm-books-seed2 lm-slow}
 
-LM_ENCODINGS="nope rope rope_randomized t5 alibi kerple_log fire dape_alibi dape_kerple_log dape_fire fox dape_fox dapev2_kerple_log"
+FAST_ENCODINGS="nope rope rope_randomized t5 alibi kerple_log fire dape_alibi dape_kerple_log dape_fire fox"
+SLOW_ENCODINGS="dape_fox dapev2_kerple_log"
+LM_ENCODINGS="$FAST_ENCODINGS $SLOW_ENCODINGS"
 SEED_ENCODINGS="kerple_log dape_kerple_log alibi rope"
 CHE_ENCODINGS="nope,rope,configs/encodings/rope_randomized.json,alibi,kerple_log,fire,dape_kerple_log,dape_fire"
 CHE_ARGS=(--tasks all --encodings "$CHE_ENCODINGS" --steps "$CHE_STEPS" --lengths 41..200:8
@@ -119,9 +123,13 @@ lm_phase() { # corpus seed encodings...
     name=$e
     [ "$seed" != 0 ] && name=$e-seed$seed
     [ -f "$RUNS/lm-$corpus/$name/eval.json" ] && continue
-    CORPUS=$corpus SEED=$seed ENCODINGS=$e STEPS=$STEPS CHECKPOINT_EVERY=$CHECKPOINT_EVERY \
+    # (set -e does not reach inside a function called from `||`: failures are checked here.)
+    if ! CORPUS=$corpus SEED=$seed ENCODINGS=$e STEPS=$STEPS CHECKPOINT_EVERY=$CHECKPOINT_EVERY \
       MAX_TOKENS=$MAX_TOKENS OUT=$RUNS/lm-$corpus BACKEND=$BACKEND DAPE_BIN=$dape PLOT=0 \
-      scripts/lm-sweep.sh
+      scripts/lm-sweep.sh; then
+      echo "study: lm-$corpus/$name failed; it stays pending (the log above says why)" >&2
+      return 2
+    fi
     publish_lm "$corpus"
     commit "lm-$corpus/$name finished"
   done
@@ -131,8 +139,11 @@ che_phase() {
   # One new cell per call, so that every finished cell is published (and committed) at once.
   while true; do
     stop_requested && return 1
-    "$dape" che suite "${CHE_ARGS[@]}" --out "$RUNS/che" --resume --cells 1 \
-      | tee "$RUNS/che-last.log"
+    if ! "$dape" che suite "${CHE_ARGS[@]}" --out "$RUNS/che" --resume --cells 1 \
+      | tee "$RUNS/che-last.log"; then
+      echo "study: a CHE cell failed; it stays pending (see $RUNS/che-last.log)" >&2
+      return 2
+    fi
     publish_che
     if grep -Eq '^suite: ([0-9]+) of \1 cells finished' "$RUNS/che-last.log"; then
       commit "CHE table complete"
@@ -174,15 +185,25 @@ if [ "${1:-}" = publish ]; then
   exit 0
 fi
 
+# A phase returns 1 when $RUNS/STOP asked the grid to stop (exit 0), 2 when a run failed.
+run_phase() {
+  case $1 in
+    lm-books) lm_phase books 0 $FAST_ENCODINGS ;;
+    lm-latex) lm_phase latex 0 $FAST_ENCODINGS ;;
+    lm-slow) lm_phase books 0 $SLOW_ENCODINGS && lm_phase latex 0 $SLOW_ENCODINGS ;;
+    lm-books-seed1) lm_phase books 1 $SEED_ENCODINGS ;;
+    lm-books-seed2) lm_phase books 2 $SEED_ENCODINGS ;;
+    che) che_phase ;;
+    *) echo "unknown phase '$1' (lm-books, che, lm-latex, lm-books-seed1, lm-books-seed2, lm-slow)" >&2
+      return 2 ;;
+  esac
+}
+
 for phase in $PHASES; do
   echo "== study phase $phase ($(date -u +%H:%M:%S))"
-  case $phase in
-    lm-books) lm_phase books 0 $LM_ENCODINGS || exit 0 ;;
-    lm-latex) lm_phase latex 0 $LM_ENCODINGS || exit 0 ;;
-    lm-books-seed1) lm_phase books 1 $SEED_ENCODINGS || exit 0 ;;
-    lm-books-seed2) lm_phase books 2 $SEED_ENCODINGS || exit 0 ;;
-    che) che_phase || exit 0 ;;
-    *) echo "unknown phase '$phase' (lm-books, che, lm-latex, lm-books-seed1, lm-books-seed2)" >&2; exit 2 ;;
-  esac
+  rc=0
+  run_phase "$phase" || rc=$?
+  [ "$rc" = 1 ] && exit 0
+  [ "$rc" = 0 ] || exit "$rc"
 done
 echo "study: every phase of '$PHASES' is complete"
