@@ -525,8 +525,18 @@ fn cli_run_killed_mid_way_resumes_at_its_checkpoint() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(dir.join("plot/ppl_by_length.svg").is_file());
+    // Rows are named after the run folders; the cost comes from the run's train.json.
     let md = std::fs::read_to_string(dir.join("plot/results.md")).unwrap();
-    assert!(md.contains("| kerple_log |"), "{md}");
+    assert!(md.contains("| run | "), "{md}");
+    assert!(
+        md.contains("Training cost per 1,000 training tokens"),
+        "{md}"
+    );
+    assert!(dir.join("plot/train_cost.svg").is_file());
+    assert!(
+        summary["cpu_seconds"].as_f64().is_some_and(|s| s > 0.0),
+        "{summary}"
+    );
 }
 
 /// burn-train's multi-device strategy with two device handles (on ndarray both are the CPU):
