@@ -13,13 +13,17 @@
 #   lm-latex        the same 11 encodings on latex, seed 0
 #   lm-books-seed1  Kerple, DAPE-Kerple, ALiBi, RoPE on books, seed 1
 #   lm-books-seed2  the same, seed 2
-#   lm-slow         DAPE-FoX and DAPE V2-Kerple on books, then on latex: on ndarray they train
-#                   through the tensor path, 10-20x slower than the others, so they come last
+#   lm-slow         DAPE-FoX and DAPE V2-Kerple on books, then on latex (they came last when they
+#                   trained through the tensor path, 10-20x slower; since their fused ndarray
+#                   nodes they cost about 1.3x and 1.7x their bases' step)
 #
 # Everything resumes: a finished LM run or CHE cell is never redone, an interrupted LM run
 # continues from its last checkpoint (every CHECKPOINT_EVERY steps). Stop the grid between runs
 # by creating $RUNS/STOP (removed on the next start), or at once by killing it; either way the
-# next start goes on where it stopped.
+# next start goes on where it stopped. What is published in $RESULTS counts as finished too, so
+# a fresh clone (whose $RUNS is empty: runs/ is not committed) goes on with the runs that are
+# not there yet instead of redoing the committed ones; only an interrupted run's checkpoints
+# live in $RUNS alone.
 #
 # After every finished run or cell the driver publishes into $RESULTS (default results/study):
 #   lm-<corpus>/<run>/{config,train,eval}.json, eval.csv   the run's own files
@@ -57,6 +61,25 @@ CHE_ARGS=(--tasks all --encodings "$CHE_ENCODINGS" --steps "$CHE_STEPS" --length
   --sequences 64 --backend "$BACKEND")
 
 
+# Whether LM run $2 of corpus $1 has finished: evaluated in $RUNS, or published in $RESULTS.
+lm_finished() {
+  [ -f "$RUNS/lm-$1/$2/eval.json" ] || [ -f "$RESULTS/lm-$1/$2/eval.json" ]
+}
+
+# The folder that holds LM run $2 of corpus $1's finished files ($RUNS first: it is the newer).
+lm_source() {
+  if [ -f "$RUNS/lm-$1/$2/eval.json" ]; then echo "$RUNS/lm-$1/$2"; else echo "$RESULTS/lm-$1/$2"; fi
+}
+
+# Whether the published CHE table has every cell of the grid (none pending).
+che_published_complete() {
+  [ -f "$RESULTS/che/suite.json" ] && python3 - "$RESULTS/che/suite.json" <<'PY'
+import json, sys
+suite = json.load(open(sys.argv[1]))
+sys.exit(0 if suite.get("cells") and not suite.get("pending") else 1)
+PY
+}
+
 stop_requested() {
   if [ -f "$RUNS/STOP" ]; then
     echo "study: $RUNS/STOP found; stopping between runs (start again to resume)"
@@ -88,15 +111,18 @@ lm_runs() {
 # Copies the finished runs of one corpus into $RESULTS and redraws its table and plots, with
 # the unfinished runs of the plan listed as pending.
 publish_lm() {
-  local corpus=$1 dst=$RESULTS/lm-$corpus run args=() pending=()
+  local corpus=$1 dst=$RESULTS/lm-$corpus run src args=() pending=()
   mkdir -p "$dst"
   for run in $(lm_runs); do
     case "$corpus:$run" in latex:*-seed*) continue ;; esac
-    if [ -f "$RUNS/lm-$corpus/$run/eval.json" ]; then
-      mkdir -p "$dst/$run"
-      for f in config.json train.json eval.json eval.csv; do
-        cp "$RUNS/lm-$corpus/$run/$f" "$dst/$run/$f.tmp" && mv "$dst/$run/$f.tmp" "$dst/$run/$f"
-      done
+    if lm_finished "$corpus" "$run"; then
+      src=$(lm_source "$corpus" "$run")
+      if [ "$src" != "$dst/$run" ]; then
+        mkdir -p "$dst/$run"
+        for f in config.json train.json eval.json eval.csv; do
+          cp "$src/$f" "$dst/$run/$f.tmp" && mv "$dst/$run/$f.tmp" "$dst/$run/$f"
+        done
+      fi
       args+=(--run "$dst/$run")
     else
       pending+=(--pending "$run")
@@ -122,7 +148,7 @@ lm_phase() { # corpus seed encodings...
     stop_requested && return 1
     name=$e
     [ "$seed" != 0 ] && name=$e-seed$seed
-    [ -f "$RUNS/lm-$corpus/$name/eval.json" ] && continue
+    lm_finished "$corpus" "$name" && continue
     # (set -e does not reach inside a function called from `||`: failures are checked here.)
     if ! CORPUS=$corpus SEED=$seed ENCODINGS=$e STEPS=$STEPS CHECKPOINT_EVERY=$CHECKPOINT_EVERY \
       MAX_TOKENS=$MAX_TOKENS OUT=$RUNS/lm-$corpus BACKEND=$BACKEND DAPE_BIN=$dape PLOT=0 \
@@ -136,6 +162,11 @@ lm_phase() { # corpus seed encodings...
 }
 
 che_phase() {
+  # A complete published table is the phase's result (a fresh clone has no cells in $RUNS).
+  if [ ! -d "$RUNS/che" ] && che_published_complete; then
+    echo "study: the CHE table in $RESULTS/che is complete"
+    return 0
+  fi
   # One new cell per call, so that every finished cell is published (and committed) at once.
   while true; do
     stop_requested && return 1
@@ -158,13 +189,17 @@ if [ "${1:-}" = status ]; then
     done_runs=() todo=()
     for run in $(lm_runs); do
       case "$corpus:$run" in latex:*-seed*) continue ;; esac
-      if [ -f "$RUNS/lm-$corpus/$run/eval.json" ]; then done_runs+=("$run"); else todo+=("$run"); fi
+      if lm_finished "$corpus" "$run"; then done_runs+=("$run"); else todo+=("$run"); fi
     done
     echo "lm-$corpus: ${#done_runs[@]} of $(( ${#done_runs[@]} + ${#todo[@]} )) runs finished; pending: ${todo[*]:-none}"
   done
   cells=0
   [ -d "$RUNS/che" ] && cells=$(find "$RUNS/che" -name che.json | wc -l)
-  echo "che: $cells of 120 cells finished"
+  if [ "$cells" = 0 ] && che_published_complete; then
+    echo "che: complete (published in $RESULTS/che)"
+  else
+    echo "che: $cells of 120 cells finished"
+  fi
   exit 0
 fi
 

@@ -432,7 +432,7 @@ impl<B: Backend> MultiHeadAttention<B> {
             .encoding
             .adjust_logits(raw.clone(), q, k, &span, ids.as_ref());
         let adjusted = match gate {
-            Some(g) => self.encoding.adjust_logits_gated(adjusted, g),
+            Some(g) => self.encoding.adjust_logits_gated(adjusted, g, &span),
             None => adjusted,
         };
         Ok(adjusted - raw)
@@ -629,7 +629,7 @@ impl<B: Backend> MultiHeadAttention<B> {
                 .encoding
                 .adjust_logits(logits, qc, kc, &span, ids.as_ref());
             let logits = match gate {
-                Some(g) => self.encoding.adjust_logits_gated(logits, g),
+                Some(g) => self.encoding.adjust_logits_gated(logits, g, &span),
                 None => logits,
             };
             let logits = match &self.ssmax {

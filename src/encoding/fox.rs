@@ -15,8 +15,8 @@
 //! entries anyway, and DAPE's MLP, which reads them before the mask, sees bounded values.
 //!
 //! `dape_fox` is DAPE V1 with `D` as its base bias: `A + D + f([A ‖ D])`. The bias differs per
-//! sequence, so it runs on DAPE's tensor path (its fused kernels take a bias shared by the
-//! batch).
+//! sequence; on ndarray DAPE's fused kernels and training node take it as a `[batch, H, ..]`
+//! map (elsewhere the tensor path).
 //!
 //! The paper's "Pro" extras (output gate, QK-norm, key and value shifts) are architecture
 //! changes outside the logits and are not part of this encoding.
@@ -25,7 +25,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::log_sigmoid;
 
-use super::{default_from_new, Dape, DapeConfig};
+use super::{default_from_new, Dape, DapeConfig, Span};
 use crate::error::{ensure, Result};
 
 /// Configuration of [`Fox`]. The gate is `Linear(d_model → heads)` with Burn's default
@@ -108,8 +108,9 @@ impl<B: Backend> DapeFox<B> {
         })
     }
 
-    /// `logits + D + f([logits ‖ D])` with `D` from [`Fox::bias`].
-    pub fn forward(&self, logits: Tensor<B, 4>, bias: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.dape.forward_with_map(logits, bias)
+    /// `logits + D + f([logits ‖ D])` with `D` from [`Fox::bias`], over the rows and keys of
+    /// `span` (keys a causal row cannot see get `logits + D`; they are masked afterwards).
+    pub fn forward(&self, logits: Tensor<B, 4>, bias: Tensor<B, 4>, span: &Span) -> Tensor<B, 4> {
+        self.dape.forward_with_map(logits, bias, span)
     }
 }

@@ -17,7 +17,11 @@
 //!   row and returns the gradients of the logits, the bias map and both layers. It runs each
 //!   query row (all batch elements at once) as five matrix products over the row's (batch
 //!   element, key) pairs, through the `gemm` crate: a per-pair loop cannot keep the weight
-//!   gradients' sums in registers. DAPE V2 under autodiff keeps the tensor path.
+//!   gradients' sums in registers. [`dape_v2_autodiff`] does the same for DAPE V2: its
+//!   backward pass, [`dape_v2_backward`], runs each `1 × k` convolution as one product over
+//!   `k` key-shifted copies of its input.
+//! * The bias map is `[1, H, rows, keys]` (a base bias shared by the batch) or `[batch, H, rows,
+//!   keys]` (forgetting attention's, one per sequence: `dape_fox`).
 //!
 //! Every other backend (WGPU, LibTorch) keeps the tensor path. Sums run in another order than
 //! the tensor path's, so results agree to float32 rounding, not bit for bit; the unit tests in
@@ -34,7 +38,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::autodiff::NodeId;
 use burn::prelude::*;
-use burn::tensor::ops::FloatTensorOps;
+use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
@@ -160,12 +164,38 @@ fn rows_by_query(data: &mut [f32], lq: usize, lk: usize) -> Vec<Vec<&mut [f32]>>
     groups
 }
 
-/// Row `i` of every head plane of `[1, H, lq, lk]`.
-fn bias_rows(bias: Option<&[f32]>, h: usize, i: usize, lq: usize, lk: usize) -> Vec<&[f32]> {
+/// Row `i` of every plane of a bias map `[1 or batch, H, lq, lk]`, in plane order.
+fn bias_rows(bias: Option<&[f32]>, i: usize, lq: usize, lk: usize) -> Vec<&[f32]> {
     match bias {
-        Some(m) => (0..h).map(|hh| &m[(hh * lq + i) * lk..][..lk]).collect(),
-        None => Vec::new(),
+        Some(m) if lq * lk > 0 => (0..m.len() / (lq * lk))
+            .map(|p| &m[(p * lq + i) * lk..][..lk])
+            .collect(),
+        _ => Vec::new(),
     }
+}
+
+/// The `H` rows of batch element `bi` among the rows of a bias map `[1 or batch, H, ..]` (the
+/// only ones when the map is shared by the batch); empty without a bias.
+fn batch_rows<T>(rows: &[T], h: usize, bi: usize) -> &[T] {
+    if rows.is_empty() || h == 0 {
+        return rows;
+    }
+    let maps = rows.len() / h;
+    &rows[(bi % maps) * h..][..h]
+}
+
+/// Index of the bias row that plane `plane` (batch element `plane / H`, head `plane % H`) of the
+/// logits reads among `rows` bias rows (`H` for a shared map, `batch · H` for one per sequence).
+fn bias_plane(plane: usize, h: usize, rows: usize) -> usize {
+    let maps = (rows / h.max(1)).max(1);
+    (plane / h.max(1) % maps) * h + plane % h.max(1)
+}
+
+/// Whether a bias map of `len` values fits logits `[batch, H, lq, lk]`: `[1, H, lq, lk]` (shared
+/// by the batch) or `[batch, H, lq, lk]` (one per sequence).
+pub(crate) fn bias_fits(len: usize, [b, h, lq, lk]: [usize; 4]) -> bool {
+    let plane = h * lq * lk;
+    len == plane || len == b * plane
 }
 
 /// Keys `0..visible` of row `i` can be attended to; the rest are masked afterwards.
@@ -177,9 +207,10 @@ fn visible_keys(span: &Span, i: usize, lk: usize) -> usize {
     }
 }
 
-/// `logits + bias + f([logits ‖ bias])` for `logits: [batch, H, rows, keys]` and the
-/// batch-independent `bias: [1, H, rows, keys]` (or `logits + f(logits)` over NoPE when `None`).
-/// Keys after a causal row's position get `logits + bias` only.
+/// `logits + bias + f([logits ‖ bias])` for `logits: [batch, H, rows, keys]` and `bias`
+/// `[1, H, rows, keys]` (shared by the batch) or `[batch, H, rows, keys]` (one per sequence:
+/// forgetting attention's), or `logits + f(logits)` over NoPE when `None`. Keys after a causal
+/// row's position get `logits + bias` only.
 pub(crate) fn dape_v1(
     mut logits: Vec<f32>,
     bias: Option<&[f32]>,
@@ -188,6 +219,7 @@ pub(crate) fn dape_v1(
     mlp: &Mlp,
 ) -> Vec<f32> {
     debug_assert_eq!(logits.len(), b * h * lq * lk);
+    debug_assert!(bias.is_none_or(|m| bias_fits(m.len(), [b, h, lq, lk])));
     debug_assert_eq!(mlp.h, h);
     debug_assert_eq!(mlp.c, if bias.is_some() { 2 * h } else { h });
     each_row(
@@ -203,7 +235,8 @@ pub(crate) fn dape_v1(
 
 /// Runs `row(scratch, heads, bias rows, visible keys)` for every query row of every batch
 /// element of `logits: [batch, H, rows, keys]`, in parallel over query rows, with one
-/// `init()` scratch per worker; `heads[hh]` is head `hh`'s row, updated in place.
+/// `init()` scratch per worker; `heads[hh]` is head `hh`'s row, updated in place, and the bias
+/// rows are the batch element's (`bias` is `[1 or batch, H, rows, keys]`).
 fn each_row<S>(
     logits: &mut [f32],
     [h, lq, lk]: [usize; 3],
@@ -216,10 +249,10 @@ fn each_row<S>(
         .into_par_iter()
         .enumerate()
         .for_each_init(init, |scratch, (i, mut planes)| {
-            let bias = bias_rows(bias, h, i, lq, lk);
+            let bias = bias_rows(bias, i, lq, lk);
             let visible = visible_keys(span, i, lk);
-            for heads in planes.chunks_mut(h) {
-                row(scratch, heads, &bias, visible);
+            for (bi, heads) in planes.chunks_mut(h).enumerate() {
+                row(scratch, heads, batch_rows(&bias, h, bi), visible);
             }
         });
 }
@@ -402,7 +435,8 @@ fn forward_row<const FMA: bool>(
 pub(crate) struct V1Grads {
     /// `[batch, H, rows, keys]`.
     pub logits: Vec<f32>,
-    /// `[1, H, rows, keys]` (summed over the batch); `None` without a bias.
+    /// The bias map's shape: `[1, H, rows, keys]` (summed over the batch) for a shared map,
+    /// `[batch, H, rows, keys]` for one per sequence; `None` without a bias.
     pub bias: Option<Vec<f32>>,
     /// `[C, D]`, Burn's `Linear` layout.
     pub w1t: Vec<f32>,
@@ -428,11 +462,16 @@ struct WeightGrads {
 
 impl WeightGrads {
     fn new(mlp: &Mlp) -> Self {
+        Self::zeros([mlp.d * mlp.c, mlp.d, mlp.h * mlp.d, mlp.h])
+    }
+
+    /// Zero sums of `[w1, b1, w2, b2]` values.
+    fn zeros([w1, b1, w2, b2]: [usize; 4]) -> Self {
         Self {
-            w1: vec![0.0; mlp.d * mlp.c],
-            b1: vec![0.0; mlp.d],
-            w2: vec![0.0; mlp.h * mlp.d],
-            b2: vec![0.0; mlp.h],
+            w1: vec![0.0; w1],
+            b1: vec![0.0; b1],
+            w2: vec![0.0; w2],
+            b2: vec![0.0; b2],
         }
     }
 
@@ -460,11 +499,60 @@ pub(crate) fn dape_v1_backward(
     span: &Span,
     mlp: &Mlp,
 ) -> V1Grads {
-    let plane = lq * lk;
-    let mut d_logits = vec![0.0f32; b * h * plane];
-    let mut d_bias = bias.map(|_| vec![0.0f32; h * plane]);
-    let da_rows = rows_by_query(&mut d_logits, lq, lk);
-    let db_rows: Vec<Vec<&mut [f32]>> = match d_bias.as_mut() {
+    let mut d_logits = vec![0.0f32; b * h * lq * lk];
+    let mut d_bias = bias.map(|m| vec![0.0f32; m.len()]);
+    let sums = backward_by_rows(
+        BackwardInputs {
+            logits,
+            bias,
+            grad,
+            dims: [b, h, lq, lk],
+            span,
+        },
+        (&mut d_logits, d_bias.as_deref_mut()),
+        || WeightGrads::new(mlp),
+        |rows, da, db, cols: &mut Columns, acc| backward_row(mlp, rows, da, db, cols, acc),
+    );
+    V1Grads {
+        logits: d_logits,
+        bias: d_bias,
+        w1t: transpose(&sums.w1, mlp.d, mlp.c),
+        b1: sums.b1,
+        w2t: transpose(&sums.w2, mlp.h, mlp.d),
+        b2: sums.b2,
+    }
+}
+
+/// What a fused DAPE node's backward pass reads: its inputs and the output gradient, all
+/// row-major, with the logits' dims and the span.
+struct BackwardInputs<'a> {
+    logits: &'a [f32],
+    /// `[1 or batch, H, rows, keys]`.
+    bias: Option<&'a [f32]>,
+    grad: &'a [f32],
+    dims: [usize; 4],
+    span: &'a Span,
+}
+
+/// Runs `row(rows, d logits rows, d bias rows, scratch, sums)` for every query row of a fused
+/// DAPE node's backward pass, in parallel over fixed groups of rows, writing the input
+/// gradients into `d_logits` (`[batch, H, rows, keys]`) and `d_bias` (the bias map's shape), and
+/// returns the weight gradients summed over the groups in order.
+fn backward_by_rows<S: Default>(
+    inputs: BackwardInputs,
+    (d_logits, d_bias): (&mut [f32], Option<&mut [f32]>),
+    zero: impl Fn() -> WeightGrads + Sync,
+    row: impl Fn(&BackwardRow, &mut [&mut [f32]], &mut [&mut [f32]], &mut S, &mut WeightGrads) + Sync,
+) -> WeightGrads {
+    let BackwardInputs {
+        logits,
+        bias,
+        grad,
+        dims: [b, h, lq, lk],
+        span,
+    } = inputs;
+    let da_rows = rows_by_query(d_logits, lq, lk);
+    let db_rows: Vec<Vec<&mut [f32]>> = match d_bias {
         Some(db) => rows_by_query(db, lq, lk),
         None => (0..lq).map(|_| Vec::new()).collect(),
     };
@@ -483,33 +571,23 @@ pub(crate) fn dape_v1_backward(
     let partial: Vec<WeightGrads> = groups
         .into_par_iter()
         .map(|group| {
-            let (mut cols, mut acc) = (Columns::default(), WeightGrads::new(mlp));
+            let (mut scratch, mut acc) = (S::default(), zero());
             for (i, mut da, mut db) in group {
-                let row = |p: usize| (p * lq + i) * lk..(p * lq + i + 1) * lk;
-                let a: Vec<&[f32]> = (0..b * h).map(|p| &logits[row(p)]).collect();
-                let g: Vec<&[f32]> = (0..b * h).map(|p| &grad[row(p)]).collect();
+                let at = |p: usize| (p * lq + i) * lk..(p * lq + i + 1) * lk;
+                let a: Vec<&[f32]> = (0..b * h).map(|p| &logits[at(p)]).collect();
+                let g: Vec<&[f32]> = (0..b * h).map(|p| &grad[at(p)]).collect();
                 let rows = BackwardRow {
                     a: &a,
-                    bias: &bias_rows(bias, h, i, lq, lk),
+                    bias: &bias_rows(bias, i, lq, lk),
                     g: &g,
                     visible: visible_keys(span, i, lk),
                 };
-                backward_row(mlp, &rows, &mut da, &mut db, &mut cols, &mut acc);
+                row(&rows, &mut da, &mut db, &mut scratch, &mut acc);
             }
             acc
         })
         .collect();
-    let sums = partial
-        .into_iter()
-        .fold(WeightGrads::new(mlp), WeightGrads::add);
-    V1Grads {
-        logits: d_logits,
-        bias: d_bias,
-        w1t: transpose(&sums.w1, mlp.d, mlp.c),
-        b1: sums.b1,
-        w2t: transpose(&sums.w2, mlp.h, mlp.d),
-        b2: sums.b2,
-    }
+    partial.into_iter().fold(zero(), WeightGrads::add)
 }
 
 /// Query rows whose weight gradients one task sums before the fixed-order sum over tasks.
@@ -523,7 +601,7 @@ type BackwardTask<'a> = (usize, Vec<&'a mut [f32]>, Vec<&'a mut [f32]>);
 struct BackwardRow<'a> {
     /// The logits' rows, one per (batch element, head) plane in plane order.
     a: &'a [&'a [f32]],
-    /// The bias map's rows, one per head (empty without a base bias).
+    /// The bias map's rows, one per plane of `[1 or batch, H]` (empty without a base bias).
     bias: &'a [&'a [f32]],
     /// The output gradient's rows, like `a`.
     g: &'a [&'a [f32]],
@@ -552,8 +630,8 @@ struct Columns {
 /// One query row of the backward pass, every batch element at once, as five matrix products
 /// over the row's `N = batch × visible` pairs (DAPE's layers are far too narrow for a per-pair
 /// loop to keep its weight-gradient sums in registers; as products they are `[D, N] · [N, C]`):
-/// writes `d logits` into `da`, adds `d bias` (summed over the batch) into `db` and the weight
-/// gradients into `acc`.
+/// writes `d logits` into `da`, adds `d bias` into `db` (each batch element's into its map's
+/// rows: summed over the batch for a shared map) and the weight gradients into `acc`.
 fn backward_row(
     mlp: &Mlp,
     rows: &BackwardRow,
@@ -588,11 +666,12 @@ fn backward_row(
         }
         // Column `bi · vis + j` is key `j` of batch element `bi`.
         for bi in 0..b {
+            let bias = batch_rows(rows.bias, h, bi);
             for hh in 0..h {
                 let (plane, at) = (bi * h + hh, hh * n + bi * vis);
                 x[at..at + vis].copy_from_slice(&rows.a[plane][..vis]);
                 g[at..at + vis].copy_from_slice(&rows.g[plane][..vis]);
-                if let Some(bias) = rows.bias.get(hh) {
+                if let Some(bias) = bias.get(hh) {
                     x[(h + hh) * n + bi * vis..][..vis].copy_from_slice(&bias[..vis]);
                 }
             }
@@ -640,7 +719,8 @@ fn backward_row(
                 for ((o, &gl), &dl) in da[bi * h + hh][..vis].iter_mut().zip(gv).zip(&dx[at..]) {
                     *o = gl + dl;
                 }
-                if let Some(db) = db.get_mut(hh) {
+                let n_bias = db.len();
+                if let Some(db) = db.get_mut(bias_plane(bi * h + hh, h, n_bias)) {
                     let dxb = &dx[(h + hh) * n + bi * vis..][..vis];
                     for ((o, &gl), &dl) in db[..vis].iter_mut().zip(gv).zip(dxb) {
                         *o += gl + dl;
@@ -650,10 +730,11 @@ fn backward_row(
         }
     }
     // Future keys: the output there is `logits + bias`.
+    let n_bias = db.len();
     for (plane, da) in da.iter_mut().enumerate() {
         let g = &rows.g[plane][vis..];
         da[vis..].copy_from_slice(g);
-        if let Some(db) = db.get_mut(plane % h.max(1)) {
+        if let Some(db) = db.get_mut(bias_plane(plane, h, n_bias)) {
             for (o, &gv) in db[vis..].iter_mut().zip(g) {
                 *o += gv;
             }
@@ -664,8 +745,9 @@ fn backward_row(
 /// DAPE V1's fused operation on `Autodiff<NdArray<f32>>`: the forward pass of [`dape_v1`],
 /// recorded as one node whose backward is [`dape_v1_backward`]. The backward state holds host
 /// copies of the logits and the bias map (not the `[batch, D, pairs]` hidden activations of the
-/// tensor path). `B` must be `Autodiff<NdArray<f32>>` ([`applies_autodiff`]); `None` when a
-/// tensor is not `f32`.
+/// tensor path). The bias map is `[1, H, rows, keys]` or `[batch, H, rows, keys]`. `B` must be
+/// `Autodiff<NdArray<f32>>` ([`applies_autodiff`]); `None` when a tensor is not `f32` or the
+/// map has another shape.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dape_v1_autodiff<B: Backend>(
     logits: Tensor<B, 4>,
@@ -684,23 +766,20 @@ pub(crate) fn dape_v1_autodiff<B: Backend>(
     let b2: Option<Tensor<Ad, 1>> = cast_opt(b2)?;
     let device = logits.device();
     let dims = logits.dims();
-    let [_, h, lq, lk] = dims;
+    let [b, h, lq, lk] = dims;
     let [c, d] = w1t.dims();
-    if bias.as_ref().is_some_and(|m| m.dims() != [1, h, lq, lk]) {
+    if bias
+        .as_ref()
+        .is_some_and(|m| m.dims() != [1, h, lq, lk] && m.dims() != [b, h, lq, lk])
+    {
         return None;
     }
     let mlp = Mlp::new(
         [c, d, h],
         host(w1t.clone().inner())?,
-        match &b1 {
-            Some(b) => Some(host(b.clone().inner())?),
-            None => None,
-        },
+        host_opt(&b1)?,
         host(w2t.clone().inner())?,
-        match &b2 {
-            Some(b) => Some(host(b.clone().inner())?),
-            None => None,
-        },
+        host_opt(&b2)?,
         slope,
     );
     // The backward pass keeps the input tensors themselves (shared, not copied).
@@ -724,27 +803,6 @@ pub(crate) fn dape_v1_autodiff<B: Backend>(
         .into_primitive()
         .tensor();
 
-    // A constant stands in for absent inputs: it never requires a gradient.
-    let absent = || {
-        Tensor::<Ad, 1>::zeros([1], &device)
-            .into_primitive()
-            .tensor()
-            .node
-    };
-    let node4 = |t: Tensor<Ad, 4>| t.into_primitive().tensor().node;
-    let node2 = |t: Tensor<Ad, 2>| t.into_primitive().tensor().node;
-    let node1 = |t: Option<Tensor<Ad, 1>>| match t {
-        Some(t) => t.into_primitive().tensor().node,
-        None => absent(),
-    };
-    let nodes = [
-        node4(logits),
-        bias.map_or_else(absent, node4),
-        node2(w1t),
-        node1(b1),
-        node2(w2t),
-        node1(b2),
-    ];
     let state = Arc::new(V1State {
         logits: a_saved,
         bias: bias_saved,
@@ -752,15 +810,53 @@ pub(crate) fn dape_v1_autodiff<B: Backend>(
         span: span.clone(),
         mlp,
     });
+    let parents = [
+        Some(prim(logits)),
+        bias.map(prim),
+        Some(prim(w1t)),
+        b1.map(prim),
+        Some(prim(w2t)),
+        b2.map(prim),
+    ];
+    cast(record_dape_node(V1Backward, parents, state, out, &device))
+}
+
+/// The autodiff primitive of a tensor.
+fn prim<const D: usize>(t: Tensor<Ad, D>) -> FloatTensor<Ad> {
+    t.into_primitive().tensor()
+}
+
+/// Records a fused DAPE node over its six parents (logits, bias map, first layer's weight and
+/// bias, second layer's weight and bias; a constant stands in for an absent one and never
+/// requires a gradient) with its backward pass and state, and returns the output tensor.
+fn record_dape_node<BW: Backward<Nd, 6>>(
+    backward: BW,
+    parents: [Option<FloatTensor<Ad>>; 6],
+    state: BW::State,
+    out: FloatTensor<Nd>,
+    device: &burn_ndarray::NdArrayDevice,
+) -> Tensor<Ad, 4> {
+    let nodes = parents.map(|p| {
+        p.unwrap_or_else(|| prim(Tensor::<Ad, 1>::zeros([1], device)))
+            .node
+    });
     let out = finish_node(
-        V1Backward
+        backward
             .prepare::<NoCheckpointing>(nodes)
             .compute_bound()
             .stateful(),
         state,
         out,
     );
-    cast(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)))
+    Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Host values of an optional `f32` layer bias: `Some(None)` when absent, `None` when not `f32`.
+fn host_opt(b: &Option<Tensor<Ad, 1>>) -> Option<Option<Vec<f32>>> {
+    match b {
+        Some(b) => host(b.clone().inner()).map(Some),
+        None => Some(None),
+    }
 }
 
 /// What the backward pass of [`dape_v1_autodiff`] needs, on the host.
@@ -782,33 +878,59 @@ impl Backward<Nd, 6> for V1Backward {
     type State = Arc<V1State>;
 
     fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let st = ops.state;
-        let grad = grads.consume::<Nd>(&ops.node);
-        let grad = row_major_values(&grad).expect("the gradient of an f32 output is f32");
-        let logits = row_major_values(&st.logits).expect("f32 logits (checked forward)");
-        let bias = st
-            .bias
-            .as_ref()
-            .map(|m| row_major_values(m).expect("an f32 bias map (checked forward)"));
-        let g = dape_v1_backward(&logits, bias.as_deref(), &grad, st.dims, &st.span, &st.mlp);
-        let [b, h, lq, lk] = st.dims;
-        let Mlp { c, d, .. } = st.mlp;
-        let device = Default::default();
-        let [p_logits, p_bias, p_w1, p_b1, p_w2, p_b2] = ops.parents.map(|p| p.map(|n| n.id));
-        let mut put = |parent: Option<NodeId>, v: Vec<f32>, shape: Vec<usize>| {
-            if let Some(id) = parent {
-                let t = Nd::float_from_data(TensorData::new(v, shape), &device);
-                grads.register::<Nd>(id, t);
-            }
-        };
-        put(p_logits, g.logits, vec![b, h, lq, lk]);
-        if let Some(db) = g.bias {
-            put(p_bias, db, vec![1, h, lq, lk]);
+        let st = Arc::clone(&ops.state);
+        let Mlp { c, d, h, .. } = st.mlp;
+        node_backward(
+            ops,
+            grads,
+            &st.logits,
+            st.bias.as_ref(),
+            |logits, bias, grad| {
+                let g = dape_v1_backward(logits, bias, grad, st.dims, &st.span, &st.mlp);
+                [
+                    (g.logits, st.dims.to_vec()),
+                    (g.bias.unwrap_or_default(), bias_shape(bias, st.dims)),
+                    (g.w1t, vec![c, d]),
+                    (g.b1, vec![d]),
+                    (g.w2t, vec![d, h]),
+                    (g.b2, vec![h]),
+                ]
+            },
+        );
+    }
+}
+
+/// The shape of a bias map of `bias.len()` values over logits `dims`: `[1 or batch, H, rows,
+/// keys]` (empty without a bias).
+fn bias_shape(bias: Option<&[f32]>, [_, h, lq, lk]: [usize; 4]) -> Vec<usize> {
+    bias.map_or_else(Vec::new, |m| {
+        vec![m.len() / (h * lq * lk).max(1), h, lq, lk]
+    })
+}
+
+/// The backward pass of a fused DAPE node: reads its saved inputs and the output gradient,
+/// computes the six gradients `(values, shape)` in the parents' order (logits, bias map, the
+/// layers' weights and biases) with `compute(logits, bias, grad)`, and registers those of
+/// tracked parents.
+fn node_backward<S>(
+    ops: Ops<S, 6>,
+    grads: &mut Gradients,
+    logits: &burn_ndarray::NdArrayTensor,
+    bias: Option<&burn_ndarray::NdArrayTensor>,
+    compute: impl FnOnce(&[f32], Option<&[f32]>, &[f32]) -> [(Vec<f32>, Vec<usize>); 6],
+) {
+    let grad = grads.consume::<Nd>(&ops.node);
+    let grad = row_major_values(&grad).expect("the gradient of an f32 output is f32");
+    let logits = row_major_values(logits).expect("f32 logits (checked forward)");
+    let bias = bias.map(|m| row_major_values(m).expect("an f32 bias map (checked forward)"));
+    let values = compute(&logits, bias.as_deref(), &grad);
+    let device = Default::default();
+    for (parent, (v, shape)) in ops.parents.into_iter().zip(values) {
+        if let Some(node) = parent {
+            let id: NodeId = node.id;
+            let t = Nd::float_from_data(TensorData::new(v, shape), &device);
+            grads.register::<Nd>(id, t);
         }
-        put(p_w1, g.w1t, vec![c, d]);
-        put(p_b1, g.b1, vec![d]);
-        put(p_w2, g.w2t, vec![d, h]);
-        put(p_b2, g.b2, vec![h]);
     }
 }
 
@@ -979,5 +1101,384 @@ fn v2_row<const FMA: bool>(
                 *o += bv;
             }
         }
+    }
+}
+
+/// Gradients of [`dape_v2`] for the output gradient `grad: [batch, H, rows, keys]`.
+#[derive(Debug)]
+pub(crate) struct V2Grads {
+    /// `[batch, H, rows, keys]`.
+    pub logits: Vec<f32>,
+    /// The bias map's shape (`[1, ..]` summed over the batch); `None` without a bias.
+    pub bias: Option<Vec<f32>>,
+    /// `[D, C, 1, k]`, `Conv2d`'s layout.
+    pub w1: Vec<f32>,
+    /// `[D]`.
+    pub b1: Vec<f32>,
+    /// `[H, D, 1, k]`.
+    pub w2: Vec<f32>,
+    /// `[H]`.
+    pub b2: Vec<f32>,
+}
+
+/// The backward pass of [`dape_v2`] (the hidden channels are recomputed, not stored): each
+/// query row, every batch element at once, as matrix products over the row's
+/// `(batch element, key)` columns, each `1 × k` convolution being one product over its `k`
+/// key-shifted copies of the input (`[out, in · k] · [in · k, columns]`).
+pub(crate) fn dape_v2_backward(
+    logits: &[f32],
+    bias: Option<&[f32]>,
+    grad: &[f32],
+    dims: [usize; 4],
+    span: &Span,
+    convs: &KeyConvs,
+) -> V2Grads {
+    let [c, d, h, k] = convs.dims;
+    let mut d_logits = vec![0.0f32; logits.len()];
+    let mut d_bias = bias.map(|m| vec![0.0f32; m.len()]);
+    let sums = backward_by_rows(
+        BackwardInputs {
+            logits,
+            bias,
+            grad,
+            dims,
+            span,
+        },
+        (&mut d_logits, d_bias.as_deref_mut()),
+        || WeightGrads::zeros([d * c * k, d, h * d * k, h]),
+        |rows, da, db, cols: &mut ConvColumns, acc| v2_backward_row(convs, rows, da, db, cols, acc),
+    );
+    V2Grads {
+        logits: d_logits,
+        bias: d_bias,
+        w1: sums.w1,
+        b1: sums.b1,
+        w2: sums.w2,
+        b2: sums.b2,
+    }
+}
+
+/// A task's working memory for one query row of [`dape_v2_backward`], row-major
+/// `[channels, columns]`: `N_h = batch × hidden keys` columns for the first convolution's
+/// outputs, `N = batch × visible keys` for the second's.
+#[derive(Default)]
+struct ConvColumns {
+    /// The inputs' `k` key-shifted copies, `[C · k, N_h]`.
+    x: Vec<f32>,
+    /// Pre-activations, `[D, N_h]`.
+    z: Vec<f32>,
+    /// Hidden values, `[D, N_h]`.
+    hidden: Vec<f32>,
+    /// The hidden values' `k` key-shifted copies, `[D · k, N]`.
+    hx: Vec<f32>,
+    /// The output gradient, `[H, N]`.
+    g: Vec<f32>,
+    /// The gradient at the hidden copies, `[D · k, N]`.
+    dhx: Vec<f32>,
+    /// The gradient at the pre-activations, `[D, N_h]`.
+    delta: Vec<f32>,
+    /// The gradient at the input copies, `[C · k, N_h]`.
+    dx: Vec<f32>,
+}
+
+/// `dst[j] = src[j + t - half]` where that index lies in `src`, 0 elsewhere: one key-shifted
+/// copy of a zero-padded row.
+fn shifted(dst: &mut [f32], src: &[f32], t: usize, half: usize) {
+    dst.fill(0.0);
+    let from = half.saturating_sub(t);
+    let to = dst.len().min((src.len() + half).saturating_sub(t));
+    if from < to {
+        dst[from..to].copy_from_slice(&src[from + t - half..to + t - half]);
+    }
+}
+
+/// The adjoint of [`shifted`] summed over the `k` shifts: `dst[p] += Σ_t cols_t[p - t + half]`,
+/// `cols_t` being the `t`-th row of `cols` (length `cols_t.len()`), where that index lies in it.
+fn unshift_add(dst: &mut [f32], cols: &[&[f32]], half: usize) {
+    for (t, col) in cols.iter().enumerate() {
+        // p = j + t - half for j in 0..col.len().
+        let from = half.saturating_sub(t);
+        let to = col.len().min((dst.len() + half).saturating_sub(t));
+        if from < to {
+            let out = &mut dst[from + t - half..to + t - half];
+            for (o, &v) in out.iter_mut().zip(&col[from..to]) {
+                *o += v;
+            }
+        }
+    }
+}
+
+/// One query row of [`dape_v2_backward`], every batch element at once: writes `d logits` into
+/// `da`, adds `d bias` into `db` (each batch element's into its map's rows) and the weight
+/// gradients into `acc`.
+fn v2_backward_row(
+    convs: &KeyConvs,
+    rows: &BackwardRow,
+    da: &mut [&mut [f32]],
+    db: &mut [&mut [f32]],
+    cols: &mut ConvColumns,
+    acc: &mut WeightGrads,
+) {
+    use std::borrow::Cow::Borrowed;
+    let [c, d, h, k] = convs.dims;
+    let half = k / 2;
+    let b = rows.a.len() / h.max(1);
+    let vis = rows.visible;
+    let lk = rows.a.first().map_or(0, |r| r.len());
+    // The hidden keys that the second convolution reads for the visible ones (as `v2_row`).
+    let hk = if convs.mask_future_hidden {
+        vis
+    } else {
+        (vis + half).min(lk)
+    };
+    let (nh, n) = (b * hk, b * vis);
+    let n_bias = db.len();
+    if n > 0 {
+        let ConvColumns {
+            x,
+            z,
+            hidden,
+            hx,
+            g,
+            dhx,
+            delta,
+            dx,
+        } = cols;
+        for (buf, len) in [
+            (&mut *x, c * k * nh),
+            (z, d * nh),
+            (hidden, d * nh),
+            (hx, d * k * n),
+            (g, h * n),
+            (dhx, d * k * n),
+            (delta, d * nh),
+            (dx, c * k * nh),
+        ] {
+            buf.resize(len, 0.0);
+        }
+        fn mat(v: &[f32], r: usize, n: usize) -> Mat<'_> {
+            Mat::row_major(std::borrow::Cow::Borrowed(&v[..r * n]), r, n)
+        }
+        // The input channels of batch element `bi` at the visible keys (future keys are zero).
+        let input = |ch: usize, bi: usize| -> &[f32] {
+            if ch < h {
+                &rows.a[bi * h + ch][..vis]
+            } else {
+                &batch_rows(rows.bias, h, bi)[ch - h][..vis]
+            }
+        };
+        for ch in 0..c {
+            for t in 0..k {
+                for bi in 0..b {
+                    shifted(
+                        &mut x[(ch * k + t) * nh + bi * hk..][..hk],
+                        input(ch, bi),
+                        t,
+                        half,
+                    );
+                }
+            }
+        }
+        // z = W1 x + b1; hidden = LeakyReLU(z).
+        for (row, &bias) in z.chunks_exact_mut(nh).zip(&convs.b1) {
+            row.fill(bias);
+        }
+        let w1 = Mat::row_major(Borrowed(&convs.w1), d, c * k);
+        gemm(&w1, &mat(x, c * k, nh), 1.0, z);
+        for (hd, &zv) in hidden.iter_mut().zip(z.iter()) {
+            *hd = if zv >= 0.0 { zv } else { zv * convs.slope };
+        }
+        for dd in 0..d {
+            for t in 0..k {
+                for bi in 0..b {
+                    let src = &hidden[dd * nh + bi * hk..][..hk];
+                    shifted(&mut hx[(dd * k + t) * n + bi * vis..][..vis], src, t, half);
+                }
+            }
+        }
+        for bi in 0..b {
+            for hh in 0..h {
+                g[hh * n + bi * vis..][..vis].copy_from_slice(&rows.g[bi * h + hh][..vis]);
+            }
+        }
+        // dW2 += g · hxᵀ, db2 += Σ g; d hx = W2ᵀ g.
+        gemm(&mat(g, h, n), &mat(hx, d * k, n).t(), 1.0, &mut acc.w2);
+        for (s, row) in acc.b2.iter_mut().zip(g.chunks_exact(n)) {
+            *s += lane_sum(row);
+        }
+        let w2 = Mat::row_major(Borrowed(&convs.w2), h, d * k);
+        gemm(&w2.t(), &mat(g, h, n), 0.0, dhx);
+        // δ = (Σ over shifts of d hx) ⊙ LeakyReLU'(z).
+        delta.fill(0.0);
+        for dd in 0..d {
+            for bi in 0..b {
+                let shifts: Vec<&[f32]> = (0..k)
+                    .map(|t| &dhx[(dd * k + t) * n + bi * vis..][..vis])
+                    .collect();
+                unshift_add(&mut delta[dd * nh + bi * hk..][..hk], &shifts, half);
+            }
+        }
+        for (dl, &zv) in delta.iter_mut().zip(z.iter()) {
+            if zv < 0.0 {
+                *dl *= convs.slope;
+            }
+        }
+        // dW1 += δ · xᵀ, db1 += Σ δ; d x = W1ᵀ δ.
+        gemm(&mat(delta, d, nh), &mat(x, c * k, nh).t(), 1.0, &mut acc.w1);
+        for (s, row) in acc.b1.iter_mut().zip(delta.chunks_exact(nh)) {
+            *s += lane_sum(row);
+        }
+        gemm(&w1.t(), &mat(delta, d, nh), 0.0, dx);
+        // The inputs' gradients at the visible keys: the identity paths' g plus the sum over
+        // shifts of d x.
+        let shifts = |ch: usize, bi: usize| -> Vec<&[f32]> {
+            (0..k)
+                .map(|t| &dx[(ch * k + t) * nh + bi * hk..][..hk])
+                .collect()
+        };
+        for bi in 0..b {
+            for hh in 0..h {
+                let plane = bi * h + hh;
+                let out = &mut da[plane][..vis];
+                out.copy_from_slice(&rows.g[plane][..vis]);
+                unshift_add(out, &shifts(hh, bi), half);
+                if let Some(db) = db.get_mut(bias_plane(plane, h, n_bias)) {
+                    let out = &mut db[..vis];
+                    for (o, &gv) in out.iter_mut().zip(&rows.g[plane][..vis]) {
+                        *o += gv;
+                    }
+                    unshift_add(out, &shifts(h + hh, bi), half);
+                }
+            }
+        }
+    }
+    // Future keys: the output there is `logits + bias`.
+    for (plane, da) in da.iter_mut().enumerate() {
+        let g = &rows.g[plane][vis..];
+        da[vis..].copy_from_slice(g);
+        if let Some(db) = db.get_mut(bias_plane(plane, h, n_bias)) {
+            for (o, &gv) in db[vis..].iter_mut().zip(g) {
+                *o += gv;
+            }
+        }
+    }
+}
+
+/// DAPE V2's fused operation on `Autodiff<NdArray<f32>>`: the forward pass of [`dape_v2`],
+/// recorded as one node whose backward is [`dape_v2_backward`]; the state keeps the logits and
+/// the bias map, not the hidden channels. The convolutions' weights are `Conv2d`'s
+/// (`[D, C, 1, k]`, `[H, D, 1, k]`). `B` must be `Autodiff<NdArray<f32>>`
+/// ([`applies_autodiff`]); `None` when a tensor is not `f32` or the map is not `[1 or batch, H,
+/// rows, keys]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dape_v2_autodiff<B: Backend>(
+    logits: Tensor<B, 4>,
+    bias: Option<Tensor<B, 4>>,
+    w1: Tensor<B, 4>,
+    b1: Option<Tensor<B, 1>>,
+    w2: Tensor<B, 4>,
+    b2: Option<Tensor<B, 1>>,
+    span: &Span,
+    slope: f32,
+    mask_future_hidden: bool,
+) -> Option<Tensor<B, 4>> {
+    let logits: Tensor<Ad, 4> = cast(logits)?;
+    let bias: Option<Tensor<Ad, 4>> = cast_opt(bias)?;
+    let (w1, w2): (Tensor<Ad, 4>, Tensor<Ad, 4>) = (cast(w1)?, cast(w2)?);
+    let b1: Option<Tensor<Ad, 1>> = cast_opt(b1)?;
+    let b2: Option<Tensor<Ad, 1>> = cast_opt(b2)?;
+    let device = logits.device();
+    let dims = logits.dims();
+    let [b, h, lq, lk] = dims;
+    let [d, c, _, k] = w1.dims();
+    if bias
+        .as_ref()
+        .is_some_and(|m| m.dims() != [1, h, lq, lk] && m.dims() != [b, h, lq, lk])
+        || w2.dims() != [h, d, 1, k]
+    {
+        return None;
+    }
+    let convs = KeyConvs {
+        dims: [c, d, h, k],
+        w1: host(w1.clone().inner())?,
+        b1: host_opt(&b1)?.unwrap_or_else(|| vec![0.0; d]),
+        w2: host(w2.clone().inner())?,
+        b2: host_opt(&b2)?.unwrap_or_else(|| vec![0.0; h]),
+        slope,
+        mask_future_hidden,
+    };
+    let a_saved = logits.clone().inner().into_primitive().tensor();
+    let bias_saved = bias
+        .as_ref()
+        .map(|m| m.clone().inner().into_primitive().tensor());
+    let bias_values = match &bias_saved {
+        Some(m) => Some(row_major_values(m)?),
+        None => None,
+    };
+    let out = dape_v2(
+        row_major_values(&a_saved)?.into_owned(),
+        bias_values.as_deref(),
+        dims,
+        span,
+        &convs,
+    );
+    drop(bias_values);
+    let out = Tensor::<Nd, 4>::from_data(TensorData::new(out, dims), &device)
+        .into_primitive()
+        .tensor();
+    let state = Arc::new(V2State {
+        logits: a_saved,
+        bias: bias_saved,
+        dims,
+        span: span.clone(),
+        convs,
+    });
+    let parents = [
+        Some(prim(logits)),
+        bias.map(prim),
+        Some(prim(w1)),
+        b1.map(prim),
+        Some(prim(w2)),
+        b2.map(prim),
+    ];
+    cast(record_dape_node(V2Backward, parents, state, out, &device))
+}
+
+/// What the backward pass of [`dape_v2_autodiff`] needs, on the host.
+#[derive(Debug)]
+struct V2State {
+    logits: burn_ndarray::NdArrayTensor,
+    bias: Option<burn_ndarray::NdArrayTensor>,
+    dims: [usize; 4],
+    span: Span,
+    convs: KeyConvs,
+}
+
+#[derive(Debug)]
+struct V2Backward;
+
+impl Backward<Nd, 6> for V2Backward {
+    type State = Arc<V2State>;
+
+    fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let st = Arc::clone(&ops.state);
+        let [c, d, h, k] = st.convs.dims;
+        node_backward(
+            ops,
+            grads,
+            &st.logits,
+            st.bias.as_ref(),
+            |logits, bias, grad| {
+                let g = dape_v2_backward(logits, bias, grad, st.dims, &st.span, &st.convs);
+                [
+                    (g.logits, st.dims.to_vec()),
+                    (g.bias.unwrap_or_default(), bias_shape(bias, st.dims)),
+                    (g.w1, vec![d, c, 1, k]),
+                    (g.b1, vec![d]),
+                    (g.w2, vec![h, d, 1, k]),
+                    (g.b2, vec![h]),
+                ]
+            },
+        );
     }
 }

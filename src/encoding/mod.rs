@@ -991,12 +991,17 @@ impl<B: Backend> PositionalEncoding<B> {
     }
 
     /// The input-gate hook: adds forgetting attention's bias `gate` `[batch, heads, rows, keys]`
-    /// (from [`Fox::bias`] over [`Self::forget_gate`]'s sums) to the scaled logits, or DAPE over
-    /// it for `dape_fox`. Identity for every other encoding.
-    pub fn adjust_logits_gated(&self, logits: Tensor<B, 4>, gate: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// (from [`Fox::bias`] over [`Self::forget_gate`]'s sums) to the scaled logits of `span`'s
+    /// rows and keys, or DAPE over it for `dape_fox`. Identity for every other encoding.
+    pub fn adjust_logits_gated(
+        &self,
+        logits: Tensor<B, 4>,
+        gate: Tensor<B, 4>,
+        span: &Span,
+    ) -> Tensor<B, 4> {
         match self {
             Self::Fox(_) => logits + gate,
-            Self::DapeFox(d) => d.forward(logits, gate),
+            Self::DapeFox(d) => d.forward(logits, gate, span),
             _ => logits,
         }
     }
