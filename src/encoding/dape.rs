@@ -837,6 +837,7 @@ mod tests {
     }
 
     type Ad = burn::backend::Autodiff<NdArray<f32>>;
+    type AdGrads = <Ad as burn::tensor::backend::AutodiffBackend>::Gradients;
 
     /// The spans of the autodiff tests: a full causal forward, a causal chunk and a non-causal
     /// block.
@@ -935,7 +936,7 @@ mod tests {
     /// Kerple's `p` and `a` gradients when `bias` is Kerple.
     fn kerple_grads(
         bias: &Option<AdditiveBias<Ad>>,
-        grads: &<Ad as burn::tensor::backend::AutodiffBackend>::Gradients,
+        grads: &AdGrads,
     ) -> Vec<(&'static str, Option<Tensor<NdArray<f32>, 1>>)> {
         match bias {
             Some(AdditiveBias::Kerple(k)) => vec![
@@ -966,37 +967,60 @@ mod tests {
                 normal(),
                 &device,
             )));
-            for span in &AUTODIFF_SPANS {
-                let (lq, lk) = (span.query_len, span.key_len);
-                let a0 = Tensor::<Ad, 4>::random([2, 4, lq, lk], normal(), &device);
-                let weights = visible_weights(2, span);
-                let run = |fused: bool| {
-                    let a = a0.clone().detach().require_grad();
-                    let out = if fused {
-                        dape.forward(a.clone(), span)
+            check_autodiff(
+                &format!("bias {with_bias}"),
+                |fused, a, span| {
+                    if fused {
+                        dape.forward(a, span)
                     } else {
-                        dape.forward_tensor_path(a.clone(), span, HIDDEN_BLOCK)
-                    };
-                    let grads = (out.clone() * weights.clone()).sum().backward();
+                        dape.forward_tensor_path(a, span, HIDDEN_BLOCK)
+                    }
+                },
+                |grads| {
                     let mut named = vec![
-                        ("d logits", a.grad(&grads).map(|g| g.flatten(0, 3))),
                         (
                             "d w1",
-                            dape.mlp_in.weight.grad(&grads).map(|g| g.flatten(0, 1)),
+                            dape.mlp_in.weight.grad(grads).map(|g| g.flatten(0, 1)),
                         ),
-                        ("d b1", dape.mlp_in.bias.as_ref().unwrap().grad(&grads)),
+                        ("d b1", dape.mlp_in.bias.as_ref().unwrap().grad(grads)),
                         (
                             "d w2",
-                            dape.mlp_out.weight.grad(&grads).map(|g| g.flatten(0, 1)),
+                            dape.mlp_out.weight.grad(grads).map(|g| g.flatten(0, 1)),
                         ),
-                        ("d b2", dape.mlp_out.bias.as_ref().unwrap().grad(&grads)),
+                        ("d b2", dape.mlp_out.bias.as_ref().unwrap().grad(grads)),
                     ];
-                    named.extend(kerple_grads(&dape.bias, &grads));
-                    outputs_and_grads(out, &weights, named)
-                };
-                let label = format!("bias {with_bias}, {span:?}");
-                assert_fused_node_matches(&label, run(true), run(true), run(false));
-            }
+                    named.extend(kerple_grads(&dape.bias, grads));
+                    named
+                },
+            );
+        }
+    }
+
+    /// Over each of [`AUTODIFF_SPANS`], with random logits `[2, 4, rows, keys]` and a loss that
+    /// weights future keys by zero: `forward(true, ..)` (the fused node) and `forward(false, ..)`
+    /// (the tensor path) give the same weighted output and the same gradients of the logits and
+    /// of `params(grads)`, and the fused node's are the same in a second run
+    /// ([`assert_fused_node_matches`]).
+    fn check_autodiff(
+        label: &str,
+        forward: impl Fn(bool, Tensor<Ad, 4>, &Span) -> Tensor<Ad, 4>,
+        params: impl Fn(&AdGrads) -> Vec<(&'static str, Option<Tensor<NdArray<f32>, 1>>)>,
+    ) {
+        let device = Default::default();
+        for span in &AUTODIFF_SPANS {
+            let (lq, lk) = (span.query_len, span.key_len);
+            let a0 = Tensor::<Ad, 4>::random([2, 4, lq, lk], normal(), &device);
+            let weights = visible_weights(2, span);
+            let run = |fused: bool| {
+                let a = a0.clone().detach().require_grad();
+                let out = forward(fused, a.clone(), span);
+                let grads = (out.clone() * weights.clone()).sum().backward();
+                let mut named = vec![("d logits", a.grad(&grads).map(|g| g.flatten(0, 3)))];
+                named.extend(params(&grads));
+                outputs_and_grads(out, &weights, named)
+            };
+            let label = format!("{label}, {span:?}");
+            assert_fused_node_matches(&label, run(true), run(true), run(false));
         }
     }
 
@@ -1027,37 +1051,32 @@ mod tests {
                 normal(),
                 &device,
             )));
-            for span in &AUTODIFF_SPANS {
-                let (lq, lk) = (span.query_len, span.key_len);
-                let a0 = Tensor::<Ad, 4>::random([2, 4, lq, lk], normal(), &device);
-                let weights = visible_weights(2, span);
-                let run = |fused: bool| {
-                    let a = a0.clone().detach().require_grad();
-                    let out = if fused {
-                        dape.forward(a.clone(), span)
+            check_autodiff(
+                &format!("bias {with_bias}, mask {mask_hidden}, k {k}"),
+                |fused, a, span| {
+                    if fused {
+                        dape.forward(a, span)
                     } else {
-                        dape.forward_tensor_path(a.clone(), span, HIDDEN_BLOCK)
-                    };
-                    let grads = (out.clone() * weights.clone()).sum().backward();
+                        dape.forward_tensor_path(a, span, HIDDEN_BLOCK)
+                    }
+                },
+                |grads| {
                     let mut named = vec![
-                        ("d logits", a.grad(&grads).map(|g| g.flatten(0, 3))),
                         (
                             "d w1",
-                            dape.conv_in.weight.grad(&grads).map(|g| g.flatten(0, 3)),
+                            dape.conv_in.weight.grad(grads).map(|g| g.flatten(0, 3)),
                         ),
-                        ("d b1", dape.conv_in.bias.as_ref().unwrap().grad(&grads)),
+                        ("d b1", dape.conv_in.bias.as_ref().unwrap().grad(grads)),
                         (
                             "d w2",
-                            dape.conv_out.weight.grad(&grads).map(|g| g.flatten(0, 3)),
+                            dape.conv_out.weight.grad(grads).map(|g| g.flatten(0, 3)),
                         ),
-                        ("d b2", dape.conv_out.bias.as_ref().unwrap().grad(&grads)),
+                        ("d b2", dape.conv_out.bias.as_ref().unwrap().grad(grads)),
                     ];
-                    named.extend(kerple_grads(&dape.bias, &grads));
-                    outputs_and_grads(out, &weights, named)
-                };
-                let label = format!("bias {with_bias}, mask {mask_hidden}, k {k}, {span:?}");
-                assert_fused_node_matches(&label, run(true), run(true), run(false));
-            }
+                    named.extend(kerple_grads(&dape.bias, grads));
+                    named
+                },
+            );
         }
     }
 

@@ -729,8 +729,13 @@ fn backward_row(
             }
         }
     }
-    // Future keys: the output there is `logits + bias`.
-    let n_bias = db.len();
+    future_key_grads(rows, da, db, h);
+}
+
+/// The gradients at the keys a causal row cannot see (from `rows.visible` on), where a fused
+/// DAPE node's output is `logits + bias`: `g` into `d logits`, added into `d bias`.
+fn future_key_grads(rows: &BackwardRow, da: &mut [&mut [f32]], db: &mut [&mut [f32]], h: usize) {
+    let (vis, n_bias) = (rows.visible, db.len());
     for (plane, da) in da.iter_mut().enumerate() {
         let g = &rows.g[plane][vis..];
         da[vis..].copy_from_slice(g);
@@ -766,12 +771,9 @@ pub(crate) fn dape_v1_autodiff<B: Backend>(
     let b2: Option<Tensor<Ad, 1>> = cast_opt(b2)?;
     let device = logits.device();
     let dims = logits.dims();
-    let [b, h, lq, lk] = dims;
+    let [_, h, _, _] = dims;
     let [c, d] = w1t.dims();
-    if bias
-        .as_ref()
-        .is_some_and(|m| m.dims() != [1, h, lq, lk] && m.dims() != [b, h, lq, lk])
-    {
+    if !map_fits(&bias, dims) {
         return None;
     }
     let mlp = Mlp::new(
@@ -782,26 +784,8 @@ pub(crate) fn dape_v1_autodiff<B: Backend>(
         host_opt(&b2)?,
         slope,
     );
-    // The backward pass keeps the input tensors themselves (shared, not copied).
-    let a_saved = logits.clone().inner().into_primitive().tensor();
-    let bias_saved = bias
-        .as_ref()
-        .map(|m| m.clone().inner().into_primitive().tensor());
-    let bias_values = match &bias_saved {
-        Some(m) => Some(row_major_values(m)?),
-        None => None,
-    };
-    let out = dape_v1(
-        row_major_values(&a_saved)?.into_owned(),
-        bias_values.as_deref(),
-        dims,
-        span,
-        &mlp,
-    );
-    drop(bias_values);
-    let out = Tensor::<Nd, 4>::from_data(TensorData::new(out, dims), &device)
-        .into_primitive()
-        .tensor();
+    let (a_saved, bias_saved, out) =
+        forward_saved(&logits, &bias, |a, m| dape_v1(a, m, dims, span, &mlp))?;
 
     let state = Arc::new(V1State {
         logits: a_saved,
@@ -819,6 +803,47 @@ pub(crate) fn dape_v1_autodiff<B: Backend>(
         b2.map(prim),
     ];
     cast(record_dape_node(V1Backward, parents, state, out, &device))
+}
+
+/// Whether a fused node's bias map fits logits `dims`: `[1, H, rows, keys]` or `[batch, H, rows,
+/// keys]` (or absent).
+fn map_fits(bias: &Option<Tensor<Ad, 4>>, dims: [usize; 4]) -> bool {
+    let [_, h, lq, lk] = dims;
+    bias.as_ref()
+        .is_none_or(|m| m.dims() == [1, h, lq, lk] || m.dims() == dims)
+}
+
+/// The forward pass of a fused node: `kernel(logits, bias map)` on the host values, and the
+/// inputs that the backward pass keeps (the tensors themselves, shared, not copied). `None` when
+/// a tensor is not `f32`.
+#[allow(clippy::type_complexity)]
+fn forward_saved(
+    logits: &Tensor<Ad, 4>,
+    bias: &Option<Tensor<Ad, 4>>,
+    kernel: impl FnOnce(Vec<f32>, Option<&[f32]>) -> Vec<f32>,
+) -> Option<(
+    burn_ndarray::NdArrayTensor,
+    Option<burn_ndarray::NdArrayTensor>,
+    FloatTensor<Nd>,
+)> {
+    let dims = logits.dims();
+    let a_saved = logits.clone().inner().into_primitive().tensor();
+    let bias_saved = bias
+        .as_ref()
+        .map(|m| m.clone().inner().into_primitive().tensor());
+    let bias_values = match &bias_saved {
+        Some(m) => Some(row_major_values(m)?),
+        None => None,
+    };
+    let out = kernel(
+        row_major_values(&a_saved)?.into_owned(),
+        bias_values.as_deref(),
+    );
+    drop(bias_values);
+    let out = Tensor::<Nd, 4>::from_data(TensorData::new(out, dims), &logits.device())
+        .into_primitive()
+        .tensor();
+    Some((a_saved, bias_saved, out))
 }
 
 /// The autodiff primitive of a tensor.
@@ -1352,16 +1377,7 @@ fn v2_backward_row(
             }
         }
     }
-    // Future keys: the output there is `logits + bias`.
-    for (plane, da) in da.iter_mut().enumerate() {
-        let g = &rows.g[plane][vis..];
-        da[vis..].copy_from_slice(g);
-        if let Some(db) = db.get_mut(bias_plane(plane, h, n_bias)) {
-            for (o, &gv) in db[vis..].iter_mut().zip(g) {
-                *o += gv;
-            }
-        }
-    }
+    future_key_grads(rows, da, db, h);
 }
 
 /// DAPE V2's fused operation on `Autodiff<NdArray<f32>>`: the forward pass of [`dape_v2`],
@@ -1389,13 +1405,9 @@ pub(crate) fn dape_v2_autodiff<B: Backend>(
     let b2: Option<Tensor<Ad, 1>> = cast_opt(b2)?;
     let device = logits.device();
     let dims = logits.dims();
-    let [b, h, lq, lk] = dims;
+    let [_, h, _, _] = dims;
     let [d, c, _, k] = w1.dims();
-    if bias
-        .as_ref()
-        .is_some_and(|m| m.dims() != [1, h, lq, lk] && m.dims() != [b, h, lq, lk])
-        || w2.dims() != [h, d, 1, k]
-    {
+    if !map_fits(&bias, dims) || w2.dims() != [h, d, 1, k] {
         return None;
     }
     let convs = KeyConvs {
@@ -1407,25 +1419,8 @@ pub(crate) fn dape_v2_autodiff<B: Backend>(
         slope,
         mask_future_hidden,
     };
-    let a_saved = logits.clone().inner().into_primitive().tensor();
-    let bias_saved = bias
-        .as_ref()
-        .map(|m| m.clone().inner().into_primitive().tensor());
-    let bias_values = match &bias_saved {
-        Some(m) => Some(row_major_values(m)?),
-        None => None,
-    };
-    let out = dape_v2(
-        row_major_values(&a_saved)?.into_owned(),
-        bias_values.as_deref(),
-        dims,
-        span,
-        &convs,
-    );
-    drop(bias_values);
-    let out = Tensor::<Nd, 4>::from_data(TensorData::new(out, dims), &device)
-        .into_primitive()
-        .tensor();
+    let (a_saved, bias_saved, out) =
+        forward_saved(&logits, &bias, |a, m| dape_v2(a, m, dims, span, &convs))?;
     let state = Arc::new(V2State {
         logits: a_saved,
         bias: bias_saved,
