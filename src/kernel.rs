@@ -2792,6 +2792,7 @@ mod tests {
     /// does not take (broadcast leading dimensions) to Burn's `matmul`.
     #[test]
     fn batched_matmul_is_burns_matmul_in_values_and_gradients() {
+        let _graphs = crate::util::autodiff_test_lock();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         let normal = Distribution::Normal(0.0, 1.0);
@@ -2861,6 +2862,7 @@ mod tests {
 
     #[test]
     fn fused_linear_is_the_tensor_path_in_values_and_gradients() {
+        let _graphs = crate::util::autodiff_test_lock();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         let normal = Distribution::Normal(0.0, 1.0);
@@ -2939,6 +2941,7 @@ mod tests {
     /// running sums, and 2-d and 4-d inputs without autodiff.
     #[test]
     fn fused_layer_norm_is_the_tensor_path_in_values_and_gradients() {
+        let _graphs = crate::util::autodiff_test_lock();
         type A = Autodiff<NdArray<f32>>;
         type A64 = Autodiff<NdArray<f64>>;
         let device = Default::default();
@@ -3059,6 +3062,7 @@ mod tests {
     /// that a one-pass variance would lose.
     #[test]
     fn fused_layer_norm_is_the_formula() {
+        let _graphs = crate::util::autodiff_test_lock();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         let (rows, d) = (3, 21);
@@ -3237,6 +3241,7 @@ mod tests {
     /// `d_v` unlike `d_head`, and q, k, v read through strides (views of one projection).
     #[test]
     fn fused_attention_is_the_tensor_path_in_values_and_gradients() {
+        let _graphs = crate::util::autodiff_test_lock();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         let normal = Distribution::Normal(0.0, 1.0);
@@ -3305,6 +3310,7 @@ mod tests {
     /// projection comes transposed (a strided view), as a layer's output may.
     #[test]
     fn packed_attention_is_the_tensor_path_in_values_and_gradients() {
+        let _graphs = crate::util::autodiff_test_lock();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         let normal = Distribution::Normal(0.0, 1.0);
@@ -3382,6 +3388,7 @@ mod tests {
     /// (a max subtracted or not shows); a target outside the vocabulary takes the tensor path.
     #[test]
     fn fused_token_nll_is_the_tensor_path_in_values_and_gradients() {
+        let _graphs = crate::util::autodiff_test_lock();
         type A = Autodiff<NdArray<f32>>;
         type A64 = Autodiff<NdArray<f64>>;
         let device = Default::default();
@@ -3488,6 +3495,7 @@ mod tests {
     /// of the offset) and sparse randomized positions; a distance past the table hands back.
     #[test]
     fn distance_table_lookup_is_select_in_values_and_gradients() {
+        let _graphs = crate::util::autodiff_test_lock();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         let normal = Distribution::Normal(0.0, 1.0);
@@ -3581,6 +3589,7 @@ mod tests {
 
     #[test]
     fn fused_gelu_is_the_tensor_path_in_gradients() {
+        let _graphs = crate::util::autodiff_test_lock();
         type A = Autodiff<NdArray<f32>>;
         assert!(applies_autodiff::<A>() && !applies::<A>());
         let device = Default::default();
@@ -3696,6 +3705,7 @@ mod tests {
 
     #[test]
     fn fused_softmax_gradient_is_the_formula_and_the_tensor_path() {
+        let _graphs = crate::util::autodiff_test_lock();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         for &(dims, causal_from) in SPANS {
@@ -3750,6 +3760,7 @@ mod tests {
 
     #[test]
     fn fused_gelu_leaves_untracked_inputs_untracked() {
+        let _graphs = crate::util::autodiff_test_lock();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         let x = Tensor::<A, 1>::from_floats([-1.0, 0.0, 2.0], &device);

@@ -2,6 +2,8 @@
 //! causality, KV-cache decoding == full forward, chunked == unchunked (causal and
 //! bidirectional), and gradients reaching every trainable parameter.
 
+mod common;
+
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
@@ -369,6 +371,7 @@ impl<Bk: AutodiffBackend> ModuleVisitor<Bk> for GradCheck<'_, Bk> {
 
 #[test]
 fn gradients_reach_every_trainable_parameter() {
+    let _graphs = common::autodiff_lock();
     for (name, config) in encodings() {
         let model = lm::<AD>(config.clone());
         let ids = pseudo_random(12, 7);
@@ -401,6 +404,7 @@ fn gradients_reach_every_trainable_parameter() {
 
 #[test]
 fn encoding_parameters_are_visited_and_trained() {
+    let _graphs = common::autodiff_lock();
     // The encoding's own parameters must be module parameters (saved, loaded, optimised).
     let expected = [
         ("learned", 1),

@@ -9,6 +9,8 @@
 //! the LibTorch of `scripts/setup-libtorch.sh`: `cargo test --features tch --test torch_kernels`.
 #![cfg(feature = "tch")]
 
+mod common;
+
 use burn::backend::libtorch::LibTorchDevice;
 use burn::backend::{Autodiff, LibTorch};
 use burn::prelude::*;
@@ -83,6 +85,7 @@ fn loss<const D: usize>(y: Tensor<Ta, D>, seed: u64) -> Tensor<Ta, 1> {
 
 #[test]
 fn gelu_is_the_tensor_path_in_values_and_gradients() {
+    let _graphs = common::autodiff_lock();
     for intermediate in [false, true] {
         let run = |fused: bool| {
             let x = leaf([6, 40], 1);
@@ -113,6 +116,7 @@ fn gelu_is_the_tensor_path_in_values_and_gradients() {
 
 #[test]
 fn layer_norm_is_the_tensor_path_in_values_and_every_gradient() {
+    let _graphs = common::autodiff_lock();
     for with_beta in [true, false] {
         let run = |fused: bool| {
             let x = leaf([2, 5, 6], 4);
@@ -275,6 +279,7 @@ fn attention_run(case: &Case, fused: bool, learned: bool) -> Vec<Vec<f32>> {
 
 #[test]
 fn flash_attention_is_the_tensor_path_in_values_and_gradients() {
+    let _graphs = common::autodiff_lock();
     let (b, h, d) = (2, 3, 8);
     let scale = (d as f32).sqrt().recip();
     for case in &CASES {
@@ -312,6 +317,7 @@ fn flash_attention_is_the_tensor_path_in_values_and_gradients() {
 
 #[test]
 fn attention_with_a_learned_bias_is_the_tensor_path_in_values_and_every_gradient() {
+    let _graphs = common::autodiff_lock();
     // PyTorch's flash kernel gives no gradient for its mask: a bias that needs one takes the
     // node of matrix products and softmax kernels, which must give the bias's gradient too
     // (summed over the batch when one bias serves it).
@@ -369,6 +375,7 @@ fn packed_run(case: &Case, fused: bool, learned: bool) -> Vec<Vec<f32>> {
 
 #[test]
 fn packed_attention_is_the_tensor_path_in_values_and_every_gradient() {
+    let _graphs = common::autodiff_lock();
     // The packed kernel takes whole sequences: causal from position 0, or not causal.
     let cases = CASES
         .iter()
@@ -402,6 +409,7 @@ fn packed_attention_is_the_tensor_path_in_values_and_every_gradient() {
 
 #[test]
 fn softmax_is_the_tensor_path_in_values_and_gradients() {
+    let _graphs = common::autodiff_lock();
     let (b, h) = (2, 3);
     for case in &CASES {
         let run = |fused: bool| {
@@ -466,6 +474,7 @@ fn adamw_values(model: &burn::nn::Linear<Ta>) -> Vec<f32> {
 
 #[test]
 fn fused_adamw_is_burns_adamw_and_leaves_held_tensors_alone() {
+    let _graphs = common::autodiff_lock();
     use burn::grad_clipping::GradientClippingConfig;
     use burn::optim::{AdamWConfig, Optimizer};
     use dape::optim::FusedAdamWConfig;
@@ -616,6 +625,7 @@ fn dape_run(
 
 #[test]
 fn dape_node_is_the_tensor_path_in_values_and_every_gradient() {
+    let _graphs = common::autodiff_lock();
     let spans = [
         Span::full(13),
         // A chunk of rows past position 0, and a single decode row.

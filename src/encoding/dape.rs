@@ -955,6 +955,7 @@ mod tests {
     /// causal mask does.
     #[test]
     fn fused_autodiff_matches_tensor_path() {
+        let _graphs = crate::util::autodiff_test_lock();
         let device = Default::default();
         for with_bias in [true, false] {
             let mut dape = DapeConfig::new()
@@ -1031,6 +1032,7 @@ mod tests {
     /// and a non-causal block with batch 2; a second run is bit-identical.
     #[test]
     fn fused_v2_autodiff_matches_tensor_path() {
+        let _graphs = crate::util::autodiff_test_lock();
         let device = Default::default();
         for (with_bias, mask_hidden, k) in [
             (true, true, 3),
@@ -1088,6 +1090,7 @@ mod tests {
     /// batch 2.
     #[test]
     fn fused_dape_over_a_map_matches_tensor_path() {
+        let _graphs = crate::util::autodiff_test_lock();
         let device = Default::default();
         let mut dape = DapeConfig::new()
             .with_negative_slope(0.1)
