@@ -174,16 +174,7 @@ impl<B: Backend> Dape<B> {
                     .bias
                     .as_ref()
                     .map(|b| b.forward(span, &logits.device()));
-                if let Some(out) = fused::dape_v1_autodiff(
-                    logits.clone(),
-                    bias,
-                    self.mlp_in.weight.val(),
-                    self.mlp_in.bias.as_ref().map(|b| b.val()),
-                    self.mlp_out.weight.val(),
-                    self.mlp_out.bias.as_ref().map(|b| b.val()),
-                    span,
-                    self.negative_slope as f32,
-                ) {
+                if let Some(out) = self.autodiff_node(&logits, bias, span) {
                     return out;
                 }
             }
@@ -218,6 +209,27 @@ impl<B: Backend> Dape<B> {
         run_fused(logits, self.bias.as_ref(), span, |a, m, dims| {
             dape_v1(a, m, dims, span, &mlp)
         })
+    }
+
+    /// The fused graph node on `Autodiff<NdArray<f32>>` over the base bias's map `bias`
+    /// (`[1 or batch, H, rows, keys]`); `None` when it does not apply.
+    #[cfg(feature = "ndarray")]
+    fn autodiff_node(
+        &self,
+        logits: &Tensor<B, 4>,
+        bias: Option<Tensor<B, 4>>,
+        span: &Span,
+    ) -> Option<Tensor<B, 4>> {
+        super::fused::dape_v1_autodiff(
+            logits.clone(),
+            bias,
+            self.mlp_in.weight.val(),
+            self.mlp_in.bias.as_ref().map(|b| b.val()),
+            self.mlp_out.weight.val(),
+            self.mlp_out.bias.as_ref().map(|b| b.val()),
+            span,
+            self.negative_slope as f32,
+        )
     }
 
     /// `f`'s weights on the host for `h` heads; `None` when they are not `f32`.
@@ -302,16 +314,7 @@ impl<B: Backend> Dape<B> {
                     return out;
                 }
             } else if fits && fused::applies_autodiff::<B>() {
-                if let Some(out) = fused::dape_v1_autodiff(
-                    logits.clone(),
-                    Some(map.clone()),
-                    self.mlp_in.weight.val(),
-                    self.mlp_in.bias.as_ref().map(|b| b.val()),
-                    self.mlp_out.weight.val(),
-                    self.mlp_out.bias.as_ref().map(|b| b.val()),
-                    span,
-                    self.negative_slope as f32,
-                ) {
+                if let Some(out) = self.autodiff_node(&logits, Some(map.clone()), span) {
                     return out;
                 }
             }
