@@ -29,8 +29,6 @@ pub mod cache;
 pub mod cope;
 pub mod dape;
 pub mod fox;
-#[cfg(feature = "ndarray")]
-mod fused;
 pub mod positions;
 pub mod rotary;
 pub mod sandwich;
