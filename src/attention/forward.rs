@@ -1,0 +1,380 @@
+//! The steps of [`MultiHeadAttention`]'s forward pass, in the order they run:
+//!
+//! 1. [`packed_qkv`](MultiHeadAttention::packed_qkv): the QKV projection,
+//!    `[batch, seq, 3·heads, d_head]`;
+//! 2. [`attend_packed`](MultiHeadAttention::attend_packed): the whole sequence in one fused
+//!    node, where the kernel applies (no cache, no chunks, no rotation);
+//! 3. [`update_cache`](MultiHeadAttention::update_cache): the new keys and values (and what
+//!    the encodings carry beside them) appended to the cache;
+//! 4. the rotary hook ([`PositionalEncoding::rotate`]) on q and k;
+//! 5. per chunk of query rows ([`attend_chunk`](MultiHeadAttention::attend_chunk)): the fused
+//!    kernel where it applies, else the logit hook ([`logits`](MultiHeadAttention::logits)),
+//!    the normaliser ([`normalise`](MultiHeadAttention::normalise)) and the product with V;
+//! 6. [`project_out`](MultiHeadAttention::project_out): the output projection.
+
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+
+use super::ssmax::ssmax_factor;
+use super::{KvCache, MultiHeadAttention};
+use crate::encoding::{Fox, Hook, PositionalEncoding, Positions, SegmentIds, Span};
+use crate::kernel::{
+    attention, attention_applies, attention_packed, batched_matmul, fused_softmax, linear_layer,
+};
+
+/// What the query rows of one forward pass attend over: the keys and values (the cached ones
+/// first), and beside them the segment indices (BiPE) and cumulative forget gates (FoX) of the
+/// query rows and of the keys.
+struct Keys<B: Backend> {
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    segment_ids: Option<SegmentIds<B>>,
+    forget_rows: Option<Tensor<B, 3>>,
+    forget_keys: Option<Tensor<B, 3>>,
+}
+
+/// The queries of one forward pass after the rotary hook: `q` `[batch, heads, seq, d_head]`,
+/// and, on the tensor path, `q · scale` computed once for every chunk.
+struct Queries<B: Backend> {
+    q: Tensor<B, 4>,
+    scaled: Option<Tensor<B, 4>>,
+    scale: f64,
+}
+
+/// `t` narrowed to `len` entries from `start` along the rows or keys axis (2); a narrow of the
+/// whole range is still an op (whose backward pass fills a zero tensor), so it is skipped.
+fn narrow_rows<B: Backend>(t: &Tensor<B, 4>, start: usize, len: usize) -> Tensor<B, 4> {
+    if start == 0 && len == t.dims()[2] {
+        t.clone()
+    } else {
+        t.clone().narrow(2, start, len)
+    }
+}
+
+impl<B: Backend> MultiHeadAttention<B> {
+    /// Self-attention over `x: [batch, seq, d_model]` once the inputs are checked: the steps
+    /// listed in this module's docs.
+    pub(super) fn attend(
+        &self,
+        x: Tensor<B, 3>,
+        positions: Option<&Positions>,
+        cache: Option<&mut KvCache<B>>,
+        segments: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        let [b, l, _] = x.dims();
+        let device = x.device();
+        let forget_rows = self.forget_sums(x.clone(), cache.as_deref());
+        let qkv = self.packed_qkv(x);
+        // The fused kernel (ndarray, LibTorch) takes the bias apart from the logits; elsewhere,
+        // and for encodings that read the logits, the tensor path.
+        let fused = attention_applies::<B>()
+            && self.encoding.hook() != Hook::Segments
+            && self.ssmax.is_none();
+        let whole = self.chunk_size == 0 || self.chunk_size >= l;
+        if fused && cache.is_none() && whole && !self.encoding.rotates() {
+            if let Some(out) =
+                self.attend_packed(qkv.clone(), positions, forget_rows.as_ref(), &device)
+            {
+                return self.project_out(out);
+            }
+        }
+        let [q, k, v] = self.split_qkv(qkv);
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let query_segments = self.query_segments(segments, offset, [b, l], &device);
+        let keys = self.update_cache(k, v, query_segments, forget_rows, cache);
+        let (q, k) = self
+            .encoding
+            .rotate(q, keys.k, offset, positions, keys.segment_ids.as_ref());
+        let keys = Keys { k, ..keys };
+        let scale = (self.head_dim as f64).sqrt().recip();
+        // The scale goes on the queries (`rows × d_head` values) rather than on the logits
+        // (`rows × keys`): the same scaled logits, one pass fewer over the larger tensor.
+        let queries = Queries {
+            scaled: (!fused).then(|| q.clone() * scale),
+            q,
+            scale,
+        };
+        let outputs: Vec<_> = self
+            .chunk_spans(offset, l, keys.k.dims()[2], positions)
+            .into_iter()
+            .map(|(r0, span)| self.attend_chunk(&queries, &keys, r0, &span, fused, &device))
+            .collect();
+        let out = if outputs.len() == 1 {
+            outputs.into_iter().next().expect("one chunk")
+        } else {
+            Tensor::cat(outputs, 1)
+        };
+        self.project_out(out)
+    }
+
+    /// Forgetting attention: the rows' cumulative log forget gates `[batch, heads, seq]`, from
+    /// this layer's input, continuing the cache's; `None` for every other encoding.
+    fn forget_sums(&self, x: Tensor<B, 3>, cache: Option<&KvCache<B>>) -> Option<Tensor<B, 3>> {
+        self.encoding.forget_gate().map(|fox| {
+            let carried = cache.and_then(|c| c.last_forget_sum());
+            fox.cumulative(x, carried)
+        })
+    }
+
+    /// Queries, keys and values `[batch, heads, seq, d_head]` of `x: [batch, seq, d_model]`:
+    /// one projection to `[batch, seq, 3·heads, d_head]` (q's heads, then k's, then v's), of
+    /// which each part is a view (no copy) that the fused kernel reads through its strides.
+    pub(super) fn project_qkv(&self, x: Tensor<B, 3>) -> [Tensor<B, 4>; 3] {
+        self.split_qkv(self.packed_qkv(x))
+    }
+
+    /// The QKV projection of `x: [batch, seq, d_model]` as `[batch, seq, 3·heads, d_head]`.
+    fn packed_qkv(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [b, l, _] = x.dims();
+        linear_layer(&self.qkv, x).reshape([b, l, 3 * self.n_heads, self.head_dim])
+    }
+
+    /// q, k and v `[batch, heads, seq, d_head]` of a packed projection.
+    fn split_qkv(&self, qkv: Tensor<B, 4>) -> [Tensor<B, 4>; 3] {
+        let h = self.n_heads;
+        [0, 1, 2].map(|i| qkv.clone().narrow(2, i * h, h).swap_dims(1, 2))
+    }
+
+    /// The output projection of the heads side by side, `[batch, seq, heads, d_head]` →
+    /// `[batch, seq, d_model]`.
+    fn project_out(&self, heads: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, l, h, dh] = heads.dims();
+        linear_layer(&self.output, heads.reshape([b, l, h * dh]))
+    }
+
+    /// The whole sequence through the fused kernel over the packed projection, its backward
+    /// pass writing the packed gradient at once: `[batch, seq, heads, d_head]`, or `None` where
+    /// the encoding's bias needs the tensor path.
+    fn attend_packed(
+        &self,
+        qkv: Tensor<B, 4>,
+        positions: Option<&Positions>,
+        forget_rows: Option<&Tensor<B, 3>>,
+        device: &B::Device,
+    ) -> Option<Tensor<B, 4>> {
+        let l = qkv.dims()[1];
+        let span = Span {
+            query_start: 0,
+            query_len: l,
+            key_len: l,
+            causal: self.causal,
+            positions: positions.cloned(),
+        };
+        let gate = forget_rows.map(|f| Fox::bias(f.clone(), f.clone()));
+        let scale = (self.head_dim as f64).sqrt().recip();
+        self.fused_bias(&span, gate.as_ref(), device)
+            .and_then(|bias| {
+                attention_packed(
+                    qkv,
+                    self.n_heads,
+                    bias,
+                    scale as f32,
+                    self.causal.then_some(0),
+                )
+            })
+    }
+
+    /// BiPE: the segment indices `[batch, seq]` of the query rows (without any, each token is
+    /// its own segment, its index its position); `None` for every other encoding.
+    fn query_segments(
+        &self,
+        segments: Option<Tensor<B, 2, Int>>,
+        offset: usize,
+        [b, l]: [usize; 2],
+        device: &B::Device,
+    ) -> Option<Tensor<B, 2, Int>> {
+        (self.encoding.hook() == Hook::Segments).then(|| {
+            segments.unwrap_or_else(|| {
+                Tensor::<B, 1, Int>::arange(offset as i64..(offset + l) as i64, device)
+                    .reshape([1, l])
+                    .expand([b, l])
+            })
+        })
+    }
+
+    /// The cache update: appends this pass's keys, values, key segments and forget sums to the
+    /// cache (if any) and returns all of them, cached first.
+    fn update_cache(
+        &self,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        query_segments: Option<Tensor<B, 2, Int>>,
+        forget_rows: Option<Tensor<B, 3>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Keys<B> {
+        let (k, v, key_segments, forget_keys) = match cache {
+            Some(c) => {
+                let (k, v) = c.append(k, v);
+                let ks = query_segments.clone().map(|s| c.append_segments(s));
+                let fk = forget_rows.clone().map(|f| c.append_forget_sums(f));
+                (k, v, ks, fk)
+            }
+            None => (k, v, query_segments.clone(), forget_rows.clone()),
+        };
+        let segment_ids = query_segments
+            .zip(key_segments)
+            .map(|(query, key)| SegmentIds { query, key });
+        Keys {
+            k,
+            v,
+            segment_ids,
+            forget_rows,
+            forget_keys,
+        }
+    }
+
+    /// The chunks of query rows: each chunk's first row (counted in this pass) and its span,
+    /// whose keys end at its last row under the causal mask (plus the one column DAPE V2's
+    /// rows read past it) and at `keys` otherwise.
+    fn chunk_spans(
+        &self,
+        offset: usize,
+        l: usize,
+        keys: usize,
+        positions: Option<&Positions>,
+    ) -> Vec<(usize, Span)> {
+        let chunk = if self.chunk_size == 0 {
+            l
+        } else {
+            self.chunk_size
+        };
+        let lookahead = usize::from(self.encoding.reads_next_column());
+        (0..l)
+            .step_by(chunk.max(1))
+            .map(|r0| {
+                let rows = chunk.min(l - r0);
+                let span = Span {
+                    query_start: offset + r0,
+                    query_len: rows,
+                    key_len: if self.causal {
+                        (offset + r0 + rows + lookahead).min(keys)
+                    } else {
+                        keys
+                    },
+                    causal: self.causal,
+                    positions: positions.cloned(),
+                };
+                (r0, span)
+            })
+            .collect()
+    }
+
+    /// One chunk of query rows from row `r0`: `[batch, rows, heads, d_head]`, through the
+    /// fused kernel where it applies, else the logit hook, the normaliser and the product
+    /// with V on the tensor path.
+    fn attend_chunk(
+        &self,
+        queries: &Queries<B>,
+        keys: &Keys<B>,
+        r0: usize,
+        span: &Span,
+        fused: bool,
+        device: &B::Device,
+    ) -> Tensor<B, 4> {
+        let rows = span.query_len;
+        let qc = narrow_rows(&queries.q, r0, rows);
+        let kc = narrow_rows(&keys.k, 0, span.key_len);
+        let vc = narrow_rows(&keys.v, 0, span.key_len);
+        let gate = keys
+            .forget_rows
+            .as_ref()
+            .zip(keys.forget_keys.as_ref())
+            .map(|(fr, fk)| {
+                Fox::bias(
+                    fr.clone().narrow(2, r0, rows),
+                    fk.clone().narrow(2, 0, span.key_len),
+                )
+            });
+        let causal_from = span.causal.then_some(span.query_start);
+        if fused {
+            let kernel = self
+                .fused_bias(span, gate.as_ref(), device)
+                .and_then(|bias| {
+                    attention(
+                        qc.clone(),
+                        kc.clone(),
+                        vc.clone(),
+                        bias,
+                        queries.scale as f32,
+                        causal_from,
+                    )
+                });
+            if let Some(out) = kernel {
+                return out;
+            }
+        }
+        let ids = keys.segment_ids.as_ref().map(|s| SegmentIds {
+            query: s.query.clone().narrow(1, r0, rows),
+            key: s.key.clone().narrow(1, 0, span.key_len),
+        });
+        let q_scaled = queries
+            .scaled
+            .clone()
+            .unwrap_or_else(|| queries.q.clone() * queries.scale);
+        let scaled_logits = batched_matmul(q_scaled.narrow(2, r0, rows), kc.clone().transpose());
+        let logits = self.logits(scaled_logits, qc, kc, span, ids.as_ref(), gate);
+        let probs = self.normalise(logits, span, device);
+        batched_matmul(probs, vc).swap_dims(1, 2)
+    }
+
+    /// The logit hook: the encoding's adjustment of the scaled logits `QKᵀ/√d_head`
+    /// `[batch, heads, rows, keys]` of `span` (a bias, Shaw, CoPE, DAPE), then forgetting
+    /// attention's gate `D` where the encoding has one.
+    fn logits(
+        &self,
+        scaled: Tensor<B, 4>,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        span: &Span,
+        ids: Option<&SegmentIds<B>>,
+        gate: Option<Tensor<B, 4>>,
+    ) -> Tensor<B, 4> {
+        let logits = self.encoding.adjust_logits(scaled, q, k, span, ids);
+        match gate {
+            Some(g) => self.encoding.adjust_logits_gated(logits, g, span),
+            None => logits,
+        }
+    }
+
+    /// The normaliser: Scalable-Softmax's factor (if the layer has it), then the causal mask
+    /// and the softmax over the keys, one fused pass on ndarray and LibTorch, else the tensor
+    /// path. `[batch, heads, rows, keys]` probabilities.
+    fn normalise(&self, logits: Tensor<B, 4>, span: &Span, device: &B::Device) -> Tensor<B, 4> {
+        let logits = match &self.ssmax {
+            Some(s) => logits * ssmax_factor(s.val(), span, device),
+            None => logits,
+        };
+        let causal_from = span.causal.then_some(span.query_start);
+        match fused_softmax(logits, causal_from) {
+            Ok(probs) => probs,
+            Err(mut logits) => {
+                if span.has_future() {
+                    let [b, h, rows, keys] = logits.dims();
+                    let mask = span
+                        .future_mask::<B>(&logits.device())
+                        .unsqueeze::<4>()
+                        .expand([b, h, rows, keys]);
+                    logits = logits.mask_fill(mask, f32::NEG_INFINITY);
+                }
+                softmax(logits, 3)
+            }
+        }
+    }
+
+    /// The bias that the fused attention kernel adds to the scaled logits of `span`:
+    /// `Some(None)` for none, `None` when the encoding needs the tensor path.
+    fn fused_bias(
+        &self,
+        span: &Span,
+        gate: Option<&Tensor<B, 4>>,
+        device: &B::Device,
+    ) -> Option<Option<Tensor<B, 4>>> {
+        // Forgetting attention's bias is additive: the fused node takes it (one per sequence);
+        // DAPE over it reads the logits and takes the tensor path.
+        match (&self.encoding, gate) {
+            (PositionalEncoding::Fox(_), Some(g)) => Some(Some(g.clone())),
+            (PositionalEncoding::DapeFox(_), _) => None,
+            _ => self.encoding.additive_logit_bias(span, device),
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! DAPE V1's forward kernel, [`dape_v1`]: `logits + bias + f([logits ‖ bias])` with
+//! `f = Linear(C → D) → LeakyReLU → Linear(D → H)`, one pass over each row of keys.
+//!
+//! For a block of [`LANES`] keys it gathers the `C` input channels (`H` logits, then `H` bias
+//! values; `C = H` over NoPE), forms the `D` hidden values and the `H` outputs with the hidden
+//! vector in registers, and writes `logits + bias + f`. Keys a causal row cannot see get
+//! `logits + bias` only (they are masked afterwards). The reference it must equal is the tensor
+//! path, `Dape::forward_tensor_path` (`dape/tensor_path.rs`).
+
+use super::bias_fits;
+use super::rows::each_row;
+use super::simd::{madd, simd_entry, LANES};
+use crate::encoding::Span;
+
+/// The weights of DAPE's `f = Linear(C → D) → LeakyReLU → Linear(D → H)`, on the host, in the
+/// layouts the kernels read contiguously.
+#[derive(Clone, Debug)]
+pub(crate) struct Mlp {
+    /// Input channels `C` (`2H` with a base bias, `H` without).
+    pub(super) c: usize,
+    /// Hidden width `D`.
+    pub(super) d: usize,
+    /// Heads `H` (outputs).
+    pub(super) h: usize,
+    /// First layer, `[D, C]` (row `d`: the weights into hidden unit `d`).
+    pub(super) w1: Vec<f32>,
+    /// First layer transposed, `[C, D]` (Burn's `Linear` layout).
+    pub(super) w1t: Vec<f32>,
+    /// First bias, `[D]`.
+    pub(super) b1: Vec<f32>,
+    /// Second layer, `[H, D]`.
+    pub(super) w2: Vec<f32>,
+    /// Second layer transposed, `[D, H]` (Burn's `Linear` layout).
+    pub(super) w2t: Vec<f32>,
+    /// Second bias, `[H]`.
+    pub(super) b2: Vec<f32>,
+    /// LeakyReLU slope.
+    pub(super) slope: f32,
+}
+
+impl Mlp {
+    /// From Burn's `Linear` layouts: `w1: [C, D]`, `w2: [D, H]`; missing biases are zero.
+    pub(crate) fn new(
+        [c, d, h]: [usize; 3],
+        w1t: Vec<f32>,
+        b1: Option<Vec<f32>>,
+        w2t: Vec<f32>,
+        b2: Option<Vec<f32>>,
+        slope: f32,
+    ) -> Self {
+        Self {
+            c,
+            d,
+            h,
+            w1: transpose(&w1t, c, d),
+            w1t,
+            b1: b1.unwrap_or_else(|| vec![0.0; d]),
+            w2: transpose(&w2t, d, h),
+            w2t,
+            b2: b2.unwrap_or_else(|| vec![0.0; h]),
+            slope,
+        }
+    }
+}
+
+/// `[rows, cols]` → `[cols, rows]`.
+pub(super) fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = x[r * cols + c];
+        }
+    }
+    out
+}
+
+/// `logits + bias + f([logits ‖ bias])` for `logits: [batch, H, rows, keys]` and `bias`
+/// `[1, H, rows, keys]` (shared by the batch) or `[batch, H, rows, keys]` (one per sequence:
+/// forgetting attention's), or `logits + f(logits)` over NoPE when `None`. Keys after a causal
+/// row's position get `logits + bias` only.
+pub(crate) fn dape_v1(
+    mut logits: Vec<f32>,
+    bias: Option<&[f32]>,
+    [b, h, lq, lk]: [usize; 4],
+    span: &Span,
+    mlp: &Mlp,
+) -> Vec<f32> {
+    debug_assert_eq!(logits.len(), b * h * lq * lk);
+    debug_assert!(bias.is_none_or(|m| bias_fits(m.len(), [b, h, lq, lk])));
+    debug_assert_eq!(mlp.h, h);
+    debug_assert_eq!(mlp.c, if bias.is_some() { 2 * h } else { h });
+    each_row(
+        &mut logits,
+        [h, lq, lk],
+        bias,
+        span,
+        || Scratch::new(mlp),
+        |s, heads, bias, visible| forward_row_simd(mlp, heads, bias, visible, s),
+    );
+    logits
+}
+
+simd_entry! {
+    /// [`forward_row`] for this CPU.
+    fn forward_row_simd = forward_row(
+        mlp: &Mlp,
+        heads: &mut [&mut [f32]],
+        bias: &[&[f32]],
+        visible: usize,
+        s: &mut Scratch,
+    )
+}
+
+/// Per-thread working memory, `[channels][LANES]` each.
+struct Scratch {
+    /// Gathered inputs, `C`.
+    x: Vec<[f32; LANES]>,
+    /// Pre-activation hidden values, `D`.
+    z: Vec<[f32; LANES]>,
+    /// Hidden values after LeakyReLU, `D`.
+    hidden: Vec<[f32; LANES]>,
+    /// Second-layer outputs, `H`.
+    out: Vec<[f32; LANES]>,
+}
+
+impl Scratch {
+    fn new(mlp: &Mlp) -> Self {
+        Self {
+            x: vec![[0.0; LANES]; mlp.c],
+            z: vec![[0.0; LANES]; mlp.d],
+            hidden: vec![[0.0; LANES]; mlp.d],
+            out: vec![[0.0; LANES]; mlp.h],
+        }
+    }
+}
+
+/// `out[k] = bias[k] + Σ_c weight[k, c] · input[c]`, lane by lane; `weight: [out.len(), input.len()]`.
+#[inline(always)]
+fn layer<const FMA: bool>(
+    out: &mut [[f32; LANES]],
+    weight: &[f32],
+    bias: &[f32],
+    input: &[[f32; LANES]],
+) {
+    let n = input.len();
+    for (k, o) in out.iter_mut().enumerate() {
+        let mut acc = [bias.get(k).copied().unwrap_or(0.0); LANES];
+        for (&w, x) in weight[k * n..(k + 1) * n].iter().zip(input) {
+            for l in 0..LANES {
+                acc[l] = madd::<FMA>(acc[l], w, x[l]);
+            }
+        }
+        *o = acc;
+    }
+}
+
+/// Copies keys `j0 .. j0 + n` of `rows` into the first `n` lanes of `dst`, zeroing the rest.
+#[inline(always)]
+fn gather(
+    dst: &mut [[f32; LANES]],
+    rows: impl Iterator<Item = impl AsRef<[f32]>>,
+    j0: usize,
+    n: usize,
+) {
+    for (lane, row) in dst.iter_mut().zip(rows) {
+        lane[..n].copy_from_slice(&row.as_ref()[j0..j0 + n]);
+        lane[n..].fill(0.0);
+    }
+}
+
+/// The first layer and LeakyReLU for the gathered block `x`: fills `z` and `hidden`.
+#[inline(always)]
+fn hidden_layer<const FMA: bool>(mlp: &Mlp, s: &mut Scratch) {
+    layer::<FMA>(&mut s.z, &mlp.w1, &mlp.b1, &s.x);
+    for (hd, z) in s.hidden.iter_mut().zip(&s.z) {
+        for l in 0..LANES {
+            hd[l] = if z[l] >= 0.0 { z[l] } else { z[l] * mlp.slope };
+        }
+    }
+}
+
+/// One query row of one batch element: `heads[hh]` holds head `hh`'s logits over the keys and
+/// receives `logits + bias + f`.
+#[inline(always)]
+fn forward_row<const FMA: bool>(
+    mlp: &Mlp,
+    heads: &mut [&mut [f32]],
+    bias: &[&[f32]],
+    visible: usize,
+    s: &mut Scratch,
+) {
+    let h = mlp.h;
+    let lk = heads.first().map_or(0, |r| r.len());
+    for j0 in (0..visible).step_by(LANES) {
+        let n = LANES.min(visible - j0);
+        gather(&mut s.x[..h], heads.iter().map(|r| &r[..]), j0, n);
+        gather(&mut s.x[h..], bias.iter(), j0, n);
+        hidden_layer::<FMA>(mlp, s);
+        layer::<FMA>(&mut s.out, &mlp.w2, &mlp.b2, &s.hidden);
+        for (hh, (dst, f)) in heads.iter_mut().zip(&s.out).enumerate() {
+            let dst = &mut dst[j0..j0 + n];
+            match bias.get(hh) {
+                Some(bias) => {
+                    for ((o, &bv), &f) in dst.iter_mut().zip(&bias[j0..j0 + n]).zip(f) {
+                        *o += bv + f;
+                    }
+                }
+                None => {
+                    for (o, &f) in dst.iter_mut().zip(f) {
+                        *o += f;
+                    }
+                }
+            }
+        }
+    }
+    // Future keys: masked by the caller; keep them finite.
+    if visible < lk {
+        for (dst, bias) in heads.iter_mut().zip(bias) {
+            for (o, &bv) in dst[visible..].iter_mut().zip(&bias[visible..]) {
+                *o += bv;
+            }
+        }
+    }
+}
