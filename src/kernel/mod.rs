@@ -14,7 +14,7 @@
 //! | [`fused_softmax`] | `ndarray/softmax.rs` | `torch/softmax.rs` | `Err`: the caller's tensor path |
 //! | [`token_nll`] | `ndarray/token_nll.rs` | [`token_nll_tensor`] | [`token_nll_tensor`] |
 //! | AdamW ([`crate::optim::FusedAdamW`]) | `ndarray/adamw.rs` | `torch/adamw.rs` | Burn's `AdamW` |
-//! | DAPE's correction ([`crate::encoding::Dape`]) | `encoding/dape/` | `torch/dape.rs` | its tensor path |
+//! | DAPE's correction ([`crate::encoding::Dape`]) | `encoding/dape/fused/` | `torch/dape.rs` | its tensor path |
 //!
 //! The kernels run when the backend is `NdArray<f32>` (evaluation) or `Autodiff<NdArray<f32>>`
 //! (training, as one graph node with a hand-written backward pass); with the `tch` feature,
