@@ -31,7 +31,7 @@ pub fn attention_applies<B: Backend>() -> bool {
 /// `softmax(scale · q kᵀ + bias, causal mask) · v`, for `q` `[batch, heads, rows, d_head]`,
 /// `k` `[batch, heads, keys, d_head]`, `v` `[batch, heads, keys, d_v]` and an optional additive
 /// `bias` `[1 or batch, heads, rows, keys]`. With `causal_from = Some(q0)`, row `r` (absolute
-/// position `q0 + r`) sees keys `0..=q0 + r`, as [`fused_softmax`] masks. The output is
+/// position `q0 + r`) sees keys `0..=q0 + r`, as [`crate::kernel::fused_softmax`] masks. The output is
 /// `[batch, rows, heads, d_v]` (the heads side by side per row, ready for the output projection).
 ///
 /// Each head is one rayon task over the batch: two GEMMs (the `gemm` crate) with the bias,

@@ -168,7 +168,7 @@ impl AttentionViews<'_> {
     }
 
     /// The gradient of a packed `[batch, seq, 3 · heads, d_head]` input (q, k, v as
-    /// [`packed_views`] reads them), and the bias's (its own shape, if wanted).
+    /// [`packed_views`](super::attention_packed::packed_views) reads them), and the bias's (its own shape, if wanted).
     pub(super) fn backward_packed(
         &self,
         o: ndarray::ArrayView4<'_, f32>,

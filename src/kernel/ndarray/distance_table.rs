@@ -19,7 +19,7 @@ use super::node::{backward_for_parents, finish_node};
 use super::{f32_view, host, host_primitive, to_nd, Ad, Nd};
 use crate::kernel::cast;
 
-/// [`super::distance_table_bias`] on `NdArray<f32>`: one task per (head, row).
+/// [`crate::kernel::distance_table_bias`] on `NdArray<f32>`: one task per (head, row).
 pub(in crate::kernel) fn distance_table_nd<B: Backend>(
     table: Tensor<B, 2>,
     rows: &[i64],
@@ -107,7 +107,7 @@ backward_for_parents!(
     [1]
 );
 
-/// [`super::distance_table_bias`] on `Autodiff<NdArray<f32>>`: one node over the table.
+/// [`crate::kernel::distance_table_bias`] on `Autodiff<NdArray<f32>>`: one node over the table.
 pub(in crate::kernel) fn distance_table_autodiff<B: Backend>(
     table: Tensor<B, 2>,
     rows: &[i64],

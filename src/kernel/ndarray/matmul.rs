@@ -18,7 +18,7 @@ use super::node::finish_node;
 use super::{to_nd, Ad, Nd};
 use crate::kernel::cast;
 
-/// The products of [`super::batched_matmul`] for 4-d `f32` primitives of agreeing shapes:
+/// The products of [`crate::kernel::batched_matmul`] for 4-d `f32` primitives of agreeing shapes:
 /// the row-major output and its shape.
 fn matmul_values(
     a: &burn_ndarray::NdArrayTensor,
