@@ -88,6 +88,8 @@ pub mod progress;
 #[cfg(feature = "harness")]
 pub mod results;
 #[cfg(feature = "harness")]
+pub mod retrieval_suite;
+#[cfg(feature = "harness")]
 pub mod suite;
 #[cfg(feature = "harness")]
 pub mod sysmem;

@@ -16,7 +16,7 @@
 //! | 7 | `data` |
 //! | 8 | `experiment` (what training and evaluation share) |
 //! | 9 | `train`, `eval` (neither reaches into the other) |
-//! | 10 | `suite`, `results` (tables of several LM runs), `bench`, `compare`, `consistency` |
+//! | 10 | `suite`, `results` (tables of several LM runs), `retrieval_suite`, `bench`, `compare`, `consistency` |
 //! | 11 | the CLI (`src/main.rs`, `src/cli/`), which uses the library as `dape::…` |
 
 use std::collections::BTreeMap;
@@ -40,6 +40,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("eval", 9),
     ("suite", 10),
     ("results", 10),
+    ("retrieval_suite", 10),
     ("bench", 10),
     ("compare", 10),
     ("consistency", 10),

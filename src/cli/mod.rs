@@ -3,10 +3,12 @@
 //!
 //! * [`lm`]: `train`, `eval`, `plot` (language models on real text);
 //! * [`che`]: `che sample | train | eval | suite` (the Chomsky-hierarchy tasks);
+//! * [`retrieval`]: `retrieval sample | train | eval | suite | plot` (MQAR and passkey);
 //! * [`tools`]: `encodings`, `config`, `check`, `compare-backends`, `bench`.
 
 mod che;
 mod lm;
+mod retrieval;
 mod tools;
 
 use std::process::ExitCode;
@@ -56,6 +58,12 @@ enum Command {
         #[command(subcommand)]
         command: che::CheCommand,
     },
+    /// Retrieval beyond the training length: multi-query associative recall (MQAR) and
+    /// passkey retrieval.
+    Retrieval {
+        #[command(subcommand)]
+        command: retrieval::RetrievalCommand,
+    },
 }
 
 /// Runs a command; `Ok(false)` when it ran but a check it made failed.
@@ -71,6 +79,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Plot(args) => lm::plot(args),
         Command::Bias(args) => lm::bias(args),
         Command::Che { command } => che::run(command),
+        Command::Retrieval { command } => retrieval::run(command),
     }
 }
 

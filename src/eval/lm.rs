@@ -150,6 +150,7 @@ pub fn document_windows(docs: &[&[u16]], length: usize, max: usize) -> Vec<Windo
                 let s = r * length;
                 out.push(Window {
                     positions: None,
+                    mask: None,
                     tokens: doc[s..s + length + 1].to_vec(),
                 });
             }

@@ -3,5 +3,7 @@
 
 pub mod bias;
 pub mod che;
+pub mod heatmap;
 pub mod lm;
 pub mod plot;
+pub mod retrieval;

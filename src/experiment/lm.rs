@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::attention::SsmaxConfig;
 use crate::data::corpus::{Manifest, SplitConfig, Tokenizer};
+use crate::data::retrieval::mqar::MqarConfig;
+use crate::data::retrieval::passkey::PasskeyConfig;
+use crate::data::retrieval::RetrievalTask;
 use crate::encoding::{PositionalEncodingConfig, Positions, RandomizedConfig};
 use crate::error::{ensure, Error, Result};
 use crate::model::{LanguageModel, LanguageModelConfig, TransformerConfig};
@@ -69,6 +72,14 @@ pub struct LmTrainConfig {
     /// (absent: the plain softmax).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ssmax: Option<SsmaxConfig>,
+    /// Passkey items mixed into the corpus's training windows, e.g.
+    /// `"passkey": {"fraction": 0.1, "digits": 5}` (bytes tokenizer only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passkey: Option<PasskeyConfig>,
+    /// Train on generated MQAR items instead of the corpus (`data` and `split` are then not
+    /// read; the loss counts the answers only), e.g. `"mqar": {"pairs": 8}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqar: Option<MqarConfig>,
 }
 
 impl Default for LmTrainConfig {
@@ -98,6 +109,8 @@ impl Default for LmTrainConfig {
             valid_tokens: 8192,
             seed: 0,
             ssmax: None,
+            passkey: None,
+            mqar: None,
         }
     }
 }
@@ -170,11 +183,46 @@ impl LmTrainConfig {
             r.check_fits(longest, "the longest training or validation window")?;
         }
         self.split.validate()?;
+        self.validate_retrieval()?;
         // One block is enough to check the shape and the encoding's own settings.
         let mut one = self.model().transformer;
         one.n_layers = 1;
         one.init::<burn::backend::NdArray>(1, true, &Default::default())?;
         Ok(())
+    }
+
+    /// Checks the retrieval settings: at most one task, on the bytes tokenizer, fitting the
+    /// training length.
+    fn validate_retrieval(&self) -> Result<()> {
+        if self.passkey.is_some() && self.mqar.is_some() {
+            return Err(Error::InvalidInput(
+                "config: set at most one of \"passkey\" and \"mqar\"".into(),
+            ));
+        }
+        if let Some(task) = self.retrieval_task() {
+            ensure(
+                self.tokenizer == Tokenizer::Bytes,
+                "tokenizer",
+                self.tokenizer.name(),
+                &format!("must be bytes for the {task} task (its items are byte strings)"),
+            )?;
+        }
+        if let Some(p) = &self.passkey {
+            p.validate(self.train_length)?;
+        }
+        if let Some(m) = &self.mqar {
+            m.validate(self.train_length)?;
+        }
+        Ok(())
+    }
+
+    /// The retrieval task this run trains for, if any.
+    pub fn retrieval_task(&self) -> Option<RetrievalTask> {
+        match (&self.passkey, &self.mqar) {
+            (Some(_), _) => Some(RetrievalTask::Passkey),
+            (None, Some(_)) => Some(RetrievalTask::Mqar),
+            (None, None) => None,
+        }
     }
 
     /// The model this run trains.
@@ -202,6 +250,8 @@ pub struct Window {
     /// Randomized positions of the `length` input tokens (a batch takes its first window's);
     /// `None`: at `0..length`.
     pub positions: Option<Positions>,
+    /// Which of the `length` targets the loss counts (MQAR: the answers); `None`: all.
+    pub mask: Option<Vec<bool>>,
 }
 
 /// Consecutive non-overlapping windows of `length` (+1) tokens of a stream, at most `max`.
@@ -213,6 +263,7 @@ pub fn tiled_windows(stream: &[u16], length: usize, max: usize) -> Vec<Window> {
         .map(|s| Window {
             tokens: stream[s..s + length + 1].to_vec(),
             positions: None,
+            mask: None,
         })
         .collect()
 }
@@ -229,6 +280,11 @@ pub struct LmBatch<B: Backend> {
     pub loss_scale: f64,
     /// Randomized positions of the inputs, shared by the batch; `None`: at `0..length`.
     pub positions: Option<Positions>,
+    /// `[batch, length]` 0/1 weights of the targets the loss counts, when some window has a
+    /// mask; `None`: every target counts.
+    pub weights: Option<Tensor<B, 2>>,
+    /// The number of targets the loss counts.
+    pub scored: usize,
 }
 
 impl<B: Backend> LmBatch<B> {
@@ -239,6 +295,8 @@ impl<B: Backend> LmBatch<B> {
         let len = windows[0].tokens.len() - 1;
         let mut inputs = Vec::with_capacity(n * len);
         let mut targets = Vec::with_capacity(n * len);
+        let masked = windows.iter().any(|w| w.mask.is_some());
+        let mut weights = Vec::with_capacity(if masked { n * len } else { 0 });
         for w in windows {
             assert_eq!(
                 w.tokens.len(),
@@ -247,12 +305,25 @@ impl<B: Backend> LmBatch<B> {
             );
             inputs.extend(w.tokens[..len].iter().map(|&t| i64::from(t)));
             targets.extend(w.tokens[1..].iter().map(|&t| i64::from(t)));
+            if masked {
+                match &w.mask {
+                    Some(mask) => weights.extend(mask.iter().map(|&m| if m { 1.0 } else { 0.0 })),
+                    None => weights.extend(std::iter::repeat_n(1.0f32, len)),
+                }
+            }
         }
+        let scored = if masked {
+            weights.iter().filter(|&&w| w > 0.0).count()
+        } else {
+            n * len
+        };
         Self {
             inputs: Tensor::from_data(TensorData::new(inputs, [n, len]), device),
             targets: Tensor::from_data(TensorData::new(targets, [n, len]), device),
             loss_scale,
             positions: windows[0].positions.clone(),
+            weights: masked.then(|| Tensor::from_data(TensorData::new(weights, [n, len]), device)),
+            scored,
         }
     }
 
@@ -292,6 +363,19 @@ pub fn token_nll<B: Backend>(
     Ok(crate::kernel::token_nll(logits, targets))
 }
 
+/// The sum of `nll` (`[batch, length]`) over the targets a batch counts: `Σ nll·w` with the
+/// batch's 0/1 `weights`, or `Σ nll` when it has none. Divided by [`LmBatch::scored`], the mean
+/// loss.
+pub fn counted_nll_sum<B: Backend>(
+    nll: Tensor<B, 2>,
+    weights: Option<Tensor<B, 2>>,
+) -> Tensor<B, 1> {
+    match weights {
+        Some(w) => (nll * w).sum(),
+        None => nll.sum(),
+    }
+}
+
 /// The attention chunk used to evaluate `rows` windows of `length` tokens: none while the
 /// largest per-pair tensor (`[rows, chunk, length, 32]`, DAPE's MLP at its default width) stays
 /// under 2^24 floats, otherwise the largest multiple of 16 query rows that keeps it there (at
@@ -322,8 +406,23 @@ pub fn load<B: Backend>(
     run: &Path,
     device: &B::Device,
 ) -> Result<(LmTrainConfig, Manifest, LanguageModel<B>)> {
-    let config: LmTrainConfig = serde_json::from_value(read_json(&run.join("config.json"))?)?;
+    let (config, model) = load_model(run, device)?;
+    if config.mqar.is_some() {
+        return Err(Error::InvalidInput(format!(
+            "{} is an MQAR run: it has no corpus to evaluate on (use dape retrieval eval)",
+            run.display()
+        )));
+    }
     let manifest: Manifest = serde_json::from_value(read_json(&run.join("manifest.json"))?)?;
+    Ok((config, manifest, model))
+}
+
+/// Loads a trained run's config and model (an MQAR run has no manifest).
+pub fn load_model<B: Backend>(
+    run: &Path,
+    device: &B::Device,
+) -> Result<(LmTrainConfig, LanguageModel<B>)> {
+    let config: LmTrainConfig = serde_json::from_value(read_json(&run.join("config.json"))?)?;
     let model = config
         .model()
         .init::<B>(device)?
@@ -334,32 +433,5 @@ pub fn load<B: Backend>(
                 run.display()
             ))
         })?;
-    Ok((config, manifest, model))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auto_chunk_bounds_the_per_pair_tensor() {
-        assert_eq!(auto_chunk(16, 128), None);
-        assert_eq!(auto_chunk(16, 512), Some(64));
-        assert_eq!(auto_chunk(1, 8192), Some(64));
-        assert_eq!(auto_chunk(1, 100_000), Some(16));
-        for (rows, length) in [(16, 512), (1, 8192), (4, 2048)] {
-            let c = auto_chunk(rows, length).unwrap();
-            assert!(rows * c * length * 32 <= 1 << 24);
-        }
-    }
-
-    #[test]
-    fn tiled_windows_do_not_overlap_and_predict_the_next_token() {
-        let stream: Vec<u16> = (0..20).collect();
-        let w = tiled_windows(&stream, 6, 10);
-        assert_eq!(w.len(), 3);
-        assert_eq!(w[1].tokens, (6..13).collect::<Vec<u16>>());
-        assert_eq!(tiled_windows(&stream, 6, 2).len(), 2);
-        assert!(tiled_windows(&stream, 20, 10).is_empty());
-    }
+    Ok((config, model))
 }

@@ -3,6 +3,7 @@
 
 pub mod che;
 pub mod lm;
+pub mod retrieval;
 
 use crate::data::che::Rng;
 use crate::error::{ensure, Result};

@@ -35,16 +35,15 @@ use super::che::Progress;
 use super::checkpoint::{save_module, AtomicRecorder};
 use super::metrics::{LmLossMetric, LmStats, PerplexityMetric, TokensPerSecondMetric};
 use super::renderer::LineRenderer;
+use super::windows::mqar_validation;
 use crate::backend::DeviceSpec;
-use crate::data::che::Rng;
 use crate::data::corpus::{Corpus, Manifest, Part, TokenizedCorpus};
 use crate::encoding::RandomizedConfig;
 use crate::error::{ensure, Error, Result};
 use crate::experiment::lm::{
-    auto_chunk, read_json, sample_positions, tiled_windows, token_nll, LmBatch, LmTrainConfig,
-    Window, EVAL_BATCH_TOKENS,
+    auto_chunk, counted_nll_sum, read_json, sample_positions, tiled_windows, token_nll, LmBatch,
+    LmTrainConfig, Window, EVAL_BATCH_TOKENS,
 };
-use crate::experiment::stream_seed;
 use crate::model::LanguageModel;
 use crate::optim::FusedAdamWConfig;
 use crate::sysmem;
@@ -101,67 +100,7 @@ impl LrScheduler for WarmupCosineLr {
     }
 }
 
-/// `count` training windows at random offsets of a token stream; window `i` depends only on
-/// `(seed, i)`.
-#[derive(Clone, Debug)]
-pub struct RandomWindows {
-    stream: Arc<Vec<u16>>,
-    length: usize,
-    count: usize,
-    seed: u64,
-    randomized: Option<RandomizedConfig>,
-}
-
-impl RandomWindows {
-    /// Windows of `length` (+1) tokens over `stream`, which must hold at least `length + 1`.
-    pub fn new(stream: Arc<Vec<u16>>, length: usize, count: usize, seed: u64) -> Result<Self> {
-        ensure(
-            stream.len() > length,
-            "train_length",
-            length,
-            &format!(
-                "the training split holds only {} tokens, too few for one window",
-                stream.len()
-            ),
-        )?;
-        Ok(Self {
-            stream,
-            length,
-            count,
-            seed,
-            randomized: None,
-        })
-    }
-
-    /// Window `i` at randomized positions drawn from `(seed, i)` (a batch takes its first
-    /// window's); `None`: at `0..length`.
-    pub fn randomized(mut self, randomized: Option<RandomizedConfig>) -> Self {
-        self.randomized = randomized;
-        self
-    }
-}
-
-impl Dataset<Window> for RandomWindows {
-    fn get(&self, index: usize) -> Option<Window> {
-        if index >= self.count {
-            return None;
-        }
-        let mut rng = Rng::new(stream_seed(self.seed, index as u64));
-        let start = rng.below((self.stream.len() - self.length) as u64) as usize;
-        let positions = match &self.randomized {
-            Some(r) => Some(sample_positions(r, self.length, self.seed, index as u64).ok()?),
-            None => None,
-        };
-        Some(Window {
-            tokens: self.stream[start..start + self.length + 1].to_vec(),
-            positions,
-        })
-    }
-
-    fn len(&self) -> usize {
-        self.count
-    }
-}
+pub use super::windows::RandomWindows;
 
 /// All windows of one length: one validation item, so that a round's `ppl@L` is exact.
 #[derive(Clone, Debug)]
@@ -223,10 +162,12 @@ impl<B: Backend> Batcher<B, WindowGroup, LmBatch<B>> for GroupBatcher {
 
 /// The output of an LM step.
 pub struct LmOutput<B: Backend> {
-    /// Mean cross-entropy per token: `[1]`.
+    /// Mean cross-entropy per counted target: `[1]`.
     pub loss: Tensor<B, 1>,
-    /// Predicted tokens.
+    /// Targets the loss counted (every token, or the answers of a masked batch).
     pub tokens: usize,
+    /// Tokens the model read.
+    pub read: usize,
     /// Window length.
     pub length: usize,
 }
@@ -238,6 +179,7 @@ impl<B: Backend> ItemLazy for LmOutput<B> {
         LmStats {
             loss: self.loss.into_scalar().elem::<f64>(),
             tokens: self.tokens,
+            read: self.read,
             length: self.length,
         }
     }
@@ -249,16 +191,17 @@ impl<B: AutodiffBackend> TrainStep for LanguageModel<B> {
 
     fn step(&self, batch: LmBatch<B>) -> TrainOutput<LmOutput<B>> {
         let [n, length] = batch.inputs.dims();
-        let loss = token_nll(self, batch.inputs, batch.targets, batch.positions.as_ref())
-            .unwrap_or_else(|e| panic!("LM batch rejected by the model: {e}"))
-            .mean();
+        let nll = token_nll(self, batch.inputs, batch.targets, batch.positions.as_ref())
+            .unwrap_or_else(|e| panic!("LM batch rejected by the model: {e}"));
+        let loss = counted_nll_sum(nll, batch.weights) / batch.scored.max(1) as f64;
         let grads = (loss.clone() * batch.loss_scale).backward();
         TrainOutput::new(
             self,
             grads,
             LmOutput {
                 loss,
-                tokens: n * length,
+                tokens: batch.scored,
+                read: n * length,
                 length,
             },
         )
@@ -279,22 +222,22 @@ impl<B: Backend> InferenceStep for LanguageModel<B> {
         let mut nll = 0.0;
         for start in (0..n).step_by(rows) {
             let end = (start + rows).min(n);
-            nll += token_nll(
+            let slice = token_nll(
                 &model,
                 batch.inputs.clone().slice(start..end),
                 batch.targets.clone().slice(start..end),
                 batch.positions.as_ref(),
             )
-            .unwrap_or_else(|e| panic!("LM batch rejected by the model: {e}"))
-            .sum()
-            .into_scalar()
-            .elem::<f64>();
+            .unwrap_or_else(|e| panic!("LM batch rejected by the model: {e}"));
+            let weights = batch.weights.clone().map(|w| w.slice(start..end));
+            nll += counted_nll_sum(slice, weights).into_scalar().elem::<f64>();
         }
-        let tokens = n * length;
+        let tokens = batch.scored.max(1);
         let device = batch.inputs.device();
         LmOutput {
             loss: Tensor::from_floats([(nll / tokens as f64) as f32], &device),
             tokens,
+            read: n * length,
             length,
         }
     }
@@ -456,6 +399,40 @@ pub fn validation_groups(config: &LmTrainConfig, stream: &[u16]) -> Vec<WindowGr
         .collect()
 }
 
+/// The run's `count` training windows and its validation groups: from the corpus's train and
+/// valid streams (with passkey items mixed into the former), or generated MQAR items.
+fn training_data(
+    config: &LmTrainConfig,
+    corpus: Option<&(Corpus, Manifest)>,
+    count: usize,
+    options: &LmTrainOptions,
+) -> Result<(RandomWindows, Vec<WindowGroup>)> {
+    let randomized = config.encoding.randomized().cloned();
+    let Some((corpus, manifest)) = corpus else {
+        let mqar = config.mqar.clone().unwrap_or_default();
+        let windows = RandomWindows::mqar(mqar.clone(), config.train_length, count, config.seed)?;
+        let groups = config
+            .valid_lengths
+            .iter()
+            .map(|&length| {
+                let n = (config.valid_tokens / length).max(1);
+                Ok(WindowGroup {
+                    length,
+                    windows: mqar_validation(&mqar, length, n, config.seed)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return Ok((windows.randomized(randomized), groups));
+    };
+    let tokens = TokenizedCorpus::load(corpus, config.tokenizer, &options.cache_dir)?;
+    let train_stream = Arc::new(tokens.stream(manifest, Part::Train)?);
+    let valid_stream = tokens.stream(manifest, Part::Valid)?;
+    let windows = RandomWindows::new(train_stream, config.train_length, count, config.seed)?
+        .randomized(randomized)
+        .with_passkey(config.passkey.clone());
+    Ok((windows, validation_groups(config, &valid_stream)))
+}
+
 /// Trains `config` into `options.out`: `config.json`, `manifest.json`, burn-train's metric
 /// logs (`train/`, `valid/`), `checkpoint/`, then `model.mpk` and `train.json`.
 pub fn train<B: AutodiffBackend>(
@@ -466,10 +443,16 @@ pub fn train<B: AutodiffBackend>(
 ) -> Result<(LanguageModel<B::InnerBackend>, LmTrainSummary)> {
     config.validate()?;
     let out = &options.out;
-    let corpus = Corpus::open(&config.data)?;
-    let manifest = Manifest::split(&corpus, &config.split)?;
+    // An MQAR run generates its data: no corpus, no manifest.
+    let corpus = match config.mqar {
+        Some(_) => None,
+        None => {
+            let corpus = Corpus::open(&config.data)?;
+            let manifest = Manifest::split(&corpus, &config.split)?;
+            Some((corpus, manifest))
+        }
+    };
     let config_json = serde_json::to_value(config)?;
-    let manifest_json = serde_json::to_value(&manifest)?;
     let config_path = out.join("config.json");
     let manifest_path = out.join("manifest.json");
 
@@ -490,11 +473,13 @@ pub fn train<B: AutodiffBackend>(
                 keys.join(", ")
             )));
         }
-        if read_json(&manifest_path)? != manifest_json {
-            return Err(Error::InvalidInput(format!(
-                "--resume: the corpus or its split differs from the run's {}",
-                manifest_path.display()
-            )));
+        if let Some((_, manifest)) = &corpus {
+            if read_json(&manifest_path)? != serde_json::to_value(manifest)? {
+                return Err(Error::InvalidInput(format!(
+                    "--resume: the corpus or its split differs from the run's {}",
+                    manifest_path.display()
+                )));
+            }
         }
         latest_checkpoint(out)
     } else {
@@ -511,12 +496,19 @@ pub fn train<B: AutodiffBackend>(
         source,
     })?;
     write_atomic(&config_path, &serde_json::to_string_pretty(config)?)?;
-    write_atomic(&manifest_path, &serde_json::to_string_pretty(&manifest)?)?;
+    if let Some((_, manifest)) = &corpus {
+        write_atomic(&manifest_path, &serde_json::to_string_pretty(manifest)?)?;
+    }
 
-    let tokens = TokenizedCorpus::load(&corpus, config.tokenizer, &options.cache_dir)?;
-    let train_stream = Arc::new(tokens.stream(&manifest, Part::Train)?);
-    let valid_stream = tokens.stream(&manifest, Part::Valid)?;
-    let groups = validation_groups(config, &valid_stream);
+    // Scheduler steps are micro-batches (burn-train steps the scheduler on each).
+    let accum = config.grad_accumulation;
+    let total_micro = config.steps * accum;
+    let (windows, groups) = training_data(
+        config,
+        corpus.as_ref(),
+        total_micro * config.batch_size,
+        options,
+    )?;
     ensure(
         !groups.is_empty(),
         "valid_lengths",
@@ -538,8 +530,6 @@ pub fn train<B: AutodiffBackend>(
     }
     let done_epochs = resume_from.unwrap_or(0);
 
-    // Scheduler steps are micro-batches (burn-train steps the scheduler on each).
-    let accum = config.grad_accumulation;
     let devices = options.devices.devices(device);
     let n_devices = devices.len();
     ensure(
@@ -549,14 +539,6 @@ pub fn train<B: AutodiffBackend>(
         &format!("must be a multiple of the number of devices ({n_devices})"),
     )?;
     let micro_per_epoch = config.checkpoint_every * accum;
-    let total_micro = config.steps * accum;
-    let windows = RandomWindows::new(
-        train_stream.clone(),
-        config.train_length,
-        total_micro * config.batch_size,
-        config.seed,
-    )?
-    .randomized(config.encoding.randomized().cloned());
     // Gradients are summed over micro-batches and devices: scale each loss so that the sum is
     // the mean over the whole step.
     let full = DataLoaderBuilder::<B, _, _>::new(LmBatcher {

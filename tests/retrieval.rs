@@ -1,0 +1,273 @@
+//! `dape retrieval`: training for MQAR and passkey, evaluation files, the suite's resume, and
+//! the masked loss that MQAR trains with.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::backend::NdArray;
+use burn::prelude::*;
+use dape::data::retrieval::mqar::MqarConfig;
+use dape::experiment::lm::{counted_nll_sum, token_nll, LmBatch, LmTrainConfig, Window};
+use dape::util::Rng;
+
+fn dape(args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_dape"))
+        .args(args)
+        .output()
+        .expect("the dape binary runs");
+    assert!(
+        out.status.success(),
+        "dape {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dape-retrieval-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A corpus of a few documents of plain prose, long enough for windows of 512.
+fn tiny_corpus(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let text = "It was the best of times, it was the worst of times, it was the age of wisdom. ";
+    for d in 0..20 {
+        std::fs::write(dir.join(format!("doc{d:02}.txt")), text.repeat(40 + d)).unwrap();
+    }
+}
+
+#[test]
+fn mqar_trains_and_evaluates_into_json_csv_and_a_plot() {
+    let run = temp("mqar");
+    let run_s = run.to_str().unwrap();
+    dape(&[
+        "retrieval",
+        "train",
+        "--task",
+        "mqar",
+        "--encoding",
+        "dape_kerple_log",
+        "--steps",
+        "3",
+        "--out",
+        run_s,
+        "--lines",
+        "1",
+    ]);
+    assert!(run.join("model.mpk").is_file());
+    assert!(!run.join("manifest.json").exists(), "MQAR reads no corpus");
+    dape(&[
+        "retrieval",
+        "eval",
+        "--run",
+        run_s,
+        "--lengths",
+        "128,160",
+        "--trials",
+        "3",
+    ]);
+    let report = json(&run.join("retrieval.json"));
+    assert_eq!(report["task"], "mqar");
+    assert_eq!(report["encoding"], "dape_kerple_log");
+    assert_eq!(report["pairs"], 16, "twice the training pairs by default");
+    let lengths = report["lengths"].as_array().unwrap();
+    assert_eq!(lengths.len(), 2);
+    // 3 items of min(16, (L + 1) / 4) queries each.
+    assert_eq!(lengths[0]["tally"]["total"], 3 * 16);
+    assert_eq!(lengths[1]["tally"]["total"], 3 * 16);
+    let gap_total: u64 = report["gaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["tally"]["total"].as_u64().unwrap())
+        .sum();
+    assert_eq!(gap_total, 6 * 16, "every query falls in one gap bucket");
+    let csv = std::fs::read_to_string(run.join("retrieval.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(csv.starts_with("task,length,depth,accuracy,correct,total,seconds\nmqar,128,all,"));
+    assert!(run.join("retrieval.svg").is_file());
+    std::fs::remove_dir_all(&run).unwrap();
+}
+
+#[test]
+fn passkey_trains_on_a_corpus_and_draws_its_heatmap() {
+    let dir = temp("passkey");
+    let data = dir.join("data");
+    tiny_corpus(&data);
+    let run = dir.join("run");
+    dape(&[
+        "retrieval",
+        "train",
+        "--task",
+        "passkey",
+        "--encoding",
+        "alibi",
+        "--steps",
+        "3",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--lines",
+        "1",
+    ]);
+    let config = json(&run.join("config.json"));
+    assert_eq!(config["passkey"]["fraction"], 0.1);
+    assert_eq!(config["passkey"]["digits"], 5);
+    dape(&[
+        "retrieval",
+        "eval",
+        "--run",
+        run.to_str().unwrap(),
+        "--lengths",
+        "128,256",
+        "--depths",
+        "0,0.5,1",
+        "--trials",
+        "2",
+    ]);
+    let report = json(&run.join("retrieval.json"));
+    assert_eq!(report["task"], "passkey");
+    for l in report["lengths"].as_array().unwrap() {
+        assert_eq!(l["tally"]["total"], 3 * 2, "depths × trials items");
+        assert_eq!(l["by_depth"].as_array().unwrap().len(), 3);
+    }
+    let csv = std::fs::read_to_string(run.join("retrieval.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 2 * 4, "{csv}");
+    let heatmap = std::fs::read_to_string(run.join("passkey_heatmap.svg")).unwrap();
+    assert!(heatmap.contains("needle depth") && heatmap.contains("50%"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_suite_resumes_cell_by_cell() {
+    let out = temp("suite");
+    let out_s = out.to_str().unwrap();
+    let args = [
+        "retrieval",
+        "suite",
+        "--tasks",
+        "mqar",
+        "--encodings",
+        "nope,alibi",
+        "--steps",
+        "2",
+        "--lengths",
+        "128,256",
+        "--trials",
+        "2",
+        "--out",
+        out_s,
+        "--resume",
+        "--cells",
+        "1",
+    ];
+    let first = String::from_utf8(dape(&args).stdout).unwrap();
+    assert!(first.contains("suite: 1 of 2 cells finished"), "{first}");
+    let table = std::fs::read_to_string(out.join("suite.md")).unwrap();
+    assert!(
+        table.contains("| nope | 1 |") && table.contains("Pending: alibi."),
+        "{table}"
+    );
+    let second = String::from_utf8(dape(&args).stdout).unwrap();
+    assert!(second.contains("reusing") && second.contains("suite: 2 of 2 cells finished"));
+    let suite = json(&out.join("suite.json"));
+    assert_eq!(suite["cells"].as_array().unwrap().len(), 2);
+    assert!(suite["pending"].as_array().unwrap().is_empty());
+    assert!(out.join("mqar.svg").is_file());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn bad_settings_exit_with_the_value_named() {
+    for (args, needle) in [
+        (
+            vec!["retrieval", "sample", "--task", "passkey", "--depth", "1.5"],
+            "1.5",
+        ),
+        (
+            vec!["retrieval", "sample", "--task", "passkey", "--length", "40"],
+            "too short",
+        ),
+        (
+            vec!["retrieval", "sample", "--task", "passkey", "--digits", "0"],
+            "digits",
+        ),
+        (
+            vec![
+                "retrieval",
+                "sample",
+                "--task",
+                "mqar",
+                "--length",
+                "4096",
+                "--pairs",
+                "100",
+            ],
+            "more than",
+        ),
+        (vec!["retrieval", "sample", "--task", "needle"], "needle"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_dape"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+/// The MQAR loss is the mean negative log-likelihood over the answers alone: the masked sum
+/// over the counted targets equals the sum picked out by hand.
+#[test]
+fn the_masked_loss_counts_the_answers_only() {
+    type B = NdArray;
+    let device = Default::default();
+    let config = LmTrainConfig {
+        mqar: Some(MqarConfig::default()),
+        n_layers: 1,
+        d_model: 32,
+        n_heads: 4,
+        ..LmTrainConfig::default()
+    };
+    let model = config.model().init::<B>(&device).unwrap();
+    let mqar = MqarConfig::default();
+    let items: Vec<_> = (0..3)
+        .map(|i| mqar.item(64, 4, &mut Rng::new(i)).unwrap())
+        .collect();
+    let windows: Vec<Window> = items
+        .iter()
+        .map(|item| Window {
+            tokens: item.tokens.clone(),
+            positions: None,
+            mask: Some(item.answer_mask()),
+        })
+        .collect();
+    let batch = LmBatch::<B>::from_windows(&windows, 1.0, &device);
+    assert_eq!(batch.scored, 3 * 4);
+    let nll = token_nll(&model, batch.inputs, batch.targets, None).unwrap();
+    let all: Vec<f32> = nll.clone().into_data().to_vec().unwrap();
+    let by_hand: f64 = items
+        .iter()
+        .enumerate()
+        .flat_map(|(row, item)| item.answer_targets.iter().map(move |&t| row * 64 + t))
+        .map(|i| f64::from(all[i]))
+        .sum();
+    let masked = counted_nll_sum(nll, batch.weights)
+        .into_scalar()
+        .elem::<f64>();
+    assert!(
+        (masked - by_hand).abs() < 1e-4 * by_hand,
+        "{masked} vs {by_hand}"
+    );
+    let whole: f64 = all.iter().map(|&v| f64::from(v)).sum();
+    assert!((masked - whole).abs() > 1.0, "the mask changes the sum");
+}
