@@ -16,6 +16,9 @@
 #   lm-slow         DAPE-FoX and DAPE V2-Kerple on books, then on latex (they came last when they
 #                   trained through the tensor path, 10-20x slower; since their fused ndarray
 #                   nodes they cost about 1.3x and 1.7x their bases' step)
+#   retrieval       MQAR, then passkey, for the 13 encodings of the LM study (seed 0), then
+#                   seeds 1 and 2 of Kerple, DAPE-Kerple, ALiBi and RoPE (issue 34; dape
+#                   retrieval suite --resume, one cell a call; RETRIEVAL_TRIALS items per cell)
 #
 # Everything resumes: a finished LM run or CHE cell is never redone, an interrupted LM run
 # continues from its last checkpoint (every CHECKPOINT_EVERY steps). Stop the grid between runs
@@ -30,6 +33,9 @@
 #   lm-<corpus>/results.md, ppl_by_length.svg, train_cost.svg   (dape plot; unfinished runs
 #                                                               are listed as pending)
 #   che/suite.md, suite.json, <task>.svg                   (pending cells listed as pending)
+#   retrieval/suite.md, suite.json, mqar.svg, passkey.svg   (likewise)
+#   retrieval/<task>/<run>/{config,train,retrieval}.json, retrieval.csv, retrieval.svg and,
+#                   for passkey, passkey_heatmap.svg
 # and with COMMIT=1 commits $RESULTS alone (`git commit -- $RESULTS`), so partial results land
 # as they come.
 #
@@ -50,13 +56,18 @@ MAX_TOKENS=${MAX_TOKENS:-65536}
 BACKEND=${BACKEND:-ndarray}
 CHE_STEPS=${CHE_STEPS:-1000}
 COMMIT=${COMMIT:-0}
-PHASES=${PHASES:-lm-books che lm-latex lm-books-seed1 lm-books-seed2 lm-slow}
+RETRIEVAL_TRIALS=${RETRIEVAL_TRIALS:-20}
+PHASES=${PHASES:-lm-books che lm-latex lm-books-seed1 lm-books-seed2 lm-slow retrieval}
 
 FAST_ENCODINGS="nope rope rope_randomized t5 alibi kerple_log fire dape_alibi dape_kerple_log dape_fire fox"
 SLOW_ENCODINGS="dape_fox dapev2_kerple_log"
 LM_ENCODINGS="$FAST_ENCODINGS $SLOW_ENCODINGS"
 SEED_ENCODINGS="kerple_log dape_kerple_log alibi rope"
 CHE_ENCODINGS="nope,rope,configs/encodings/rope_randomized.json,alibi,kerple_log,fire,dape_kerple_log,dape_fire"
+RETRIEVAL_ENCODINGS="nope,rope,configs/encodings/rope_randomized_8192.json,t5,alibi,kerple_log,fire,dape_alibi,dape_kerple_log,dape_fire,fox,dape_fox,dapev2_kerple_log"
+RETRIEVAL_ARGS=(--tasks mqar,passkey --encodings "$RETRIEVAL_ENCODINGS" --seeds 0 --extra-seeds 1,2
+  --extra-seed-encodings kerple_log,dape_kerple_log,alibi,rope --steps "$STEPS"
+  --lengths 128,256,512,1024,2048,4096,8192 --trials "$RETRIEVAL_TRIALS" --backend "$BACKEND")
 CHE_ARGS=(--tasks all --encodings "$CHE_ENCODINGS" --steps "$CHE_STEPS" --lengths 41..200:8
   --sequences 64 --backend "$BACKEND")
 
@@ -141,6 +152,55 @@ publish_che() {
   done
 }
 
+# Copies the retrieval suite's tables and each finished cell's files into $RESULTS/retrieval.
+publish_retrieval() {
+  local src=$RUNS/retrieval dst=$RESULTS/retrieval f cell rel
+  [ -f "$src/suite.json" ] || return 0
+  mkdir -p "$dst"
+  for f in "$src"/suite.json "$src"/suite.md "$src"/*.svg; do
+    [ -f "$f" ] && cp "$f" "$dst/$(basename "$f").tmp" && mv "$dst/$(basename "$f").tmp" "$dst/$(basename "$f")"
+  done
+  for cell in "$src"/*/*/; do
+    [ -f "$cell/retrieval.json" ] || continue
+    rel=${cell#"$src"/}
+    mkdir -p "$dst/$rel"
+    for f in config.json train.json retrieval.json retrieval.csv retrieval.svg passkey_heatmap.svg; do
+      [ -f "$cell/$f" ] && cp "$cell/$f" "$dst/$rel/$f.tmp" && mv "$dst/$rel/$f.tmp" "$dst/$rel/$f"
+    done
+  done
+}
+
+# A fresh clone has the published cells but no runs: put their files where the suite looks, so
+# that it reuses them instead of training them again.
+seed_retrieval_runs() {
+  local cell rel
+  for cell in "$RESULTS"/retrieval/*/*/; do
+    [ -f "$cell/retrieval.json" ] || continue
+    rel=${cell#"$RESULTS"/retrieval/}
+    [ -f "$RUNS/retrieval/$rel/retrieval.json" ] && continue
+    mkdir -p "$RUNS/retrieval/$rel"
+    cp "$cell"/*.json "$RUNS/retrieval/$rel/"
+  done
+}
+
+retrieval_phase() {
+  seed_retrieval_runs
+  while true; do
+    stop_requested && return 1
+    if ! nice -n 19 "$dape" retrieval suite "${RETRIEVAL_ARGS[@]}" --out "$RUNS/retrieval" --resume \
+      --cells 1 | tee "$RUNS/retrieval-last.log"; then
+      echo "study: a retrieval cell failed; it stays pending (see $RUNS/retrieval-last.log)" >&2
+      return 2
+    fi
+    publish_retrieval
+    if grep -Eq '^suite: ([0-9]+) of \1 cells finished' "$RUNS/retrieval-last.log"; then
+      commit "retrieval tables complete"
+      return 0
+    fi
+    commit "retrieval cell $(grep -o '^\[[0-9]*/[0-9]*\] [a-z]* / [^:]*' "$RUNS/retrieval-last.log" | tail -1)"
+  done
+}
+
 lm_phase() { # corpus seed encodings...
   local corpus=$1 seed=$2 e name
   shift 2
@@ -200,6 +260,9 @@ if [ "${1:-}" = status ]; then
   else
     echo "che: $cells of 120 cells finished"
   fi
+  cells=$(find "$RUNS/retrieval" "$RESULTS/retrieval" -name retrieval.json 2>/dev/null \
+    | sed 's|.*/retrieval/||' | sort -u | wc -l)
+  echo "retrieval: $cells of 42 cells finished (2 tasks x (13 encodings + 4 x 2 extra seeds))"
   exit 0
 fi
 
@@ -217,6 +280,7 @@ if [ "${1:-}" = publish ]; then
   publish_lm books
   publish_lm latex
   publish_che
+  publish_retrieval
   exit 0
 fi
 
@@ -229,7 +293,8 @@ run_phase() {
     lm-books-seed1) lm_phase books 1 $SEED_ENCODINGS ;;
     lm-books-seed2) lm_phase books 2 $SEED_ENCODINGS ;;
     che) che_phase ;;
-    *) echo "unknown phase '$1' (lm-books, che, lm-latex, lm-books-seed1, lm-books-seed2, lm-slow)" >&2
+    retrieval) retrieval_phase ;;
+    *) echo "unknown phase '$1' (lm-books, che, lm-latex, lm-books-seed1, lm-books-seed2, lm-slow, retrieval)" >&2
       return 2 ;;
   esac
 }

@@ -34,6 +34,9 @@ pub struct RetrievalSuiteConfig {
     pub encodings: Vec<PositionalEncodingConfig>,
     /// Seeds of every cell.
     pub seeds: Vec<u64>,
+    /// More seeds for some encodings (the key rows), run after every cell of `seeds`:
+    /// `(labels, seeds)`.
+    pub extra_seeds: Option<(Vec<String>, Vec<u64>)>,
     /// Training settings shared by every cell (the seed is set per cell).
     pub train: RetrievalTrainSettings,
     /// Evaluation settings shared by every cell.
@@ -178,6 +181,41 @@ fn cell_text(values: &[f64]) -> String {
     }
 }
 
+/// The cells in the order they run: every task × encoding × seed of `seeds`, then the extra
+/// seeds of the key rows.
+fn grid(
+    config: &RetrievalSuiteConfig,
+) -> Result<Vec<(RetrievalTask, &PositionalEncodingConfig, u64)>> {
+    let mut grid = Vec::new();
+    for &task in &config.tasks {
+        for encoding in &config.encodings {
+            grid.extend(config.seeds.iter().map(|&s| (task, encoding, s)));
+        }
+    }
+    if let Some((labels, seeds)) = &config.extra_seeds {
+        for label in labels {
+            ensure(
+                config.encodings.iter().any(|e| e.label() == *label),
+                "extra-seed encoding",
+                label,
+                "is not one of the suite's encodings",
+            )?;
+        }
+        for &task in &config.tasks {
+            for encoding in config
+                .encodings
+                .iter()
+                .filter(|e| labels.contains(&e.label()))
+            {
+                for &seed in seeds.iter().filter(|s| !config.seeds.contains(s)) {
+                    grid.push((task, encoding, seed));
+                }
+            }
+        }
+    }
+    Ok(grid)
+}
+
 /// Trains and evaluates every (task, encoding, seed) cell, rewriting the tables after each.
 pub fn run_retrieval_suite<B: AutodiffBackend>(
     config: &RetrievalSuiteConfig,
@@ -196,16 +234,7 @@ pub fn run_retrieval_suite<B: AutodiffBackend>(
     if let Some(n) = config.max_new_cells {
         ensure(n > 0, "cells", n, "must be at least 1")?;
     }
-    let grid: Vec<(RetrievalTask, &PositionalEncodingConfig, u64)> = config
-        .tasks
-        .iter()
-        .flat_map(|&t| {
-            config
-                .encodings
-                .iter()
-                .flat_map(move |e| config.seeds.iter().map(move |&s| (t, e, s)))
-        })
-        .collect();
+    let grid = grid(config)?;
     let total = grid.len();
     let mut report = RetrievalSuiteReport {
         backend: backend.to_string(),

@@ -105,6 +105,13 @@ pub enum RetrievalCommand {
         /// Comma-separated seeds of every cell.
         #[arg(long, default_value = "0")]
         seeds: String,
+        /// More seeds (comma-separated) for the encodings of --extra-seed-encodings, run after
+        /// every other cell.
+        #[arg(long, requires = "extra_seed_encodings")]
+        extra_seeds: Option<String>,
+        /// The encodings (labels, comma-separated) that get --extra-seeds.
+        #[arg(long, requires = "extra_seeds")]
+        extra_seed_encodings: Option<String>,
         #[command(flatten)]
         train: TrainArgs,
         #[command(flatten)]
@@ -199,7 +206,8 @@ pub struct EvalArgs {
     /// Items per cell (passkey: per length and depth; MQAR: per length).
     #[arg(long, default_value_t = 20)]
     trials: usize,
-    /// MQAR: pairs per test item [default: twice the training most].
+    /// MQAR: pairs per test item beyond the training length [default: twice the training
+    /// most; up to the training length, the training most].
     #[arg(long)]
     test_pairs: Option<usize>,
 }
@@ -458,6 +466,8 @@ pub fn run(command: RetrievalCommand) -> Result<bool> {
             tasks,
             encodings,
             seeds,
+            extra_seeds,
+            extra_seed_encodings,
             train,
             eval,
             out,
@@ -466,6 +476,13 @@ pub fn run(command: RetrievalCommand) -> Result<bool> {
             lines,
             backend,
         } => {
+            let extra_seeds = match (extra_seeds, extra_seed_encodings) {
+                (Some(seeds), Some(labels)) => Some((
+                    labels.split(',').map(|l| l.trim().to_string()).collect(),
+                    list(&seeds, parse_seed)?,
+                )),
+                _ => None,
+            };
             let tasks = list(&tasks, RetrievalTask::from_name)?;
             if tasks.contains(&RetrievalTask::Passkey) {
                 ensure_books(&train.data)?;
@@ -474,6 +491,7 @@ pub fn run(command: RetrievalCommand) -> Result<bool> {
                 tasks,
                 encodings: list(&encodings, |e| train.encoding(e))?,
                 seeds: list(&seeds, parse_seed)?,
+                extra_seeds,
                 train: train.settings(),
                 eval: eval.config()?,
                 out: out.clone(),

@@ -37,8 +37,9 @@ pub struct RetrievalEvalConfig {
     pub depths: Vec<f64>,
     /// Items per cell (passkey: per length and depth; MQAR: per length).
     pub trials: usize,
-    /// MQAR: pairs per test item (fewer where a length cannot hold them); `None`: twice the
-    /// training items' most.
+    /// MQAR: pairs per test item beyond the training length (fewer where a length cannot
+    /// hold them); `None`: twice the training items' most. Up to the training length the
+    /// items hold the training most, as in training.
     pub pairs: Option<usize>,
     /// Tokens per forward pass.
     pub batch_tokens: usize,
@@ -180,7 +181,8 @@ pub struct RetrievalReport {
     pub seed: u64,
     /// The evaluation's settings.
     pub eval: RetrievalEvalConfig,
-    /// MQAR: pairs per test item, before capping to what a length holds.
+    /// MQAR: pairs per test item beyond the training length, before capping to what a length
+    /// holds (up to it: the training most).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pairs: Option<usize>,
     /// Accuracy by length.
@@ -229,7 +231,13 @@ fn test_items(
         }
         RetrievalTask::Mqar => {
             let mqar = train.mqar.clone().unwrap_or_default();
-            let pairs = mqar_pairs(&mqar, eval).min((length + 1) / 4).max(1);
+            // In distribution up to the training length; more pairs beyond it.
+            let pairs = if length <= train.train_length {
+                mqar.pairs
+            } else {
+                mqar_pairs(&mqar, eval)
+            };
+            let pairs = pairs.min((length + 1) / 4).max(1);
             (0..eval.trials)
                 .map(|t| Ok((mqar.item(length, pairs, &mut rng(0, t))?, 0)))
                 .collect()
