@@ -260,7 +260,7 @@ if [ "${1:-}" = status ]; then
   else
     echo "che: $cells of 120 cells finished"
   fi
-  cells=$(find "$RUNS/retrieval" "$RESULTS/retrieval" -name retrieval.json 2>/dev/null \
+  cells=$( (find "$RUNS/retrieval" "$RESULTS/retrieval" -name retrieval.json 2>/dev/null || true) \
     | sed 's|.*/retrieval/||' | sort -u | wc -l)
   echo "retrieval: $cells of 42 cells finished (2 tasks x (13 encodings + 4 x 2 extra seeds))"
   exit 0
