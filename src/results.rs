@@ -439,6 +439,8 @@ mod tests {
                         tokens: length,
                         seconds: 0.0,
                         peak_rss_bytes: None,
+                        longppl: None,
+                        key_tokens: None,
                     })
                     .collect(),
                 skipped: vec![],

@@ -9,8 +9,9 @@ use dape::backend::{dispatch, BackendKind, BackendTask, DeviceSpec};
 use dape::data::corpus::default_cache_dir;
 use dape::eval::bias::{learned_bias, write_bias, BiasReport, BiasRequest};
 use dape::eval::che::parse_lengths;
-use dape::eval::lm::{self as lm_eval, LmEvalConfig, LmEvalReport};
-use dape::experiment::lm::LmTrainConfig;
+use dape::eval::lm::{self as lm_eval, KeyTokens, LmEvalConfig, LmEvalReport};
+use dape::eval::longppl::{KeyTokenStore, LongPplConfig};
+use dape::experiment::lm::{load_model, LmTrainConfig, Window};
 use dape::results;
 use dape::train::che::Progress;
 use dape::train::lm::{self as lm_train, LmTrainOptions};
@@ -90,6 +91,17 @@ pub struct EvalArgs {
     /// Token cache folder.
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// Also LongPPL (Fang et al., 2025): perplexity on the key tokens, those whose prediction
+    /// the evaluator's long context helps (long–short difference > 2 nats, long-context
+    /// log-likelihood > −2 nats, short context the last 128 tokens).
+    #[arg(long)]
+    longppl: bool,
+    /// LongPPL: the fixed evaluator run that finds key tokens a --key-tokens folder lacks.
+    #[arg(long, requires = "longppl")]
+    evaluator: Option<PathBuf>,
+    /// LongPPL: the folder of key-tokens-<length>.json [default: <evaluator>/key-tokens].
+    #[arg(long, requires = "longppl")]
+    key_tokens: Option<PathBuf>,
 }
 
 /// `dape plot`.
@@ -144,18 +156,47 @@ struct LmEvalTask {
     data: Option<PathBuf>,
     config: LmEvalConfig,
     cache: PathBuf,
+    longppl: Option<LongPplArgs>,
+}
+
+/// Where LongPPL's key tokens come from.
+#[derive(Clone)]
+struct LongPplArgs {
+    evaluator: Option<PathBuf>,
+    key_tokens: PathBuf,
 }
 
 impl BackendTask for LmEvalTask {
     type Output = LmEvalReport;
     fn run<B: AutodiffBackend>(self, device: B::Device, kind: BackendKind) -> Result<LmEvalReport> {
         println!("Evaluating {} on {kind}", self.run.display());
-        let report = lm_eval::evaluate_run::<B::InnerBackend>(
+        let evaluator = match self.longppl.as_ref().and_then(|l| l.evaluator.as_ref()) {
+            Some(run) => Some((run, load_model::<B::InnerBackend>(run, &device)?)),
+            None => None,
+        };
+        let mut store = self.longppl.as_ref().map(|l| KeyTokenStore {
+            dir: l.key_tokens.clone(),
+            evaluator: evaluator
+                .as_ref()
+                .map(|(run, (config, model))| (run.as_path(), config, model)),
+            config: LongPplConfig::default(),
+            device: device.clone(),
+        });
+        let mut find = |length: usize, windows: &[Window]| match store.as_mut() {
+            Some(store) => store.keys(length, windows),
+            None => Ok(Vec::new()),
+        };
+        let keys: Option<&mut KeyTokens<'_>> = match self.longppl {
+            Some(_) => Some(&mut find),
+            None => None,
+        };
+        let report = lm_eval::evaluate_run_with_keys::<B::InnerBackend>(
             &self.run,
             self.data.as_deref(),
             &self.config,
             &self.cache,
             kind.name(),
+            keys,
             &device,
         )?;
         println!(
@@ -226,6 +267,24 @@ pub fn eval(args: EvalArgs) -> Result<bool> {
     };
     config.validate()?;
     let cache = args.cache.unwrap_or_else(default_cache_dir);
+    let longppl = if args.longppl {
+        let key_tokens =
+            match (&args.key_tokens, &args.evaluator) {
+                (Some(dir), _) => dir.clone(),
+                (None, Some(evaluator)) => evaluator.join("key-tokens"),
+                (None, None) => return Err(dape::Error::InvalidInput(
+                    "--longppl needs --evaluator RUN (the fixed model that finds the key tokens) \
+                     or --key-tokens DIR (key tokens found before)"
+                        .into(),
+                )),
+            };
+        Some(LongPplArgs {
+            evaluator: args.evaluator.clone(),
+            key_tokens,
+        })
+    } else {
+        None
+    };
     for run in &args.runs {
         dispatch(
             args.backend,
@@ -234,6 +293,7 @@ pub fn eval(args: EvalArgs) -> Result<bool> {
                 data: args.data.clone(),
                 config: config.clone(),
                 cache: cache.clone(),
+                longppl: longppl.clone(),
             },
         )?;
     }

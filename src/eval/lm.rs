@@ -98,6 +98,13 @@ pub struct LengthPerplexity {
     pub seconds: f64,
     /// Peak resident set size of the process while evaluating this length (Linux).
     pub peak_rss_bytes: Option<u64>,
+    /// LongPPL: perplexity on the key tokens (`None` without `--longppl`, or when the length
+    /// has no key token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub longppl: Option<f64>,
+    /// Key tokens of the length (`--longppl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_tokens: Option<usize>,
 }
 
 /// A length that could not be evaluated.
@@ -185,17 +192,17 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// Seed of the evaluation's randomized positions (the same samples for every run).
 const EVAL_POSITION_SEED: u64 = 0x7E57_0905;
 
-/// Negative log-likelihood sums `(last, all)` over `windows`.
-fn nll_sums<B: Backend>(
+/// Calls `visit(i, nll)` with the per-target negative log-likelihoods (`length` values) of
+/// every window `i`, `rows` windows per forward pass.
+pub(crate) fn for_each_window_nll<B: Backend>(
     model: &LanguageModel<B>,
     randomized: Option<&RandomizedConfig>,
     windows: &[Window],
     rows: usize,
-    last: usize,
     bar: &mut ProgressBar,
     device: &B::Device,
-) -> Result<(f64, f64)> {
-    let (mut sum_last, mut sum_all) = (0.0, 0.0);
+    mut visit: impl FnMut(usize, &[f32]),
+) -> Result<()> {
     for (pass, group) in windows.chunks(rows).enumerate() {
         // Randomized positions: a fresh seeded sample for every forward pass, as Ruoss et
         // al.'s evaluation draws one.
@@ -215,16 +222,56 @@ fn nll_sums<B: Backend>(
         let values: Vec<f32> = nll.into_data().convert::<f32>().to_vec().map_err(|e| {
             Error::InvalidInput(format!("cannot read the evaluation results: {e:?}"))
         })?;
-        for row in values.chunks(length) {
-            sum_all += row.iter().map(|&v| f64::from(v)).sum::<f64>();
-            sum_last += row[length - last..]
-                .iter()
-                .map(|&v| f64::from(v))
-                .sum::<f64>();
+        for (k, row) in values.chunks(length).enumerate() {
+            visit(pass * rows + k, row);
         }
         bar.inc(group.len());
     }
-    Ok((sum_last, sum_all))
+    Ok(())
+}
+
+/// Negative log-likelihood sums over a length's windows.
+#[derive(Clone, Copy, Debug, Default)]
+struct NllSums {
+    /// Over the last `last` targets of each window.
+    last: f64,
+    /// Over every target.
+    all: f64,
+    /// Over the key tokens (LongPPL).
+    key: f64,
+    /// Key tokens counted.
+    key_count: usize,
+}
+
+/// The sums over `windows`; `keys[i]`, when given, lists window `i`'s key targets.
+#[allow(clippy::too_many_arguments)]
+fn nll_sums<B: Backend>(
+    model: &LanguageModel<B>,
+    randomized: Option<&RandomizedConfig>,
+    windows: &[Window],
+    rows: usize,
+    last: usize,
+    keys: Option<&[Vec<u32>]>,
+    bar: &mut ProgressBar,
+    device: &B::Device,
+) -> Result<NllSums> {
+    let mut sums = NllSums::default();
+    for_each_window_nll(model, randomized, windows, rows, bar, device, |i, row| {
+        let length = row.len();
+        sums.all += row.iter().map(|&v| f64::from(v)).sum::<f64>();
+        sums.last += row[length - last..]
+            .iter()
+            .map(|&v| f64::from(v))
+            .sum::<f64>();
+        if let Some(keys) = keys {
+            sums.key += keys[i]
+                .iter()
+                .map(|&t| f64::from(row[t as usize]))
+                .sum::<f64>();
+            sums.key_count += keys[i].len();
+        }
+    })?;
+    Ok(sums)
 }
 
 /// Perplexity by length of `model` on `docs`.
@@ -233,6 +280,23 @@ pub fn perplexity_by_length<B: Backend>(
     train: &LmTrainConfig,
     docs: &[&[u16]],
     config: &LmEvalConfig,
+    device: &B::Device,
+) -> Result<(Vec<LengthPerplexity>, Vec<SkippedLength>)> {
+    perplexity_with_keys(model, train, docs, config, None, device)
+}
+
+/// The key tokens of a length's windows (LongPPL): `keys(length, windows)` lists, per window,
+/// the target indices that are key tokens ([`super::longppl`]).
+pub type KeyTokens<'a> = dyn FnMut(usize, &[Window]) -> Result<Vec<Vec<u32>>> + 'a;
+
+/// [`perplexity_by_length`], and with `keys` also the perplexity on each length's key tokens
+/// (LongPPL).
+pub fn perplexity_with_keys<B: Backend>(
+    model: &LanguageModel<B>,
+    train: &LmTrainConfig,
+    docs: &[&[u16]],
+    config: &LmEvalConfig,
+    mut keys: Option<&mut KeyTokens<'_>>,
     device: &B::Device,
 ) -> Result<(Vec<LengthPerplexity>, Vec<SkippedLength>)> {
     config.validate()?;
@@ -265,6 +329,10 @@ pub fn perplexity_by_length<B: Backend>(
                 continue;
             }
         }
+        let key_lists = match keys.as_mut() {
+            Some(find) => Some(find(length, &windows)?),
+            None => None,
+        };
         let model = model.clone().with_chunk_size(chunk);
         let last = config.last.min(length);
         sysmem::reset_peak_rss();
@@ -277,12 +345,13 @@ pub fn perplexity_by_length<B: Backend>(
                 &windows,
                 rows,
                 last,
+                key_lists.as_deref(),
                 &mut bar,
                 device,
             )
         }));
         bar.finish();
-        let (sum_last, sum_all) = match outcome {
+        let sums = match outcome {
             Ok(Ok(sums)) => sums,
             Ok(Err(e)) => {
                 let reason = format!("the model refused it: {e}");
@@ -300,15 +369,25 @@ pub fn perplexity_by_length<B: Backend>(
         let n = windows.len();
         let result = LengthPerplexity {
             length,
-            ppl_last: (sum_last / (n * last) as f64).exp(),
-            ppl_all: (sum_all / (n * length) as f64).exp(),
+            ppl_last: (sums.last / (n * last) as f64).exp(),
+            ppl_all: (sums.all / (n * length) as f64).exp(),
+            longppl: key_lists
+                .as_ref()
+                .map(|_| (sums.key / sums.key_count.max(1) as f64).exp())
+                .filter(|_| sums.key_count > 0),
+            key_tokens: key_lists.as_ref().map(|_| sums.key_count),
             windows: n,
             tokens: n * length,
             seconds: start.elapsed().as_secs_f64(),
             peak_rss_bytes: sysmem::peak_rss_bytes(),
         };
+        let longppl = match (result.longppl, result.key_tokens) {
+            (Some(p), Some(k)) => format!("  LongPPL {p:>9.3} ({k} key tokens)"),
+            (None, Some(_)) => "  LongPPL – (no key token)".to_string(),
+            _ => String::new(),
+        };
         println!(
-            "length {:>6}  ppl(last {last}) {:>10.3}  ppl(all) {:>10.3}  windows {:>5}  {:>7.1}s",
+            "length {:>6}  ppl(last {last}) {:>10.3}  ppl(all) {:>10.3}  windows {:>5}  {:>7.1}s{longppl}",
             length, result.ppl_last, result.ppl_all, n, result.seconds
         );
         done.push(result);
@@ -326,6 +405,19 @@ pub fn evaluate_run<B: Backend>(
     backend: &str,
     device: &B::Device,
 ) -> Result<LmEvalReport> {
+    evaluate_run_with_keys::<B>(run, data, config, cache_dir, backend, None, device)
+}
+
+/// [`evaluate_run`], with LongPPL on the key tokens that `keys` names for each length.
+pub fn evaluate_run_with_keys<B: Backend>(
+    run: &Path,
+    data: Option<&Path>,
+    config: &LmEvalConfig,
+    cache_dir: &Path,
+    backend: &str,
+    keys: Option<&mut KeyTokens<'_>>,
+    device: &B::Device,
+) -> Result<LmEvalReport> {
     let (train, manifest, model) = load::<B>(run, device)?;
     let corpus = Corpus::open(data.unwrap_or(&manifest.corpus))?;
     for doc in &manifest.test {
@@ -341,7 +433,7 @@ pub fn evaluate_run<B: Backend>(
     }
     let tokens = TokenizedCorpus::load(&corpus, train.tokenizer, cache_dir)?;
     let docs = tokens.part(&manifest, Part::Test)?;
-    let (lengths, skipped) = perplexity_by_length(&model, &train, &docs, config, device)?;
+    let (lengths, skipped) = perplexity_with_keys(&model, &train, &docs, config, keys, device)?;
     let report = LmEvalReport {
         run: portable_path(run),
         encoding: train.encoding.label(),
@@ -366,10 +458,18 @@ pub fn write_report(dir: &Path, report: &LmEvalReport) -> Result<()> {
         &dir.join("eval.json"),
         &serde_json::to_string_pretty(report)?,
     )?;
-    let mut csv = String::from("length,ppl_last,ppl_all,windows,tokens,seconds,peak_rss_bytes\n");
+    // LongPPL's two columns only when it was measured, so that plain evaluations keep the
+    // format they always had.
+    let longppl = report.lengths.iter().any(|l| l.key_tokens.is_some());
+    let mut csv = String::from("length,ppl_last,ppl_all,windows,tokens,seconds,peak_rss_bytes");
+    csv.push_str(if longppl {
+        ",longppl,key_tokens\n"
+    } else {
+        "\n"
+    });
     for l in &report.lengths {
         csv.push_str(&format!(
-            "{},{:.6},{:.6},{},{},{:.3},{}\n",
+            "{},{:.6},{:.6},{},{},{:.3},{}",
             l.length,
             l.ppl_last,
             l.ppl_all,
@@ -378,6 +478,14 @@ pub fn write_report(dir: &Path, report: &LmEvalReport) -> Result<()> {
             l.seconds,
             l.peak_rss_bytes.map_or(String::new(), |b| b.to_string())
         ));
+        if longppl {
+            csv.push_str(&format!(
+                ",{},{}",
+                l.longppl.map_or(String::new(), |p| format!("{p:.6}")),
+                l.key_tokens.map_or(String::new(), |k| k.to_string())
+            ));
+        }
+        csv.push('\n');
     }
     write_atomic(&dir.join("eval.csv"), &csv)?;
     let points = |f: fn(&LengthPerplexity) -> f64| -> Vec<(f64, f64)> {
@@ -387,7 +495,7 @@ pub fn write_report(dir: &Path, report: &LmEvalReport) -> Result<()> {
             .map(|l| (l.length as f64, f(l)))
             .collect()
     };
-    let series = [
+    let mut series = vec![
         Series {
             name: format!("{}: last {} tokens", report.encoding, report.last),
             points: points(|l| l.ppl_last),
@@ -397,6 +505,16 @@ pub fn write_report(dir: &Path, report: &LmEvalReport) -> Result<()> {
             points: points(|l| l.ppl_all),
         },
     ];
+    if longppl {
+        series.push(Series {
+            name: format!("{}: key tokens (LongPPL)", report.encoding),
+            points: report
+                .lengths
+                .iter()
+                .filter_map(|l| Some((l.length as f64, l.longppl?)))
+                .collect(),
+        });
+    }
     plot_perplexity(&dir.join("ppl_by_length.svg"), report.train_length, &series)
 }
 

@@ -5,5 +5,6 @@ pub mod bias;
 pub mod che;
 pub mod heatmap;
 pub mod lm;
+pub mod longppl;
 pub mod plot;
 pub mod retrieval;
