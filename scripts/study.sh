@@ -19,6 +19,10 @@
 #   retrieval       MQAR, then passkey, for the 13 encodings of the LM study (seed 0), then
 #                   seeds 1 and 2 of Kerple, DAPE-Kerple, ALiBi and RoPE (issue 34; dape
 #                   retrieval suite --resume, one cell a call; RETRIEVAL_TRIALS items per cell)
+#   longppl         LongPPL of the books models: the fixed evaluator (configs/lm/
+#                   longppl_evaluator.json, DAPE-Kerple trained at 512) finds the key tokens once
+#                   per length; every books run of the plan is trained again from its published
+#                   config (the weights are not committed) and evaluated with dape eval --longppl
 #
 # Everything resumes: a finished LM run or CHE cell is never redone, an interrupted LM run
 # continues from its last checkpoint (every CHECKPOINT_EVERY steps). Stop the grid between runs
@@ -36,6 +40,9 @@
 #   retrieval/suite.md, suite.json, mqar.svg, passkey.svg   (likewise)
 #   retrieval/<task>/<run>/{config,train,retrieval}.json, retrieval.csv, retrieval.svg and,
 #                   for passkey, passkey_heatmap.svg
+#   longppl/<run>/{config,train,eval}.json, eval.csv; longppl/results.md (perplexity and LongPPL
+#                   tables, Spearman's rho between their orders), ppl_by_length.svg,
+#                   evaluator.json, key-tokens/key-tokens-<length>.json
 # and with COMMIT=1 commits $RESULTS alone (`git commit -- $RESULTS`), so partial results land
 # as they come.
 #
@@ -57,7 +64,7 @@ BACKEND=${BACKEND:-ndarray}
 CHE_STEPS=${CHE_STEPS:-1000}
 COMMIT=${COMMIT:-0}
 RETRIEVAL_TRIALS=${RETRIEVAL_TRIALS:-20}
-PHASES=${PHASES:-lm-books che lm-latex lm-books-seed1 lm-books-seed2 lm-slow retrieval}
+PHASES=${PHASES:-lm-books che lm-latex lm-books-seed1 lm-books-seed2 lm-slow retrieval longppl}
 
 FAST_ENCODINGS="nope rope rope_randomized t5 alibi kerple_log fire dape_alibi dape_kerple_log dape_fire fox"
 SLOW_ENCODINGS="dape_fox dapev2_kerple_log"
@@ -201,6 +208,50 @@ retrieval_phase() {
   done
 }
 
+# Trains (or resumes) run $2 from config $1 into $2, unless its model is there.
+train_once() {
+  local resume=()
+  [ -f "$2/model.mpk" ] && return 0
+  [ -f "$2/config.json" ] && resume=(--resume)
+  nice -n 19 "$dape" train --config "$1" --out "$2" --lines 100 "${resume[@]}"
+}
+
+# Redraws $RESULTS/longppl's table and plot from its finished runs.
+publish_longppl() {
+  local dst=$RESULTS/longppl run args=() pending=()
+  for run in $(lm_runs); do
+    if [ -f "$dst/$run/eval.json" ]; then args+=(--run "$dst/$run"); else pending+=(--pending "$run"); fi
+  done
+  [ ${#args[@]} -gt 0 ] || return 0
+  "$dape" plot "${args[@]}" "${pending[@]}" --out "$dst" >/dev/null ||
+    echo "study: dape plot failed for $dst; the runs' own files are there" >&2
+}
+
+longppl_phase() {
+  local evaluator=$RUNS/longppl-evaluator dst=$RESULTS/longppl run out f
+  stop_requested && return 1
+  train_once configs/lm/longppl_evaluator.json "$evaluator" || return 2
+  mkdir -p "$dst"
+  cp "$evaluator/config.json" "$dst/evaluator.json"
+  for run in $(lm_runs); do
+    stop_requested && return 1
+    [ -f "$dst/$run/eval.json" ] && continue
+    out=$RUNS/lm-books-longppl/$run
+    train_once "$RESULTS/lm-books/$run/config.json" "$out" || return 2
+    if ! nice -n 19 "$dape" eval --run "$out" --longppl --evaluator "$evaluator" \
+      --key-tokens "$dst/key-tokens" --max-tokens "$MAX_TOKENS"; then
+      echo "study: the LongPPL evaluation of $run failed; it stays pending" >&2
+      return 2
+    fi
+    mkdir -p "$dst/$run"
+    for f in config.json train.json eval.json eval.csv; do
+      cp "$out/$f" "$dst/$run/$f.tmp" && mv "$dst/$run/$f.tmp" "$dst/$run/$f"
+    done
+    publish_longppl
+    commit "longppl $run"
+  done
+}
+
 lm_phase() { # corpus seed encodings...
   local corpus=$1 seed=$2 e name
   shift 2
@@ -263,6 +314,8 @@ if [ "${1:-}" = status ]; then
   cells=$( (find "$RUNS/retrieval" "$RESULTS/retrieval" -name retrieval.json 2>/dev/null || true) \
     | sed 's|.*/retrieval/||' | sort -u | wc -l)
   echo "retrieval: $cells of 42 cells finished (2 tasks x (13 encodings + 4 x 2 extra seeds))"
+  cells=$( (ls "$RESULTS"/longppl/*/eval.json 2>/dev/null || true) | wc -l)
+  echo "longppl: $cells of 21 books runs evaluated"
   exit 0
 fi
 
@@ -281,6 +334,7 @@ if [ "${1:-}" = publish ]; then
   publish_lm latex
   publish_che
   publish_retrieval
+  publish_longppl
   exit 0
 fi
 
@@ -294,7 +348,8 @@ run_phase() {
     lm-books-seed2) lm_phase books 2 $SEED_ENCODINGS ;;
     che) che_phase ;;
     retrieval) retrieval_phase ;;
-    *) echo "unknown phase '$1' (lm-books, che, lm-latex, lm-books-seed1, lm-books-seed2, lm-slow, retrieval)" >&2
+    longppl) longppl_phase ;;
+    *) echo "unknown phase '$1' (lm-books, che, lm-latex, lm-books-seed1, lm-books-seed2, lm-slow, retrieval, longppl)" >&2
       return 2 ;;
   esac
 }

@@ -328,6 +328,9 @@ pub fn results_markdown(groups: &[RunGroup], pending: &[String]) -> String {
         md.push_str(&notes.join("\n"));
         md.push('\n');
     }
+    if let Some(table) = longppl_markdown(groups, &lengths) {
+        md.push_str(&table);
+    }
     if !pending.is_empty() {
         md.push_str(&format!(
             "\nPending (not finished, so not in the table): {}.\n",
@@ -335,6 +338,115 @@ pub fn results_markdown(groups: &[RunGroup], pending: &[String]) -> String {
         ));
     }
     md
+}
+
+/// Mean over a row's runs of `value(run, length)`, and max − min; `None` unless every run has it.
+fn row_stats(
+    g: &RunGroup,
+    length: usize,
+    value: impl Fn(&RunRecord, usize) -> Option<f64>,
+) -> Option<(f64, f64)> {
+    let values: Vec<f64> = g
+        .runs
+        .iter()
+        .map(|r| value(r, length))
+        .collect::<Option<_>>()?;
+    let mean = values.iter().sum::<f64>() / values.len() as f64;
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    Some((mean, hi - lo))
+}
+
+fn longppl_at(r: &RunRecord, length: usize) -> Option<f64> {
+    r.report
+        .lengths
+        .iter()
+        .find(|l| l.length == length)?
+        .longppl
+}
+
+/// Spearman's rank correlation of two equally long lists (average ranks for ties).
+pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut order: Vec<usize> = (0..v.len()).collect();
+        order.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < order.len() {
+            let mut j = i;
+            while j + 1 < order.len() && v[order[j + 1]] == v[order[i]] {
+                j += 1;
+            }
+            for &k in &order[i..=j] {
+                r[k] = (i + j) as f64 / 2.0;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = a.len() as f64;
+    let mean = (n - 1.0) / 2.0;
+    let cov: f64 = ra
+        .iter()
+        .zip(&rb)
+        .map(|(x, y)| (x - mean) * (y - mean))
+        .sum();
+    let var_a: f64 = ra.iter().map(|x| (x - mean).powi(2)).sum();
+    let var_b: f64 = rb.iter().map(|y| (y - mean).powi(2)).sum();
+    cov / (var_a * var_b).sqrt()
+}
+
+/// The LongPPL table, when some run was evaluated with `--longppl`: LongPPL by length (the mean
+/// over a row's seeds, `± spread` with several), and per length Spearman's rank correlation
+/// between the rows' orders by perplexity and by LongPPL (1: the same order).
+fn longppl_markdown(groups: &[RunGroup], lengths: &[usize]) -> Option<String> {
+    if !groups.iter().any(|g| {
+        g.runs
+            .iter()
+            .any(|r| r.report.lengths.iter().any(|l| l.longppl.is_some()))
+    }) {
+        return None;
+    }
+    let mut md = String::from(
+        "\nLongPPL: perplexity on the key tokens (the targets whose log-likelihood the whole \
+         window improves by more than 2 nats over the last 128 tokens, for the fixed evaluator; \
+         Fang et al., 2025); lower is better:\n\n| encoding |",
+    );
+    for l in lengths {
+        md.push_str(&format!(" {l} |"));
+    }
+    md.push_str("\n| --- |");
+    md.push_str(&" ---: |".repeat(lengths.len()));
+    md.push('\n');
+    for g in groups {
+        md.push_str(&format!("| {} |", g.name));
+        for &l in lengths {
+            match row_stats(g, l, longppl_at) {
+                Some((mean, spread)) if g.runs.len() > 1 => {
+                    md.push_str(&format!(" {mean:.2} ± {spread:.2} |"))
+                }
+                Some((mean, _)) => md.push_str(&format!(" {mean:.2} |")),
+                None => md.push_str(" — |"),
+            }
+        }
+        md.push('\n');
+    }
+    md.push_str("| Spearman ρ (perplexity order vs LongPPL order) |");
+    for &l in lengths {
+        let pairs: Vec<(f64, f64)> = groups
+            .iter()
+            .filter_map(|g| Some((g.stats(l)?.0, row_stats(g, l, longppl_at)?.0)))
+            .collect();
+        if pairs.len() < 3 {
+            md.push_str(" — |");
+            continue;
+        }
+        let (a, b): (Vec<f64>, Vec<f64>) = pairs.into_iter().unzip();
+        md.push_str(&format!(" {:.2} |", spearman(&a, &b)));
+    }
+    md.push('\n');
+    Some(md)
 }
 
 /// What [`plot_runs`] wrote.
@@ -540,5 +652,41 @@ mod tests {
         assert_eq!(row_name("kerple_log"), "kerple_log");
         assert_eq!(row_name("a-seedling"), "a-seedling");
         assert_eq!(row_name("a-seed"), "a-seed");
+    }
+
+    #[test]
+    fn spearman_is_one_for_the_same_order_and_minus_one_for_the_reverse() {
+        let a = [1.0, 2.0, 3.0, 4.0];
+        assert!((spearman(&a, &[10.0, 20.0, 30.0, 40.0]) - 1.0).abs() < 1e-12);
+        assert!((spearman(&a, &[4.0, 3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
+        // Ties share their average rank.
+        assert!((spearman(&[1.0, 1.0, 2.0], &[1.0, 1.0, 2.0]) - 1.0).abs() < 1e-12);
+        assert!(spearman(&a, &[2.0, 1.0, 4.0, 3.0]) < 1.0);
+    }
+
+    #[test]
+    fn the_longppl_table_gives_means_spreads_and_the_rank_agreement() {
+        let mut runs = vec![
+            run("a", 0, &[(512, 4.0)], 1.0),
+            run("a-seed1", 1, &[(512, 4.2)], 1.0),
+            run("b", 0, &[(512, 5.0)], 1.0),
+            run("c", 0, &[(512, 6.0)], 1.0),
+        ];
+        for (r, longppl) in runs.iter_mut().zip([9.0, 11.0, 8.0, 7.0]) {
+            r.report.lengths[0].longppl = Some(longppl);
+            r.report.lengths[0].key_tokens = Some(3);
+        }
+        let groups = group_runs(runs).unwrap();
+        let md = results_markdown(&groups, &[]);
+        assert!(md.contains("LongPPL: perplexity on the key tokens"), "{md}");
+        assert!(md.contains("| a | 10.00 ± 2.00 |"), "{md}");
+        assert!(md.contains("| c | 7.00 |"), "{md}");
+        // Perplexity orders a < b < c, LongPPL c < b < a: the reverse.
+        assert!(
+            md.contains("| Spearman ρ (perplexity order vs LongPPL order) | -1.00 |"),
+            "{md}"
+        );
+        let plain = group_runs(vec![run("a", 0, &[(512, 4.0)], 1.0)]).unwrap();
+        assert!(!results_markdown(&plain, &[]).contains("LongPPL"));
     }
 }

@@ -129,6 +129,13 @@ impl RetrievalSuiteReport {
             if rows.is_empty() && pending.is_empty() {
                 continue;
             }
+            if rows.is_empty() {
+                out.push_str(&format!(
+                    "### {task}\n\nNo cell has finished yet. Pending: {}.\n\n",
+                    pending.join(", ")
+                ));
+                continue;
+            }
             let mut lengths: Vec<usize> = rows
                 .iter()
                 .flat_map(|(_, cells)| cells.iter())
@@ -405,4 +412,66 @@ pub fn replot(dir: &Path) -> Result<RetrievalSuiteReport> {
     let report: RetrievalSuiteReport = serde_json::from_str(&text)?;
     write_suite(dir, &report, &[], 0)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::retrieval::{LengthAccuracy, Tally};
+
+    fn cell(encoding: &str, seed: u64, accuracy: f64) -> RetrievalCell {
+        let lengths = vec![LengthAccuracy {
+            length: 256,
+            accuracy,
+            tally: Tally::default(),
+            by_depth: Vec::new(),
+            seconds: 0.0,
+        }];
+        RetrievalCell {
+            encoding: encoding.into(),
+            name: format!("{encoding}-seed{seed}"),
+            report: RetrievalReport {
+                run: String::new(),
+                task: RetrievalTask::Mqar,
+                encoding: encoding.into(),
+                backend: "ndarray".into(),
+                train_length: 128,
+                seed,
+                eval: RetrievalEvalConfig::default(),
+                pairs: Some(16),
+                score: accuracy,
+                lengths,
+                gaps: Vec::new(),
+                skipped: Vec::new(),
+                seconds: 0.0,
+            },
+        }
+    }
+
+    #[test]
+    fn the_table_gives_seed_means_with_spreads_and_lists_pending_cells() {
+        let report = RetrievalSuiteReport {
+            backend: "ndarray".into(),
+            steps: 10,
+            cells: vec![
+                cell("alibi", 0, 0.5),
+                cell("alibi", 1, 0.7),
+                cell("rope", 0, 0.1),
+            ],
+            pending: vec![PendingRetrievalCell {
+                task: RetrievalTask::Passkey,
+                name: "rope".into(),
+            }],
+        };
+        let md = report.markdown();
+        assert!(
+            md.contains("| alibi | 2 | 60.0 ± 20.0 | 60.0 ± 20.0 |"),
+            "{md}"
+        );
+        assert!(md.contains("| rope | 1 | 10.0 | 10.0 |"), "{md}");
+        assert!(
+            md.contains("### passkey\n\nNo cell has finished yet. Pending: rope."),
+            "{md}"
+        );
+    }
 }
