@@ -72,6 +72,12 @@ impl Error {
     }
 }
 
+/// Returns `Err(Error::InvalidConfig)` naming `field` when `items` is empty.
+#[cfg(feature = "harness")]
+pub(crate) fn ensure_non_empty<T>(items: &[T], field: &str) -> Result<()> {
+    ensure(!items.is_empty(), field, "[]", "must not be empty")
+}
+
 /// Returns `Err(Error::InvalidConfig)` unless `ok`.
 pub(crate) fn ensure(
     ok: bool,

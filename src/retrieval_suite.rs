@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::corpus::default_cache_dir;
 use crate::data::retrieval::RetrievalTask;
 use crate::encoding::PositionalEncodingConfig;
-use crate::error::{ensure, Result};
+use crate::error::{ensure, ensure_non_empty, Result};
 use crate::eval::plot::Series;
 use crate::eval::retrieval::{
     evaluate_run, plot_by_length, write_report, RetrievalEvalConfig, RetrievalReport,
@@ -23,7 +23,7 @@ use crate::experiment::lm::load_model;
 use crate::experiment::retrieval::{train_config, RetrievalTrainSettings};
 use crate::train::che::Progress;
 use crate::train::lm::{train, LmTrainOptions};
-use crate::util::{io_error, write_atomic};
+use crate::util::{io_error, write_atomic, write_json_atomic};
 
 /// Settings of a retrieval suite.
 #[derive(Clone, Debug)]
@@ -230,14 +230,9 @@ pub fn run_retrieval_suite<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<RetrievalSuiteReport> {
     config.eval.validate()?;
-    ensure(!config.tasks.is_empty(), "tasks", "[]", "must not be empty")?;
-    ensure(
-        !config.encodings.is_empty(),
-        "encodings",
-        "[]",
-        "must not be empty",
-    )?;
-    ensure(!config.seeds.is_empty(), "seeds", "[]", "must not be empty")?;
+    ensure_non_empty(&config.tasks, "tasks")?;
+    ensure_non_empty(&config.encodings, "encodings")?;
+    ensure_non_empty(&config.seeds, "seeds")?;
     if let Some(n) = config.max_new_cells {
         ensure(n > 0, "cells", n, "must be at least 1")?;
     }
@@ -358,10 +353,7 @@ fn write_suite(
         }
     }
     std::fs::create_dir_all(out).map_err(io_error(out))?;
-    write_atomic(
-        &out.join("suite.json"),
-        &serde_json::to_string_pretty(&full)?,
-    )?;
+    write_json_atomic(&out.join("suite.json"), &full)?;
     write_atomic(&out.join("suite.md"), &full.markdown())?;
     for task in RetrievalTask::ALL {
         let rows = full.rows(task);

@@ -9,14 +9,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::che::Task;
 use crate::encoding::PositionalEncodingConfig;
-use crate::error::{ensure, Result};
+use crate::error::{ensure, ensure_non_empty, Result};
 use crate::eval::che::{
     accuracy_series, evaluate_run, plot_accuracy, write_report, CheEvalConfig, CheEvalReport,
 };
 use crate::eval::plot::Series;
 use crate::experiment::che::{self as che_run, CheTrainConfig};
 use crate::train::che::{train, Progress};
-use crate::util::{io_error, write_atomic};
+use crate::util::{io_error, write_atomic, write_json_atomic};
 
 /// Settings of a suite run.
 #[derive(Clone, Debug)]
@@ -271,13 +271,8 @@ pub fn run_suite<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<SuiteReport> {
     config.eval.validate()?;
-    ensure(!config.tasks.is_empty(), "tasks", "[]", "must not be empty")?;
-    ensure(
-        !config.encodings.is_empty(),
-        "encodings",
-        "[]",
-        "must not be empty",
-    )?;
+    ensure_non_empty(&config.tasks, "tasks")?;
+    ensure_non_empty(&config.encodings, "encodings")?;
     if let Some(n) = config.max_new_cells {
         ensure(n > 0, "cells", n, "must be at least 1")?;
     }
@@ -412,10 +407,7 @@ pub fn run_suite<B: AutodiffBackend>(
 
 fn write_suite(out: &Path, report: &SuiteReport) -> Result<()> {
     std::fs::create_dir_all(out).map_err(io_error(out))?;
-    write_atomic(
-        &out.join("suite.json"),
-        &serde_json::to_string_pretty(report)?,
-    )?;
+    write_json_atomic(&out.join("suite.json"), report)?;
     write_atomic(&out.join("suite.md"), &report.markdown())
 }
 
@@ -431,10 +423,7 @@ fn read_in_distribution(dir: &Path) -> Result<Option<CheEvalReport>> {
 }
 
 fn write_in_distribution(dir: &Path, report: &CheEvalReport) -> Result<()> {
-    write_atomic(
-        &dir.join(IN_DISTRIBUTION),
-        &serde_json::to_string_pretty(report)?,
-    )
+    write_json_atomic(&dir.join(IN_DISTRIBUTION), report)
 }
 
 /// Draws `out/<task>.svg`: accuracy by length, one line per encoding of the task's row.

@@ -67,6 +67,11 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
     write_bytes_atomic(path, text.as_bytes())
 }
 
+/// Writes `value` as pretty-printed JSON, atomically (see [`write_bytes_atomic`]).
+pub fn write_json_atomic<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    write_atomic(path, &serde_json::to_string_pretty(value)?)
+}
+
 /// How a run records a path so that its files name no machine: a relative path stays as it
 /// is, an absolute path under the working directory becomes relative to it, and any other
 /// absolute path is reduced to its last component (the run's name).

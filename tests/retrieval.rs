@@ -60,6 +60,8 @@ fn mqar_trains_and_evaluates_into_json_csv_and_a_plot() {
         run_s,
         "--lines",
         "1",
+        "--valid-tokens",
+        "512",
     ]);
     assert!(run.join("model.mpk").is_file());
     assert!(!run.join("manifest.json").exists(), "MQAR reads no corpus");
@@ -121,6 +123,8 @@ fn passkey_trains_on_a_corpus_and_draws_its_heatmap() {
         run.to_str().unwrap(),
         "--lines",
         "1",
+        "--valid-tokens",
+        "512",
     ]);
     let config = json(&run.join("config.json"));
     assert_eq!(config["passkey"]["fraction"], 0.1);
@@ -172,6 +176,8 @@ fn a_suite_resumes_cell_by_cell() {
         "--resume",
         "--cells",
         "1",
+        "--valid-tokens",
+        "512",
     ];
     let first = String::from_utf8(dape(&args).stdout).unwrap();
     assert!(first.contains("suite: 1 of 2 cells finished"), "{first}");

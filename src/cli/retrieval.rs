@@ -149,6 +149,9 @@ pub struct TrainArgs {
     /// Seed of the weights and the data.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Tokens per length of each validation round (every 250 steps and at the end).
+    #[arg(long, default_value_t = 8192)]
+    valid_tokens: usize,
     /// Passkey: the corpus the items are mixed into.
     #[arg(long, default_value = "data/books")]
     data: PathBuf,
@@ -172,6 +175,7 @@ impl TrainArgs {
         RetrievalTrainSettings {
             steps: self.steps,
             seed: self.seed,
+            valid_tokens: self.valid_tokens,
             data: self.data.clone(),
             passkey: PasskeyConfig {
                 fraction: self.fraction,

@@ -14,7 +14,7 @@ use crate::error::{ensure, Error, Result};
 use crate::experiment::che::{che_forward, CheBatch, CheTrainConfig, POSITION_STREAM};
 use crate::experiment::stream_seed;
 use crate::model::SequenceModel;
-use crate::util::{io_error, portable_path, write_atomic};
+use crate::util::{io_error, portable_path, write_atomic, write_json_atomic};
 
 /// Settings of an evaluation.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -207,10 +207,7 @@ pub fn mean_accuracy(lengths: &[LengthAccuracy]) -> f64 {
 /// Writes `che.json`, `che.csv` and `che.svg` into `dir`.
 pub fn write_report(dir: &Path, report: &CheEvalReport) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-    write_atomic(
-        &dir.join("che.json"),
-        &serde_json::to_string_pretty(report)?,
-    )?;
+    write_json_atomic(&dir.join("che.json"), report)?;
     let mut csv = String::from("length,accuracy,sequences,seconds\n");
     for l in &report.lengths {
         csv.push_str(&format!(

@@ -23,7 +23,7 @@ use crate::experiment::lm::{
 use crate::model::LanguageModel;
 use crate::progress::ProgressBar;
 use crate::sysmem;
-use crate::util::{portable_path, write_atomic};
+use crate::util::{portable_path, write_atomic, write_json_atomic};
 
 /// Settings of an evaluation.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -454,10 +454,7 @@ pub fn evaluate_run_with_keys<B: Backend>(
 
 /// Writes `eval.json`, `eval.csv` and `ppl_by_length.svg` into `dir`.
 pub fn write_report(dir: &Path, report: &LmEvalReport) -> Result<()> {
-    write_atomic(
-        &dir.join("eval.json"),
-        &serde_json::to_string_pretty(report)?,
-    )?;
+    write_json_atomic(&dir.join("eval.json"), report)?;
     // LongPPL's two columns only when it was measured, so that plain evaluations keep the
     // format they always had.
     let longppl = report.lengths.iter().any(|l| l.key_tokens.is_some());

@@ -18,12 +18,12 @@ use super::plot::{line_chart_svg, Chart, Series};
 use crate::data::retrieval::mqar::MqarConfig;
 use crate::data::retrieval::passkey;
 use crate::data::retrieval::{RetrievalItem, RetrievalTask};
-use crate::error::{ensure, Error, Result};
+use crate::error::{ensure, ensure_non_empty, Error, Result};
 use crate::experiment::lm::{auto_chunk, sample_positions, LmTrainConfig, EVAL_BATCH_TOKENS};
 use crate::experiment::stream_seed;
 use crate::model::LanguageModel;
 use crate::progress::ProgressBar;
-use crate::util::{io_error, portable_path, write_atomic, Rng};
+use crate::util::{io_error, portable_path, write_atomic, write_json_atomic, Rng};
 
 /// Seed of the test items (independent of the training items).
 const TEST_SEED: u64 = 0x07E5_74E7;
@@ -63,13 +63,8 @@ impl Default for RetrievalEvalConfig {
 impl RetrievalEvalConfig {
     /// Checks the values a user can get wrong.
     pub fn validate(&self) -> Result<()> {
-        ensure(
-            !self.lengths.is_empty(),
-            "lengths",
-            "[]",
-            "must not be empty",
-        )?;
-        ensure(!self.depths.is_empty(), "depths", "[]", "must not be empty")?;
+        ensure_non_empty(&self.lengths, "lengths")?;
+        ensure_non_empty(&self.depths, "depths")?;
         if let Some(d) = self.depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
             return Err(Error::invalid("depths", d, "each depth must be in 0..=1"));
         }
@@ -439,10 +434,7 @@ pub fn evaluate_run<B: Backend>(
 /// `retrieval.svg` (accuracy by length) and, for passkey, `passkey_heatmap.svg` into `dir`.
 pub fn write_report(dir: &Path, report: &RetrievalReport) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-    write_atomic(
-        &dir.join("retrieval.json"),
-        &serde_json::to_string_pretty(report)?,
-    )?;
+    write_json_atomic(&dir.join("retrieval.json"), report)?;
     let mut csv = String::from("task,length,depth,accuracy,correct,total,seconds\n");
     for l in &report.lengths {
         csv.push_str(&format!(

@@ -18,6 +18,8 @@ pub struct RetrievalTrainSettings {
     pub steps: usize,
     /// Steps between checkpoints and validation rounds (capped at `steps`).
     pub checkpoint_every: usize,
+    /// Tokens per validation length and round.
+    pub valid_tokens: usize,
     /// Seed of the weights and the data.
     pub seed: u64,
     /// The corpus the passkey items are mixed into.
@@ -33,6 +35,7 @@ impl Default for RetrievalTrainSettings {
         Self {
             steps: 2000,
             checkpoint_every: 250,
+            valid_tokens: LmTrainConfig::default().valid_tokens,
             seed: 0,
             data: PathBuf::from("data/books"),
             passkey: PasskeyConfig::default(),
@@ -54,6 +57,7 @@ pub fn train_config(
         steps: settings.steps,
         warmup_steps: defaults.warmup_steps.min(settings.steps / 10),
         checkpoint_every: settings.checkpoint_every.min(settings.steps).max(1),
+        valid_tokens: settings.valid_tokens,
         seed: settings.seed,
         ..defaults
     };
