@@ -416,6 +416,7 @@ mod tests {
             length: 256,
             accuracy,
             tally: Tally::default(),
+            answer_accuracy: Some(accuracy),
             by_depth: Vec::new(),
             seconds: 0.0,
         }];

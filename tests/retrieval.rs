@@ -97,7 +97,9 @@ fn mqar_trains_and_evaluates_into_json_csv_and_a_plot() {
     );
     let csv = std::fs::read_to_string(run.join("retrieval.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
-    assert!(csv.starts_with("task,length,depth,accuracy,correct,total,seconds\nmqar,128,all,"));
+    assert!(csv.starts_with(
+        "task,length,depth,accuracy,correct,total,answer_accuracy,seconds\nmqar,128,all,"
+    ));
     assert!(run.join("retrieval.svg").is_file());
     std::fs::remove_dir_all(&run).unwrap();
 }
@@ -127,7 +129,7 @@ fn passkey_trains_on_a_corpus_and_draws_its_heatmap() {
         "512",
     ]);
     let config = json(&run.join("config.json"));
-    assert_eq!(config["passkey"]["fraction"], 0.1);
+    assert_eq!(config["passkey"]["fraction"], 0.5);
     assert_eq!(config["passkey"]["digits"], 5);
     dape(&[
         "retrieval",

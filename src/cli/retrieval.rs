@@ -156,7 +156,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "data/books")]
     data: PathBuf,
     /// Passkey: share of training windows that are passkey items.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.5)]
     fraction: f64,
     /// Passkey: digits of the key.
     #[arg(long, default_value_t = 5)]
@@ -285,11 +285,12 @@ impl BackendTask for EvalTask {
             &device,
             |l| {
                 println!(
-                    "length {:>5}  accuracy {:>6.2}%  ({} of {}, {:.1}s)",
+                    "length {:>5}  accuracy {:>6.2}%  ({} of {}; answer tokens {:.2}%, {:.1}s)",
                     l.length,
                     100.0 * l.accuracy,
                     l.tally.correct,
                     l.tally.total,
+                    100.0 * l.answer_accuracy.unwrap_or(l.accuracy),
                     l.seconds
                 )
             },

@@ -130,6 +130,11 @@ pub struct LengthAccuracy {
     pub accuracy: f64,
     /// The counts behind it.
     pub tally: Tally,
+    /// Accuracy over the scored answer tokens one by one (passkey: per digit, a graded
+    /// signal where exact match is 0; MQAR: the same as `accuracy`); `None` in reports
+    /// written before it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_accuracy: Option<f64>,
     /// Passkey: accuracy per depth, in the order of the config's depths.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub by_depth: Vec<f64>,
@@ -330,12 +335,16 @@ pub fn evaluate<B: Backend>(
             .clone()
             .with_chunk_size(auto_chunk(rows.min(items.len()), length));
         let mut tally = Tally::default();
+        let mut answers_tally = Tally::default();
         let mut depth_tallies = vec![Tally::default(); eval.depths.len()];
         let mut bar = ProgressBar::new(format!("{task} length {length}"), items.len());
         for (pass, batch) in items.chunks(rows).enumerate() {
             let refs: Vec<&RetrievalItem> = batch.iter().map(|(i, _)| i).collect();
             let verdicts = predict(&model, train, &refs, pass as u64, device)?;
             for ((item, depth), answers) in batch.iter().zip(verdicts) {
+                for &a in &answers {
+                    answers_tally.add(a);
+                }
                 let units: Vec<(bool, usize)> = match task {
                     // One unit per item: every digit right; its gap is the needle's.
                     RetrievalTask::Passkey => {
@@ -362,6 +371,7 @@ pub fn evaluate<B: Backend>(
             length,
             accuracy: tally.accuracy(),
             tally,
+            answer_accuracy: Some(answers_tally.accuracy()),
             by_depth: match task {
                 RetrievalTask::Passkey => depth_tallies.iter().map(Tally::accuracy).collect(),
                 RetrievalTask::Mqar => Vec::new(),
@@ -435,15 +445,23 @@ pub fn evaluate_run<B: Backend>(
 pub fn write_report(dir: &Path, report: &RetrievalReport) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_error(dir))?;
     write_json_atomic(&dir.join("retrieval.json"), report)?;
-    let mut csv = String::from("task,length,depth,accuracy,correct,total,seconds\n");
+    let mut csv =
+        String::from("task,length,depth,accuracy,correct,total,answer_accuracy,seconds\n");
     for l in &report.lengths {
         csv.push_str(&format!(
-            "{},{},all,{:.6},{},{},{:.3}\n",
-            report.task, l.length, l.accuracy, l.tally.correct, l.tally.total, l.seconds
+            "{},{},all,{:.6},{},{},{},{:.3}\n",
+            report.task,
+            l.length,
+            l.accuracy,
+            l.tally.correct,
+            l.tally.total,
+            l.answer_accuracy
+                .map_or(String::new(), |a| format!("{a:.6}")),
+            l.seconds
         ));
         for (depth, accuracy) in report.eval.depths.iter().zip(&l.by_depth) {
             csv.push_str(&format!(
-                "{},{},{depth},{accuracy:.6},,,\n",
+                "{},{},{depth},{accuracy:.6},,,,\n",
                 report.task, l.length
             ));
         }

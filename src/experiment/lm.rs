@@ -73,7 +73,7 @@ pub struct LmTrainConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ssmax: Option<SsmaxConfig>,
     /// Passkey items mixed into the corpus's training windows, e.g.
-    /// `"passkey": {"fraction": 0.1, "digits": 5}` (bytes tokenizer only).
+    /// `"passkey": {"fraction": 0.5, "digits": 5}` (bytes tokenizer only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub passkey: Option<PasskeyConfig>,
     /// Train on generated MQAR items instead of the corpus (`data` and `split` are then not

@@ -17,7 +17,10 @@
 //!   the same verdict: a wrong digit fails the item either way).
 //!
 //! Training mixes such items, at a uniform depth and the training length, into the corpus's
-//! windows (`"passkey": {"fraction": 0.1, "digits": 5}` in an LM config).
+//! windows (`"passkey": {"fraction": 0.5, "digits": 5}` in an LM config). Half of the windows:
+//! at a tenth, a Kerple model of the study's size did not learn the format in 2,000 steps
+//! (0% of keys and 10% of digits, chance, at the training length); at half it retrieved
+//! every key at the training length.
 
 use serde::{Deserialize, Serialize};
 
@@ -41,7 +44,7 @@ pub fn needle(key: &str) -> String {
     format!("The pass key is {key}. Remember it. {key} is the pass key. ")
 }
 
-/// Passkey items mixed into LM training (`"passkey": {"fraction": 0.1, "digits": 5}`).
+/// Passkey items mixed into LM training (`"passkey": {"fraction": 0.5, "digits": 5}`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PasskeyConfig {
@@ -54,7 +57,7 @@ pub struct PasskeyConfig {
 impl Default for PasskeyConfig {
     fn default() -> Self {
         Self {
-            fraction: 0.1,
+            fraction: 0.5,
             digits: 5,
         }
     }
