@@ -73,7 +73,7 @@ SEED_ENCODINGS="kerple_log dape_kerple_log alibi rope"
 CHE_ENCODINGS="nope,rope,configs/encodings/rope_randomized.json,alibi,kerple_log,fire,dape_kerple_log,dape_fire"
 RETRIEVAL_ENCODINGS="nope,rope,configs/encodings/rope_randomized_8192.json,t5,alibi,kerple_log,fire,dape_alibi,dape_kerple_log,dape_fire,fox,dape_fox,dapev2_kerple_log"
 RETRIEVAL_ARGS=(--tasks mqar,passkey --encodings "$RETRIEVAL_ENCODINGS" --seeds 0 --extra-seeds 1,2
-  --extra-seed-encodings kerple_log,dape_kerple_log,alibi,rope --steps "$STEPS"
+  --extra-seed-encodings kerple_log,dape_kerple_log,alibi,rope --steps "$STEPS" --fraction 0.5
   --lengths 128,256,512,1024,2048,4096,8192 --trials "$RETRIEVAL_TRIALS" --backend "$BACKEND")
 CHE_ARGS=(--tasks all --encodings "$CHE_ENCODINGS" --steps "$CHE_STEPS" --lengths 41..200:8
   --sequences 64 --backend "$BACKEND")
