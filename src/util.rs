@@ -33,13 +33,15 @@ pub fn gelu_exact<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.clone() * ((x / std::f64::consts::SQRT_2).erf() + 1.0) * 0.5
 }
 
-/// `dir/name-partial`: the temporary name of an atomic write. Burn's recorders replace the
-/// extension, so the temporary name has none of its own.
+/// `dir/name-partial-<pid>`: the temporary name of an atomic write, this process's alone: two
+/// runs filling the same token cache at once must not rename each other's temporary file away
+/// (the second rename then failed with "No such file or directory"). Burn's recorders replace
+/// the extension, so the temporary name has none of its own.
 pub fn partial_name(path: &Path) -> PathBuf {
     let stem = path
         .file_name()
         .map_or_else(|| "record".into(), |n| n.to_string_lossy().into_owned());
-    path.with_file_name(format!("{stem}-partial"))
+    path.with_file_name(format!("{stem}-partial-{}", std::process::id()))
 }
 
 /// A closure that names `path` in an I/O error.
@@ -170,6 +172,26 @@ pub(crate) fn autodiff_test_lock() -> std::sync::MutexGuard<'static, ()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_process_s_temporary_file_is_left_alone() {
+        let dir = std::env::temp_dir().join(format!("dape-util-other-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cache.bin");
+        // What another process writing the same file has in flight.
+        let theirs = dir.join(format!("cache.bin-partial-{}", std::process::id() + 1));
+        std::fs::write(&theirs, "theirs").unwrap();
+        let ours = partial_name(&path);
+        assert!(
+            ours.to_string_lossy()
+                .ends_with(&format!("-partial-{}", std::process::id())),
+            "{ours:?} is not this process's own"
+        );
+        write_atomic(&path, "ours").unwrap();
+        assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "theirs");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "ours");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn atomic_write_replaces_the_file_and_leaves_no_temporary() {
