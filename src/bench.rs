@@ -12,6 +12,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
+use crate::attention::StickBreakingConfig;
 use crate::encoding::{table_cache_stats, PositionalEncodingConfig};
 use crate::error::{ensure, Result};
 use crate::experiment::lm::{auto_chunk, token_nll};
@@ -58,6 +59,8 @@ pub struct BenchConfig {
     /// optimizer step (clipping and AdamW) apart, waiting for the device after each, and report
     /// them as [`BenchResult::phases`]. The waits cost a little on asynchronous backends.
     pub phases: bool,
+    /// Stick-breaking attention in place of the softmax.
+    pub stick_breaking: bool,
 }
 
 impl BenchConfig {
@@ -76,6 +79,7 @@ impl BenchConfig {
             layers: 4,
             heads: 8,
             phases: false,
+            stick_breaking: false,
         }
     }
 }
@@ -92,6 +96,9 @@ pub struct BenchResult {
     pub threads: usize,
     /// Encoding name.
     pub encoding: String,
+    /// The attention's normaliser: `softmax` or `stick_breaking`.
+    #[serde(default = "softmax_name")]
+    pub normaliser: String,
     /// `train` or `eval`.
     pub mode: BenchMode,
     /// Tokens per sequence.
@@ -124,6 +131,11 @@ pub struct BenchResult {
     /// Mean seconds per timed step in each phase, when [`BenchConfig::phases`] asked for them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phases: Option<Phases>,
+}
+
+/// The normaliser of results written before the field existed.
+fn softmax_name() -> String {
+    "softmax".into()
 }
 
 /// Where a training step's time goes (mean seconds per step).
@@ -171,7 +183,8 @@ pub fn run<B: AutodiffBackend>(
     let model_config = LanguageModelConfig::new(
         config.vocab,
         TransformerConfig::new(config.d_model, config.layers, config.heads)
-            .with_encoding(config.encoding.clone()),
+            .with_encoding(config.encoding.clone())
+            .with_stick_breaking(config.stick_breaking.then(StickBreakingConfig::new)),
     );
     let model: LanguageModel<B> = model_config.init(device)?;
     let (inputs, targets) = batch_tokens::<B>(config, device);
@@ -246,6 +259,12 @@ pub fn run<B: AutodiffBackend>(
         backend: backend.into(),
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         encoding: config.encoding.name(),
+        normaliser: if config.stick_breaking {
+            "stick_breaking"
+        } else {
+            "softmax"
+        }
+        .into(),
         mode: config.mode,
         length: config.length,
         batch: config.batch,

@@ -96,7 +96,9 @@ pub mod sysmem;
 #[cfg(feature = "harness")]
 pub mod train;
 
-pub use attention::{AttentionConfig, KvCache, MultiHeadAttention, SsmaxConfig};
+pub use attention::{
+    AttentionConfig, KvCache, MultiHeadAttention, SsmaxConfig, StickBreakingConfig,
+};
 pub use encoding::{PositionalEncoding, PositionalEncodingConfig, Span, ENCODING_NAMES};
 pub use error::{Error, Result};
 pub use model::{

@@ -4,7 +4,9 @@
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
-use crate::attention::{AttentionConfig, KvCache, MultiHeadAttention, SsmaxConfig};
+use crate::attention::{
+    AttentionConfig, KvCache, MultiHeadAttention, SsmaxConfig, StickBreakingConfig,
+};
 use crate::encoding::{Hook, PositionalEncoding, PositionalEncodingConfig, Positions};
 use crate::error::{ensure, Error, Result};
 use crate::kernel::{gelu, linear_layer};
@@ -94,6 +96,9 @@ pub struct TransformerConfig {
     /// Scalable-Softmax in every attention layer (`None`: the plain softmax).
     #[config(default = "None")]
     pub ssmax: Option<SsmaxConfig>,
+    /// Stick-breaking attention in place of the softmax in every layer (`None`: the softmax).
+    #[config(default = "None")]
+    pub stick_breaking: Option<StickBreakingConfig>,
 }
 
 /// Token embedding, absolute positions (if any), blocks and final norm.
@@ -136,7 +141,8 @@ impl TransformerConfig {
             .with_encoding(self.encoding.clone())
             .with_causal(causal)
             .with_chunk_size(self.chunk_size)
-            .with_ssmax(self.ssmax.clone());
+            .with_ssmax(self.ssmax.clone())
+            .with_stick_breaking(self.stick_breaking.clone());
         let norm = || LayerNorm::new(self.d_model, self.layer_norm_eps, device);
         let hidden = self.ffn_ratio * self.d_model;
         let blocks = (0..self.n_layers)

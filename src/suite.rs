@@ -237,17 +237,20 @@ impl SuiteReport {
 }
 
 /// The run folder's name of a cell: the encoding's label (with `+randomized` at randomized
-/// positions), with `+ssmax` when the runs use Scalable-Softmax.
+/// positions), with `+ssmax` when the runs use Scalable-Softmax and `+sb` with stick-breaking
+/// attention.
 fn cell_name(config: &SuiteConfig, encoding: &PositionalEncodingConfig) -> String {
-    format!(
-        "{}{}",
-        encoding.label(),
-        if config.train.ssmax.is_some() {
-            "+ssmax"
-        } else {
-            ""
-        }
-    )
+    let ssmax = if config.train.ssmax.is_some() {
+        "+ssmax"
+    } else {
+        ""
+    };
+    let sb = if config.train.stick_breaking.is_some() {
+        "+sb"
+    } else {
+        ""
+    };
+    format!("{}{ssmax}{sb}", encoding.label())
 }
 
 /// The evaluation settings of the in-distribution check: every training length.

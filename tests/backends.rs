@@ -16,8 +16,8 @@ use burn::tensor::backend::AutodiffBackend;
 
 use dape::encoding::{Positions, RandomizedConfig};
 use dape::{
-    LanguageModel, LanguageModelConfig, PositionalEncodingConfig, SsmaxConfig, TransformerConfig,
-    ENCODING_NAMES,
+    LanguageModel, LanguageModelConfig, PositionalEncodingConfig, SsmaxConfig, StickBreakingConfig,
+    TransformerConfig, ENCODING_NAMES,
 };
 
 type Reference = Autodiff<NdArray<f32>>;
@@ -33,14 +33,15 @@ const GRAD_TOL: f32 = 1e-3;
 
 fn model<Bk: Backend>(
     encoding: &PositionalEncodingConfig,
-    ssmax: bool,
+    [ssmax, stick_breaking]: [bool; 2],
     device: &Bk::Device,
 ) -> LanguageModel<Bk> {
     LanguageModelConfig::new(
         VOCAB,
         TransformerConfig::new(32, 2, 4)
             .with_encoding(encoding.clone())
-            .with_ssmax(ssmax.then(|| SsmaxConfig::new().with_init_length(4))),
+            .with_ssmax(ssmax.then(|| SsmaxConfig::new().with_init_length(4)))
+            .with_stick_breaking(stick_breaking.then(StickBreakingConfig::new)),
     )
     .init::<Bk>(device)
     .expect("valid config")
@@ -115,22 +116,27 @@ fn check_backend<Bk: AutodiffBackend>(backend: &str, device: Bk::Device) {
     let only = std::env::var("DAPE_BACKEND_ENCODINGS").ok();
     // Every encoding is checked, and every disagreement reported, before the test fails.
     let mut failures = Vec::new();
-    // (encoding, Scalable-Softmax, randomized positions)
+    // (encoding, [Scalable-Softmax, stick-breaking], randomized positions)
     let cases = ENCODING_NAMES
         .iter()
-        .map(|name| (*name, false, false))
+        .map(|name| (*name, [false, false], false))
         .chain([
-            ("kerple_log", true, false),
-            ("dape_kerple_log", true, false),
+            ("kerple_log", [true, false], false),
+            ("dape_kerple_log", [true, false], false),
+            ("nope", [false, true], false),
+            ("kerple_log", [false, true], false),
+            ("alibi", [true, true], false),
         ])
         .chain(
             ["rope", "sinusoidal", "t5", "kerple_log", "dape_kerple_log"]
-                .map(|name| (name, false, true)),
+                .map(|name| (name, [false, false], true)),
         );
-    for (encoding_name, ssmax, randomized) in cases {
+    for (encoding_name, normaliser, randomized) in cases {
+        let [ssmax, stick_breaking] = normaliser;
         let name = format!(
-            "{encoding_name}{}{}",
+            "{encoding_name}{}{}{}",
             if ssmax { "+ssmax" } else { "" },
+            if stick_breaking { "+sb" } else { "" },
             if randomized { "+randomized" } else { "" }
         );
         if only
@@ -146,11 +152,11 @@ fn check_backend<Bk: AutodiffBackend>(backend: &str, device: Bk::Device) {
             .with_randomized(randomized)
             .unwrap();
         <Reference as Backend>::seed(&reference_device, 3);
-        let reference = model::<Reference>(&encoding, ssmax, &reference_device);
+        let reference = model::<Reference>(&encoding, normaliser, &reference_device);
         let bytes =
             Recorder::<Reference>::record(&recorder, reference.clone().into_record(), ()).unwrap();
         let record = Recorder::<Bk>::load(&recorder, bytes, &device).unwrap();
-        let other = model::<Bk>(&encoding, ssmax, &device).load_record(record);
+        let other = model::<Bk>(&encoding, normaliser, &device).load_record(record);
 
         let (logits_ref, grads_ref) = run(&reference, positions.as_ref(), &reference_device);
         let (logits, grads) = run(&other, positions.as_ref(), &device);

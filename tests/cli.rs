@@ -91,6 +91,7 @@ fn che_train_runs_for_the_newer_encodings() {
         ("bipe_alibi", "1", None),
         ("bipe_rope", "2", None),
         ("kerple_log", "1", Some("--ssmax")),
+        ("nope", "1", Some("--stick-breaking")),
         ("rope", "2", Some("--randomized=512")),
         ("fox", "1", None),
         ("dape_fox", "1", None),
@@ -132,6 +133,13 @@ fn che_train_runs_for_the_newer_encodings() {
         if extra == Some("--ssmax") {
             let config = std::fs::read_to_string(out.join("config.json")).unwrap();
             assert!(config.contains("\"ssmax\""), "{encoding}: {config}");
+        }
+        if extra == Some("--stick-breaking") {
+            let config = std::fs::read_to_string(out.join("config.json")).unwrap();
+            assert!(
+                config.contains("\"stick_breaking\""),
+                "{encoding}: {config}"
+            );
         }
         // Randomized RoPE: recorded in the run's encoding, and its evaluation samples positions
         // too (so a test input longer than the range is an error naming it).

@@ -302,3 +302,40 @@ fn lm_config_ssmax_round_trips() {
         assert!(got.iter().all(|v| (v - want).abs() < 1e-6), "{got:?}");
     }
 }
+
+/// Stick-breaking attention in an LM config: parsed (with and without fields), written back
+/// (and left out when off), an unknown field refused by name, and every layer of the model it
+/// builds carries it.
+#[cfg(feature = "harness")]
+#[test]
+fn lm_config_stick_breaking_round_trips() {
+    use dape::experiment::lm::LmTrainConfig;
+    let config: LmTrainConfig =
+        serde_json::from_str(r#"{"encoding": "nope", "stick_breaking": {}}"#).unwrap();
+    config.validate().unwrap();
+    assert_eq!(
+        config.stick_breaking,
+        Some(dape::StickBreakingConfig::new()),
+        "an empty object is the defaults"
+    );
+    let current: LmTrainConfig =
+        serde_json::from_str(r#"{"stick_breaking": {"attend_current": true}}"#).unwrap();
+    assert!(current.stick_breaking.as_ref().unwrap().attend_current);
+    let json = serde_json::to_string(&current).unwrap();
+    let back: LmTrainConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.stick_breaking, current.stick_breaking, "{json}");
+    let plain = serde_json::to_string(&LmTrainConfig::default()).unwrap();
+    assert!(!plain.contains("stick_breaking"), "{plain}");
+    let err =
+        serde_json::from_str::<LmTrainConfig>(r#"{"stick_breaking": {"atend_current": true}}"#)
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("atend_current"), "{err}");
+    let model = current.model().init::<B>(&dev()).unwrap();
+    for block in &model.transformer.blocks {
+        assert_eq!(
+            block.attention.stick_breaking, current.stick_breaking,
+            "every layer breaks sticks"
+        );
+    }
+}

@@ -11,7 +11,7 @@ use burn::tensor::backend::AutodiffBackend;
 
 use dape::{
     LanguageModel, LanguageModelConfig, PositionalEncodingConfig, SequenceModelConfig, SsmaxConfig,
-    TransformerConfig, ENCODING_NAMES,
+    StickBreakingConfig, TransformerConfig, ENCODING_NAMES,
 };
 
 type B = NdArray<f32>;
@@ -19,11 +19,13 @@ type AD = Autodiff<NdArray<f32>>;
 
 const VOCAB: usize = 13;
 
-/// One model setting under test: an encoding, with or without Scalable-Softmax.
+/// One model setting under test: an encoding, with or without Scalable-Softmax, and with the
+/// softmax or stick-breaking attention (with or without the query's own key on the stick).
 #[derive(Clone)]
 struct Case {
     encoding: PositionalEncodingConfig,
     ssmax: bool,
+    stick_breaking: Option<StickBreakingConfig>,
 }
 
 impl From<PositionalEncodingConfig> for Case {
@@ -31,6 +33,7 @@ impl From<PositionalEncodingConfig> for Case {
         Self {
             encoding,
             ssmax: false,
+            stick_breaking: None,
         }
     }
 }
@@ -82,9 +85,32 @@ fn encodings() -> Vec<(String, Case)> {
                     let case = Case {
                         encoding: PositionalEncodingConfig::from_name(name).unwrap(),
                         ssmax: true,
+                        stick_breaking: None,
                     };
                     (format!("{name}+ssmax"), case)
                 }),
+        )
+        .chain(
+            [
+                ("nope", false, false),
+                ("nope", false, true),
+                ("rope", false, false),
+                ("kerple_log", false, false),
+                ("dape_kerple_log", false, false),
+                ("fox", false, false),
+                ("alibi", true, true),
+            ]
+            .into_iter()
+            .map(|(name, ssmax, current)| {
+                let case = Case {
+                    encoding: PositionalEncodingConfig::from_name(name).unwrap(),
+                    ssmax,
+                    stick_breaking: Some(StickBreakingConfig::new().with_attend_current(current)),
+                };
+                let extra = if ssmax { "+ssmax" } else { "" };
+                let own = if current { "/current" } else { "" };
+                (format!("{name}{extra}+sb{own}"), case)
+            }),
         )
         .collect()
 }
@@ -126,6 +152,7 @@ fn transformer(case: impl Into<Case>) -> TransformerConfig {
     TransformerConfig::new(16, 2, 4)
         .with_encoding(case.encoding)
         .with_ssmax(case.ssmax.then(|| SsmaxConfig::new().with_init_length(4)))
+        .with_stick_breaking(case.stick_breaking)
 }
 
 fn lm<Bk: Backend>(case: impl Into<Case>) -> LanguageModel<Bk> {

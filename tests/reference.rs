@@ -913,3 +913,125 @@ fn kerple_looked_up_bias_matches_the_formula() {
         }
     }
 }
+
+/// Stick-breaking attention through a whole causal layer against fla's own
+/// `naive_stickbreaking_attn` (fla-core, computed in float64 by
+/// `scripts/stick-breaking-cases.py`): the layer's QKV projection set to the fixture's, its
+/// output projection to the identity, so its output is fla's `o`. Cases with and without the
+/// query's own key on the stick, four heads, and saturated logits (|z| in the tens).
+#[test]
+fn stick_breaking_matches_fla_reference() {
+    use burn::module::Param;
+    use dape::{AttentionConfig, StickBreakingConfig};
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/stick_breaking_fla.json"),
+    )
+    .unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() >= 4, "fixture has {} cases", cases.len());
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let heads = case["heads"].as_u64().unwrap() as usize;
+        let shape = case["shape"].as_array().unwrap();
+        let (t, d) = (
+            shape[0].as_u64().unwrap() as usize,
+            shape[1].as_u64().unwrap() as usize,
+        );
+        let sb = StickBreakingConfig::new()
+            .with_attend_current(case["attend_current"].as_bool().unwrap());
+        let mut layer = AttentionConfig::new(d, heads)
+            .with_stick_breaking(Some(sb))
+            .init::<B>(&dev())
+            .unwrap();
+        let tensor2 = |v: Vec<f32>, shape: [usize; 2]| {
+            Tensor::<B, 2>::from_data(TensorData::new(v, shape), &dev())
+        };
+        layer.qkv.weight = Param::from_tensor(tensor2(floats(&case["qkv_weight"]), [d, 3 * d]));
+        layer.qkv.bias = Some(Param::from_tensor(Tensor::from_data(
+            TensorData::new(floats(&case["qkv_bias"]), [3 * d]),
+            &dev(),
+        )));
+        layer.output.weight = Param::from_tensor(Tensor::eye(d, &dev()));
+        layer.output.bias = Some(Param::from_tensor(Tensor::zeros([d], &dev())));
+        let x = tensor2(floats(&case["x"]), [t, d]).reshape([1, t, d]);
+        let got = values(layer.forward(x));
+        let want = floats(&case["o"]);
+        assert_eq!(got.len(), want.len(), "{name}: output size");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                close(f64::from(*g), f64::from(*w), 2e-5),
+                "{name}: o[{}, {}] = {g}, fla {w}",
+                i / d,
+                i % d
+            );
+        }
+    }
+}
+
+/// Bidirectional stick-breaking (this crate's form: a stick on either side of the query, each
+/// broken outward from it and weighted ½) through a whole layer against its formula in f64 on
+/// the host, with and without the query's own key on both sticks.
+#[test]
+fn bidirectional_stick_breaking_matches_its_formula() {
+    use burn::module::Param;
+    use dape::{AttentionConfig, StickBreakingConfig};
+    let (d, heads, len) = (8, 2, 9);
+    let dh = d / heads;
+    let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());
+    for current in [false, true] {
+        let mut layer = AttentionConfig::new(d, heads)
+            .with_causal(false)
+            .with_stick_breaking(Some(
+                StickBreakingConfig::new().with_attend_current(current),
+            ))
+            .init::<B>(&dev())
+            .unwrap();
+        layer.output.weight = Param::from_tensor(Tensor::eye(d, &dev()));
+        layer.output.bias = Some(Param::from_tensor(Tensor::zeros([d], &dev())));
+        let x = Tensor::<B, 3>::random([1, len, d], Distribution::Normal(0.0, 1.5), &dev());
+        let got = values(layer.forward(x.clone()));
+        let qkv = values(dape::kernel::linear_layer(&layer.qkv, x));
+        let at = |t: usize, part: usize, h: usize, c: usize| {
+            f64::from(qkv[t * 3 * d + part * d + h * dh + c])
+        };
+        for h in 0..heads {
+            for i in 0..len {
+                let z = |j: usize| {
+                    (0..dh)
+                        .map(|c| at(i, 0, h, c) * at(j, 1, h, c))
+                        .sum::<f64>()
+                        / (dh as f64).sqrt()
+                };
+                let mut weights = vec![0.0f64; len];
+                // Each side: keys in order of distance from the query.
+                let before: Vec<usize> = (0..=i).rev().filter(|&j| j < i || current).collect();
+                let after: Vec<usize> = (i..len).filter(|&j| j > i || current).collect();
+                for side in [before, after] {
+                    let mut left = 1.0;
+                    for j in side {
+                        let take = sigmoid(z(j)) * left;
+                        weights[j] += 0.5 * take;
+                        left -= take;
+                    }
+                }
+                for c in 0..dh {
+                    let want: f64 = (0..len).map(|j| weights[j] * at(j, 2, h, c)).sum();
+                    let g = f64::from(got[i * d + h * dh + c]);
+                    assert!(
+                        close(g, want, 1e-4),
+                        "attend_current {current}: o[{i}, head {h}, {c}] = {g}, formula {want}"
+                    );
+                }
+            }
+        }
+    }
+}

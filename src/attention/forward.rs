@@ -16,6 +16,7 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use super::ssmax::ssmax_factor;
+use super::stick_breaking::stick_breaking_weights;
 use super::{KvCache, MultiHeadAttention};
 use crate::encoding::{Fox, Hook, PositionalEncoding, Positions, SegmentIds, Span};
 use crate::kernel::{
@@ -69,7 +70,8 @@ impl<B: Backend> MultiHeadAttention<B> {
         // and for encodings that read the logits, the tensor path.
         let fused = attention_applies::<B>()
             && self.encoding.hook() != Hook::Segments
-            && self.ssmax.is_none();
+            && self.ssmax.is_none()
+            && self.stick_breaking.is_none();
         let whole = self.chunk_size == 0 || self.chunk_size >= l;
         if fused && cache.is_none() && whole && !self.encoding.rotates() {
             if let Some(out) =
@@ -336,14 +338,18 @@ impl<B: Backend> MultiHeadAttention<B> {
         }
     }
 
-    /// The normaliser: Scalable-Softmax's factor (if the layer has it), then the causal mask
-    /// and the softmax over the keys, one fused pass on ndarray and LibTorch, else the tensor
-    /// path. `[batch, heads, rows, keys]` probabilities.
+    /// The normaliser: Scalable-Softmax's factor (if the layer has it), then stick-breaking
+    /// (if the layer has it), else the causal mask and the softmax over the keys, one fused
+    /// pass on ndarray and LibTorch, else the tensor path. `[batch, heads, rows, keys]`
+    /// weights.
     fn normalise(&self, logits: Tensor<B, 4>, span: &Span, device: &B::Device) -> Tensor<B, 4> {
         let logits = match &self.ssmax {
             Some(s) => logits * ssmax_factor(s.val(), span, device),
             None => logits,
         };
+        if let Some(sb) = &self.stick_breaking {
+            return stick_breaking_weights(logits, span, sb);
+        }
         let causal_from = span.causal.then_some(span.query_start);
         match fused_softmax(logits, causal_from) {
             Ok(probs) => probs,

@@ -15,6 +15,10 @@
 //! composes with every encoding: after the encoding's hook, row `i`'s logits are multiplied by
 //! `s_h · ln n_i`, with `n_i` the number of keys the row sees and `s_h` learned per head.
 //!
+//! Stick-breaking attention ([`StickBreakingConfig`]) replaces the softmax: each row breaks a
+//! stick over its keys from the nearest outward, in log space. It too composes with every
+//! encoding (and with Scalable-Softmax, whose factor it applies first).
+//!
 //! The layer's forward pass runs these steps (`forward.rs`), each a function of its own:
 //! the QKV projection, the cache update, the rotary hook, and per chunk of query rows the
 //! logit hook, the normaliser (mask, softmax, Scalable-Softmax) and the product with V; the
@@ -23,9 +27,11 @@
 mod cache;
 mod forward;
 mod ssmax;
+mod stick_breaking;
 
 pub use cache::KvCache;
 pub use ssmax::SsmaxConfig;
+pub use stick_breaking::StickBreakingConfig;
 
 use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
@@ -59,6 +65,9 @@ pub struct AttentionConfig {
     /// Scalable-Softmax on the logits (`None`: the plain softmax).
     #[config(default = "None")]
     pub ssmax: Option<SsmaxConfig>,
+    /// Stick-breaking attention in place of the softmax (`None`: the softmax).
+    #[config(default = "None")]
+    pub stick_breaking: Option<StickBreakingConfig>,
 }
 
 impl AttentionConfig {
@@ -106,6 +115,7 @@ impl AttentionConfig {
                 .as_ref()
                 .map(|c| c.init(self.n_heads, device))
                 .transpose()?,
+            stick_breaking: self.stick_breaking.clone(),
         }))
     }
 }
@@ -129,6 +139,10 @@ pub struct MultiHeadAttention<B: Backend> {
     pub chunk_size: usize,
     /// Scalable-Softmax's per-head scales `s_h` `[heads]`; `None` for the plain softmax.
     pub ssmax: Option<Param<Tensor<B, 1>>>,
+    /// Stick-breaking attention in place of the softmax; `None` for the softmax. A setting,
+    /// not a parameter: the config rebuilds it, the record does not carry it.
+    #[module(skip)]
+    pub stick_breaking: Option<StickBreakingConfig>,
 }
 
 impl<B: Backend> MultiHeadAttention<B> {

@@ -11,7 +11,7 @@ use dape::eval::che::{evaluate_run, parse_lengths, write_report, CheEvalConfig, 
 use dape::experiment::che::{self as che_run, CheTrainConfig};
 use dape::suite::{run_suite, SuiteConfig, SuiteReport};
 use dape::train::che::{self as che_train, Progress};
-use dape::{PositionalEncodingConfig, Result, SsmaxConfig};
+use dape::{PositionalEncodingConfig, Result, SsmaxConfig, StickBreakingConfig};
 
 /// The `dape che` subcommands.
 #[derive(Subcommand)]
@@ -137,6 +137,11 @@ pub struct TrainArgs {
     /// name gets `+ssmax`.
     #[arg(long)]
     ssmax: bool,
+    /// Stick-breaking attention in place of the softmax (composes with any encoding; the CHE
+    /// model is bidirectional, so each query breaks a stick on either side); the run folder
+    /// name gets `+sb`.
+    #[arg(long)]
+    stick_breaking: bool,
     /// Randomized positions (Ruoss et al., 2023): every step's sequences sit at a sorted random
     /// sample of distinct positions from `0..M`, and so do the test sequences (their inputs and
     /// outputs must fit in M; Ruoss et al. use 2048). For encodings driven by integer positions
@@ -198,6 +203,19 @@ impl TrainArgs {
             .with_learning_rate(self.lr)
             .with_seed(self.seed)
             .with_ssmax(self.ssmax.then(SsmaxConfig::new))
+            .with_stick_breaking(self.stick_breaking.then(StickBreakingConfig::new))
+    }
+
+    /// What a run folder's name gets for the normaliser options: `+ssmax`, `+sb`.
+    fn suffix(&self) -> String {
+        let mut out = String::new();
+        if self.ssmax {
+            out.push_str("+ssmax");
+        }
+        if self.stick_breaking {
+            out.push_str("+sb");
+        }
+        out
     }
 }
 
@@ -332,10 +350,9 @@ pub fn run(command: CheCommand) -> Result<bool> {
             let task = Task::from_name(&task)?;
             let encoding = train.encoding(encoding_arg(&encoding)?)?;
             let out = out.unwrap_or_else(|| {
-                let suffix = if train.ssmax { "+ssmax" } else { "" };
                 std::path::Path::new("runs/che")
                     .join(task.name())
-                    .join(format!("{}{suffix}", encoding.label()))
+                    .join(format!("{}{}", encoding.label(), train.suffix()))
             });
             let progress = match lines {
                 Some(every) => Progress::Lines(String::new(), every),

@@ -46,6 +46,10 @@ pub struct TrainArgs {
     /// Continue the run in --out from its newest checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Stick-breaking attention in place of the softmax, overriding the config's
+    /// `stick_breaking` (absent there: the softmax).
+    #[arg(long)]
+    stick_breaking: bool,
     /// One progress line every N steps [default: burn-train's TUI on a terminal, a line
     /// every 50 steps otherwise].
     #[arg(long)]
@@ -233,6 +237,9 @@ pub fn train(args: TrainArgs) -> Result<bool> {
     }
     if let Some(seed) = args.seed {
         train.seed = seed;
+    }
+    if args.stick_breaking && train.stick_breaking.is_none() {
+        train.stick_breaking = Some(dape::StickBreakingConfig::new());
     }
     train.validate()?;
     let name = args

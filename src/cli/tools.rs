@@ -101,6 +101,9 @@ pub struct BenchArgs {
     /// (`phases` in the JSON line), waiting for the device after each.
     #[arg(long)]
     phases: bool,
+    /// Stick-breaking attention in place of the softmax (`"normaliser"` in the JSON line).
+    #[arg(long)]
+    stick_breaking: bool,
 }
 
 struct ReferenceTask {
@@ -208,7 +211,10 @@ pub fn encodings() -> Result<bool> {
         "\nAttention options that compose with every encoding:\n\n\
          | option | acts on |\n| --- | --- |\n\
          | ssmax (`--ssmax`; `\"ssmax\": {{\"init_length\": 256}}` in an LM config) | \
-         each row's logits after the encoding's hook, times s_h · ln(keys the row sees) |\n\n\
+         each row's logits after the encoding's hook, times s_h · ln(keys the row sees) |\n\
+         | stick-breaking (`--stick-breaking`; `\"stick_breaking\": {{}}` in an LM config) | \
+         replaces the softmax: each row breaks a stick over its keys from the nearest outward, \
+         A_ij = σ(z_ij) · Π (1 − σ(z_ik)) over the keys k between j and the row |\n\n\
          Randomized positions (Ruoss et al., 2023), for the encodings marked yes: `--randomized M` \
          on `dape che train` / `che suite`, or `\"randomized\": {{\"max_position\": M}}` in an \
          encoding's JSON (an LM config's `encoding`). Each training step and each test forward \
@@ -343,6 +349,7 @@ pub fn bench(args: BenchArgs) -> Result<bool> {
         warmup: args.warmup,
         chunk: args.chunk,
         phases: args.phases,
+        stick_breaking: args.stick_breaking,
         ..BenchConfig::new(args.mode, encoding)
     };
     let result = dispatch(args.backend, BenchTask(config))?;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::record::DefaultRecorder;
 
-use crate::attention::SsmaxConfig;
+use crate::attention::{SsmaxConfig, StickBreakingConfig};
 use crate::data::che::{Sample, Task};
 use crate::encoding::{PositionalEncodingConfig, Positions};
 use crate::error::{ensure, Error, Result};
@@ -58,6 +58,10 @@ pub struct CheTrainConfig {
     /// Scalable-Softmax in every attention layer (`None`: the plain softmax).
     #[config(default = "None")]
     pub ssmax: Option<SsmaxConfig>,
+    /// Stick-breaking attention in place of the softmax (`None`: the softmax); the CHE model
+    /// is bidirectional, so each query breaks a stick on either side.
+    #[config(default = "None")]
+    pub stick_breaking: Option<StickBreakingConfig>,
 }
 
 impl CheTrainConfig {
@@ -119,7 +123,8 @@ impl CheTrainConfig {
             self.task.output_vocab(),
             TransformerConfig::new(self.d_model, self.n_layers, self.n_heads)
                 .with_encoding(self.encoding.clone())
-                .with_ssmax(self.ssmax.clone()),
+                .with_ssmax(self.ssmax.clone())
+                .with_stick_breaking(self.stick_breaking.clone()),
         )
     }
 }

@@ -8,7 +8,7 @@ use burn::prelude::*;
 use burn::record::DefaultRecorder;
 use serde::{Deserialize, Serialize};
 
-use crate::attention::SsmaxConfig;
+use crate::attention::{SsmaxConfig, StickBreakingConfig};
 use crate::data::corpus::{Manifest, SplitConfig, Tokenizer};
 use crate::data::retrieval::mqar::MqarConfig;
 use crate::data::retrieval::passkey::PasskeyConfig;
@@ -72,6 +72,10 @@ pub struct LmTrainConfig {
     /// (absent: the plain softmax).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ssmax: Option<SsmaxConfig>,
+    /// Stick-breaking attention in place of the softmax in every layer, e.g.
+    /// `"stick_breaking": {}` or `{"attend_current": true}` (absent: the softmax).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stick_breaking: Option<StickBreakingConfig>,
     /// Passkey items mixed into the corpus's training windows, e.g.
     /// `"passkey": {"fraction": 0.5, "digits": 5}` (bytes tokenizer only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -109,6 +113,7 @@ impl Default for LmTrainConfig {
             valid_tokens: 8192,
             seed: 0,
             ssmax: None,
+            stick_breaking: None,
             passkey: None,
             mqar: None,
         }
@@ -232,7 +237,8 @@ impl LmTrainConfig {
             TransformerConfig::new(self.d_model, self.n_layers, self.n_heads)
                 .with_ffn_ratio(self.ffn_ratio)
                 .with_encoding(self.encoding.clone())
-                .with_ssmax(self.ssmax.clone()),
+                .with_ssmax(self.ssmax.clone())
+                .with_stick_breaking(self.stick_breaking.clone()),
         )
     }
 

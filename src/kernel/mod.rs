@@ -12,6 +12,7 @@
 //! | [`batched_matmul`] | `ndarray/matmul.rs` | Burn's `matmul` | Burn's `matmul` |
 //! | [`distance_table_bias`] | `ndarray/distance_table.rs` | `None` | `None` |
 //! | [`fused_softmax`] | `ndarray/softmax.rs` | `torch/softmax.rs` | `Err`: the caller's tensor path |
+//! | [`stick_breaking`] | `ndarray/stick_breaking.rs` | [`stick_breaking_tensor`] | [`stick_breaking_tensor`] |
 //! | [`token_nll`] | `ndarray/token_nll.rs` | [`token_nll_tensor`] | [`token_nll_tensor`] |
 //! | AdamW ([`crate::optim::FusedAdamW`]) | `ndarray/adamw.rs` | `torch/adamw.rs` | Burn's `AdamW` |
 //! | DAPE's correction ([`crate::encoding::Dape`]) | `encoding/dape/fused/` | `torch/dape.rs` | its tensor path |
@@ -32,6 +33,7 @@ mod layer_norm;
 mod linear;
 mod matmul;
 mod softmax;
+mod stick_breaking;
 mod token_nll;
 
 #[cfg(feature = "ndarray")]
@@ -49,6 +51,7 @@ pub use layer_norm::{layer_norm, layer_norm_tensor};
 pub use linear::{linear, linear_layer, linear_tensor};
 pub use matmul::batched_matmul;
 pub use softmax::fused_softmax;
+pub use stick_breaking::{stick_breaking, stick_breaking_tensor, Sticks};
 pub use token_nll::{token_nll, token_nll_tensor};
 
 pub(crate) use adamw::AdamWStep;

@@ -20,6 +20,7 @@ mod matmul;
 mod node;
 mod simd;
 mod softmax;
+mod stick_breaking;
 mod token_nll;
 
 // What the rest of the crate uses: DAPE's kernels, the optimiser, and the dispatch.
@@ -39,6 +40,7 @@ pub(in crate::kernel) use matmul::{matmul_autodiff, matmul_nd};
 #[cfg(test)]
 pub(in crate::kernel) use simd::{exp, phi};
 pub(in crate::kernel) use softmax::{softmax_autodiff, softmax_nd};
+pub(in crate::kernel) use stick_breaking::{stick_breaking_autodiff, stick_breaking_nd};
 pub(in crate::kernel) use token_nll::{token_nll_autodiff, token_nll_nd};
 
 use std::any::TypeId;

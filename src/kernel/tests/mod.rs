@@ -9,6 +9,7 @@ mod linear;
 mod matmul;
 mod simd;
 mod softmax;
+mod stick_breaking;
 mod token_nll;
 
 use burn::backend::{Autodiff, NdArray};
