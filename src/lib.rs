@@ -64,6 +64,7 @@ pub mod kernel;
 pub mod model;
 pub mod norm;
 pub mod optim;
+pub mod schedule;
 pub mod util;
 
 // The harness (feature `harness`, on by default): data, training, evaluation and the tools the
@@ -97,7 +98,8 @@ pub mod sysmem;
 pub mod train;
 
 pub use attention::{
-    AttentionConfig, KvCache, MultiHeadAttention, SsmaxConfig, StickBreakingConfig,
+    AttentionConfig, KvCache, MultiHeadAttention, QkNormConfig, SsmaxConfig, StickBreakingConfig,
+    TemperatureConfig,
 };
 pub use encoding::{PositionalEncoding, PositionalEncodingConfig, Span, ENCODING_NAMES};
 pub use error::{Error, Result};
@@ -105,3 +107,4 @@ pub use model::{
     LanguageModel, LanguageModelConfig, LmCache, SequenceModel, SequenceModelConfig,
     TransformerConfig,
 };
+pub use schedule::LayerEncodings;

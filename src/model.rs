@@ -5,12 +5,14 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
 use crate::attention::{
-    AttentionConfig, KvCache, MultiHeadAttention, SsmaxConfig, StickBreakingConfig,
+    AttentionConfig, KvCache, MultiHeadAttention, QkNormConfig, SsmaxConfig, StickBreakingConfig,
+    TemperatureConfig,
 };
 use crate::encoding::{Hook, PositionalEncoding, PositionalEncodingConfig, Positions};
 use crate::error::{ensure, Error, Result};
 use crate::kernel::{gelu, linear_layer};
 pub use crate::norm::LayerNorm;
+use crate::schedule::LayerEncodings;
 use crate::util::materialize;
 
 /// Position-wise feed-forward network: `Linear(d -> r·d) -> GELU -> Linear(r·d -> d)`.
@@ -99,6 +101,20 @@ pub struct TransformerConfig {
     /// Stick-breaking attention in place of the softmax in every layer (`None`: the softmax).
     #[config(default = "None")]
     pub stick_breaking: Option<StickBreakingConfig>,
+    /// A per-layer encoding schedule (a hybrid stack such as iRoPE; `None`: `encoding` in every
+    /// layer). See [`crate::schedule`].
+    #[config(default = "None")]
+    pub layer_encodings: Option<LayerEncodings>,
+    /// QK-norm: on every layer, or on the unscheduled layers of a hybrid stack.
+    #[config(default = "None")]
+    pub qk_norm: Option<QkNormConfig>,
+    /// Temperature tuning: on every layer, or on the scheduled layers of a hybrid stack.
+    #[config(default = "None")]
+    pub temperature: Option<TemperatureConfig>,
+    /// Sliding-window attention of width `W`: on every layer, or on the unscheduled layers of a
+    /// hybrid stack.
+    #[config(default = "None")]
+    pub sliding_window: Option<usize>,
 }
 
 /// Token embedding, absolute positions (if any), blocks and final norm.
@@ -137,19 +153,16 @@ impl TransformerConfig {
             self.ffn_ratio,
             "must be at least 1",
         )?;
-        let attention = AttentionConfig::new(self.d_model, self.n_heads)
-            .with_encoding(self.encoding.clone())
-            .with_causal(causal)
-            .with_chunk_size(self.chunk_size)
-            .with_ssmax(self.ssmax.clone())
-            .with_stick_breaking(self.stick_breaking.clone());
+        if let Some(schedule) = &self.layer_encodings {
+            schedule.validate(self.n_layers)?;
+        }
         let norm = || LayerNorm::new(self.d_model, self.layer_norm_eps, device);
         let hidden = self.ffn_ratio * self.d_model;
         let blocks = (0..self.n_layers)
-            .map(|_| {
+            .map(|layer| {
                 Ok(Block {
                     norm_attn: norm()?,
-                    attention: attention.init(device)?,
+                    attention: self.layer_attention(layer, causal).init(device)?,
                     norm_ffn: norm()?,
                     ffn: FeedForward {
                         fc_in: LinearConfig::new(self.d_model, hidden).init(device),
@@ -173,6 +186,29 @@ impl TransformerConfig {
             blocks,
             norm: norm()?,
         })
+    }
+}
+
+impl TransformerConfig {
+    /// Layer `layer`'s attention: its encoding from the schedule (if any), and the layer
+    /// options the schedule gives it (see [`crate::schedule`]).
+    pub fn layer_attention(&self, layer: usize, causal: bool) -> AttentionConfig {
+        let (encoding, scheduled) = match &self.layer_encodings {
+            Some(s) => s.layer(layer, &self.encoding),
+            None => (self.encoding.clone(), false),
+        };
+        let hybrid = self.layer_encodings.is_some();
+        let (unscheduled_options, scheduled_options) =
+            (!hybrid || !scheduled, !hybrid || scheduled);
+        AttentionConfig::new(self.d_model, self.n_heads)
+            .with_encoding(encoding)
+            .with_causal(causal)
+            .with_chunk_size(self.chunk_size)
+            .with_ssmax(self.ssmax.clone())
+            .with_stick_breaking(self.stick_breaking.clone())
+            .with_qk_norm(self.qk_norm.clone().filter(|_| unscheduled_options))
+            .with_sliding_window(self.sliding_window.filter(|_| unscheduled_options))
+            .with_temperature(self.temperature.clone().filter(|_| scheduled_options))
     }
 }
 
@@ -212,8 +248,8 @@ impl<B: Backend> Transformer<B> {
             .is_some_and(PositionalEncoding::takes_positions)
             || self
                 .blocks
-                .first()
-                .is_some_and(|b| b.attention.encoding.takes_positions())
+                .iter()
+                .any(|b| b.attention.encoding.takes_positions())
     }
 
     /// [`forward`](Self::forward) with the tokens at `positions` (randomized positions, shared

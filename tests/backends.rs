@@ -33,18 +33,30 @@ const GRAD_TOL: f32 = 1e-3;
 
 fn model<Bk: Backend>(
     encoding: &PositionalEncodingConfig,
-    [ssmax, stick_breaking]: [bool; 2],
+    [ssmax, stick_breaking, hybrid]: [bool; 3],
     device: &Bk::Device,
 ) -> LanguageModel<Bk> {
-    LanguageModelConfig::new(
-        VOCAB,
-        TransformerConfig::new(32, 2, 4)
-            .with_encoding(encoding.clone())
-            .with_ssmax(ssmax.then(|| SsmaxConfig::new().with_init_length(4)))
-            .with_stick_breaking(stick_breaking.then(StickBreakingConfig::new)),
-    )
-    .init::<Bk>(device)
-    .expect("valid config")
+    let mut stack = TransformerConfig::new(32, 2, 4)
+        .with_encoding(encoding.clone())
+        .with_ssmax(ssmax.then(|| SsmaxConfig::new().with_init_length(4)))
+        .with_stick_breaking(stick_breaking.then(StickBreakingConfig::new));
+    if hybrid {
+        // iRoPE-style: every second layer NoPE with temperature tuning from position 1, the
+        // others with a learned QK-norm and a window of 5.
+        stack = stack
+            .with_layer_encodings(Some(dape::LayerEncodings::every(
+                2,
+                PositionalEncodingConfig::Nope,
+            )))
+            .with_qk_norm(Some(dape::QkNormConfig::new().with_learned(true)))
+            .with_temperature(Some(
+                dape::TemperatureConfig::new().with_alpha(0.5).with_floor(2),
+            ))
+            .with_sliding_window(Some(5));
+    }
+    LanguageModelConfig::new(VOCAB, stack)
+        .init::<Bk>(device)
+        .expect("valid config")
 }
 
 fn tokens<Bk: Backend>(device: &Bk::Device) -> Tensor<Bk, 2, Int> {
@@ -116,27 +128,29 @@ fn check_backend<Bk: AutodiffBackend>(backend: &str, device: Bk::Device) {
     let only = std::env::var("DAPE_BACKEND_ENCODINGS").ok();
     // Every encoding is checked, and every disagreement reported, before the test fails.
     let mut failures = Vec::new();
-    // (encoding, [Scalable-Softmax, stick-breaking], randomized positions)
+    // (encoding, [Scalable-Softmax, stick-breaking, an iRoPE-style stack], randomized positions)
     let cases = ENCODING_NAMES
         .iter()
-        .map(|name| (*name, [false, false], false))
+        .map(|name| (*name, [false, false, false], false))
         .chain([
-            ("kerple_log", [true, false], false),
-            ("dape_kerple_log", [true, false], false),
-            ("nope", [false, true], false),
-            ("kerple_log", [false, true], false),
-            ("alibi", [true, true], false),
+            ("kerple_log", [true, false, false], false),
+            ("dape_kerple_log", [true, false, false], false),
+            ("nope", [false, true, false], false),
+            ("kerple_log", [false, true, false], false),
+            ("alibi", [true, true, false], false),
+            ("rope", [false, false, true], false),
         ])
         .chain(
             ["rope", "sinusoidal", "t5", "kerple_log", "dape_kerple_log"]
-                .map(|name| (name, [false, false], true)),
+                .map(|name| (name, [false, false, false], true)),
         );
     for (encoding_name, normaliser, randomized) in cases {
-        let [ssmax, stick_breaking] = normaliser;
+        let [ssmax, stick_breaking, hybrid] = normaliser;
         let name = format!(
-            "{encoding_name}{}{}{}",
+            "{encoding_name}{}{}{}{}",
             if ssmax { "+ssmax" } else { "" },
             if stick_breaking { "+sb" } else { "" },
+            if hybrid { "+irope" } else { "" },
             if randomized { "+randomized" } else { "" }
         );
         if only

@@ -339,3 +339,35 @@ fn lm_config_stick_breaking_round_trips() {
         );
     }
 }
+
+/// `configs/lm/irope.json`: RoPE with every fourth layer NoPE; QK-norm on the RoPE layers and
+/// temperature tuning (F = the training length) on the NoPE layer, as Llama 4 places them.
+#[cfg(feature = "harness")]
+#[test]
+fn irope_config_builds_the_hybrid_stack() {
+    use dape::experiment::lm::LmTrainConfig;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/lm/irope.json");
+    let config = LmTrainConfig::load(&path).unwrap();
+    let model = config.model().init::<B>(&dev()).unwrap();
+    let blocks = &model.transformer.blocks;
+    assert_eq!(blocks.len(), 4);
+    for (layer, block) in blocks.iter().enumerate() {
+        let a = &block.attention;
+        let nope = layer == 3;
+        let is_nope = matches!(a.encoding, dape::PositionalEncoding::Nope(_));
+        assert_eq!(is_nope, nope, "layer {layer}: its encoding");
+        assert_eq!(a.qk_norm.is_some(), !nope, "layer {layer}: QK-norm");
+        assert_eq!(a.temperature.is_some(), nope, "layer {layer}: temperature");
+    }
+    assert_eq!(
+        blocks[3].attention.temperature.as_ref().unwrap().floor,
+        config.train_length
+    );
+    let bad: Result<LmTrainConfig, _> =
+        serde_json::from_str(r#"{"n_layers": 2, "layer_encodings": ["rope"]}"#);
+    let err = bad.map_err(|e| e.to_string()).and_then(|c| {
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    });
+    assert!(err.unwrap_err().contains("layer_encodings"));
+}

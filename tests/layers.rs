@@ -10,7 +10,7 @@
 //! | 1 | `util` (materialisation, exact GELU, atomic writes) |
 //! | 2 | `kernel` (fused CPU kernels for ndarray, PyTorch's on LibTorch, host-copy helpers) |
 //! | 3 | `encoding`, `norm` (the layer norm module over the fused kernel), `optim` (fused AdamW) |
-//! | 4 | `attention` |
+//! | 4 | `attention`, `schedule` (per-layer encodings of a hybrid stack) |
 //! | 5 | `model` — the library ends here (it builds without the `harness` feature) |
 //! | 6 | `progress`, `sysmem`, `backend` |
 //! | 7 | `data` |
@@ -30,6 +30,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("norm", 3),
     ("optim", 3),
     ("attention", 4),
+    ("schedule", 4),
     ("model", 5),
     ("progress", 6),
     ("sysmem", 6),

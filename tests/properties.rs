@@ -13,20 +13,26 @@ use dape::{
     LanguageModel, LanguageModelConfig, PositionalEncodingConfig, SequenceModelConfig, SsmaxConfig,
     StickBreakingConfig, TransformerConfig, ENCODING_NAMES,
 };
+use dape::{LayerEncodings, QkNormConfig, TemperatureConfig};
 
 type B = NdArray<f32>;
 type AD = Autodiff<NdArray<f32>>;
 
 const VOCAB: usize = 13;
 
-/// One model setting under test: an encoding, with or without Scalable-Softmax, and with the
-/// softmax or stick-breaking attention (with or without the query's own key on the stick).
+/// One model setting under test: an encoding, with or without Scalable-Softmax, with the
+/// softmax or stick-breaking attention (with or without the query's own key on the stick), and
+/// any other change to the stack (the layer options and hybrid schedules).
 #[derive(Clone)]
 struct Case {
     encoding: PositionalEncodingConfig,
     ssmax: bool,
     stick_breaking: Option<StickBreakingConfig>,
+    stack: Option<Stack>,
 }
+
+/// A change to the stack under test.
+type Stack = fn(TransformerConfig) -> TransformerConfig;
 
 impl From<PositionalEncodingConfig> for Case {
     fn from(encoding: PositionalEncodingConfig) -> Self {
@@ -34,6 +40,7 @@ impl From<PositionalEncodingConfig> for Case {
             encoding,
             ssmax: false,
             stick_breaking: None,
+            stack: None,
         }
     }
 }
@@ -86,6 +93,7 @@ fn encodings() -> Vec<(String, Case)> {
                         encoding: PositionalEncodingConfig::from_name(name).unwrap(),
                         ssmax: true,
                         stick_breaking: None,
+                        stack: None,
                     };
                     (format!("{name}+ssmax"), case)
                 }),
@@ -106,12 +114,64 @@ fn encodings() -> Vec<(String, Case)> {
                     encoding: PositionalEncodingConfig::from_name(name).unwrap(),
                     ssmax,
                     stick_breaking: Some(StickBreakingConfig::new().with_attend_current(current)),
+                    stack: None,
                 };
                 let extra = if ssmax { "+ssmax" } else { "" };
                 let own = if current { "/current" } else { "" };
                 (format!("{name}{extra}+sb{own}"), case)
             }),
         )
+        .chain(stacks())
+        .collect()
+}
+
+/// The layer options and hybrid schedules, at settings that act at the tests' lengths: a
+/// learned QK-norm, a window of 3 keys, temperature tuning from position 1, an iRoPE-style stack
+/// (RoPE with QK-norm and a window, every second layer NoPE with temperature tuning), a
+/// per-layer list, and the window under stick-breaking.
+fn stacks() -> Vec<(String, Case)> {
+    fn temperature() -> Option<TemperatureConfig> {
+        Some(TemperatureConfig::new().with_alpha(0.5).with_floor(2))
+    }
+    let cases: [(&str, &str, Stack); 6] = [
+        ("rope+qk_norm", "rope", |t| {
+            t.with_qk_norm(Some(QkNormConfig::new().with_learned(true)))
+        }),
+        ("alibi+window", "alibi", |t| t.with_sliding_window(Some(3))),
+        ("nope+temperature", "nope", |t| {
+            t.with_temperature(temperature())
+        }),
+        ("irope", "rope", |t| {
+            t.with_layer_encodings(Some(LayerEncodings::every(
+                2,
+                PositionalEncodingConfig::Nope,
+            )))
+            .with_qk_norm(Some(QkNormConfig::new()))
+            .with_sliding_window(Some(4))
+            .with_temperature(temperature())
+        }),
+        ("kerple_log/fox list", "kerple_log", |t| {
+            t.with_layer_encodings(Some(LayerEncodings::List(vec![
+                PositionalEncodingConfig::from_name("kerple_log").unwrap(),
+                PositionalEncodingConfig::from_name("fox").unwrap(),
+            ])))
+        }),
+        ("nope+sb+window", "nope", |t| {
+            t.with_stick_breaking(Some(StickBreakingConfig::new()))
+                .with_sliding_window(Some(3))
+        }),
+    ];
+    cases
+        .into_iter()
+        .map(|(name, encoding, stack)| {
+            let case = Case {
+                encoding: PositionalEncodingConfig::from_name(encoding).unwrap(),
+                ssmax: false,
+                stick_breaking: None,
+                stack: Some(stack),
+            };
+            (name.to_string(), case)
+        })
         .collect()
 }
 
@@ -149,10 +209,14 @@ fn config_of(name: &str) -> Case {
 /// logits clearly at these lengths.
 fn transformer(case: impl Into<Case>) -> TransformerConfig {
     let case = case.into();
-    TransformerConfig::new(16, 2, 4)
+    let shape = TransformerConfig::new(16, 2, 4)
         .with_encoding(case.encoding)
         .with_ssmax(case.ssmax.then(|| SsmaxConfig::new().with_init_length(4)))
-        .with_stick_breaking(case.stick_breaking)
+        .with_stick_breaking(case.stick_breaking);
+    match case.stack {
+        Some(stack) => stack(shape),
+        None => shape,
+    }
 }
 
 fn lm<Bk: Backend>(case: impl Into<Case>) -> LanguageModel<Bk> {

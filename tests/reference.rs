@@ -1035,3 +1035,59 @@ fn bidirectional_stick_breaking_matches_its_formula() {
         }
     }
 }
+
+/// QK-norm makes the logits independent of the lengths of q and k: scaling the query and key
+/// projections by 3 leaves a normalised layer's output unchanged (and changes a plain one's).
+/// A sliding window of 1 leaves each row its own key alone, so the output is the output
+/// projection of the row's own value.
+#[test]
+fn qk_norm_is_scale_free_and_a_window_of_one_sees_the_row_alone() {
+    use burn::module::Param;
+    use dape::{AttentionConfig, QkNormConfig};
+    let (d, heads, len) = (8, 2, 6);
+    let x = Tensor::<B, 3>::random([1, len, d], Distribution::Normal(0.0, 1.0), &dev());
+    for normalised in [true, false] {
+        let layer = AttentionConfig::new(d, heads)
+            .with_encoding(dape::PositionalEncodingConfig::from_name("rope").unwrap())
+            .with_qk_norm(normalised.then(QkNormConfig::new))
+            .init::<B>(&dev())
+            .unwrap();
+        let mut scaled = layer.clone();
+        // Columns 0..2d of the packed projection are q's and k's.
+        let col_scale: Vec<f32> = (0..3 * d)
+            .map(|c| if c < 2 * d { 3.0 } else { 1.0 })
+            .collect();
+        let col_scale = Tensor::<B, 1>::from_floats(col_scale.as_slice(), &dev());
+        let w = layer.qkv.weight.val() * col_scale.clone().reshape([1, 3 * d]);
+        scaled.qkv.weight = Param::from_tensor(w);
+        let b = layer.qkv.bias.as_ref().unwrap().val() * col_scale;
+        scaled.qkv.bias = Some(Param::from_tensor(b));
+        let diff = (layer.forward(x.clone()) - scaled.forward(x.clone()))
+            .abs()
+            .max()
+            .into_scalar();
+        if normalised {
+            assert!(
+                diff < 1e-5,
+                "QK-norm: scaling q and k changed the output by {diff}"
+            );
+        } else {
+            assert!(
+                diff > 1e-3,
+                "without QK-norm the scale should matter ({diff})"
+            );
+        }
+    }
+    let layer = AttentionConfig::new(d, heads)
+        .with_sliding_window(Some(1))
+        .init::<B>(&dev())
+        .unwrap();
+    let qkv = dape::kernel::linear_layer(&layer.qkv, x.clone());
+    let v = qkv.narrow(2, 2 * d, d);
+    let want = dape::kernel::linear_layer(&layer.output, v);
+    let diff = (layer.forward(x) - want).abs().max().into_scalar();
+    assert!(
+        diff < 1e-5,
+        "window 1: differs from the row's own value by {diff}"
+    );
+}

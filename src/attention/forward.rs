@@ -15,6 +15,7 @@
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
+use super::qk_norm::qk_normalise;
 use super::ssmax::ssmax_factor;
 use super::stick_breaking::stick_breaking_weights;
 use super::{KvCache, MultiHeadAttention};
@@ -71,9 +72,11 @@ impl<B: Backend> MultiHeadAttention<B> {
         let fused = attention_applies::<B>()
             && self.encoding.hook() != Hook::Segments
             && self.ssmax.is_none()
-            && self.stick_breaking.is_none();
+            && self.stick_breaking.is_none()
+            && self.sliding_window.is_none();
         let whole = self.chunk_size == 0 || self.chunk_size >= l;
-        if fused && cache.is_none() && whole && !self.encoding.rotates() {
+        let reshapes = self.qk_norm.is_some() || self.temperature.is_some();
+        if fused && cache.is_none() && whole && !self.encoding.rotates() && !reshapes {
             if let Some(out) =
                 self.attend_packed(qkv.clone(), positions, forget_rows.as_ref(), &device)
             {
@@ -82,6 +85,7 @@ impl<B: Backend> MultiHeadAttention<B> {
         }
         let [q, k, v] = self.split_qkv(qkv);
         let offset = cache.as_ref().map_or(0, |c| c.len());
+        let (q, k) = self.normalise_qk(q, k, offset);
         let query_segments = self.query_segments(segments, offset, [b, l], &device);
         let keys = self.update_cache(k, v, query_segments, forget_rows, cache);
         let (q, k) = self
@@ -107,6 +111,30 @@ impl<B: Backend> MultiHeadAttention<B> {
             Tensor::cat(outputs, 1)
         };
         self.project_out(out)
+    }
+
+    /// QK-norm and temperature tuning, where the layer has them: the queries and keys scaled
+    /// before the cache and the rotary hook (the cache holds normalised keys; the rotation
+    /// keeps lengths). `offset` is the token index of the first row.
+    fn normalise_qk(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        offset: usize,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let (q, k) = match &self.qk_norm {
+            Some(_) => qk_normalise(q, k, self.qk_gain.as_ref()),
+            None => (q, k),
+        };
+        let q = match &self.temperature {
+            Some(t) => {
+                let len = q.dims()[2];
+                let factors = t.factors(offset, len, &q.device());
+                q * factors
+            }
+            None => q,
+        };
+        (q, k)
     }
 
     /// Forgetting attention: the rows' cumulative log forget gates `[batch, heads, seq]`, from
@@ -345,6 +373,19 @@ impl<B: Backend> MultiHeadAttention<B> {
     fn normalise(&self, logits: Tensor<B, 4>, span: &Span, device: &B::Device) -> Tensor<B, 4> {
         let logits = match &self.ssmax {
             Some(s) => logits * ssmax_factor(s.val(), span, device),
+            None => logits,
+        };
+        let logits = match self.sliding_window {
+            Some(w) => {
+                let [b, h, rows, keys] = logits.dims();
+                let outside = span
+                    .offsets::<B>(device)
+                    .abs()
+                    .greater_equal_elem(w as i64)
+                    .unsqueeze::<4>()
+                    .expand([b, h, rows, keys]);
+                logits.mask_fill(outside, f32::NEG_INFINITY)
+            }
             None => logits,
         };
         if let Some(sb) = &self.stick_breaking {

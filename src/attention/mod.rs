@@ -19,6 +19,10 @@
 //! stick over its keys from the nearest outward, in log space. It too composes with every
 //! encoding (and with Scalable-Softmax, whose factor it applies first).
 //!
+//! Three more options make the layers of a hybrid stack (Llama 4's iRoPE): QK-norm
+//! ([`QkNormConfig`]), attention temperature tuning ([`TemperatureConfig`]) and a sliding window
+//! (`sliding_window`: a row sees only the keys less than `W` positions back).
+//!
 //! The layer's forward pass runs these steps (`forward.rs`), each a function of its own:
 //! the QKV projection, the cache update, the rotary hook, and per chunk of query rows the
 //! logit hook, the normaliser (mask, softmax, Scalable-Softmax) and the product with V; the
@@ -26,12 +30,16 @@
 
 mod cache;
 mod forward;
+mod qk_norm;
 mod ssmax;
 mod stick_breaking;
+mod temperature;
 
 pub use cache::KvCache;
+pub use qk_norm::QkNormConfig;
 pub use ssmax::SsmaxConfig;
 pub use stick_breaking::StickBreakingConfig;
+pub use temperature::TemperatureConfig;
 
 use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
@@ -68,6 +76,15 @@ pub struct AttentionConfig {
     /// Stick-breaking attention in place of the softmax (`None`: the softmax).
     #[config(default = "None")]
     pub stick_breaking: Option<StickBreakingConfig>,
+    /// QK-norm: queries and keys scaled to a fixed length (`None`: as projected).
+    #[config(default = "None")]
+    pub qk_norm: Option<QkNormConfig>,
+    /// Temperature tuning of the queries by position (`None`: off).
+    #[config(default = "None")]
+    pub temperature: Option<TemperatureConfig>,
+    /// Sliding-window attention: row `i` sees only keys `j` with `i − j < W` (`None`: all).
+    #[config(default = "None")]
+    pub sliding_window: Option<usize>,
 }
 
 impl AttentionConfig {
@@ -87,6 +104,23 @@ impl AttentionConfig {
         )?;
         if let Some(c) = self.chunk_size {
             ensure(c > 0, "chunk_size", c, "must be at least 1")?;
+        }
+        if let Some(w) = self.sliding_window {
+            ensure(w > 0, "sliding_window", w, "must be at least 1")?;
+        }
+        if let Some(t) = &self.temperature {
+            ensure(
+                t.alpha.is_finite() && t.alpha >= 0.0,
+                "temperature.alpha",
+                t.alpha,
+                "must be finite and at least 0",
+            )?;
+            ensure(
+                t.floor > 0,
+                "temperature.floor",
+                t.floor,
+                "must be at least 1",
+            )?;
         }
         let head_dim = self.d_model / self.n_heads;
         let encoding = match self.encoding.hook() {
@@ -116,6 +150,13 @@ impl AttentionConfig {
                 .map(|c| c.init(self.n_heads, device))
                 .transpose()?,
             stick_breaking: self.stick_breaking.clone(),
+            qk_norm: self.qk_norm.clone(),
+            qk_gain: self
+                .qk_norm
+                .as_ref()
+                .and_then(|c| c.init(self.n_heads, device)),
+            temperature: self.temperature.clone(),
+            sliding_window: self.sliding_window,
         }))
     }
 }
@@ -143,6 +184,17 @@ pub struct MultiHeadAttention<B: Backend> {
     /// not a parameter: the config rebuilds it, the record does not carry it.
     #[module(skip)]
     pub stick_breaking: Option<StickBreakingConfig>,
+    /// QK-norm (a setting; its learned gains are `qk_gain`).
+    #[module(skip)]
+    pub qk_norm: Option<QkNormConfig>,
+    /// QK-norm's learned gain per head `[heads]` on the queries; `None` when fixed or off.
+    pub qk_gain: Option<Param<Tensor<B, 1>>>,
+    /// Temperature tuning of the queries (a setting).
+    #[module(skip)]
+    pub temperature: Option<TemperatureConfig>,
+    /// Sliding-window attention's width `W` (a setting).
+    #[module(skip)]
+    pub sliding_window: Option<usize>,
 }
 
 impl<B: Backend> MultiHeadAttention<B> {

@@ -215,6 +215,10 @@ pub fn encodings() -> Result<bool> {
          | stick-breaking (`--stick-breaking`; `\"stick_breaking\": {{}}` in an LM config) | \
          replaces the softmax: each row breaks a stick over its keys from the nearest outward, \
          A_ij = σ(z_ij) · Π (1 − σ(z_ik)) over the keys k between j and the row |\n\n\
+         Hybrid stacks (an LM config's `\"layer_encodings\"`, e.g. {{\"every\": 4, \"encoding\": \
+         \"nope\"}}; `configs/lm/irope.json`) give their layers different encodings, with \
+         `\"qk_norm\"` and `\"sliding_window\"` on the unscheduled layers and `\"temperature\"` \
+         (q times 1 + α ln(1 + ⌊(p+1)/F⌋)) on the scheduled ones.\n\n\
          Randomized positions (Ruoss et al., 2023), for the encodings marked yes: `--randomized M` \
          on `dape che train` / `che suite`, or `\"randomized\": {{\"max_position\": M}}` in an \
          encoding's JSON (an LM config's `encoding`). Each training step and each test forward \

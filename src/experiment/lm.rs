@@ -8,7 +8,7 @@ use burn::prelude::*;
 use burn::record::DefaultRecorder;
 use serde::{Deserialize, Serialize};
 
-use crate::attention::{SsmaxConfig, StickBreakingConfig};
+use crate::attention::{QkNormConfig, SsmaxConfig, StickBreakingConfig, TemperatureConfig};
 use crate::data::corpus::{Manifest, SplitConfig, Tokenizer};
 use crate::data::retrieval::mqar::MqarConfig;
 use crate::data::retrieval::passkey::PasskeyConfig;
@@ -16,6 +16,7 @@ use crate::data::retrieval::RetrievalTask;
 use crate::encoding::{PositionalEncodingConfig, Positions, RandomizedConfig};
 use crate::error::{ensure, Error, Result};
 use crate::model::{LanguageModel, LanguageModelConfig, TransformerConfig};
+use crate::schedule::LayerEncodings;
 
 /// Configuration of a language-model run (`configs/lm/*.json`; saved as `config.json` in the
 /// run folder). Every field but `encoding` has a default, so a config names only what differs.
@@ -76,6 +77,21 @@ pub struct LmTrainConfig {
     /// `"stick_breaking": {}` or `{"attend_current": true}` (absent: the softmax).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stick_breaking: Option<StickBreakingConfig>,
+    /// A per-layer encoding schedule (a hybrid stack), e.g.
+    /// `"layer_encodings": {"every": 4, "encoding": "nope"}` or one encoding per layer
+    /// (absent: `encoding` in every layer). See [`crate::schedule`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_encodings: Option<LayerEncodings>,
+    /// QK-norm, e.g. `"qk_norm": {"learned": false}` (absent: off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qk_norm: Option<QkNormConfig>,
+    /// Temperature tuning of the queries, e.g. `"temperature": {"alpha": 0.1, "floor": 128}`
+    /// (absent: off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<TemperatureConfig>,
+    /// Sliding-window attention of width `W` (absent: every key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
     /// Passkey items mixed into the corpus's training windows, e.g.
     /// `"passkey": {"fraction": 0.5, "digits": 5}` (bytes tokenizer only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -114,6 +130,10 @@ impl Default for LmTrainConfig {
             seed: 0,
             ssmax: None,
             stick_breaking: None,
+            layer_encodings: None,
+            qk_norm: None,
+            temperature: None,
+            sliding_window: None,
             passkey: None,
             mqar: None,
         }
@@ -149,6 +169,12 @@ impl LmTrainConfig {
         ];
         for (field, value) in positive {
             ensure(value > 0, field, value, "must be at least 1")?;
+        }
+        if let Some(schedule) = &self.layer_encodings {
+            schedule.validate(self.n_layers)?;
+        }
+        if let Some(w) = self.sliding_window {
+            ensure(w > 0, "sliding_window", w, "must be at least 1")?;
         }
         ensure(
             self.learning_rate > 0.0 && self.learning_rate.is_finite(),
@@ -238,7 +264,11 @@ impl LmTrainConfig {
                 .with_ffn_ratio(self.ffn_ratio)
                 .with_encoding(self.encoding.clone())
                 .with_ssmax(self.ssmax.clone())
-                .with_stick_breaking(self.stick_breaking.clone()),
+                .with_stick_breaking(self.stick_breaking.clone())
+                .with_layer_encodings(self.layer_encodings.clone())
+                .with_qk_norm(self.qk_norm.clone())
+                .with_temperature(self.temperature.clone())
+                .with_sliding_window(self.sliding_window),
         )
     }
 
