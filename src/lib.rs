@@ -104,7 +104,7 @@ pub use attention::{
 pub use encoding::{PositionalEncoding, PositionalEncodingConfig, Span, ENCODING_NAMES};
 pub use error::{Error, Result};
 pub use model::{
-    LanguageModel, LanguageModelConfig, LmCache, SequenceModel, SequenceModelConfig,
+    LanguageModel, LanguageModelConfig, LmCache, SequenceModel, SequenceModelConfig, StackOptions,
     TransformerConfig,
 };
 pub use schedule::LayerEncodings;

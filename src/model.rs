@@ -189,7 +189,35 @@ impl TransformerConfig {
     }
 }
 
+/// The stack options of a hybrid model in one object, as `dape che train --hybrid` takes them:
+/// `{"layer_encodings": {"every": 4, "encoding": "nope"}, "qk_norm": {}, "temperature":
+/// {"floor": 40}, "sliding_window": 16}` (every field optional; an unknown field is an error).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StackOptions {
+    /// See [`TransformerConfig::layer_encodings`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_encodings: Option<LayerEncodings>,
+    /// See [`TransformerConfig::qk_norm`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qk_norm: Option<QkNormConfig>,
+    /// See [`TransformerConfig::temperature`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<TemperatureConfig>,
+    /// See [`TransformerConfig::sliding_window`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+}
+
 impl TransformerConfig {
+    /// The same stack with `options` (replacing the four fields).
+    pub fn with_stack(self, options: StackOptions) -> Self {
+        self.with_layer_encodings(options.layer_encodings)
+            .with_qk_norm(options.qk_norm)
+            .with_temperature(options.temperature)
+            .with_sliding_window(options.sliding_window)
+    }
+
     /// Layer `layer`'s attention: its encoding from the schedule (if any), and the layer
     /// options the schedule gives it (see [`crate::schedule`]).
     pub fn layer_attention(&self, layer: usize, causal: bool) -> AttentionConfig {

@@ -237,8 +237,8 @@ impl SuiteReport {
 }
 
 /// The run folder's name of a cell: the encoding's label (with `+randomized` at randomized
-/// positions), with `+ssmax` when the runs use Scalable-Softmax and `+sb` with stick-breaking
-/// attention.
+/// positions), with `+ssmax` when the runs use Scalable-Softmax, `+sb` with stick-breaking
+/// attention and `+hybrid` with a hybrid stack.
 fn cell_name(config: &SuiteConfig, encoding: &PositionalEncodingConfig) -> String {
     let ssmax = if config.train.ssmax.is_some() {
         "+ssmax"
@@ -250,7 +250,12 @@ fn cell_name(config: &SuiteConfig, encoding: &PositionalEncodingConfig) -> Strin
     } else {
         ""
     };
-    format!("{}{ssmax}{sb}", encoding.label())
+    let hybrid = if config.train.stack.is_some() {
+        "+hybrid"
+    } else {
+        ""
+    };
+    format!("{}{ssmax}{sb}{hybrid}", encoding.label())
 }
 
 /// The evaluation settings of the in-distribution check: every training length.

@@ -92,13 +92,22 @@ fn che_train_runs_for_the_newer_encodings() {
         ("bipe_rope", "2", None),
         ("kerple_log", "1", Some("--ssmax")),
         ("nope", "1", Some("--stick-breaking")),
+        (
+            "rope",
+            "1",
+            Some(
+                r#"--hybrid={"layer_encodings": {"every": 2, "encoding": "nope"}, "qk_norm": {}, "temperature": {"floor": 8}, "sliding_window": 6}"#,
+            ),
+        ),
         ("rope", "2", Some("--randomized=512")),
         ("fox", "1", None),
         ("dape_fox", "1", None),
     ] {
         let out = std::env::temp_dir().join(format!(
             "dape-cli-che-{encoding}{}-{}",
-            extra.unwrap_or(""),
+            extra
+                .unwrap_or("")
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&out);
@@ -133,6 +142,13 @@ fn che_train_runs_for_the_newer_encodings() {
         if extra == Some("--ssmax") {
             let config = std::fs::read_to_string(out.join("config.json")).unwrap();
             assert!(config.contains("\"ssmax\""), "{encoding}: {config}");
+        }
+        if extra.is_some_and(|e| e.starts_with("--hybrid")) {
+            let config = std::fs::read_to_string(out.join("config.json")).unwrap();
+            assert!(
+                config.contains("\"layer_encodings\""),
+                "{encoding}: {config}"
+            );
         }
         if extra == Some("--stick-breaking") {
             let config = std::fs::read_to_string(out.join("config.json")).unwrap();

@@ -11,7 +11,7 @@ use dape::eval::che::{evaluate_run, parse_lengths, write_report, CheEvalConfig, 
 use dape::experiment::che::{self as che_run, CheTrainConfig};
 use dape::suite::{run_suite, SuiteConfig, SuiteReport};
 use dape::train::che::{self as che_train, Progress};
-use dape::{PositionalEncodingConfig, Result, SsmaxConfig, StickBreakingConfig};
+use dape::{PositionalEncodingConfig, Result, SsmaxConfig, StackOptions, StickBreakingConfig};
 
 /// The `dape che` subcommands.
 #[derive(Subcommand)]
@@ -142,6 +142,12 @@ pub struct TrainArgs {
     /// name gets `+sb`.
     #[arg(long)]
     stick_breaking: bool,
+    /// A hybrid stack: a JSON object, inline or in a file, with any of `layer_encodings`,
+    /// `qk_norm`, `temperature` and `sliding_window`, e.g.
+    /// '{"layer_encodings": {"every": 2, "encoding": "nope"}, "qk_norm": {}}'; the run folder name
+    /// gets `+hybrid`.
+    #[arg(long, value_name = "JSON", value_parser = parse_stack)]
+    hybrid: Option<StackOptions>,
     /// Randomized positions (Ruoss et al., 2023): every step's sequences sit at a sorted random
     /// sample of distinct positions from `0..M`, and so do the test sequences (their inputs and
     /// outputs must fit in M; Ruoss et al. use 2048). For encodings driven by integer positions
@@ -204,6 +210,7 @@ impl TrainArgs {
             .with_seed(self.seed)
             .with_ssmax(self.ssmax.then(SsmaxConfig::new))
             .with_stick_breaking(self.stick_breaking.then(StickBreakingConfig::new))
+            .with_stack(self.hybrid.clone())
     }
 
     /// What a run folder's name gets for the normaliser options: `+ssmax`, `+sb`.
@@ -215,8 +222,21 @@ impl TrainArgs {
         if self.stick_breaking {
             out.push_str("+sb");
         }
+        if self.hybrid.is_some() {
+            out.push_str("+hybrid");
+        }
         out
     }
+}
+
+/// `--hybrid`: a JSON object inline, or the path of a file holding one.
+fn parse_stack(text: &str) -> std::result::Result<StackOptions, String> {
+    let json = if text.trim_start().starts_with('{') {
+        text.to_string()
+    } else {
+        std::fs::read_to_string(text).map_err(|e| format!("{text}: {e}"))?
+    };
+    serde_json::from_str(&json).map_err(|e| format!("--hybrid: {e}"))
 }
 
 struct CheTrainTask {

@@ -10,7 +10,7 @@ use crate::attention::{SsmaxConfig, StickBreakingConfig};
 use crate::data::che::{Sample, Task};
 use crate::encoding::{PositionalEncodingConfig, Positions};
 use crate::error::{ensure, Error, Result};
-use crate::model::{SequenceModel, SequenceModelConfig, TransformerConfig};
+use crate::model::{SequenceModel, SequenceModelConfig, StackOptions, TransformerConfig};
 
 /// Configuration of a CHE training run (saved as `config.json` in the run folder).
 #[derive(Config, Debug)]
@@ -62,6 +62,10 @@ pub struct CheTrainConfig {
     /// is bidirectional, so each query breaks a stick on either side.
     #[config(default = "None")]
     pub stick_breaking: Option<StickBreakingConfig>,
+    /// A hybrid stack: a per-layer encoding schedule and the layer options (`None`: the
+    /// encoding in every layer, no options).
+    #[config(default = "None")]
+    pub stack: Option<StackOptions>,
 }
 
 impl CheTrainConfig {
@@ -124,7 +128,8 @@ impl CheTrainConfig {
             TransformerConfig::new(self.d_model, self.n_layers, self.n_heads)
                 .with_encoding(self.encoding.clone())
                 .with_ssmax(self.ssmax.clone())
-                .with_stick_breaking(self.stick_breaking.clone()),
+                .with_stick_breaking(self.stick_breaking.clone())
+                .with_stack(self.stack.clone().unwrap_or_default()),
         )
     }
 }
