@@ -68,6 +68,8 @@ fn encodings() -> Vec<(String, Case)> {
                     r#"{{"type": "{name}", "segments": {{"boundary_tokens": [3, 10]}}}}"#
                 ),
                 "sandwich" => r#"{"type": "sandwich", "dim": 16}"#.to_string(),
+                // Blocks of 4 tokens, so that the tests' short sequences span several.
+                "path" | "path_fox" => format!(r#"{{"type": "{name}", "block": 4}}"#),
                 "dape_fire" | "dapev2_fire" => {
                     format!(r#"{{"type": "{name}", "bias": {{"init_l": 4.0, "activation": "leaky_relu"}}}}"#)
                 }

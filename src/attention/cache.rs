@@ -1,5 +1,6 @@
 //! The KV cache of one attention layer: keys and values of the positions seen so far, and
-//! what the encodings carry beside them (BiPE's segment indices, FoX's cumulative gates).
+//! what the encodings carry beside them (BiPE's segment indices, FoX's cumulative gates, PaTH's
+//! convolution inputs; PaTH's keys are stored carried through the cached tokens' transforms).
 
 use burn::prelude::*;
 
@@ -17,6 +18,9 @@ pub struct KvCache<B: Backend> {
     segment_state: Option<SegmentState>,
     /// Forgetting attention: the keys' cumulative log forget gates `[batch, heads, keys]`.
     forget_sums: Option<Tensor<B, 3>>,
+    /// PaTH: the convolution's input of the last tokens `[batch, taps − 1, d_model]` (the keys
+    /// are then stored carried through every cached token's transform).
+    conv_tail: Option<Tensor<B, 3>>,
 }
 
 impl<B: Backend> Default for KvCache<B> {
@@ -27,6 +31,7 @@ impl<B: Backend> Default for KvCache<B> {
             key_segments: None,
             segment_state: None,
             forget_sums: None,
+            conv_tail: None,
         }
     }
 }
@@ -85,6 +90,30 @@ impl<B: Backend> KvCache<B> {
         };
         self.forget_sums = Some(c.clone());
         c
+    }
+
+    /// PaTH: the cached keys, carried to the last cached token `[batch, heads, keys, d_head]`,
+    /// and the convolution's last inputs.
+    pub(super) fn householder_state(&self) -> (Option<Tensor<B, 4>>, Option<Tensor<B, 3>>) {
+        (self.keys.clone(), self.conv_tail.clone())
+    }
+
+    /// PaTH: replaces the keys by `keys` (all of them, carried to the newest token), appends
+    /// the new `values`, and keeps the convolution's last inputs; returns all values.
+    pub(super) fn store_householder(
+        &mut self,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+        conv_tail: Option<Tensor<B, 3>>,
+    ) -> Tensor<B, 4> {
+        let v = match self.values.take() {
+            Some(old) => Tensor::cat(vec![old, values], 2),
+            None => values,
+        };
+        self.keys = Some(keys);
+        self.values = Some(v.clone());
+        self.conv_tail = conv_tail;
+        v
     }
 
     pub(super) fn append(

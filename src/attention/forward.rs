@@ -63,6 +63,9 @@ impl<B: Backend> MultiHeadAttention<B> {
         cache: Option<&mut KvCache<B>>,
         segments: Option<Tensor<B, 2, Int>>,
     ) -> Tensor<B, 3> {
+        if let Some(path) = self.encoding.householder() {
+            return self.attend_householder(path, x, cache);
+        }
         let [b, l, _] = x.dims();
         let device = x.device();
         let forget_rows = self.forget_sums(x.clone(), cache.as_deref());
@@ -116,7 +119,7 @@ impl<B: Backend> MultiHeadAttention<B> {
     /// QK-norm and temperature tuning, where the layer has them: the queries and keys scaled
     /// before the cache and the rotary hook (the cache holds normalised keys; the rotation
     /// keeps lengths). `offset` is the token index of the first row.
-    fn normalise_qk(
+    pub(super) fn normalise_qk(
         &self,
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
@@ -167,7 +170,7 @@ impl<B: Backend> MultiHeadAttention<B> {
 
     /// The output projection of the heads side by side, `[batch, seq, heads, d_head]` →
     /// `[batch, seq, d_model]`.
-    fn project_out(&self, heads: Tensor<B, 4>) -> Tensor<B, 3> {
+    pub(super) fn project_out(&self, heads: Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, l, h, dh] = heads.dims();
         linear_layer(&self.output, heads.reshape([b, l, h * dh]))
     }
@@ -256,7 +259,7 @@ impl<B: Backend> MultiHeadAttention<B> {
     /// The chunks of query rows: each chunk's first row (counted in this pass) and its span,
     /// whose keys end at its last row under the causal mask (plus the one column DAPE V2's
     /// rows read past it) and at `keys` otherwise.
-    fn chunk_spans(
+    pub(super) fn chunk_spans(
         &self,
         offset: usize,
         l: usize,
@@ -370,7 +373,12 @@ impl<B: Backend> MultiHeadAttention<B> {
     /// (if the layer has it), else the causal mask and the softmax over the keys, one fused
     /// pass on ndarray and LibTorch, else the tensor path. `[batch, heads, rows, keys]`
     /// weights.
-    fn normalise(&self, logits: Tensor<B, 4>, span: &Span, device: &B::Device) -> Tensor<B, 4> {
+    pub(super) fn normalise(
+        &self,
+        logits: Tensor<B, 4>,
+        span: &Span,
+        device: &B::Device,
+    ) -> Tensor<B, 4> {
         let logits = match &self.ssmax {
             Some(s) => logits * ssmax_factor(s.val(), span, device),
             None => logits,

@@ -30,6 +30,7 @@
 
 mod cache;
 mod forward;
+mod householder;
 mod qk_norm;
 mod ssmax;
 mod stick_breaking;

@@ -181,6 +181,7 @@ fn hook_name(hook: Hook) -> &'static str {
         Hook::Logits => "attention logits",
         Hook::Segments => "token embeddings (in-segment) + segments in attention",
         Hook::InputGate => "attention logits (a bias from the layer's input)",
+        Hook::Householder => "q·k through transforms from the layer's input",
     }
 }
 

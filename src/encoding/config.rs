@@ -31,12 +31,12 @@ impl PositionalEncodingConfig {
     /// positions: the absolute encodings, the rotary family, the position-driven biases (T5,
     /// ALiBi, Kerple, FIRE, Sandwich, Shaw, Transformer-XL) and DAPE over any of these biases.
     /// Not NoPE, CoPE (contextual positions), BiPE (segment indices), forgetting attention
-    /// (data-dependent), nor DAPE over NoPE or forgetting attention.
+    /// (data-dependent), PaTH (data-dependent), nor DAPE over NoPE or forgetting attention.
     pub fn takes_randomized(&self) -> bool {
         use PositionalEncodingConfig as C;
         match self.base() {
             C::Nope | C::Cope(_) | C::BipeAlibi { .. } | C::BipeRope { .. } => false,
-            C::Fox(_) | C::DapeFox { .. } => false,
+            C::Fox(_) | C::DapeFox { .. } | C::Path(_) | C::PathFox(_) => false,
             c if c.dape_parts().is_some() => c.dape_parts().is_some_and(|(bias, _)| bias.is_some()),
             _ => true,
         }
@@ -101,6 +101,7 @@ impl PositionalEncodingConfig {
             | C::Xpos(_) => Hook::Rotary,
             C::BipeAlibi { .. } | C::BipeRope { .. } => Hook::Segments,
             C::Fox(_) | C::DapeFox { .. } => Hook::InputGate,
+            C::Path(_) | C::PathFox(_) => Hook::Householder,
             _ => Hook::Logits,
         }
     }
@@ -196,6 +197,8 @@ impl PositionalEncodingConfig {
             C::DapeFox { fox, dape } => {
                 P::DapeFox(DapeFox::new(fox, dape, n_heads, d_model, device)?)
             }
+            C::Path(c) => P::Path(c.init(n_heads, head_dim, false, device)?),
+            C::PathFox(c) => P::Path(c.init(n_heads, head_dim, true, device)?),
             _ => unreachable!("DAPE and randomized variants are handled above"),
         })
     }

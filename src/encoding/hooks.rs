@@ -19,6 +19,7 @@ impl<B: Backend> PositionalEncoding<B> {
             Self::Rotary(_) => Hook::Rotary,
             Self::Bipe(_) => Hook::Segments,
             Self::Fox(_) | Self::DapeFox(_) => Hook::InputGate,
+            Self::Path(_) => Hook::Householder,
             _ => Hook::Logits,
         }
     }
@@ -46,6 +47,14 @@ impl<B: Backend> PositionalEncoding<B> {
             Self::Fox(_) => logits + gate,
             Self::DapeFox(d) => d.forward(logits, gate, span),
             _ => logits,
+        }
+    }
+
+    /// PaTH's transforms (the Householder hook); `None` for every other encoding.
+    pub fn householder(&self) -> Option<&super::Path<B>> {
+        match self {
+            Self::Path(p) => Some(p),
+            _ => None,
         }
     }
 
@@ -84,9 +93,12 @@ impl<B: Backend> PositionalEncoding<B> {
             | Self::TransformerXl(_) => true,
             Self::Dape(d) => d.bias.is_some(),
             Self::DapeV2(d) => d.bias.is_some(),
-            Self::Nope(_) | Self::Cope(_) | Self::Bipe(_) | Self::Fox(_) | Self::DapeFox(_) => {
-                false
-            }
+            Self::Nope(_)
+            | Self::Cope(_)
+            | Self::Bipe(_)
+            | Self::Fox(_)
+            | Self::DapeFox(_)
+            | Self::Path(_) => false,
         }
     }
 

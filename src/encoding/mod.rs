@@ -11,6 +11,7 @@
 //! | Transformer-XL | [`transformer_xl`] | adds `(u·k_j + (q_i + v)·W_R R_(i-j)) / sqrt(d_head)` |
 //! | DAPE, DAPE V2 | [`dape`] | `A + B + f([A ‖ B])` with an MLP (V1) or 1×k convolutions (V2); `B` is any bias above (T5, ALiBi, Kerple, FIRE, Sandwich) |
 //! | Forgetting attention, DAPE over it | [`fox`] | adds `D_ij = Σ_{l=j+1..i} ln σ(w_h·x_l + b_h)` from the layer's input `x` (a data-dependent bias); `dape_fox`: `A + D + f([A ‖ D])` |
+//! | PaTH, PaTH-FoX | [`path`] (parameters), [`householder`] (the blockwise products) | replaces `q_iᵀk_j` by `q_iᵀ H_i ⋯ H_{j+1} k_j` with data-dependent Householder-like `H_t` from the layer's input; PaTH-FoX adds FoX's gate |
 //! | BiPE (ALiBi, RoPE) | [`bipe`] | in-segment positions added to the token embeddings; ALiBi bias or RoPE rotation by segment index |
 //!
 //! All logit hooks receive *scaled* logits `A = QKᵀ/√d_head` of shape
@@ -47,6 +48,8 @@ pub mod cache;
 pub mod cope;
 pub mod dape;
 pub mod fox;
+pub mod householder;
+pub mod path;
 pub mod positions;
 pub mod rotary;
 pub mod sandwich;
@@ -73,6 +76,7 @@ pub use cope::{Cope, CopeConfig};
 pub use dape::{Dape, DapeConfig, DapeV2, DapeV2Config};
 pub use fox::{DapeFox, Fox, FoxConfig};
 pub use names::ENCODING_NAMES;
+pub use path::{Path, PathConfig, Transforms};
 pub use positions::{Positions, RandomizedConfig};
 pub use rotary::{RopeConfig, RopeLayout, RopeScaling, Rotary, XposConfig};
 pub use sandwich::{Sandwich, SandwichConfig};
@@ -243,6 +247,11 @@ pub enum PositionalEncodingConfig {
         #[serde(default)]
         dape: DapeConfig,
     },
+    /// PaTH (Yang et al., 2025): data-dependent Householder-like transforms between each query
+    /// and key.
+    Path(PathConfig),
+    /// PaTH with FoX's forget gate.
+    PathFox(PathConfig),
     /// Any encoding driven by integer positions, at randomized positions (Ruoss et al., 2023):
     /// `{"type": "rope", "randomized": {"max_position": 2048}}` in JSON. Build it with
     /// [`PositionalEncodingConfig::with_randomized`], which checks that the encoding takes it.
@@ -296,6 +305,10 @@ pub enum Hook {
     /// Acts on the scaled logits with a bias computed from the attention layer's input `x`
     /// (forgetting attention's gates), so the layer hands the encoding its input.
     InputGate,
+    /// Replaces the logits `q_iᵀ k_j` by `q_iᵀ H_i ⋯ H_{j+1} k_j`, with transforms from the
+    /// layer's input (PaTH): the layer computes the logits blockwise and its cache holds the
+    /// transformed keys.
+    Householder,
 }
 
 /// Any positional encoding, as a Burn module. Built by [`PositionalEncodingConfig::init`].
@@ -333,6 +346,8 @@ pub enum PositionalEncoding<B: Backend> {
     Fox(Fox<B>),
     /// DAPE over forgetting attention.
     DapeFox(DapeFox<B>),
+    /// PaTH or PaTH-FoX.
+    Path(Path<B>),
 }
 
 /// Uniform initialisation of a parameter tensor in `[low, high)`.

@@ -43,6 +43,8 @@ pub const ENCODING_NAMES: &[&str] = &[
     "dapev2_sandwich",
     "fox",
     "dape_fox",
+    "path",
+    "path_fox",
 ];
 
 impl PositionalEncodingConfig {
@@ -135,6 +137,8 @@ impl PositionalEncodingConfig {
                 fox: Default::default(),
                 dape: Default::default(),
             },
+            "path" => C::Path(Default::default()),
+            "path_fox" => C::PathFox(Default::default()),
             _ => {
                 return Err(Error::UnknownEncoding {
                     name: name.to_string(),
