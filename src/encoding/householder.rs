@@ -144,17 +144,20 @@ impl<B: Backend> Blocks<B> {
         let strict = mask4(&lower_mask::<B>(block, 1, &device));
         let on_and_below = mask4(&lower_mask::<B>(block, 0, &device));
         let w_t = w.clone().swap_dims(2, 3);
+        let k_t = k.clone().swap_dims(2, 3);
         let t = unit_lower_inverse(batched_matmul(w_beta.clone(), w_t.clone()) * strict.clone());
         let u = batched_matmul(t.clone(), w_beta.clone());
-        let s = batched_matmul(
-            t,
-            batched_matmul(w_beta, k.clone().swap_dims(2, 3)) * strict,
-        );
+        let s = batched_matmul(t, batched_matmul(w_beta, k_t.clone()) * strict);
         let qw = batched_matmul(q.clone(), w_t.clone()) * on_and_below;
-        let local = batched_matmul(q.clone(), k.clone().swap_dims(2, 3))
-            - batched_matmul(qw.clone(), s.clone());
+        let local = batched_matmul(q.clone(), k_t) - batched_matmul(qw.clone(), s.clone());
         let q_hat = q - batched_matmul(qw, u.clone());
-        let k_hat = k - batched_matmul(s.swap_dims(2, 3), w);
+        // `k` stays alive across this subtraction on purpose: LibTorch under burn 0.21 gives a
+        // transposed view (`k_t` above, which the products keep for their gradients) its own
+        // ownership count, so a `k` consumed here would be overwritten in place, and with it
+        // the saved `k_t` (the gradients, not the values, would come out wrong; fixed upstream
+        // in burn-tch after 0.21, tracel-ai/burn#5376).
+        let k_hat = k.clone() - batched_matmul(s.swap_dims(2, 3), w);
+        drop(k);
         let eye = Tensor::<B, 2>::eye(d, &device).unsqueeze::<4>();
         let through = eye - batched_matmul(w_t, u);
         Self {
