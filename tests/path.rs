@@ -216,10 +216,12 @@ fn bidirectional_path_matches_its_formula() {
 #[test]
 fn gradients_reach_every_transform_parameter() {
     type A = Autodiff<B>;
-    for name in ["path", "path_fox"] {
-        let encoding =
-            PositionalEncodingConfig::from_json(&format!(r#"{{"type": "{name}", "block": 4}}"#))
-                .unwrap();
+    for name in ["path", "path_fox", "dape_path"] {
+        let json = match name {
+            "dape_path" => r#"{"type": "dape_path", "path": {"block": 4}}"#.to_string(),
+            _ => format!(r#"{{"type": "{name}", "block": 4}}"#),
+        };
+        let encoding = PositionalEncodingConfig::from_json(&json).unwrap();
         let layer = AttentionConfig::new(16, 2)
             .with_encoding(encoding)
             .init::<A>(&dev())
@@ -260,7 +262,18 @@ fn gradients_reach_every_transform_parameter() {
                 gate.gate.weight.grad(&grads).map(|g| g.into_data()),
             ));
         }
+        if let Some(dape) = &p.dape {
+            checked.push((
+                "dape.mlp_in",
+                dape.mlp_in.weight.grad(&grads).map(|g| g.into_data()),
+            ));
+            checked.push((
+                "dape.mlp_out",
+                dape.mlp_out.weight.grad(&grads).map(|g| g.into_data()),
+            ));
+        }
         assert_eq!(p.gate.is_some(), name == "path_fox", "{name}: forget gate");
+        assert_eq!(p.dape.is_some(), name == "dape_path", "{name}: DAPE's MLP");
         for (param, grad) in checked {
             let grad: Vec<f32> = grad
                 .unwrap_or_else(|| panic!("{name}: no gradient for {param}"))
@@ -271,6 +284,53 @@ fn gradients_reach_every_transform_parameter() {
                 "{name}: {param} not finite"
             );
             assert!(grad.iter().any(|g| *g != 0.0), "{name}: {param} all zero");
+        }
+    }
+}
+
+/// `dape_path` is PaTH with DAPE's `A + f(A)` on the scaled logits: with `f`'s output layer
+/// zeroed it is exactly PaTH (same transforms, same projections), and with `f` live the
+/// output moves, so the MLP is on the path the layer takes, for full and chunked queries.
+#[test]
+fn dape_path_is_path_plus_dape_over_its_logits() {
+    let encoding =
+        PositionalEncodingConfig::from_json(r#"{"type": "dape_path", "path": {"block": 4}}"#)
+            .unwrap();
+    let mut layer = AttentionConfig::new(16, 2)
+        .with_encoding(encoding)
+        .init::<B>(&dev())
+        .unwrap();
+    let x = Tensor::<B, 3>::random(
+        [2, 11, 16],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &dev(),
+    );
+    let live: Vec<f32> = layer.forward(x.clone()).into_data().to_vec().unwrap();
+    let mut plain = layer.clone();
+    path_of(&mut plain).dape = None;
+    let without: Vec<f32> = plain.forward(x.clone()).into_data().to_vec().unwrap();
+    let moved = live
+        .iter()
+        .zip(&without)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        moved > 1e-3,
+        "DAPE's MLP does not reach the output ({moved})"
+    );
+    let dape = path_of(&mut layer).dape.as_mut().unwrap();
+    dape.mlp_out.weight = Param::from_tensor(dape.mlp_out.weight.val().zeros_like());
+    dape.mlp_out.bias = Some(Param::from_tensor(Tensor::zeros([2], &dev())));
+    for chunk in [0, 3] {
+        let (mut a, mut b) = (layer.clone(), plain.clone());
+        a.chunk_size = chunk;
+        b.chunk_size = chunk;
+        let got: Vec<f32> = a.forward(x.clone()).into_data().to_vec().unwrap();
+        let want: Vec<f32> = b.forward(x.clone()).into_data().to_vec().unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6,
+                "o[{i}] = {g}, PaTH {w} (chunk {chunk})"
+            );
         }
     }
 }

@@ -70,6 +70,7 @@ fn encodings() -> Vec<(String, Case)> {
                 "sandwich" => r#"{"type": "sandwich", "dim": 16}"#.to_string(),
                 // Blocks of 4 tokens, so that the tests' short sequences span several.
                 "path" | "path_fox" => format!(r#"{{"type": "{name}", "block": 4}}"#),
+                "dape_path" => r#"{"type": "dape_path", "path": {"block": 4}}"#.to_string(),
                 "dape_fire" | "dapev2_fire" => {
                     format!(r#"{{"type": "{name}", "bias": {{"init_l": 4.0, "activation": "leaky_relu"}}}}"#)
                 }

@@ -5,8 +5,8 @@
 //! The steps: the transforms `w, β` from the layer's input (continuing the cache's convolution
 //! inputs), the QKV projection (QK-norm and temperature tuning where the layer has them), the
 //! blocks of the new tokens, the cache update, then per chunk of query rows the logits
-//! `q_iᵀ H_i ⋯ H_{j+1} k_j / √d` (PaTH-FoX adds its gate's sums before the scale, as fla), the
-//! normaliser and the product with V.
+//! `q_iᵀ H_i ⋯ H_{j+1} k_j / √d` (PaTH-FoX adds its gate's sums before the scale, as fla;
+//! `dape_path` then adds DAPE's `f` of the scaled logits), the normaliser and the product with V.
 //!
 //! [`Hook::Householder`]: crate::encoding::Hook::Householder
 
@@ -88,7 +88,12 @@ impl<B: Backend> MultiHeadAttention<B> {
                     }
                     _ => logits,
                 };
-                let probs = self.normalise(logits * scale, &span, &device);
+                let scaled = logits * scale;
+                let scaled = match &path.dape {
+                    Some(dape) => dape.forward(scaled, &span),
+                    None => scaled,
+                };
+                let probs = self.normalise(scaled, &span, &device);
                 batched_matmul(probs, values.clone().narrow(2, 0, keys)).swap_dims(1, 2)
             })
             .collect();

@@ -36,7 +36,8 @@ impl PositionalEncodingConfig {
         use PositionalEncodingConfig as C;
         match self.base() {
             C::Nope | C::Cope(_) | C::BipeAlibi { .. } | C::BipeRope { .. } => false,
-            C::Fox(_) | C::DapeFox { .. } | C::Path(_) | C::PathFox(_) => false,
+            C::Fox(_) | C::DapeFox { .. } => false,
+            C::Path(_) | C::PathFox(_) | C::DapePath { .. } => false,
             c if c.dape_parts().is_some() => c.dape_parts().is_some_and(|(bias, _)| bias.is_some()),
             _ => true,
         }
@@ -101,7 +102,7 @@ impl PositionalEncodingConfig {
             | C::Xpos(_) => Hook::Rotary,
             C::BipeAlibi { .. } | C::BipeRope { .. } => Hook::Segments,
             C::Fox(_) | C::DapeFox { .. } => Hook::InputGate,
-            C::Path(_) | C::PathFox(_) => Hook::Householder,
+            C::Path(_) | C::PathFox(_) | C::DapePath { .. } => Hook::Householder,
             _ => Hook::Logits,
         }
     }
@@ -109,7 +110,8 @@ impl PositionalEncodingConfig {
     /// Whether DAPE's MLP runs over every (query, key) pair (DAPE V1 and V2 over any base, and
     /// over forgetting attention).
     pub fn is_dape(&self) -> bool {
-        self.dape_parts().is_some() || matches!(self.base(), Self::DapeFox { .. })
+        self.dape_parts().is_some()
+            || matches!(self.base(), Self::DapeFox { .. } | Self::DapePath { .. })
     }
 
     /// The base bias and DAPE function of a DAPE variant; `None` for other encodings.
@@ -199,6 +201,10 @@ impl PositionalEncodingConfig {
             }
             C::Path(c) => P::Path(c.init(n_heads, head_dim, false, device)?),
             C::PathFox(c) => P::Path(c.init(n_heads, head_dim, true, device)?),
+            C::DapePath { path, dape } => P::Path(
+                path.init(n_heads, head_dim, false, device)?
+                    .with_dape(dape.init(n_heads, None, device)?),
+            ),
             _ => unreachable!("DAPE and randomized variants are handled above"),
         })
     }

@@ -11,7 +11,7 @@
 //! | Transformer-XL | [`transformer_xl`] | adds `(u·k_j + (q_i + v)·W_R R_(i-j)) / sqrt(d_head)` |
 //! | DAPE, DAPE V2 | [`dape`] | `A + B + f([A ‖ B])` with an MLP (V1) or 1×k convolutions (V2); `B` is any bias above (T5, ALiBi, Kerple, FIRE, Sandwich) |
 //! | Forgetting attention, DAPE over it | [`fox`] | adds `D_ij = Σ_{l=j+1..i} ln σ(w_h·x_l + b_h)` from the layer's input `x` (a data-dependent bias); `dape_fox`: `A + D + f([A ‖ D])` |
-//! | PaTH, PaTH-FoX | [`path`] (parameters), [`householder`] (the blockwise products) | replaces `q_iᵀk_j` by `q_iᵀ H_i ⋯ H_{j+1} k_j` with data-dependent Householder-like `H_t` from the layer's input; PaTH-FoX adds FoX's gate |
+//! | PaTH, PaTH-FoX, DAPE over PaTH | [`path`] (parameters), [`householder`] (the blockwise products) | replaces `q_iᵀk_j` by `q_iᵀ H_i ⋯ H_{j+1} k_j` with data-dependent Householder-like `H_t` from the layer's input; PaTH-FoX adds FoX's gate; `dape_path`: `A + f(A)` over PaTH's scaled logits `A` |
 //! | BiPE (ALiBi, RoPE) | [`bipe`] | in-segment positions added to the token embeddings; ALiBi bias or RoPE rotation by segment index |
 //!
 //! All logit hooks receive *scaled* logits `A = QKᵀ/√d_head` of shape
@@ -252,6 +252,14 @@ pub enum PositionalEncodingConfig {
     Path(PathConfig),
     /// PaTH with FoX's forget gate.
     PathFox(PathConfig),
+    /// DAPE V1 over PaTH's logits, as DAPE over NoPE wraps bias-free logits:
+    /// `A + f(A)` with `A_ij = q_iᵀ H_i ⋯ H_{j+1} k_j / √d`.
+    DapePath {
+        #[serde(default)]
+        path: PathConfig,
+        #[serde(default)]
+        dape: DapeConfig,
+    },
     /// Any encoding driven by integer positions, at randomized positions (Ruoss et al., 2023):
     /// `{"type": "rope", "randomized": {"max_position": 2048}}` in JSON. Build it with
     /// [`PositionalEncodingConfig::with_randomized`], which checks that the encoding takes it.

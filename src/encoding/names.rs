@@ -45,6 +45,7 @@ pub const ENCODING_NAMES: &[&str] = &[
     "dape_fox",
     "path",
     "path_fox",
+    "dape_path",
 ];
 
 impl PositionalEncodingConfig {
@@ -139,6 +140,10 @@ impl PositionalEncodingConfig {
             },
             "path" => C::Path(Default::default()),
             "path_fox" => C::PathFox(Default::default()),
+            "dape_path" => C::DapePath {
+                path: Default::default(),
+                dape: Default::default(),
+            },
             _ => {
                 return Err(Error::UnknownEncoding {
                     name: name.to_string(),

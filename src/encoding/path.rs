@@ -30,7 +30,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{sigmoid, silu};
 
-use super::{default_from_new, uniform_param, Fox, FoxConfig};
+use super::{default_from_new, uniform_param, Dape, Fox, FoxConfig};
 use crate::error::{ensure, Result};
 use crate::kernel::linear_layer;
 
@@ -89,6 +89,7 @@ impl PathConfig {
             gate: forget_gate
                 .then(|| FoxConfig::new().init(n_heads, d_model, device))
                 .transpose()?,
+            dape: None,
             n_heads,
             block: self.block,
         })
@@ -108,6 +109,9 @@ pub struct Path<B: Backend> {
     pub beta: Linear<B>,
     /// PaTH-FoX's forget gate; `None` for PaTH.
     pub gate: Option<Fox<B>>,
+    /// `dape_path`'s MLP over the scaled logits (DAPE over NoPE's form, `A + f(A)`); `None`
+    /// for PaTH and PaTH-FoX.
+    pub dape: Option<Dape<B>>,
     /// Number of heads.
     pub n_heads: usize,
     /// Tokens per block.
@@ -163,5 +167,13 @@ impl<B: Backend> Path<B> {
     /// PaTH-FoX's forget gate; `None` for PaTH.
     pub fn forget_gate(&self) -> Option<&Fox<B>> {
         self.gate.as_ref()
+    }
+
+    /// The same transforms with DAPE's MLP `dape` over the scaled logits (`dape_path`).
+    pub fn with_dape(self, dape: Dape<B>) -> Self {
+        Self {
+            dape: Some(dape),
+            ..self
+        }
     }
 }
