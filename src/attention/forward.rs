@@ -108,12 +108,7 @@ impl<B: Backend> MultiHeadAttention<B> {
             .into_iter()
             .map(|(r0, span)| self.attend_chunk(&queries, &keys, r0, &span, fused, &device))
             .collect();
-        let out = if outputs.len() == 1 {
-            outputs.into_iter().next().expect("one chunk")
-        } else {
-            Tensor::cat(outputs, 1)
-        };
-        self.project_out(out)
+        self.project_chunks(outputs)
     }
 
     /// QK-norm and temperature tuning, where the layer has them: the queries and keys scaled
@@ -170,9 +165,20 @@ impl<B: Backend> MultiHeadAttention<B> {
 
     /// The output projection of the heads side by side, `[batch, seq, heads, d_head]` →
     /// `[batch, seq, d_model]`.
-    pub(super) fn project_out(&self, heads: Tensor<B, 4>) -> Tensor<B, 3> {
+    fn project_out(&self, heads: Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, l, h, dh] = heads.dims();
         linear_layer(&self.output, heads.reshape([b, l, h * dh]))
+    }
+
+    /// [`Self::project_out`] of the query chunks' outputs `[batch, rows, heads, d_head]`, in
+    /// order, joined along the sequence.
+    pub(super) fn project_chunks(&self, chunks: Vec<Tensor<B, 4>>) -> Tensor<B, 3> {
+        let heads = if chunks.len() == 1 {
+            chunks.into_iter().next().expect("one chunk")
+        } else {
+            Tensor::cat(chunks, 1)
+        };
+        self.project_out(heads)
     }
 
     /// The whole sequence through the fused kernel over the packed projection, its backward

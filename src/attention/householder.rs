@@ -97,11 +97,6 @@ impl<B: Backend> MultiHeadAttention<B> {
                 batched_matmul(probs, values.clone().narrow(2, 0, keys)).swap_dims(1, 2)
             })
             .collect();
-        let out = if outputs.len() == 1 {
-            outputs.into_iter().next().expect("one chunk")
-        } else {
-            Tensor::cat(outputs, 1)
-        };
-        self.project_out(out)
+        self.project_chunks(outputs)
     }
 }
