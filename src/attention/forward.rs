@@ -277,6 +277,18 @@ impl<B: Backend> MultiHeadAttention<B> {
         } else {
             self.chunk_size
         };
+        self.spans_every(chunk, offset, l, keys, positions)
+    }
+
+    /// [`Self::chunk_spans`] with `chunk` rows per chunk (the last may have fewer).
+    pub(super) fn spans_every(
+        &self,
+        chunk: usize,
+        offset: usize,
+        l: usize,
+        keys: usize,
+        positions: Option<&Positions>,
+    ) -> Vec<(usize, Span)> {
         let lookahead = usize::from(self.encoding.reads_next_column());
         (0..l)
             .step_by(chunk.max(1))

@@ -14,8 +14,34 @@ use burn::prelude::*;
 
 use super::{KvCache, MultiHeadAttention};
 use crate::encoding::householder::{bidirectional_logits, Blocks};
-use crate::encoding::{Fox, Path};
+use crate::encoding::{Fox, Path, Span};
 use crate::kernel::batched_matmul;
+
+/// Rows `r0 .. r0 + span.query_len` and keys `0 .. span.key_len` of `logits: [g, rows, keys]`
+/// (no copy where they are all of it).
+fn rows_and_keys<B: Backend>(logits: Tensor<B, 3>, r0: usize, span: &Span) -> Tensor<B, 3> {
+    let [_, rows, keys] = logits.dims();
+    let logits = if r0 == 0 && span.query_len == rows {
+        logits
+    } else {
+        logits.narrow(1, r0, span.query_len)
+    };
+    if span.key_len == keys {
+        logits
+    } else {
+        logits.narrow(2, 0, span.key_len)
+    }
+}
+
+/// The first `keys` entries along dim 2 of `t: [batch, heads, keys', ·]` (no slice where
+/// that is all of it: a slice's backward pass writes a zero-filled copy of the whole).
+fn first_keys<B: Backend, const D: usize>(t: Tensor<B, D>, keys: usize) -> Tensor<B, D> {
+    if t.dims()[2] == keys {
+        t
+    } else {
+        t.narrow(2, 0, keys)
+    }
+}
 
 /// `[batch, heads, seq, d]` → `[batch·heads, seq, d]`.
 fn fold<B: Backend>(t: Tensor<B, 4>) -> Tensor<B, 3> {
@@ -66,24 +92,49 @@ impl<B: Backend> MultiHeadAttention<B> {
             None => (v, forget_rows.clone()),
         };
         let scale = (self.head_dim as f64).sqrt().recip();
-        let outputs: Vec<Tensor<B, 4>> = self
-            .chunk_spans(offset, l, offset + l, None)
-            .into_iter()
-            .map(|(r0, span)| {
+        // The chunks of query rows with their logits `[b·h, rows, keys]`, made lazily: causal,
+        // one query block's logits at a time (split further where the layer's chunk is
+        // smaller); bidirectional, rows of the whole matrix.
+        let chunks: Box<dyn Iterator<Item = (usize, Span, Tensor<B, 3>)> + '_> =
+            match (&blocks, bidirectional) {
+                (Some(blocks), _) => {
+                    let c = blocks.block_size();
+                    let sub = match self.chunk_size {
+                        0 => c,
+                        chunk => chunk.min(c),
+                    };
+                    Box::new((0..blocks.count()).flat_map(move |i| {
+                        let row = blocks.block_logits(i, cached.as_ref());
+                        let (start, rows) = (i * c, row.dims()[1]);
+                        self.spans_every(sub, offset + start, rows, offset + start + rows, None)
+                            .into_iter()
+                            .map(move |(r, span)| {
+                                let logits = rows_and_keys(row.clone(), r, &span);
+                                (start + r, span, logits)
+                            })
+                    }))
+                }
+                (None, Some(all)) => Box::new(
+                    self.chunk_spans(offset, l, offset + l, None)
+                        .into_iter()
+                        .map(move |(r0, span)| {
+                            let logits = rows_and_keys(all.clone(), r0, &span);
+                            (r0, span, logits)
+                        }),
+                ),
+                (None, None) => unreachable!("causal or bidirectional"),
+            };
+        let outputs: Vec<Tensor<B, 4>> = chunks
+            .map(|(r0, span, logits)| {
                 let rows = span.query_len;
                 let keys = span.key_len;
-                let logits = match (&blocks, &bidirectional) {
-                    (Some(blocks), _) => blocks.logits(r0..r0 + rows, cached.as_ref()),
-                    (None, Some(all)) => all.clone().narrow(1, r0, rows),
-                    (None, None) => unreachable!("causal or bidirectional"),
-                };
                 let logits = logits.reshape([b, h, rows, keys]);
                 let logits = match (&forget_rows, &forget_keys) {
                     (Some(fr), Some(fk)) => {
                         logits
                             + Fox::bias(
                                 fr.clone().narrow(2, r0, rows),
-                                fk.clone().narrow(2, 0, keys),
+                                first_keys(fk.clone(), keys),
                             )
                     }
                     _ => logits,
@@ -94,7 +145,7 @@ impl<B: Backend> MultiHeadAttention<B> {
                     None => scaled,
                 };
                 let probs = self.normalise(scaled, &span, &device);
-                batched_matmul(probs, values.clone().narrow(2, 0, keys)).swap_dims(1, 2)
+                batched_matmul(probs, first_keys(values.clone(), keys)).swap_dims(1, 2)
             })
             .collect();
         self.project_chunks(outputs)

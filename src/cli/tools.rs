@@ -76,7 +76,7 @@ pub struct BenchArgs {
     /// train: forward, backward, clipping and AdamW; eval: forward without gradients.
     #[arg(long, value_enum, default_value_t = BenchMode::Train)]
     mode: BenchMode,
-    /// Encoding (our names, or torch_ref.py's: kerple, dape-kerple, ...).
+    /// Encoding: our names, torch_ref.py's (kerple, dape-kerple, ...), or a JSON config file.
     #[arg(long, default_value = "dape_kerple_log")]
     encoding: String,
     /// Tokens per sequence.
@@ -345,8 +345,7 @@ pub fn compare_backends(args: CompareArgs) -> Result<bool> {
 
 /// `dape bench`: one JSON line with torch_ref.py's keys.
 pub fn bench(args: BenchArgs) -> Result<bool> {
-    let encoding =
-        PositionalEncodingConfig::from_name(dape::bench::encoding_from_torch_name(&args.encoding))?;
+    let encoding = super::encoding_arg(dape::bench::encoding_from_torch_name(&args.encoding))?;
     let config = BenchConfig {
         length: args.length,
         batch: args.batch,

@@ -25,28 +25,43 @@
 //! the sweep meets them last; after the segment, [`Blocks::carry_keys`] brings every key to its
 //! end (`k ← H_t k` for each new token `t`, one `M` per block), which is what decoding needs.
 //!
-//! `T` is the inverse of a unit lower-triangular matrix, taken by block doubling: the inverses
-//! of the diagonal blocks of size `m` give those of size `2m` as
-//! `[[A⁻¹, 0], [−D⁻¹ B A⁻¹, D⁻¹]]`, `log₂ C` batched steps (forward substitution's arithmetic,
-//! in a few large products).
+//! `T` is the inverse of a unit lower-triangular matrix, [`unit_lower_inverse`]: forward
+//! substitution in one graph node on ndarray, block doubling in `log₂ C` batched steps of
+//! Burn's ops elsewhere.
 
 use burn::prelude::*;
 
-use crate::kernel::batched_matmul;
+use crate::kernel::{batched_matmul, unit_lower_inverse};
 
 /// The default number of tokens per block (fla's kernels use 64 too).
 pub const DEFAULT_BLOCK: usize = 64;
 
-/// One segment of tokens, cut into blocks and reduced to what the sweep needs. Tensors are
-/// `[g, n, ·, ·]` with `g = batch·heads` and `n` blocks of `C` tokens (the last padded).
+/// One segment of tokens, cut into blocks and reduced to what the sweep needs: one tensor
+/// `[g, 1, ·, ·]` per block (`g = batch·heads`; `n` blocks of `C` tokens, the last padded),
+/// split once so that the sweep's `O(n²)` products read them without slicing again (each slice
+/// would cost its backward pass a zero-filled copy of the whole).
 #[derive(Clone, Debug)]
 pub struct Blocks<B: Backend> {
     block: usize,
     len: usize,
-    q_hat: Tensor<B, 4>,
-    k_hat: Tensor<B, 4>,
-    local: Tensor<B, 4>,
-    through: Tensor<B, 4>,
+    /// `Q̂` of each block `[g, 1, C, d]`.
+    q_hat: Vec<Tensor<B, 4>>,
+    /// `K̂` of each block `[g, 1, C, d]`.
+    k_hat: Vec<Tensor<B, 4>>,
+    /// `Â` of each block `[g, 1, C, C]`.
+    local: Vec<Tensor<B, 4>>,
+    /// `M` of each block `[g, 1, d, d]`.
+    through: Vec<Tensor<B, 4>>,
+}
+
+/// The `n` blocks of `t: [g, n, ·, ·]`, each `[g, 1, ·, ·]`.
+fn per_block<B: Backend>(t: Tensor<B, 4>) -> Vec<Tensor<B, 4>> {
+    let n = t.dims()[1];
+    if n == 1 {
+        vec![t]
+    } else {
+        t.chunk(n, 1)
+    }
 }
 
 /// `[rows, cols]` of ones where `col <= row − shift` (`shift = 0`: on and below the diagonal;
@@ -63,51 +78,6 @@ fn lower_mask<B: Backend>(size: usize, shift: i64, device: &B::Device) -> Tensor
 /// `[g, n, C, C]` mask broadcast from `[C, C]`.
 fn mask4<B: Backend>(mask: &Tensor<B, 2>) -> Tensor<B, 4> {
     mask.clone().unsqueeze::<4>()
-}
-
-/// The inverse of `I + L` for strictly lower-triangular `L: [g, n, C, C]`, `C` a power of two.
-pub(crate) fn unit_lower_inverse<B: Backend>(lower: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [g, n, c, _] = lower.dims();
-    let device = lower.device();
-    // The inverses of the diagonal blocks of size m, as [g·n·(C/m), m, m].
-    let mut inv = Tensor::<B, 3>::ones([g * n * c, 1, 1], &device);
-    let mut m = 1;
-    while m < c {
-        let pairs = c / (2 * m);
-        let inv4: Tensor<B, 4> = inv.reshape([g * n * pairs, 2, m, m]);
-        let a_inv = inv4.clone().narrow(1, 0, 1).squeeze_dim::<3>(1);
-        let d_inv = inv4.narrow(1, 1, 1).squeeze_dim::<3>(1);
-        // The lower-left m × m block of each diagonal 2m × 2m block of L.
-        let coupling = diagonal_blocks(lower.clone(), 2 * m)
-            .narrow(1, m, m)
-            .narrow(2, 0, m);
-        let low = d_inv.clone().matmul(coupling).matmul(a_inv.clone()).neg();
-        let top = Tensor::cat(
-            vec![a_inv, Tensor::zeros([g * n * pairs, m, m], &device)],
-            2,
-        );
-        let bottom = Tensor::cat(vec![low, d_inv], 2);
-        inv = Tensor::cat(vec![top, bottom], 1);
-        m *= 2;
-    }
-    inv.reshape([g, n, c, c])
-}
-
-/// The diagonal blocks of size `s` of `x: [g, n, C, C]`, as `[g·n·(C/s), s, s]`.
-fn diagonal_blocks<B: Backend>(x: Tensor<B, 4>, s: usize) -> Tensor<B, 3> {
-    let [g, n, c, _] = x.dims();
-    let k = c / s;
-    if k == 1 {
-        return x.reshape([g * n, c, c]);
-    }
-    let device = x.device();
-    // Row block r of x, its column blocks side by side: [g·n·k, s, k, s]; keep column block r.
-    let blocks: Tensor<B, 4> = x.reshape([g * n * k, s, k, s]);
-    let eye = Tensor::<B, 2>::eye(k, &device)
-        .reshape([1, k, 1, k, 1])
-        .expand([g * n, k, 1, k, 1])
-        .reshape([g * n * k, 1, k, 1]);
-    (blocks * eye).sum_dim(2).reshape([g * n * k, s, s])
 }
 
 impl<B: Backend> Blocks<B> {
@@ -163,10 +133,10 @@ impl<B: Backend> Blocks<B> {
         Self {
             block,
             len,
-            q_hat,
-            k_hat,
-            local,
-            through,
+            q_hat: per_block(q_hat),
+            k_hat: per_block(k_hat),
+            local: per_block(local),
+            through: per_block(through),
         }
     }
 
@@ -180,28 +150,56 @@ impl<B: Backend> Blocks<B> {
         self.len == 0
     }
 
-    fn at(t: &Tensor<B, 4>, block: usize) -> Tensor<B, 4> {
-        t.clone().narrow(1, block, 1)
+    /// Tokens per block `C` (the requested size rounded to a power of two, at most the
+    /// segment's length rounded up).
+    pub fn block_size(&self) -> usize {
+        self.block
+    }
+
+    /// Number of blocks `n`.
+    pub fn count(&self) -> usize {
+        self.q_hat.len()
     }
 
     /// The logits of query block `i` `[g, 1, C, P + (i+1)·C]` over the cached keys
     /// `cached: [g, 1, P, d]` (transformed to the segment's start) and the segment's keys up to
     /// the block's end. Entries above the diagonal are not causal logits (mask them).
     fn block_row(&self, i: usize, cached: Option<&Tensor<B, 4>>) -> Tensor<B, 4> {
-        let mut parts = vec![Self::at(&self.local, i)];
-        let mut cur = Self::at(&self.q_hat, i);
+        let mut parts = vec![self.local[i].clone()];
+        let mut cur = self.q_hat[i].clone();
         for j in (0..i).rev() {
             parts.push(batched_matmul(
                 cur.clone(),
-                Self::at(&self.k_hat, j).swap_dims(2, 3),
+                self.k_hat[j].clone().swap_dims(2, 3),
             ));
-            cur = batched_matmul(cur, Self::at(&self.through, j));
+            cur = batched_matmul(cur, self.through[j].clone());
         }
         if let Some(keys) = cached {
             parts.push(batched_matmul(cur, keys.clone().swap_dims(2, 3)));
         }
         parts.reverse();
         Tensor::cat(parts, 3)
+    }
+
+    /// The causal logits of query block `i` `[g, rows, P + end]` over the cached keys
+    /// `cached: [g, P, d]` (transformed to the segment's start; `None`: none) and the
+    /// segment's keys up to the block's last token: `rows` real tokens (fewer than `C` in a
+    /// padded last block), `end = i·C + rows`. Entries of keys after a row are not logits:
+    /// the causal mask removes them.
+    pub fn block_logits(&self, i: usize, cached: Option<&Tensor<B, 3>>) -> Tensor<B, 3> {
+        let c = self.block;
+        let cached = cached.map(|k| k.clone().unsqueeze_dim::<4>(1));
+        let past = cached.as_ref().map_or(0, |k| k.dims()[2]);
+        let rows = c.min(self.len - i * c);
+        let row = self.block_row(i, cached.as_ref());
+        let [g, _, _, width] = row.dims();
+        let row = row.reshape([g, c, width]);
+        let wanted = past + i * c + rows;
+        if rows == c && wanted == width {
+            row
+        } else {
+            row.narrow(1, 0, rows).narrow(2, 0, wanted)
+        }
     }
 
     /// The causal logits `[g, rows, P + rows.end]` of the segment's query rows `rows` over the
@@ -218,8 +216,8 @@ impl<B: Backend> Blocks<B> {
         let cached = cached.map(|k| k.clone().unsqueeze_dim::<4>(1));
         let past = cached.as_ref().map_or(0, |k| k.dims()[2]);
         let width = past + last * c;
-        let device = self.q_hat.device();
-        let g = self.q_hat.dims()[0];
+        let device = self.q_hat[0].device();
+        let g = self.q_hat[0].dims()[0];
         let row_blocks: Vec<Tensor<B, 4>> = (first..last)
             .map(|i| {
                 let row = self.block_row(i, cached.as_ref());
@@ -243,12 +241,12 @@ impl<B: Backend> Blocks<B> {
     /// tokens after the key's own): the cached keys `cached: [g, P, d]` (at the segment's start)
     /// first, then the segment's. What a KV cache holds after the segment.
     pub fn carry_keys(&self, cached: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
-        let [g, n, c, d] = self.k_hat.dims();
+        let [g, _, c, d] = self.k_hat[0].dims();
+        let n = self.count();
         let mut keys: Option<Tensor<B, 4>> = cached.map(|k| k.unsqueeze_dim::<4>(1));
         for j in 0..n {
-            let carried =
-                keys.map(|k| batched_matmul(k, Self::at(&self.through, j).swap_dims(2, 3)));
-            let own = Self::at(&self.k_hat, j);
+            let carried = keys.map(|k| batched_matmul(k, self.through[j].clone().swap_dims(2, 3)));
+            let own = self.k_hat[j].clone();
             keys = Some(match carried {
                 Some(k) => Tensor::cat(vec![k, own], 2),
                 None => own,
@@ -490,26 +488,6 @@ mod tests {
             &both.into_data().to_vec::<f32>().unwrap(),
             &all.into_data().to_vec::<f32>().unwrap(),
             "carried keys",
-        );
-    }
-
-    #[test]
-    fn unit_lower_inverse_inverts() {
-        let c = 8;
-        let v = values(2 * c * c, 3);
-        let lower = Tensor::<B, 1>::from_floats(v.as_slice(), &Default::default())
-            .reshape([1, 2, c, c])
-            * mask4(&lower_mask::<B>(c, 1, &Default::default()));
-        let inv = unit_lower_inverse(lower.clone());
-        let eye = Tensor::<B, 2>::eye(c, &Default::default()).unsqueeze::<4>();
-        let product = (lower + eye.clone()).matmul(inv);
-        close(
-            &product.into_data().to_vec::<f32>().unwrap(),
-            &eye.expand([1, 2, c, c])
-                .into_data()
-                .to_vec::<f32>()
-                .unwrap(),
-            "(I + L)·T",
         );
     }
 }

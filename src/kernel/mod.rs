@@ -14,6 +14,7 @@
 //! | [`fused_softmax`] | `ndarray/softmax.rs` | `torch/softmax.rs` | `Err`: the caller's tensor path |
 //! | [`stick_breaking`] | `ndarray/stick_breaking.rs` | [`stick_breaking_tensor`] | [`stick_breaking_tensor`] |
 //! | [`token_nll`] | `ndarray/token_nll.rs` | [`token_nll_tensor`] | [`token_nll_tensor`] |
+//! | [`unit_lower_inverse`] | `ndarray/unit_lower_inverse.rs` | [`unit_lower_inverse_tensor`] | [`unit_lower_inverse_tensor`] |
 //! | AdamW ([`crate::optim::FusedAdamW`]) | `ndarray/adamw.rs` | `torch/adamw.rs` | Burn's `AdamW` |
 //! | DAPE's correction ([`crate::encoding::Dape`]) | `encoding/dape/fused/` | `torch/dape.rs` | its tensor path |
 //!
@@ -35,6 +36,7 @@ mod matmul;
 mod softmax;
 mod stick_breaking;
 mod token_nll;
+mod unit_lower_inverse;
 
 #[cfg(feature = "ndarray")]
 mod ndarray;
@@ -53,6 +55,7 @@ pub use matmul::batched_matmul;
 pub use softmax::fused_softmax;
 pub use stick_breaking::{stick_breaking, stick_breaking_tensor, Sticks};
 pub use token_nll::{token_nll, token_nll_tensor};
+pub use unit_lower_inverse::{unit_lower_inverse, unit_lower_inverse_tensor};
 
 pub(crate) use adamw::AdamWStep;
 #[cfg(any(feature = "ndarray", feature = "tch"))]

@@ -22,6 +22,7 @@ mod simd;
 mod softmax;
 mod stick_breaking;
 mod token_nll;
+mod unit_lower_inverse;
 
 // What the rest of the crate uses: DAPE's kernels, the optimiser, and the dispatch.
 pub(crate) use adamw::adamw_nd;
@@ -42,6 +43,9 @@ pub(in crate::kernel) use simd::{exp, phi};
 pub(in crate::kernel) use softmax::{softmax_autodiff, softmax_nd};
 pub(in crate::kernel) use stick_breaking::{stick_breaking_autodiff, stick_breaking_nd};
 pub(in crate::kernel) use token_nll::{token_nll_autodiff, token_nll_nd};
+pub(in crate::kernel) use unit_lower_inverse::{
+    unit_lower_inverse_autodiff, unit_lower_inverse_nd,
+};
 
 use std::any::TypeId;
 

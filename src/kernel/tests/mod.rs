@@ -11,6 +11,7 @@ mod simd;
 mod softmax;
 mod stick_breaking;
 mod token_nll;
+mod unit_lower_inverse;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::prelude::*;
