@@ -43,38 +43,48 @@ fn tiny_corpus(dir: &Path) {
     }
 }
 
-#[test]
-fn mqar_trains_and_evaluates_into_json_csv_and_a_plot() {
-    let run = temp("mqar");
-    let run_s = run.to_str().unwrap();
+/// `dape retrieval train` for MQAR, with one line of progress and a small validation set.
+fn train_mqar(run: &str, encoding: &str, steps: &str) {
     dape(&[
         "retrieval",
         "train",
         "--task",
         "mqar",
         "--encoding",
-        "dape_kerple_log",
+        encoding,
         "--steps",
-        "3",
+        steps,
         "--out",
-        run_s,
+        run,
         "--lines",
         "1",
         "--valid-tokens",
         "512",
     ]);
-    assert!(run.join("model.mpk").is_file());
-    assert!(!run.join("manifest.json").exists(), "MQAR reads no corpus");
+}
+
+/// `dape retrieval eval` at lengths 128 and 160 with `trials` items per length.
+fn eval_at_128_and_160(run: &str, trials: &str) {
     dape(&[
         "retrieval",
         "eval",
         "--run",
-        run_s,
+        run,
         "--lengths",
         "128,160",
         "--trials",
-        "3",
+        trials,
     ]);
+}
+
+#[test]
+fn mqar_trains_and_evaluates_into_json_csv_and_a_plot() {
+    let run = temp("mqar");
+    let run_s = run.to_str().unwrap();
+    train_mqar(run_s, "dape_kerple_log", "3");
+    assert!(run.join("model.mpk").is_file());
+    assert!(!run.join("manifest.json").exists(), "MQAR reads no corpus");
+    eval_at_128_and_160(run_s, "3");
     let report = json(&run.join("retrieval.json"));
     assert_eq!(report["task"], "mqar");
     assert_eq!(report["encoding"], "dape_kerple_log");
@@ -282,4 +292,58 @@ fn the_masked_loss_counts_the_answers_only() {
     );
     let whole: f64 = all.iter().map(|&v| f64::from(v)).sum();
     assert!((masked - whole).abs() > 1.0, "the mask changes the sum");
+}
+
+/// An evaluation interrupted after some lengths goes on from the first unfinished one: a
+/// length recorded in `retrieval.partial.json` for the same run and settings is taken from
+/// there (here a recognisable accuracy planted in it), the others are evaluated; an entry for
+/// other settings is not reused; the file is gone once the report is written.
+#[test]
+fn an_interrupted_evaluation_resumes_from_its_finished_lengths() {
+    let run = temp("resume");
+    let run_s = run.to_str().unwrap();
+    train_mqar(run_s, "alibi", "2");
+    let eval = |trials: &str| {
+        eval_at_128_and_160(run_s, trials);
+        json(&run.join("retrieval.json"))
+    };
+    let full = eval("3");
+    let partial = run.join("retrieval.partial.json");
+    assert!(!partial.exists(), "the partial results outlive the report");
+    // What an evaluation stopped after length 128 leaves, with a planted accuracy.
+    let train: dape::experiment::lm::LmTrainConfig =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let plant = |settings: &serde_json::Value| {
+        let mut settings = settings.clone();
+        settings.as_object_mut().unwrap().remove("lengths");
+        let mut first = full["lengths"][0].clone();
+        first["accuracy"] = serde_json::json!(0.123456);
+        let text = serde_json::json!({
+            "train": serde_json::to_value(&train).unwrap(),
+            "eval": settings,
+            "finished": [{"Evaluated": {"accuracy": first, "gaps": []}}],
+        });
+        std::fs::write(&partial, text.to_string()).unwrap();
+    };
+    plant(&full["eval"]);
+    let resumed = eval("3");
+    assert_eq!(
+        resumed["lengths"][0]["accuracy"], 0.123456,
+        "length 128 not taken"
+    );
+    assert_eq!(
+        resumed["lengths"][1]["tally"], full["lengths"][1]["tally"],
+        "length 160 evaluated again gives what it gave"
+    );
+    assert!(!partial.exists());
+    let mut other = full["eval"].clone();
+    other["trials"] = serde_json::json!(4);
+    plant(&other);
+    let fresh = eval("3");
+    assert_eq!(
+        fresh["lengths"][0]["tally"], full["lengths"][0]["tally"],
+        "an entry for other settings was reused"
+    );
+    assert_ne!(fresh["lengths"][0]["accuracy"], 0.123456);
+    std::fs::remove_dir_all(&run).unwrap();
 }

@@ -8,3 +8,4 @@ pub mod lm;
 pub mod longppl;
 pub mod plot;
 pub mod retrieval;
+pub mod retrieval_resume;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::heatmap::{heatmap_svg, Heatmap};
 use super::plot::{line_chart_svg, Chart, Series};
+use super::retrieval_resume::{partial_path, Finished, Partial};
 use crate::data::retrieval::mqar::MqarConfig;
 use crate::data::retrieval::passkey;
 use crate::data::retrieval::{RetrievalItem, RetrievalTask};
@@ -301,11 +302,15 @@ fn predict<B: Backend>(
 }
 
 /// Evaluates `model`, trained by `train`, on `eval`'s lengths, calling `on_length` after each.
+/// With `resume` (a run's [`partial_path`]), lengths finished by an interrupted evaluation of
+/// the same run and settings are taken from there, and each new one is recorded there as it
+/// finishes (see [`super::retrieval_resume`]).
 pub fn evaluate<B: Backend>(
     model: &LanguageModel<B>,
     train: &LmTrainConfig,
     eval: &RetrievalEvalConfig,
     device: &B::Device,
+    resume: Option<&Path>,
     mut on_length: impl FnMut(&LengthAccuracy),
 ) -> Result<(Vec<LengthAccuracy>, Vec<GapAccuracy>, Vec<SkippedLength>)> {
     eval.validate()?;
@@ -317,69 +322,49 @@ pub fn evaluate<B: Backend>(
     })?;
     let (mut lengths, mut skipped) = (Vec::new(), Vec::new());
     let mut gaps: Vec<Tally> = Vec::new();
+    let mut partial = resume
+        .map(|path| Partial::load(path, train, eval).map(|p| (path, p)))
+        .transpose()?;
     for &length in &eval.lengths {
-        let items = match test_items(task, train, eval, length) {
-            Ok(items) => items,
-            Err(e) => {
-                eprintln!("length {length}: skipped: {e}");
-                skipped.push(SkippedLength {
-                    length,
-                    reason: e.to_string(),
-                });
-                continue;
+        let earlier = partial.as_ref().and_then(|(_, p)| p.get(length).cloned());
+        let finished = match earlier {
+            Some(finished) => {
+                if let Finished::Evaluated { accuracy, .. } = &finished {
+                    eprintln!("length {length}: taken from an interrupted evaluation");
+                    on_length(accuracy);
+                }
+                finished
+            }
+            None => {
+                let finished = evaluate_length(model, train, eval, task, length, device)?;
+                if let Finished::Evaluated { accuracy, .. } = &finished {
+                    on_length(accuracy);
+                }
+                if let Some((path, p)) = partial.as_mut() {
+                    p.record(path, finished.clone())?;
+                }
+                finished
             }
         };
-        let start = Instant::now();
-        let rows = (eval.batch_tokens / length).max(1);
-        let model = model
-            .clone()
-            .with_chunk_size(auto_chunk(rows.min(items.len()), length));
-        let mut tally = Tally::default();
-        let mut answers_tally = Tally::default();
-        let mut depth_tallies = vec![Tally::default(); eval.depths.len()];
-        let mut bar = ProgressBar::new(format!("{task} length {length}"), items.len());
-        for (pass, batch) in items.chunks(rows).enumerate() {
-            let refs: Vec<&RetrievalItem> = batch.iter().map(|(i, _)| i).collect();
-            let verdicts = predict(&model, train, &refs, pass as u64, device)?;
-            for ((item, depth), answers) in batch.iter().zip(verdicts) {
-                for &a in &answers {
-                    answers_tally.add(a);
-                }
-                let units: Vec<(bool, usize)> = match task {
-                    // One unit per item: every digit right; its gap is the needle's.
-                    RetrievalTask::Passkey => {
-                        vec![(answers.iter().all(|&a| a), item.gaps[0])]
-                    }
-                    RetrievalTask::Mqar => answers.into_iter().zip(item.gaps.clone()).collect(),
-                };
-                for (correct, gap) in units {
-                    tally.add(correct);
-                    if task == RetrievalTask::Passkey {
-                        depth_tallies[*depth].add(correct);
-                    }
-                    let b = gap_bucket(gap);
-                    if gaps.len() <= b {
-                        gaps.resize(b + 1, Tally::default());
-                    }
-                    gaps[b].add(correct);
-                }
+        match finished {
+            Finished::Skipped(s) => {
+                eprintln!("length {length}: skipped: {}", s.reason);
+                skipped.push(s);
             }
-            bar.inc(batch.len());
+            Finished::Evaluated {
+                accuracy,
+                gaps: length_gaps,
+            } => {
+                if gaps.len() < length_gaps.len() {
+                    gaps.resize(length_gaps.len(), Tally::default());
+                }
+                for (total, t) in gaps.iter_mut().zip(length_gaps) {
+                    total.total += t.total;
+                    total.correct += t.correct;
+                }
+                lengths.push(accuracy);
+            }
         }
-        bar.finish();
-        let result = LengthAccuracy {
-            length,
-            accuracy: tally.accuracy(),
-            tally,
-            answer_accuracy: Some(answers_tally.accuracy()),
-            by_depth: match task {
-                RetrievalTask::Passkey => depth_tallies.iter().map(Tally::accuracy).collect(),
-                RetrievalTask::Mqar => Vec::new(),
-            },
-            seconds: start.elapsed().as_secs_f64(),
-        };
-        on_length(&result);
-        lengths.push(result);
     }
     let gaps = gaps
         .into_iter()
@@ -393,6 +378,80 @@ pub fn evaluate<B: Backend>(
         })
         .collect();
     Ok((lengths, gaps, skipped))
+}
+
+/// One length's accuracy and its gap tallies (or why it was left out).
+fn evaluate_length<B: Backend>(
+    model: &LanguageModel<B>,
+    train: &LmTrainConfig,
+    eval: &RetrievalEvalConfig,
+    task: RetrievalTask,
+    length: usize,
+    device: &B::Device,
+) -> Result<Finished> {
+    let mut gaps: Vec<Tally> = Vec::new();
+    let items = match test_items(task, train, eval, length) {
+        Ok(items) => items,
+        Err(e) => {
+            return Ok(Finished::Skipped(SkippedLength {
+                length,
+                reason: e.to_string(),
+            }));
+        }
+    };
+    let start = Instant::now();
+    let rows = (eval.batch_tokens / length).max(1);
+    let model = model
+        .clone()
+        .with_chunk_size(auto_chunk(rows.min(items.len()), length));
+    let mut tally = Tally::default();
+    let mut answers_tally = Tally::default();
+    let mut depth_tallies = vec![Tally::default(); eval.depths.len()];
+    let mut bar = ProgressBar::new(format!("{task} length {length}"), items.len());
+    for (pass, batch) in items.chunks(rows).enumerate() {
+        let refs: Vec<&RetrievalItem> = batch.iter().map(|(i, _)| i).collect();
+        let verdicts = predict(&model, train, &refs, pass as u64, device)?;
+        for ((item, depth), answers) in batch.iter().zip(verdicts) {
+            for &a in &answers {
+                answers_tally.add(a);
+            }
+            let units: Vec<(bool, usize)> = match task {
+                // One unit per item: every digit right; its gap is the needle's.
+                RetrievalTask::Passkey => {
+                    vec![(answers.iter().all(|&a| a), item.gaps[0])]
+                }
+                RetrievalTask::Mqar => answers.into_iter().zip(item.gaps.clone()).collect(),
+            };
+            for (correct, gap) in units {
+                tally.add(correct);
+                if task == RetrievalTask::Passkey {
+                    depth_tallies[*depth].add(correct);
+                }
+                let b = gap_bucket(gap);
+                if gaps.len() <= b {
+                    gaps.resize(b + 1, Tally::default());
+                }
+                gaps[b].add(correct);
+            }
+        }
+        bar.inc(batch.len());
+    }
+    bar.finish();
+    let result = LengthAccuracy {
+        length,
+        accuracy: tally.accuracy(),
+        tally,
+        answer_accuracy: Some(answers_tally.accuracy()),
+        by_depth: match task {
+            RetrievalTask::Passkey => depth_tallies.iter().map(Tally::accuracy).collect(),
+            RetrievalTask::Mqar => Vec::new(),
+        },
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    Ok(Finished::Evaluated {
+        accuracy: result,
+        gaps,
+    })
 }
 
 /// Mean accuracy beyond the training length (over every length when none is beyond it).
@@ -421,7 +480,8 @@ pub fn evaluate_run<B: Backend>(
     on_length: impl FnMut(&LengthAccuracy),
 ) -> Result<RetrievalReport> {
     let start = Instant::now();
-    let (lengths, gaps, skipped) = evaluate(model, train, eval, device, on_length)?;
+    let resume = partial_path(run);
+    let (lengths, gaps, skipped) = evaluate(model, train, eval, device, Some(&resume), on_length)?;
     let task = train.retrieval_task().expect("checked by evaluate");
     Ok(RetrievalReport {
         run: portable_path(run),
@@ -476,7 +536,12 @@ pub fn write_report(dir: &Path, report: &RetrievalReport) -> Result<()> {
     if report.task == RetrievalTask::Passkey {
         plot_heatmap(&dir.join("passkey_heatmap.svg"), report)?;
     }
-    Ok(())
+    // The report holds every length now: the partial results have served.
+    let partial = partial_path(dir);
+    match std::fs::remove_file(&partial) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(&partial)(e)),
+        _ => Ok(()),
+    }
 }
 
 /// A report's accuracy (%) by length as one line, named after its encoding.
