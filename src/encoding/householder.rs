@@ -289,18 +289,11 @@ mod tests {
 
     type B = NdArray<f32>;
 
-    /// Deterministic values in [-1, 1).
+    /// Deterministic values in [-1, 1), from the crate's [`crate::util::Rng`].
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        let mut rng = crate::util::Rng::new(seed);
         (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
+            .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
             .collect()
     }
 
@@ -467,19 +460,14 @@ mod tests {
                 let r = rows.start + (idx / keys) % rows.len();
                 j <= split + r
             };
-            let got: Vec<f32> = got
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| mask(*i))
-                .map(|(_, x)| *x)
-                .collect();
-            let want: Vec<f32> = want
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| mask(*i))
-                .map(|(_, x)| *x)
-                .collect();
-            close(&got, &want, &format!("rows {rows:?}"));
+            let causal = |v: &[f32]| -> Vec<f32> {
+                v.iter()
+                    .enumerate()
+                    .filter(|(i, _)| mask(*i))
+                    .map(|(_, x)| *x)
+                    .collect()
+            };
+            close(&causal(&got), &causal(&want), &format!("rows {rows:?}"));
         }
         // Carrying the keys of both segments equals carrying the whole sequence's.
         let all = Blocks::new(q, k, w, c.beta(), block).carry_keys(None);
