@@ -98,6 +98,37 @@ sys.exit(0 if suite.get("cells") and not suite.get("pending") else 1)
 PY
 }
 
+# The cell a suite's log names last ("[17/42] passkey / t5"), without its "[17/42] ".
+last_cell() {
+  grep -o '^\[[0-9]*/[0-9]*\] [a-z_]* / [^:]*' "$1" 2>/dev/null | tail -1 | sed 's/^\[[^]]*\] //' || true
+}
+
+# Runs publish step "${@:2}" against a copy of $RESULTS and puts the copy in place only when the
+# whole step succeeded, so that a failed copy or plot (a full disk) leaves $RESULTS as it was
+# before the cell ($1 names it in the message). The two renames of the swap take no space.
+publish_whole() {
+  local what=$1 target=$RESULTS stage=$RESULTS.publishing old=$RESULTS.replaced rc=0
+  shift
+  rm -rf "$stage" "$old"
+  if ! { mkdir -p "$target" && cp -a "$target" "$stage"; }; then
+    rm -rf "$stage"
+    echo "study: cannot publish $what (is the disk full?); $target is as it was" >&2
+    return 1
+  fi
+  RESULTS=$stage "$@" || rc=$?
+  if [ "$rc" != 0 ]; then
+    rm -rf "$stage"
+    echo "study: publishing $what failed (is the disk full?); $target is as it was" >&2
+    return 1
+  fi
+  mv "$target" "$old" || return 1
+  if ! mv "$stage" "$target"; then
+    mv "$old" "$target"
+    return 1
+  fi
+  rm -rf "$old"
+}
+
 stop_requested() {
   if [ -f "$RUNS/STOP" ]; then
     echo "study: $RUNS/STOP found; stopping between runs (start again to resume)"
@@ -136,9 +167,9 @@ publish_lm() {
     if lm_finished "$corpus" "$run"; then
       src=$(lm_source "$corpus" "$run")
       if [ "$src" != "$dst/$run" ]; then
-        mkdir -p "$dst/$run"
+        mkdir -p "$dst/$run" || return 1
         for f in config.json train.json eval.json eval.csv; do
-          cp "$src/$f" "$dst/$run/$f.tmp" && mv "$dst/$run/$f.tmp" "$dst/$run/$f"
+          cp "$src/$f" "$dst/$run/$f" || return 1
         done
       fi
       args+=(--run "$dst/$run")
@@ -147,15 +178,16 @@ publish_lm() {
     fi
   done
   [ ${#args[@]} -gt 0 ] || return 0
-  "$dape" plot "${args[@]}" "${pending[@]}" --out "$dst" >/dev/null ||
-    echo "study: dape plot failed for $dst; the runs' own files are there" >&2
+  "$dape" plot "${args[@]}" "${pending[@]}" --out "$dst" >/dev/null
 }
 
 publish_che() {
+  local f
   [ -f "$RUNS/che/suite.json" ] || return 0
-  mkdir -p "$RESULTS/che"
+  mkdir -p "$RESULTS/che" || return 1
   for f in "$RUNS"/che/suite.json "$RUNS"/che/suite.md "$RUNS"/che/*.svg; do
-    [ -f "$f" ] && cp "$f" "$RESULTS/che/"
+    [ -f "$f" ] || continue
+    cp "$f" "$RESULTS/che/" || return 1
   done
 }
 
@@ -163,16 +195,18 @@ publish_che() {
 publish_retrieval() {
   local src=$RUNS/retrieval dst=$RESULTS/retrieval f cell rel
   [ -f "$src/suite.json" ] || return 0
-  mkdir -p "$dst"
+  mkdir -p "$dst" || return 1
   for f in "$src"/suite.json "$src"/suite.md "$src"/*.svg; do
-    [ -f "$f" ] && cp "$f" "$dst/$(basename "$f").tmp" && mv "$dst/$(basename "$f").tmp" "$dst/$(basename "$f")"
+    [ -f "$f" ] || continue
+    cp "$f" "$dst/" || return 1
   done
   for cell in "$src"/*/*/; do
     [ -f "$cell/retrieval.json" ] || continue
     rel=${cell#"$src"/}
-    mkdir -p "$dst/$rel"
+    mkdir -p "$dst/$rel" || return 1
     for f in config.json train.json retrieval.json retrieval.csv retrieval.svg passkey_heatmap.svg; do
-      [ -f "$cell/$f" ] && cp "$cell/$f" "$dst/$rel/$f.tmp" && mv "$dst/$rel/$f.tmp" "$dst/$rel/$f"
+      [ -f "$cell/$f" ] || continue
+      cp "$cell/$f" "$dst/$rel/$f" || return 1
     done
   done
 }
@@ -196,15 +230,15 @@ retrieval_phase() {
     stop_requested && return 1
     if ! nice -n 19 "$dape" retrieval suite "${RETRIEVAL_ARGS[@]}" --out "$RUNS/retrieval" --resume \
       --cells 1 | tee "$RUNS/retrieval-last.log"; then
-      echo "study: a retrieval cell failed; it stays pending (see $RUNS/retrieval-last.log)" >&2
+      echo "study: retrieval cell $(last_cell "$RUNS/retrieval-last.log") failed; it stays pending, $RESULTS is as it was (see $RUNS/retrieval-last.log)" >&2
       return 2
     fi
-    publish_retrieval
+    publish_whole "retrieval cell $(last_cell "$RUNS/retrieval-last.log")" publish_retrieval || return 2
     if grep -Eq '^suite: ([0-9]+) of \1 cells finished' "$RUNS/retrieval-last.log"; then
       commit "retrieval tables complete"
       return 0
     fi
-    commit "retrieval cell $(grep -o '^\[[0-9]*/[0-9]*\] [a-z]* / [^:]*' "$RUNS/retrieval-last.log" | tail -1)"
+    commit "retrieval cell $(last_cell "$RUNS/retrieval-last.log")"
   done
 }
 
@@ -216,38 +250,47 @@ train_once() {
   nice -n 19 "$dape" train --config "$1" --out "$2" --lines 100 "${resume[@]}"
 }
 
-# Redraws $RESULTS/longppl's table and plot from its finished runs.
+# Copies LongPPL run $1's files from $2 (and the evaluator's config from $3) into
+# $RESULTS/longppl, and redraws its table and plot from its finished runs.
 publish_longppl() {
-  local dst=$RESULTS/longppl run args=() pending=()
+  local dst=$RESULTS/longppl run args=() pending=() f
+  if [ $# -gt 0 ]; then
+    mkdir -p "$dst/$1" || return 1
+    cp "$3/config.json" "$dst/evaluator.json" || return 1
+    for f in config.json train.json eval.json eval.csv; do
+      cp "$2/$f" "$dst/$1/$f" || return 1
+    done
+  fi
   for run in $(lm_runs); do
     if [ -f "$dst/$run/eval.json" ]; then args+=(--run "$dst/$run"); else pending+=(--pending "$run"); fi
   done
   [ ${#args[@]} -gt 0 ] || return 0
-  "$dape" plot "${args[@]}" "${pending[@]}" --out "$dst" >/dev/null ||
-    echo "study: dape plot failed for $dst; the runs' own files are there" >&2
+  "$dape" plot "${args[@]}" "${pending[@]}" --out "$dst" >/dev/null
 }
 
 longppl_phase() {
-  local evaluator=$RUNS/longppl-evaluator dst=$RESULTS/longppl run out f
+  local evaluator=$RUNS/longppl-evaluator dst=$RESULTS/longppl run out
   stop_requested && return 1
-  train_once configs/lm/longppl_evaluator.json "$evaluator" || return 2
-  mkdir -p "$dst"
-  cp "$evaluator/config.json" "$dst/evaluator.json"
+  train_once configs/lm/longppl_evaluator.json "$evaluator" || {
+    echo "study: the LongPPL evaluator failed; $RESULTS is as it was" >&2
+    return 2
+  }
+  mkdir -p "$dst/key-tokens" || return 2
   for run in $(lm_runs); do
     stop_requested && return 1
     [ -f "$dst/$run/eval.json" ] && continue
     out=$RUNS/lm-books-longppl/$run
-    train_once "$RESULTS/lm-books/$run/config.json" "$out" || return 2
+    if ! train_once "$RESULTS/lm-books/$run/config.json" "$out"; then
+      echo "study: longppl $run failed in training; it stays pending" >&2
+      return 2
+    fi
+    # The key tokens are the evaluator's, per length: each file is written whole, once.
     if ! nice -n 19 "$dape" eval --run "$out" --longppl --evaluator "$evaluator" \
       --key-tokens "$dst/key-tokens" --max-tokens "$MAX_TOKENS"; then
       echo "study: the LongPPL evaluation of $run failed; it stays pending" >&2
       return 2
     fi
-    mkdir -p "$dst/$run"
-    for f in config.json train.json eval.json eval.csv; do
-      cp "$out/$f" "$dst/$run/$f.tmp" && mv "$dst/$run/$f.tmp" "$dst/$run/$f"
-    done
-    publish_longppl
+    publish_whole "longppl $run" publish_longppl "$run" "$out" "$evaluator" || return 2
     commit "longppl $run"
   done
 }
@@ -264,10 +307,10 @@ lm_phase() { # corpus seed encodings...
     if ! CORPUS=$corpus SEED=$seed ENCODINGS=$e STEPS=$STEPS CHECKPOINT_EVERY=$CHECKPOINT_EVERY \
       MAX_TOKENS=$MAX_TOKENS OUT=$RUNS/lm-$corpus BACKEND=$BACKEND DAPE_BIN=$dape PLOT=0 \
       scripts/lm-sweep.sh; then
-      echo "study: lm-$corpus/$name failed; it stays pending (the log above says why)" >&2
+      echo "study: lm-$corpus/$name failed; it stays pending, $RESULTS is as it was (the log above says why)" >&2
       return 2
     fi
-    publish_lm "$corpus"
+    publish_whole "lm-$corpus/$name" publish_lm "$corpus" || return 2
     commit "lm-$corpus/$name finished"
   done
 }
@@ -283,15 +326,15 @@ che_phase() {
     stop_requested && return 1
     if ! "$dape" che suite "${CHE_ARGS[@]}" --out "$RUNS/che" --resume --cells 1 \
       | tee "$RUNS/che-last.log"; then
-      echo "study: a CHE cell failed; it stays pending (see $RUNS/che-last.log)" >&2
+      echo "study: CHE cell $(last_cell "$RUNS/che-last.log") failed; it stays pending, $RESULTS is as it was (see $RUNS/che-last.log)" >&2
       return 2
     fi
-    publish_che
+    publish_whole "CHE cell $(last_cell "$RUNS/che-last.log")" publish_che || return 2
     if grep -Eq '^suite: ([0-9]+) of \1 cells finished' "$RUNS/che-last.log"; then
       commit "CHE table complete"
       return 0
     fi
-    commit "CHE cell $(grep -o '^\[[0-9]*/[0-9]*\] [a-z_]* / [a-z_+]*' "$RUNS/che-last.log" | tail -1)"
+    commit "CHE cell $(last_cell "$RUNS/che-last.log")"
   done
 }
 
@@ -330,11 +373,11 @@ dape=$DAPE_BIN
 rm -f "$RUNS/STOP"
 
 if [ "${1:-}" = publish ]; then
-  publish_lm books
-  publish_lm latex
-  publish_che
-  publish_retrieval
-  publish_longppl
+  publish_whole "lm-books" publish_lm books
+  publish_whole "lm-latex" publish_lm latex
+  publish_whole "che" publish_che
+  publish_whole "retrieval" publish_retrieval
+  publish_whole "longppl" publish_longppl
   exit 0
 fi
 

@@ -51,6 +51,19 @@ pub enum Error {
     /// A JSON document could not be parsed.
     #[error("JSON error: {0}")]
     Json(#[from] serde_json::Error),
+    /// A write failed because the disk (or the user's quota on it) is full. Every file is
+    /// written whole or not at all, so what was written before is intact.
+    #[error(
+        "{}: the disk is full ({source}); the files written before are intact: free some \
+         space, then run the same command again (a training run with --resume)",
+        path.display()
+    )]
+    DiskFull {
+        /// The file that could not be written.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
@@ -62,6 +75,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// An I/O error on `path`: [`Error::DiskFull`] when the disk is full, else [`Error::Io`].
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let path = path.into();
+        if crate::disk::is_full(&source) {
+            Error::DiskFull { path, source }
+        } else {
+            Error::Io { path, source }
+        }
+    }
+
     /// Shorthand for [`Error::InvalidConfig`].
     pub fn invalid(field: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
         Error::InvalidConfig {

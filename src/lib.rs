@@ -58,6 +58,7 @@
 
 // The library a Burn model author depends on (`default-features = false`): bottom to top.
 pub mod attention;
+pub mod disk;
 pub mod encoding;
 pub mod error;
 pub mod kernel;

@@ -1,5 +1,5 @@
 //! Small helpers every layer may use: parameter materialisation, the exact GELU, atomic file
-//! writes, portable paths for what a run records and a seeded generator. This module imports nothing of the crate
+//! writes (through [`crate::disk`]), portable paths for what a run records and a seeded generator. This module imports nothing of the crate
 //! but [`crate::error`], so that the layers above it never have to point at each other.
 
 use std::path::{Path, PathBuf};
@@ -46,22 +46,26 @@ pub fn partial_name(path: &Path) -> PathBuf {
 
 /// A closure that names `path` in an I/O error.
 pub fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| Error::io(path, source)
 }
 
 /// Writes bytes atomically: to a temporary file, flushed to disk, then renamed into place, so
 /// a crash leaves either the old file or the new one, never a truncated one.
 pub fn write_bytes_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
     let tmp = partial_name(path);
-    let mut file = std::fs::File::create(&tmp).map_err(io_error(&tmp))?;
-    file.write_all(data)
-        .and_then(|()| file.sync_all())
-        .map_err(io_error(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_error(path))
+    let written = std::fs::File::create(&tmp).and_then(|mut file| {
+        crate::disk::write_all(&mut file, data)?;
+        file.sync_all()
+    });
+    if let Err(source) = written {
+        // Nothing half-written stays behind to take up space or be read.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, source));
+    }
+    std::fs::rename(&tmp, path).map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, source)
+    })
 }
 
 /// Writes a text file atomically (see [`write_bytes_atomic`]).

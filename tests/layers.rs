@@ -6,46 +6,48 @@
 //!
 //! | layer | modules |
 //! | --- | --- |
-//! | 0 | `error` |
-//! | 1 | `util` (materialisation, exact GELU, atomic writes) |
-//! | 2 | `kernel` (fused CPU kernels for ndarray, PyTorch's on LibTorch, host-copy helpers) |
-//! | 3 | `encoding`, `norm` (the layer norm module over the fused kernel), `optim` (fused AdamW) |
-//! | 4 | `attention`, `schedule` (per-layer encodings of a hybrid stack) |
-//! | 5 | `model` — the library ends here (it builds without the `harness` feature) |
-//! | 6 | `progress`, `sysmem`, `backend` |
-//! | 7 | `data` |
-//! | 8 | `experiment` (what training and evaluation share) |
-//! | 9 | `train`, `eval` (neither reaches into the other) |
-//! | 10 | `suite`, `results` (tables of several LM runs), `retrieval_suite`, `bench`, `compare`, `consistency` |
-//! | 11 | the CLI (`src/main.rs`, `src/cli/`), which uses the library as `dape::…` |
+//! | 0 | `disk` (every byte written to a file: full-disk errors, the write budget tests fill) |
+//! | 1 | `error` |
+//! | 2 | `util` (materialisation, exact GELU, atomic writes) |
+//! | 3 | `kernel` (fused CPU kernels for ndarray, PyTorch's on LibTorch, host-copy helpers) |
+//! | 4 | `encoding`, `norm` (the layer norm module over the fused kernel), `optim` (fused AdamW) |
+//! | 5 | `attention`, `schedule` (per-layer encodings of a hybrid stack) |
+//! | 6 | `model` — the library ends here (it builds without the `harness` feature) |
+//! | 7 | `progress`, `sysmem`, `backend` |
+//! | 8 | `data` |
+//! | 9 | `experiment` (what training and evaluation share) |
+//! | 10 | `train`, `eval` (neither reaches into the other) |
+//! | 11 | `suite`, `results` (tables of several LM runs), `retrieval_suite`, `bench`, `compare`, `consistency` |
+//! | 12 | the CLI (`src/main.rs`, `src/cli/`), which uses the library as `dape::…` |
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const LAYERS: &[(&str, usize)] = &[
-    ("error", 0),
-    ("util", 1),
-    ("kernel", 2),
-    ("encoding", 3),
-    ("norm", 3),
-    ("optim", 3),
-    ("attention", 4),
-    ("schedule", 4),
-    ("model", 5),
-    ("progress", 6),
-    ("sysmem", 6),
-    ("backend", 6),
-    ("data", 7),
-    ("experiment", 8),
-    ("train", 9),
-    ("eval", 9),
-    ("suite", 10),
-    ("results", 10),
-    ("retrieval_suite", 10),
-    ("bench", 10),
-    ("compare", 10),
-    ("consistency", 10),
-    ("cli", 11),
+    ("disk", 0),
+    ("error", 1),
+    ("util", 2),
+    ("kernel", 3),
+    ("encoding", 4),
+    ("norm", 4),
+    ("optim", 4),
+    ("attention", 5),
+    ("schedule", 5),
+    ("model", 6),
+    ("progress", 7),
+    ("sysmem", 7),
+    ("backend", 7),
+    ("data", 8),
+    ("experiment", 9),
+    ("train", 10),
+    ("eval", 10),
+    ("suite", 11),
+    ("results", 11),
+    ("retrieval_suite", 11),
+    ("bench", 11),
+    ("compare", 11),
+    ("consistency", 11),
+    ("cli", 12),
 ];
 
 /// Items `lib.rs` re-exports at the crate root, and the module each comes from.

@@ -2,7 +2,6 @@
 //! Learner training with per-length validation perplexity, checkpoints and resume, evaluation
 //! by length with its reports, and the CLI (a killed run that resumes).
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -11,85 +10,16 @@ use burn::prelude::*;
 use dape::data::corpus::{Corpus, Manifest, Part, SplitConfig, TokenizedCorpus, Tokenizer};
 use dape::eval::lm::{evaluate_run, perplexity_by_length, read_report, LmEvalConfig};
 use dape::experiment::lm::{load, token_nll, LmTrainConfig};
-use dape::train::che::Progress;
-use dape::train::lm::{train, LmTrainOptions};
+
+use dape::train::lm::train;
 use dape::PositionalEncodingConfig;
 
 type B = NdArray<f32>;
 type AB = Autodiff<B>;
 
-/// A fresh temporary folder.
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dape-lm-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Twelve documents of seeded pseudo-English, 1–4 kB each.
-fn write_corpus(dir: &Path) {
-    const WORDS: &[&str] = &[
-        "the", "whale", "ship", "sea", "captain", "and", "of", "a", "to", "in", "long", "white",
-        "sailed", "storm", "night", "said", "he", "was", "upon", "deck",
-    ];
-    let mut state = 12345u64;
-    for d in 0..12 {
-        let mut text = String::new();
-        let words = 200 + 60 * d;
-        for i in 0..words {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            text.push_str(WORDS[(state >> 33) as usize % WORDS.len()]);
-            text.push_str(if i % 11 == 10 { ".\n" } else { " " });
-        }
-        std::fs::write(dir.join(format!("doc-{d:02}.txt")), text).unwrap();
-    }
-}
-
-fn tiny_config(data: &Path, encoding: &str) -> LmTrainConfig {
-    LmTrainConfig {
-        encoding: PositionalEncodingConfig::from_name(encoding).unwrap(),
-        data: data.to_path_buf(),
-        split: SplitConfig {
-            seed: 3,
-            valid_fraction: 0.1,
-            test_fraction: 0.2,
-        },
-        d_model: 16,
-        n_layers: 1,
-        n_heads: 2,
-        train_length: 16,
-        batch_size: 2,
-        steps: 4,
-        warmup_steps: 1,
-        checkpoint_every: 2,
-        valid_lengths: vec![16, 32],
-        valid_tokens: 64,
-        ..Default::default()
-    }
-}
-
-fn options(out: &Path, cache: &Path, resume: bool) -> LmTrainOptions {
-    LmTrainOptions {
-        out: out.to_path_buf(),
-        resume,
-        cache_dir: cache.to_path_buf(),
-        progress: Progress::Lines("  ".into(), 1),
-        devices: Default::default(),
-    }
-}
-
-fn params(model: &dape::LanguageModel<B>) -> Vec<f32> {
-    model
-        .head
-        .weight
-        .val()
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .unwrap()
-}
+#[path = "common/lm_run.rs"]
+mod lm_run;
+use lm_run::{options, params, temp, tiny_config, write_corpus};
 
 #[test]
 fn split_is_seeded_disjoint_and_complete() {
@@ -255,14 +185,16 @@ fn training_writes_the_run_and_a_resumed_run_ends_where_an_uninterrupted_one_doe
         .to_string();
     assert!(err.contains("learning_rate"), "{err}");
 
-    // A damaged checkpoint is a clear error, not a panic inside burn-train.
+    // Damaged checkpoints (every one: a damaged newest alone is passed over, see
+    // tests/full_disk.rs) are a clear error, not a panic inside burn-train.
     std::fs::remove_file(resumed.join("model.mpk")).unwrap();
     let newest = dape::train::lm::latest_checkpoint(&resumed).unwrap();
-    std::fs::write(
-        resumed.join(format!("checkpoint/model-{newest}.mpk")),
-        b"not a checkpoint",
-    )
-    .unwrap();
+    for epoch in 1..=newest {
+        let path = resumed.join(format!("checkpoint/model-{epoch}.mpk"));
+        if path.exists() {
+            std::fs::write(path, b"not a checkpoint").unwrap();
+        }
+    }
     let err = train::<AB>(
         &config,
         &options(&resumed, &cache, true),
@@ -272,7 +204,7 @@ fn training_writes_the_run_and_a_resumed_run_ends_where_an_uninterrupted_one_doe
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("checkpoint") && err.contains("damaged"),
+        err.contains("checkpoint") && err.contains("damaged") && err.contains("nor any before"),
         "{err}"
     );
 }

@@ -102,10 +102,7 @@ fn sha256_hex(data: &[u8]) -> String {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| Error::io(path.to_path_buf(), source)
 }
 
 /// A folder of `.txt` documents.

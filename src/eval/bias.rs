@@ -58,10 +58,8 @@ pub struct BiasReport {
 /// Computes the bias of `request` on the ndarray-like backend `B`.
 pub fn learned_bias<B: Backend>(request: &BiasRequest, device: &B::Device) -> Result<BiasReport> {
     let config_path = request.run.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
-        path: config_path.clone(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|source| Error::io(config_path.clone(), source))?;
     let config: serde_json::Value = serde_json::from_str(&text)?;
     let p = request.position;
     let (encoding, input, causal, logits) = if config.get("task").is_some() {

@@ -8,6 +8,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::error::{Error, Result};
+use crate::util::write_atomic;
 
 /// What to draw.
 #[derive(Clone, Debug)]
@@ -28,10 +29,13 @@ pub struct Heatmap<'a> {
 
 /// Draws `map` into an SVG file at `path`.
 pub fn heatmap_svg(path: &Path, map: &Heatmap) -> Result<()> {
-    draw(path, map).map_err(|message| Error::Plot {
+    let mut svg = String::new();
+    draw(&mut svg, map).map_err(|message| Error::Plot {
         path: path.to_path_buf(),
         message,
-    })
+    })?;
+    // Drawn in memory, written whole: a full disk cannot leave half a picture.
+    write_atomic(path, &svg)
 }
 
 /// Red (0) through yellow (½) to green (1).
@@ -51,14 +55,14 @@ fn colour(value: f64) -> RGBColor {
 const CELL: (i32, i32) = (78, 30);
 const MARGIN: (i32, i32) = (110, 70);
 
-fn draw(path: &Path, map: &Heatmap) -> std::result::Result<(), String> {
+fn draw(svg: &mut String, map: &Heatmap) -> std::result::Result<(), String> {
     let (nx, ny) = (map.columns.len() as i32, map.rows.len() as i32);
     if nx == 0 || ny == 0 {
         return Err("nothing to draw: no columns or no rows".into());
     }
     let width = (MARGIN.0 + nx * CELL.0 + 30) as u32;
     let height = (MARGIN.1 + ny * CELL.1 + 60) as u32;
-    let root = SVGBackend::new(path, (width, height)).into_drawing_area();
+    let root = SVGBackend::with_string(svg, (width, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let text = |size: i32, h: HPos, v: VPos| {
         ("sans-serif", size)

@@ -535,10 +535,7 @@ pub fn plot_perplexity(path: &Path, train_length: usize, series: &[Series]) -> R
 /// Reads a run's `eval.json`.
 pub fn read_report(run: &Path) -> Result<LmEvalReport> {
     let path = run.join("eval.json");
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-        path: path.clone(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::io(path.clone(), source))?;
     serde_json::from_str(&text).map_err(|e| {
         Error::InvalidInput(format!(
             "{}: {e} (run `dape eval --run {}` first)",

@@ -8,6 +8,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::error::{Error, Result};
+use crate::util::write_atomic;
 
 /// One line of a chart.
 #[derive(Clone, Debug)]
@@ -40,17 +41,20 @@ pub struct Chart<'a> {
 
 /// Draws `series` into an SVG file at `path`.
 pub fn line_chart_svg(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
-    draw(path, chart, series).map_err(|message| Error::Plot {
+    let mut svg = String::new();
+    draw(&mut svg, chart, series).map_err(|message| Error::Plot {
         path: path.to_path_buf(),
         message,
-    })
+    })?;
+    // Drawn in memory, written whole: a full disk cannot leave half a picture.
+    write_atomic(path, &svg)
 }
 
 /// Size of the whole picture, and the width of the legend column right of the plot.
 const SIZE: (u32, u32) = (1020, 540);
 const LEGEND_WIDTH: u32 = 290;
 
-fn draw(path: &Path, chart: &Chart, series: &[Series]) -> std::result::Result<(), String> {
+fn draw(svg: &mut String, chart: &Chart, series: &[Series]) -> std::result::Result<(), String> {
     let tx = |x: f64| if chart.log2_x { x.max(1e-12).log2() } else { x };
     let xs: Vec<f64> = series
         .iter()
@@ -82,7 +86,7 @@ fn draw(path: &Path, chart: &Chart, series: &[Series]) -> std::result::Result<()
             let pad = ((hi - lo) * 0.05).max(1e-6);
             (lo - pad, hi + pad)
         });
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    let root = SVGBackend::with_string(svg, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let (plot_area, legend_area) = root.split_horizontally(SIZE.0 - LEGEND_WIDTH);
     let mut ctx = ChartBuilder::on(&plot_area)
@@ -196,14 +200,17 @@ pub struct Bar {
 
 /// Draws one horizontal bar per entry, top to bottom in the order given, into an SVG file.
 pub fn bar_chart_svg(path: &Path, title: &str, x_label: &str, bars: &[Bar]) -> Result<()> {
-    draw_bars(path, title, x_label, bars).map_err(|message| Error::Plot {
+    let mut svg = String::new();
+    draw_bars(&mut svg, title, x_label, bars).map_err(|message| Error::Plot {
         path: path.to_path_buf(),
         message,
-    })
+    })?;
+    // Drawn in memory, written whole: a full disk cannot leave half a picture.
+    write_atomic(path, &svg)
 }
 
 fn draw_bars(
-    path: &Path,
+    svg: &mut String,
     title: &str,
     x_label: &str,
     bars: &[Bar],
@@ -223,7 +230,7 @@ fn draw_bars(
     let n = bars.len();
     let max = bars.iter().map(|b| b.value).fold(0.0, f64::max).max(1e-12);
     let height = 120 + 34 * n as u32;
-    let root = SVGBackend::new(path, (SIZE.0, height)).into_drawing_area();
+    let root = SVGBackend::with_string(svg, (SIZE.0, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     // Bar i spans y in [n - i - 1, n - i), so the first bar is at the top.
     let mut ctx = ChartBuilder::on(&root)

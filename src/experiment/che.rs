@@ -239,10 +239,7 @@ pub fn load<B: Backend>(
     device: &B::Device,
 ) -> Result<(CheTrainConfig, SequenceModel<B>)> {
     let path = run.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-        path: path.clone(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::io(path.clone(), source))?;
     let config: CheTrainConfig = serde_json::from_str(&text)?;
     let model = config
         .model()

@@ -143,10 +143,8 @@ impl Default for LmTrainConfig {
 impl LmTrainConfig {
     /// Reads a config file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| Error::io(path.to_path_buf(), source))?;
         let config: Self = serde_json::from_str(&text)
             .map_err(|e| Error::InvalidInput(format!("config {}: {e}", path.display())))?;
         config.validate()?;
@@ -430,10 +428,8 @@ pub fn auto_chunk(rows: usize, length: usize) -> Option<usize> {
 pub const EVAL_BATCH_TOKENS: usize = 8192;
 
 pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| Error::io(path.to_path_buf(), source))?;
     Ok(serde_json::from_str(&text)?)
 }
 

@@ -23,6 +23,8 @@ use burn::train::{
 };
 
 use super::checkpoint::save_module;
+use super::failure::{finished, WriteFailure};
+use super::metric_log::RunMetricLogger;
 use super::metrics::{LossMetric, MaskedAccuracyMetric, StepStats};
 use super::renderer::LineRenderer;
 use crate::data::che::{Rng, Sample, Task};
@@ -271,10 +273,7 @@ pub fn train_on<B: AutodiffBackend>(
         &format!("must be a multiple of the number of devices ({n_devices})"),
     )?;
     let device = &devices[0];
-    std::fs::create_dir_all(out).map_err(|source| Error::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
+    std::fs::create_dir_all(out).map_err(|source| Error::io(out.to_path_buf(), source))?;
     write_atomic(
         &out.join("config.json"),
         &serde_json::to_string_pretty(config)?,
@@ -313,7 +312,14 @@ pub fn train_on<B: AutodiffBackend>(
     let optimizer = AdamConfig::new()
         .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip as f32)))
         .init();
-    let mut training = SupervisedTraining::new(out, train_loader, valid_loader)
+    let training = SupervisedTraining::new(out, train_loader, valid_loader);
+    let failure = WriteFailure::stopping(training.interrupter());
+    let interrupter = training.interrupter();
+    let mut training = training
+        .with_metric_logger(RunMetricLogger::new(out, failure.clone()))
+        // burn-train's `experiment.log` appender panics when it cannot open its file (a full
+        // disk): our errors are returned instead, and our progress goes to the terminal.
+        .with_application_logger(None)
         .metric_train_numeric(LossMetric::new())
         .metric_train_numeric(MaskedAccuracyMetric::new())
         .metric_valid_numeric(LossMetric::new())
@@ -338,6 +344,7 @@ pub fn train_on<B: AutodiffBackend>(
         optimizer,
         ConstantLr::new(config.learning_rate),
     ));
+    finished(&failure, &interrupter, out)?;
     let seconds = start.elapsed().as_secs_f64();
     save_module(result.model.clone(), &model_path(out))?;
     Ok((

@@ -5,62 +5,87 @@
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use burn::record::{DefaultRecorder, FileRecorder, Recorder, RecorderError};
+use burn::record::{
+    DefaultRecorder, FileRecorder, FullPrecisionSettings, NamedMpkBytesRecorder, Recorder,
+    RecorderError,
+};
 use serde::{de::DeserializeOwned, Serialize};
 
+use super::failure::WriteFailure;
 use crate::error::{Error, Result};
-use crate::util::partial_name;
+use crate::util::write_bytes_atomic;
 
-/// A file recorder that writes through a temporary file and renames it into place, so a crash
-/// mid-write leaves the previous checkpoint intact instead of a truncated file. The default
-/// inner recorder keeps full precision, so that a resumed run continues exactly (burn's
-/// `CompactRecorder` would round weights and optimiser moments to f16).
-#[derive(Clone, Debug, Default)]
-pub struct AtomicRecorder<R = DefaultRecorder> {
-    inner: R,
+/// A file recorder for Burn's default format (named MessagePack, full precision, `.mpk`) that
+/// writes each record whole or not at all: the record is encoded in memory, then written
+/// through [`write_bytes_atomic`] (a temporary file, flushed, renamed into place; removed when
+/// the write fails). A crash or a full disk mid-write leaves the previous checkpoint intact.
+/// Full precision keeps a resumed run exact (burn's `CompactRecorder` would round weights and
+/// optimiser moments to f16).
+///
+/// burn-train calls the recorder from its checkpointer thread, where an error only stops the
+/// Learner with a message; [`reporting_to`](Self::reporting_to) also records the error in the
+/// run's [`WriteFailure`], so that the training function returns it by name.
+#[derive(Clone, Default)]
+pub struct AtomicRecorder {
+    failure: Option<WriteFailure>,
 }
 
-impl<R> AtomicRecorder<R> {
-    /// Wraps `inner`.
-    pub fn new(inner: R) -> Self {
-        Self { inner }
+impl std::fmt::Debug for AtomicRecorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AtomicRecorder")
     }
 }
 
-impl<B: Backend, R: FileRecorder<B>> Recorder<B> for AtomicRecorder<R> {
-    type Settings = R::Settings;
+impl AtomicRecorder {
+    /// A recorder whose failed writes are also recorded in `failure`.
+    pub fn reporting_to(failure: WriteFailure) -> Self {
+        Self {
+            failure: Some(failure),
+        }
+    }
+}
+
+impl<B: Backend> Recorder<B> for AtomicRecorder {
+    type Settings = FullPrecisionSettings;
     type RecordArgs = PathBuf;
     type RecordOutput = ();
     type LoadArgs = PathBuf;
 
     fn save_item<I: Serialize>(&self, item: I, file: PathBuf) -> Result<(), RecorderError> {
-        let tmp = partial_name(&file);
-        self.inner.save_item(item, tmp.clone())?;
-        let ext = <R as FileRecorder<B>>::file_extension();
-        let from = tmp.with_extension(ext);
-        // Flush to disk before the rename makes the file visible under its final name.
-        std::fs::File::open(&from)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| RecorderError::Unknown(format!("{}: {e}", from.display())))?;
-        let to = file.with_extension(ext);
-        std::fs::rename(&from, &to)
-            .map_err(|e| RecorderError::Unknown(format!("{}: {e}", to.display())))
+        let bytes = Recorder::<B>::save_item(
+            &NamedMpkBytesRecorder::<FullPrecisionSettings>::default(),
+            item,
+            (),
+        )?;
+        let path = file.with_extension(<Self as FileRecorder<B>>::file_extension());
+        write_bytes_atomic(&path, &bytes).map_err(|error| {
+            let message = error.to_string();
+            if let Some(failure) = &self.failure {
+                failure.record(error);
+            }
+            RecorderError::Unknown(message)
+        })
     }
 
     fn load_item<I: DeserializeOwned>(&self, file: &mut PathBuf) -> Result<I, RecorderError> {
-        self.inner.load_item(file)
+        Recorder::<B>::load_item(&DefaultRecorder::default(), file)
     }
 }
 
-impl<B: Backend, R: FileRecorder<B>> FileRecorder<B> for AtomicRecorder<R> {
+impl<B: Backend> FileRecorder<B> for AtomicRecorder {
     fn file_extension() -> &'static str {
-        R::file_extension()
+        <DefaultRecorder as FileRecorder<B>>::file_extension()
     }
 }
 
 /// Saves a module atomically as `path.mpk`.
 pub fn save_module<B: Backend, M: Module<B>>(module: M, path: &Path) -> Result<()> {
+    let failure = WriteFailure::default();
     module
-        .save_file(path, &AtomicRecorder::<DefaultRecorder>::default())
-        .map_err(|e| Error::InvalidInput(format!("cannot save {}: {e}", path.display())))
+        .save_file(path, &AtomicRecorder::reporting_to(failure.clone()))
+        .map_err(|e| {
+            failure.take().unwrap_or_else(|| {
+                Error::InvalidInput(format!("cannot save {}: {e}", path.display()))
+            })
+        })
 }

@@ -8,7 +8,8 @@
 //! Each "epoch" of the Learner is `checkpoint_every` optimiser steps: at its end burn-train
 //! runs a validation round, where the [`PerplexityMetric::at_length`] plugin reports `ppl@L`
 //! for every length in `valid_lengths`, and writes a checkpoint (model, optimiser, scheduler)
-//! through [`AtomicRecorder`]. `resume` continues from the newest complete checkpoint.
+//! through [`AtomicRecorder`]. `resume` continues from the newest checkpoint that loads. A
+//! failed write (a full disk) stops the run with the error naming the file ([`super::failure`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,7 +22,7 @@ use burn::data::dataset::Dataset;
 use burn::lr_scheduler::LrScheduler;
 use burn::optim::Optimizer;
 use burn::prelude::*;
-use burn::record::{DefaultRecorder, Recorder};
+use burn::record::Recorder;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::LearningRateMetric;
@@ -33,6 +34,8 @@ use serde::{Deserialize, Serialize};
 
 use super::che::Progress;
 use super::checkpoint::{save_module, AtomicRecorder};
+use super::failure::{finished, WriteFailure};
+use super::metric_log::RunMetricLogger;
 use super::metrics::{LmLossMetric, LmStats, PerplexityMetric, TokensPerSecondMetric};
 use super::renderer::LineRenderer;
 use super::windows::mqar_validation;
@@ -321,38 +324,42 @@ fn checkpoint_files(out: &Path, epoch: usize) -> [PathBuf; 3] {
     ["model", "optim", "scheduler"].map(|n| out.join("checkpoint").join(format!("{n}-{epoch}.mpk")))
 }
 
-/// The newest epoch whose three checkpoint files all exist.
-pub fn latest_checkpoint(out: &Path) -> Option<usize> {
-    let dir = std::fs::read_dir(out.join("checkpoint")).ok()?;
-    dir.filter_map(|e| {
-        let name = e.ok()?.file_name().to_string_lossy().into_owned();
-        name.strip_prefix("model-")?
-            .strip_suffix(".mpk")?
-            .parse::<usize>()
-            .ok()
-    })
-    .filter(|&e| checkpoint_files(out, e).iter().all(|p| p.is_file()))
-    .max()
+/// The epochs whose three checkpoint files all exist, newest first.
+fn complete_checkpoints(out: &Path) -> Vec<usize> {
+    let Ok(dir) = std::fs::read_dir(out.join("checkpoint")) else {
+        return Vec::new();
+    };
+    let mut epochs: Vec<usize> = dir
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("model-")?
+                .strip_suffix(".mpk")?
+                .parse::<usize>()
+                .ok()
+        })
+        .filter(|&e| checkpoint_files(out, e).iter().all(|p| p.is_file()))
+        .collect();
+    epochs.sort_unstable_by(|a, b| b.cmp(a));
+    epochs
 }
 
-/// Loads the checkpoint of `epoch` once, so that a damaged or mismatched one is a clear error
-/// here rather than a panic inside burn-train.
+/// The newest epoch whose three checkpoint files all exist.
+pub fn latest_checkpoint(out: &Path) -> Option<usize> {
+    complete_checkpoints(out).first().copied()
+}
+
+/// Loads the three files of checkpoint `epoch` once, so that a damaged or mismatched one is
+/// found here rather than in a panic inside burn-train. The error names the file that failed.
 fn check_checkpoint<B: AutodiffBackend, O: Optimizer<LanguageModel<B>, B>>(
     out: &Path,
     epoch: usize,
     model: &LanguageModel<B>,
     _optimizer: &O,
     device: &B::Device,
-) -> Result<()> {
-    let recorder = AtomicRecorder::<DefaultRecorder>::default();
+) -> std::result::Result<(), (PathBuf, String)> {
+    let recorder = AtomicRecorder::default();
     let [m, o, s] = checkpoint_files(out, epoch);
-    let bad = |path: &Path, e: &dyn std::fmt::Display| {
-        Error::InvalidInput(format!(
-            "checkpoint {} cannot be loaded ({e}); it is damaged or belongs to another model. \
-             Delete the checkpoint folder to start over, or choose another --out",
-            path.display()
-        ))
-    };
+    let bad = |path: &Path, e: &dyn std::fmt::Display| (path.to_path_buf(), e.to_string());
     model
         .clone()
         .load_file(&m, &recorder, device)
@@ -360,6 +367,39 @@ fn check_checkpoint<B: AutodiffBackend, O: Optimizer<LanguageModel<B>, B>>(
     Recorder::<B>::load::<O::Record>(&recorder, o.clone(), device).map_err(|e| bad(&o, &e))?;
     Recorder::<B>::load::<usize>(&recorder, s.clone(), device).map_err(|e| bad(&s, &e))?;
     Ok(())
+}
+
+/// The checkpoint a resumed run starts from: the newest one that loads. A newer one that does
+/// not (damaged from outside: our own writes are atomic) is passed over with a warning naming
+/// its file. When none loads, the newest one's error; when there is none, `None` (the run
+/// starts from step 0).
+fn resumable_checkpoint<B: AutodiffBackend, O: Optimizer<LanguageModel<B>, B>>(
+    out: &Path,
+    model: &LanguageModel<B>,
+    optimizer: &O,
+    device: &B::Device,
+) -> Result<Option<usize>> {
+    let mut newest_failure = None;
+    for epoch in complete_checkpoints(out) {
+        match check_checkpoint(out, epoch, model, optimizer, device) {
+            Ok(()) => return Ok(Some(epoch)),
+            Err((path, e)) => {
+                eprintln!(
+                    "warning: checkpoint {} cannot be loaded ({e}); trying the one before it",
+                    path.display()
+                );
+                newest_failure.get_or_insert((path, e));
+            }
+        }
+    }
+    match newest_failure {
+        None => Ok(None),
+        Some((path, e)) => Err(Error::InvalidInput(format!(
+            "checkpoint {} cannot be loaded ({e}), nor any before it; they are damaged or belong \
+             to another model. Delete the checkpoint folder to start over, or choose another --out",
+            path.display()
+        ))),
+    }
 }
 
 /// The top-level keys whose values differ.
@@ -456,7 +496,7 @@ pub fn train<B: AutodiffBackend>(
     let config_path = out.join("config.json");
     let manifest_path = out.join("manifest.json");
 
-    let resume_from = if options.resume {
+    let resuming = if options.resume {
         if !config_path.is_file() {
             return Err(Error::InvalidInput(format!(
                 "--resume: {} holds no run to resume",
@@ -481,7 +521,7 @@ pub fn train<B: AutodiffBackend>(
                 )));
             }
         }
-        latest_checkpoint(out)
+        true
     } else {
         if config_path.exists() {
             return Err(Error::InvalidInput(format!(
@@ -489,12 +529,9 @@ pub fn train<B: AutodiffBackend>(
                 out.display()
             )));
         }
-        None
+        false
     };
-    std::fs::create_dir_all(out).map_err(|source| Error::Io {
-        path: out.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(out).map_err(|source| Error::io(out.clone(), source))?;
     write_atomic(&config_path, &serde_json::to_string_pretty(config)?)?;
     if let Some((_, manifest)) = &corpus {
         write_atomic(&manifest_path, &serde_json::to_string_pretty(manifest)?)?;
@@ -525,9 +562,11 @@ pub fn train<B: AutodiffBackend>(
         .with_weight_decay(config.weight_decay as f32)
         .with_grad_clip_norm(Some(config.grad_clip))
         .init::<B, LanguageModel<B>>()?;
-    if let Some(epoch) = resume_from {
-        check_checkpoint(out, epoch, &model, &optimizer, device)?;
-    }
+    let resume_from = if resuming {
+        resumable_checkpoint(out, &model, &optimizer, device)?
+    } else {
+        None
+    };
     let done_epochs = resume_from.unwrap_or(0);
 
     let devices = options.devices.devices(device);
@@ -572,14 +611,20 @@ pub fn train<B: AutodiffBackend>(
         config.warmup_steps * accum,
         total_micro,
     );
-    let mut training = SupervisedTraining::new(out, train_loader, valid_loader)
+    let training = SupervisedTraining::new(out, train_loader, valid_loader);
+    let failure = WriteFailure::stopping(training.interrupter());
+    let mut training = training
+        .with_metric_logger(RunMetricLogger::new(out, failure.clone()))
+        // burn-train's `experiment.log` appender panics when it cannot open its file (a full
+        // disk): our errors are returned instead, and our progress goes to the terminal.
+        .with_application_logger(None)
         .metric_train_numeric(LmLossMetric::new())
         .metric_train_numeric(PerplexityMetric::new())
         .metric_train_numeric(LearningRateMetric::new())
         .metric_train_numeric(TokensPerSecondMetric::new())
         .metric_valid_numeric(LmLossMetric::new())
         .num_epochs(config.epochs())
-        .with_file_checkpointer(AtomicRecorder::<DefaultRecorder>::default())
+        .with_file_checkpointer(AtomicRecorder::reporting_to(failure.clone()))
         .with_checkpointing_strategy(KeepLastNCheckpoints::new(2));
     for &length in &valid_lengths {
         training = training.metric_valid_numeric(PerplexityMetric::at_length(length));
@@ -610,7 +655,9 @@ pub fn train<B: AutodiffBackend>(
     }
     let start = Instant::now();
     let cpu_start = sysmem::process_cpu_seconds();
+    let interrupter = training.interrupter();
     let result = training.launch(Learner::new(model, optimizer, scheduler));
+    finished(&failure, &interrupter, out)?;
     let seconds = start.elapsed().as_secs_f64();
     let cpu_seconds = cpu_start
         .zip(sysmem::process_cpu_seconds())

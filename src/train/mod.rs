@@ -3,7 +3,9 @@
 
 pub mod che;
 pub mod checkpoint;
+pub mod failure;
 pub mod lm;
+pub mod metric_log;
 pub mod metrics;
 pub mod renderer;
 pub mod windows;
