@@ -1,6 +1,7 @@
 //! Progress reports for long steps (tokenizing a corpus, evaluating a length): a bar redrawn in
 //! place when stderr is a terminal, a few plain lines otherwise (logs, CI, scripts).
 
+use crate::util::say_err;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
@@ -43,7 +44,7 @@ impl ProgressBar {
             // Without a terminal: one line per quarter of the work.
             if quarter > self.last_quarter && quarter < 4 {
                 self.last_quarter = quarter;
-                eprintln!(
+                say_err!(
                     "{}: {}/{} ({:.0}s)",
                     self.label,
                     self.done,
@@ -79,9 +80,9 @@ impl ProgressBar {
     pub fn finish(mut self) {
         if self.tty {
             self.draw();
-            eprintln!();
+            say_err!();
         } else {
-            eprintln!(
+            say_err!(
                 "{}: {}/{} done in {:.1}s",
                 self.label,
                 self.done,

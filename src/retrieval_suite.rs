@@ -23,6 +23,7 @@ use crate::experiment::lm::load_model;
 use crate::experiment::retrieval::{train_config, RetrievalTrainSettings};
 use crate::train::che::Progress;
 use crate::train::lm::{train, LmTrainOptions};
+use crate::util::say;
 use crate::util::{io_error, write_atomic, write_json_atomic};
 
 /// Settings of a retrieval suite.
@@ -252,7 +253,7 @@ pub fn run_retrieval_suite<B: AutodiffBackend>(
         let existing = dir.join("retrieval.json");
         if config.resume && existing.is_file() {
             let text = std::fs::read_to_string(&existing).map_err(io_error(&existing))?;
-            println!("{prefix}reusing {}", existing.display());
+            say!("{prefix}reusing {}", existing.display());
             report.cells.push(RetrievalCell {
                 encoding: encoding.label(),
                 name,
@@ -274,7 +275,7 @@ pub fn run_retrieval_suite<B: AutodiffBackend>(
         write_suite(&config.out, &report, &grid, index + 1)?;
     }
     write_suite(&config.out, &report, &grid, total)?;
-    println!("suite: {} of {total} cells finished", report.cells.len());
+    say!("suite: {} of {total} cells finished", report.cells.len());
     Ok(report)
 }
 
@@ -296,10 +297,10 @@ fn run_cell<B: AutodiffBackend>(
     };
     let train_config = train_config(task, encoding.clone(), &settings)?;
     let model = if dir.join("model.mpk").is_file() && dir.join("train.json").is_file() {
-        println!("{prefix}trained already; evaluating");
+        say!("{prefix}trained already; evaluating");
         load_model::<B::InnerBackend>(dir, device)?.1
     } else {
-        println!(
+        say!(
             "{prefix}training {} steps into {}",
             train_config.steps,
             dir.display()
@@ -321,7 +322,7 @@ fn run_cell<B: AutodiffBackend>(
         backend,
         device,
         |l| {
-            println!(
+            say!(
                 "{prefix}length {:>5}  accuracy {:>6.2}%  ({:.1}s)",
                 l.length,
                 100.0 * l.accuracy,

@@ -16,6 +16,7 @@ use crate::eval::che::{
 use crate::eval::plot::Series;
 use crate::experiment::che::{self as che_run, CheTrainConfig};
 use crate::train::che::{train, Progress};
+use crate::util::say;
 use crate::util::{io_error, write_atomic, write_json_atomic};
 
 /// Settings of a suite run.
@@ -325,7 +326,7 @@ pub fn run_suite<B: AutodiffBackend>(
         let existing = dir.join("che.json");
         let cell = if config.resume && existing.exists() {
             let text = std::fs::read_to_string(&existing).map_err(io_error(&existing))?;
-            println!("{prefix}reusing {}", existing.display());
+            say!("{prefix}reusing {}", existing.display());
             let report: CheEvalReport = serde_json::from_str(&text)?;
             let inside = match read_in_distribution(&dir)? {
                 Some(r) => r,
@@ -369,7 +370,7 @@ pub fn run_suite<B: AutodiffBackend>(
                 device,
                 |l| {
                     if l.length == *config.eval.lengths.last().unwrap_or(&0) {
-                        println!("{prefix}evaluated up to length {}", l.length);
+                        say!("{prefix}evaluated up to length {}", l.length);
                     }
                 },
             )?;
@@ -380,7 +381,7 @@ pub fn run_suite<B: AutodiffBackend>(
             cell_report.run = format!("{}/{name}", task.name());
             // che.json last: its presence marks the cell finished.
             write_report(&dir, &cell_report)?;
-            println!(
+            say!(
                 "{prefix}score {:.1}% (at the training lengths {:.1}%; trained {:.0}s, evaluated {:.0}s)",
                 100.0 * cell_report.score,
                 100.0 * inside.score,
@@ -409,7 +410,7 @@ pub fn run_suite<B: AutodiffBackend>(
         write_suite(&config.out, &report)?;
     }
     write_suite(&config.out, &report)?;
-    println!("suite: {} of {total} cells finished", report.cells.len());
+    say!("suite: {} of {total} cells finished", report.cells.len());
     Ok(report)
 }
 

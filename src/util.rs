@@ -9,6 +9,25 @@ use burn::prelude::*;
 
 use crate::error::{Error, Result};
 
+/// `println!` that never panics: when standard output is a file on a full disk or a closed
+/// pipe, the line is lost instead of the run (`println!` would panic, from whatever thread).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+pub(crate) use say;
+
+/// `eprintln!` that never panics (see [`say`]).
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+pub(crate) use say_err;
+
 /// Initialises every lazily initialised parameter of `module` now.
 ///
 /// Burn initialises parameters on first use, and a clone of a module whose parameters were

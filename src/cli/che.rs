@@ -249,7 +249,7 @@ struct CheTrainTask {
 impl BackendTask for CheTrainTask {
     type Output = ();
     fn run<B: AutodiffBackend>(self, device: B::Device, kind: BackendKind) -> Result<()> {
-        println!(
+        say!(
             "Training {} with {} on {kind} for {} steps into {}",
             self.config.task,
             self.config.encoding.label(),
@@ -259,7 +259,7 @@ impl BackendTask for CheTrainTask {
         let devices = self.devices.devices(&device);
         let (_, summary) =
             che_train::train_on::<B>(&self.config, &self.out, &devices, self.progress)?;
-        println!(
+        say!(
             "Trained in {:.1}s; model and config in {}. Next: dape che eval --run {}",
             summary.seconds,
             self.out.display(),
@@ -282,7 +282,7 @@ impl BackendTask for CheEvalTask {
         kind: BackendKind,
     ) -> Result<CheEvalReport> {
         let (config, model) = che_run::load::<B::InnerBackend>(&self.run, &device)?;
-        println!(
+        say!(
             "Evaluating {} / {} on {kind}: {} lengths × {} sequences",
             config.task,
             config.encoding.label(),
@@ -297,7 +297,7 @@ impl BackendTask for CheEvalTask {
             kind.name(),
             &device,
             |l| {
-                println!(
+                say!(
                     "length {:>4}  accuracy {:>6.2}%  ({:.1}s)",
                     l.length,
                     100.0 * l.accuracy,
@@ -355,7 +355,7 @@ pub fn run(command: CheCommand) -> Result<bool> {
                     target: &sample.target,
                     mask: &sample.mask,
                 };
-                println!("{}", serde_json::to_string(&line)?);
+                say!("{}", serde_json::to_string(&line)?);
             }
         }
         CheCommand::Train {
@@ -402,7 +402,7 @@ pub fn run(command: CheCommand) -> Result<bool> {
                     eval,
                 },
             )?;
-            println!(
+            say!(
                 "score (mean accuracy over {} lengths): {:.2}%; wrote che.json, che.csv and che.svg into {}",
                 report.lengths.len(),
                 100.0 * report.score,
@@ -411,8 +411,8 @@ pub fn run(command: CheCommand) -> Result<bool> {
         }
         CheCommand::Plot { suite } => {
             let report = dape::suite::replot(&suite)?;
-            println!("{}", report.markdown());
-            println!(
+            say!("{}", report.markdown());
+            say!(
                 "Redrew {0}/suite.md and one plot per task ({0}/<task>.svg).",
                 suite.display()
             );
@@ -446,7 +446,7 @@ pub fn run(command: CheCommand) -> Result<bool> {
                 resume,
                 max_new_cells: cells,
             };
-            println!(
+            say!(
                 "CHE suite on {backend}: {} tasks × {} encodings, {} steps each, tested on {} lengths × {} sequences",
                 config.tasks.len(),
                 config.encodings.len(),
@@ -455,17 +455,17 @@ pub fn run(command: CheCommand) -> Result<bool> {
                 config.eval.sequences
             );
             let report = dispatch(backend, CheSuiteTask { config })?;
-            println!(
+            say!(
                 "\nMean accuracy (%) over the test lengths:\n\n{}",
                 report.markdown()
             );
             if !report.pending.is_empty() {
-                println!(
+                say!(
                     "{} cells pending: run the same command with --resume to go on.",
                     report.pending.len()
                 );
             }
-            println!(
+            say!(
                 "Wrote {0}/suite.md, {0}/suite.json and one accuracy-by-length plot per task ({0}/<task>.svg).",
                 out.display()
             );

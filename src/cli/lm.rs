@@ -133,7 +133,7 @@ impl BackendTask for LmTrainTask {
     type Output = ();
     fn run<B: AutodiffBackend>(self, device: B::Device, kind: BackendKind) -> Result<()> {
         let c = &self.config;
-        println!(
+        say!(
             "Training {} ({} layers, d {}, {} heads, {} tokenizer) on {kind}: {} steps of {} x {} tokens into {}",
             c.encoding.label(),
             c.n_layers,
@@ -146,7 +146,7 @@ impl BackendTask for LmTrainTask {
             self.options.out.display()
         );
         let (_, summary) = lm_train::train::<B>(c, &self.options, &device, kind.name())?;
-        println!(
+        say!(
             "Trained in {:.1}s. Next: dape eval --run {}",
             summary.seconds,
             self.options.out.display()
@@ -173,7 +173,7 @@ struct LongPplArgs {
 impl BackendTask for LmEvalTask {
     type Output = LmEvalReport;
     fn run<B: AutodiffBackend>(self, device: B::Device, kind: BackendKind) -> Result<LmEvalReport> {
-        println!("Evaluating {} on {kind}", self.run.display());
+        say!("Evaluating {} on {kind}", self.run.display());
         let evaluator = match self.longppl.as_ref().and_then(|l| l.evaluator.as_ref()) {
             Some(run) => Some((run, load_model::<B::InnerBackend>(run, &device)?)),
             None => None,
@@ -203,7 +203,7 @@ impl BackendTask for LmEvalTask {
             keys,
             &device,
         )?;
-        println!(
+        say!(
             "Wrote eval.json, eval.csv and ppl_by_length.svg into {}",
             self.run.display()
         );
@@ -312,11 +312,11 @@ pub fn eval(args: EvalArgs) -> Result<bool> {
         });
         let groups = read_groups(&args.runs)?;
         let files = results::plot_runs(&groups, &[], &out)?;
-        println!("{}", results::results_markdown(&groups, &[]));
+        say!("{}", results::results_markdown(&groups, &[]));
         print_files(&files);
     } else {
         let groups = read_groups(&args.runs)?;
-        println!("{}", results::results_markdown(&groups, &[]));
+        say!("{}", results::results_markdown(&groups, &[]));
     }
     Ok(true)
 }
@@ -337,14 +337,14 @@ fn print_files(files: &results::PlotFiles) {
     if let Some(cost) = &files.cost {
         written.push(cost.display().to_string());
     }
-    println!("Wrote {}", written.join(", "));
+    say!("Wrote {}", written.join(", "));
 }
 
 /// `dape plot`: the evaluated runs' curves in one plot, and their table.
 pub fn plot(args: PlotArgs) -> Result<bool> {
     let groups = read_groups(&args.runs)?;
     let files = results::plot_runs(&groups, &args.pending, &args.out)?;
-    println!("{}", results::results_markdown(&groups, &args.pending));
+    say!("{}", results::results_markdown(&groups, &args.pending));
     print_files(&files);
     Ok(true)
 }
@@ -403,7 +403,7 @@ pub fn bias(args: BiasArgs) -> Result<bool> {
     };
     let report = dispatch(args.backend, BiasTask(request))?;
     write_bias(&report, &out)?;
-    println!(
+    say!(
         "{} heads of {} (layer {}, query at {}; input: {}): wrote {} and {}",
         report.bias.len(),
         report.encoding,

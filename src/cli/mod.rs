@@ -6,6 +6,23 @@
 //! * [`retrieval`]: `retrieval sample | train | eval | suite | plot` (MQAR and passkey);
 //! * [`tools`]: `encodings`, `config`, `check`, `compare-backends`, `bench`.
 
+/// `println!` that never panics: when standard output is a file on a full disk or a closed
+/// pipe, the line is lost instead of the run (`println!` would panic, from whatever thread).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that never panics (see `say`).
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod che;
 mod lm;
 mod retrieval;
@@ -126,11 +143,11 @@ pub fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
-            eprintln!("error: some checks exceeded the tolerance");
+            say_err!("error: some checks exceeded the tolerance");
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            say_err!("error: {e}");
             ExitCode::from(2)
         }
     }

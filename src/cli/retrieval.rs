@@ -239,7 +239,7 @@ impl BackendTask for TrainTask {
     type Output = ();
     fn run<B: AutodiffBackend>(self, device: B::Device, kind: BackendKind) -> Result<()> {
         let task = self.config.retrieval_task().map_or("lm", |t| t.name());
-        println!(
+        say!(
             "Training {} for {task} on {kind}: {} steps of {} x {} tokens into {}",
             self.config.encoding.label(),
             self.config.steps,
@@ -248,7 +248,7 @@ impl BackendTask for TrainTask {
             self.options.out.display()
         );
         let (_, summary) = lm_train::train::<B>(&self.config, &self.options, &device, kind.name())?;
-        println!(
+        say!(
             "Trained in {:.1}s. Next: dape retrieval eval --run {}",
             summary.seconds,
             self.options.out.display()
@@ -270,7 +270,7 @@ impl BackendTask for EvalTask {
         kind: BackendKind,
     ) -> Result<RetrievalReport> {
         let (config, model) = load_model::<B::InnerBackend>(&self.run, &device)?;
-        println!(
+        say!(
             "Evaluating {} on {kind}: {} lengths × {} items",
             self.run.display(),
             self.eval.lengths.len(),
@@ -284,7 +284,7 @@ impl BackendTask for EvalTask {
             kind.name(),
             &device,
             |l| {
-                println!(
+                say!(
                     "length {:>5}  accuracy {:>6.2}%  ({} of {}; answer tokens {:.2}%, {:.1}s)",
                     l.length,
                     100.0 * l.accuracy,
@@ -323,7 +323,7 @@ fn ensure_books(data: &Path) -> Result<()> {
     if data.is_dir() || data != Path::new("data/books") || !script.is_file() {
         return Ok(());
     }
-    println!(
+    say!(
         "The books corpus is not here yet: fetching it once with {} books data/books",
         script.display()
     );
@@ -416,7 +416,7 @@ pub fn run(command: RetrievalCommand) -> Result<bool> {
                     gaps: &item.gaps,
                     text,
                 };
-                println!("{}", serde_json::to_string(&line)?);
+                say!("{}", serde_json::to_string(&line)?);
             }
         }
         RetrievalCommand::Train {
@@ -460,7 +460,7 @@ pub fn run(command: RetrievalCommand) -> Result<bool> {
                     eval: eval.config()?,
                 },
             )?;
-            println!(
+            say!(
                 "score (mean accuracy beyond the training length {}): {:.2}%; wrote retrieval.json, retrieval.csv and plots into {}",
                 report.train_length,
                 100.0 * report.score,
@@ -504,7 +504,7 @@ pub fn run(command: RetrievalCommand) -> Result<bool> {
                 max_new_cells: cells,
                 progress_every: lines.max(1),
             };
-            println!(
+            say!(
                 "Retrieval suite on {backend}: {} tasks × {} encodings × {} seeds, {} steps each",
                 config.tasks.len(),
                 config.encodings.len(),
@@ -512,21 +512,21 @@ pub fn run(command: RetrievalCommand) -> Result<bool> {
                 config.train.steps
             );
             let report = dispatch(backend, SuiteTask { config })?;
-            println!("\n{}", report.markdown());
+            say!("\n{}", report.markdown());
             if !report.pending.is_empty() {
-                println!(
+                say!(
                     "{} cells pending: run the same command with --resume to go on.",
                     report.pending.len()
                 );
             }
-            println!(
+            say!(
                 "Wrote {0}/suite.md, {0}/suite.json and one plot per task ({0}/<task>.svg).",
                 out.display()
             );
         }
         RetrievalCommand::Plot { suite } => {
             let report = dape::retrieval_suite::replot(&suite)?;
-            println!("{}", report.markdown());
+            say!("{}", report.markdown());
         }
     }
     Ok(true)

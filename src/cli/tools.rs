@@ -198,7 +198,7 @@ fn write_json(
 
 /// `dape encodings`: every encoding and where it acts.
 pub fn encodings() -> Result<bool> {
-    println!("| encoding | acts on | randomized positions |\n| --- | --- | --- |");
+    say!("| encoding | acts on | randomized positions |\n| --- | --- | --- |");
     for name in ENCODING_NAMES {
         let config = PositionalEncodingConfig::from_name(name)?;
         let randomized = if config.takes_randomized() {
@@ -206,9 +206,9 @@ pub fn encodings() -> Result<bool> {
         } else {
             "no"
         };
-        println!("| {name} | {} | {randomized} |", hook_name(config.hook()));
+        say!("| {name} | {} | {randomized} |", hook_name(config.hook()));
     }
-    println!(
+    say!(
         "\nAttention options that compose with every encoding:\n\n\
          | option | acts on |\n| --- | --- |\n\
          | ssmax (`--ssmax`; `\"ssmax\": {{\"init_length\": 256}}` in an LM config) | \
@@ -231,7 +231,7 @@ pub fn encodings() -> Result<bool> {
 /// `dape config`: an encoding's default JSON config.
 pub fn config(args: ConfigArgs) -> Result<bool> {
     let config = PositionalEncodingConfig::from_name(&args.name)?;
-    println!("{}", serde_json::to_string_pretty(&config)?);
+    say!("{}", serde_json::to_string_pretty(&config)?);
     Ok(true)
 }
 
@@ -257,17 +257,17 @@ pub fn check(args: CheckArgs) -> Result<bool> {
         encodings: parse_encodings(&encodings)?,
         config,
     };
-    println!(
+    say!(
         "Consistency on {backend}: length {length}, chunk {chunk}, last {decode} tokens decoded with the KV cache"
     );
     let reports = dispatch(backend, task)?;
-    println!("| encoding | chunked max abs diff | decode max abs diff | full s | chunked s | decode s/token | ok |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    say!("| encoding | chunked max abs diff | decode max abs diff | full s | chunked s | decode s/token | ok |");
+    say!("| --- | --- | --- | --- | --- | --- | --- |");
     let mut all_ok = true;
     for r in &reports {
         let ok = r.chunked_max_abs_diff <= tolerance && r.decode_max_abs_diff <= tolerance;
         all_ok &= ok;
-        println!(
+        say!(
             "| {} | {:.2e} | {:.2e} | {:.3} | {:.3} | {:.4} | {} |",
             r.encoding,
             r.chunked_max_abs_diff,
@@ -300,7 +300,7 @@ pub fn compare_backends(args: CompareArgs) -> Result<bool> {
         iterations,
         ..Default::default()
     };
-    println!(
+    say!(
         "Comparing {} backends against ndarray: batch {batch} × length {length}, d_model {}, {} layers, {} heads",
         backends.len(),
         config.d_model,
@@ -324,7 +324,7 @@ pub fn compare_backends(args: CompareArgs) -> Result<bool> {
                     config: &config,
                 },
             )?;
-            println!(
+            say!(
                 "{backend} / {}: max abs diff {:.2e}, forward {:.0} tok/s, train {:.0} tok/s",
                 result.encoding,
                 result.max_abs_diff,
@@ -334,7 +334,7 @@ pub fn compare_backends(args: CompareArgs) -> Result<bool> {
             results.push(result);
         }
     }
-    println!("\n{}", compare::markdown(&results));
+    say!("\n{}", compare::markdown(&results));
     write_json(json, || {
         Ok(serde_json::to_string_pretty(
             &serde_json::json!({ "results": results }),
@@ -357,6 +357,6 @@ pub fn bench(args: BenchArgs) -> Result<bool> {
         ..BenchConfig::new(args.mode, encoding)
     };
     let result = dispatch(args.backend, BenchTask(config))?;
-    println!("{}", serde_json::to_string(&result)?);
+    say!("{}", serde_json::to_string(&result)?);
     Ok(true)
 }

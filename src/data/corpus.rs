@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::data::che::Rng;
 use crate::error::{ensure, Error, Result};
 use crate::progress::ProgressBar;
+use crate::util::say_err;
 
 /// A tokenizer. Token ids are stored as `u16`, which holds both vocabularies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -347,7 +348,7 @@ impl TokenizedCorpus {
                         documents,
                     })
                 }
-                None => eprintln!(
+                None => say_err!(
                     "token cache {} is damaged; tokenizing again",
                     path.display()
                 ),

@@ -24,6 +24,7 @@ use crate::model::LanguageModel;
 use crate::progress::ProgressBar;
 use crate::sysmem;
 use crate::util::{portable_path, write_atomic, write_json_atomic};
+use crate::util::{say, say_err};
 
 /// Settings of an evaluation.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -309,7 +310,7 @@ pub fn perplexity_with_keys<B: Backend>(
                 "no test document holds {} tokens (the longest holds {longest})",
                 length + 1
             );
-            eprintln!("length {length}: skipped: {reason}");
+            say_err!("length {length}: skipped: {reason}");
             skipped.push(SkippedLength { length, reason });
             continue;
         }
@@ -324,7 +325,7 @@ pub fn perplexity_with_keys<B: Backend>(
                     need as f64 / (1u64 << 30) as f64,
                     available as f64 / (1u64 << 30) as f64
                 );
-                eprintln!("length {length}: skipped: {reason}");
+                say_err!("length {length}: skipped: {reason}");
                 skipped.push(SkippedLength { length, reason });
                 continue;
             }
@@ -355,13 +356,13 @@ pub fn perplexity_with_keys<B: Backend>(
             Ok(Ok(sums)) => sums,
             Ok(Err(e)) => {
                 let reason = format!("the model refused it: {e}");
-                eprintln!("length {length}: skipped: {reason}");
+                say_err!("length {length}: skipped: {reason}");
                 skipped.push(SkippedLength { length, reason });
                 continue;
             }
             Err(payload) => {
                 let reason = format!("the backend failed: {}", panic_message(payload.as_ref()));
-                eprintln!("length {length}: skipped: {reason}");
+                say_err!("length {length}: skipped: {reason}");
                 skipped.push(SkippedLength { length, reason });
                 continue;
             }
@@ -386,7 +387,7 @@ pub fn perplexity_with_keys<B: Backend>(
             (None, Some(_)) => "  LongPPL – (no key token)".to_string(),
             _ => String::new(),
         };
-        println!(
+        say!(
             "length {:>6}  ppl(last {last}) {:>10.3}  ppl(all) {:>10.3}  windows {:>5}  {:>7.1}s{longppl}",
             length, result.ppl_last, result.ppl_all, n, result.seconds
         );

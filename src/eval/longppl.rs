@@ -33,6 +33,7 @@ use crate::error::{ensure, Error, Result};
 use crate::experiment::lm::{auto_chunk, LmTrainConfig, Window, EVAL_BATCH_TOKENS};
 use crate::model::LanguageModel;
 use crate::progress::ProgressBar;
+use crate::util::say;
 use crate::util::{io_error, portable_path, write_atomic};
 
 /// The paper's thresholds and our short context.
@@ -206,7 +207,7 @@ impl<B: Backend> KeyTokenStore<'_, B> {
                 self.dir.display()
             )));
         };
-        println!(
+        say!(
             "finding the key tokens of length {length} with the evaluator {} ({})",
             run.display(),
             train.encoding.label()
@@ -224,7 +225,7 @@ impl<B: Backend> KeyTokenStore<'_, B> {
         };
         std::fs::create_dir_all(&self.dir).map_err(io_error(&self.dir))?;
         write_atomic(&path, &serde_json::to_string(&file)?)?;
-        println!(
+        say!(
             "length {length}: {} key tokens of {} ({:.2}%), stored in {}",
             file.key_tokens,
             file.tokens,

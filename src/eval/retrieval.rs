@@ -24,6 +24,7 @@ use crate::experiment::lm::{auto_chunk, sample_positions, LmTrainConfig, EVAL_BA
 use crate::experiment::stream_seed;
 use crate::model::LanguageModel;
 use crate::progress::ProgressBar;
+use crate::util::say_err;
 use crate::util::{io_error, portable_path, write_atomic, write_json_atomic, Rng};
 
 /// Seed of the test items (independent of the training items).
@@ -330,7 +331,7 @@ pub fn evaluate<B: Backend>(
         let finished = match earlier {
             Some(finished) => {
                 if let Finished::Evaluated { accuracy, .. } = &finished {
-                    eprintln!("length {length}: taken from an interrupted evaluation");
+                    say_err!("length {length}: taken from an interrupted evaluation");
                     on_length(accuracy);
                 }
                 finished
@@ -348,7 +349,7 @@ pub fn evaluate<B: Backend>(
         };
         match finished {
             Finished::Skipped(s) => {
-                eprintln!("length {length}: skipped: {}", s.reason);
+                say_err!("length {length}: skipped: {}", s.reason);
                 skipped.push(s);
             }
             Finished::Evaluated {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::retrieval::{LengthAccuracy, RetrievalEvalConfig, SkippedLength, Tally};
 use crate::error::Result;
 use crate::experiment::lm::LmTrainConfig;
+use crate::util::say_err;
 use crate::util::{io_error, write_json_atomic};
 
 /// The file's name in the run folder.
@@ -95,7 +96,7 @@ impl Partial {
         let stored: Self = match serde_json::from_str(&text) {
             Ok(stored) => stored,
             Err(e) => {
-                eprintln!(
+                say_err!(
                     "{}: not partial results ({e}); evaluating every length",
                     path.display()
                 );
@@ -110,7 +111,7 @@ impl Partial {
             None
         };
         if let Some(what) = other {
-            eprintln!(
+            say_err!(
                 "{}: written for {what}; evaluating every length",
                 path.display()
             );

@@ -51,6 +51,7 @@ use crate::model::LanguageModel;
 use crate::optim::FusedAdamWConfig;
 use crate::sysmem;
 use crate::util::{portable_path, write_atomic};
+use crate::util::{say, say_err};
 
 /// A linear warmup to `peak`, then a cosine decay to `min` at `total` (in scheduler steps).
 #[derive(Clone, Debug)]
@@ -384,7 +385,7 @@ fn resumable_checkpoint<B: AutodiffBackend, O: Optimizer<LanguageModel<B>, B>>(
         match check_checkpoint(out, epoch, model, optimizer, device) {
             Ok(()) => return Ok(Some(epoch)),
             Err((path, e)) => {
-                eprintln!(
+                say_err!(
                     "warning: checkpoint {} cannot be loaded ({e}); trying the one before it",
                     path.display()
                 );
@@ -426,7 +427,7 @@ pub fn validation_groups(config: &LmTrainConfig, stream: &[u16]) -> Vec<WindowGr
         .filter_map(|&length| {
             let windows = tiled_windows(stream, length, (config.valid_tokens / length).max(1));
             if windows.is_empty() {
-                eprintln!(
+                say_err!(
                     "ppl@{length} is not measured: the validation split holds {} tokens, too \
                      few for one window",
                     stream.len()
@@ -633,13 +634,13 @@ pub fn train<B: AutodiffBackend>(
         training = training.grads_accumulation(accum);
     }
     if n_devices > 1 {
-        println!("training on {n_devices} devices: {devices:?}");
+        say!("training on {n_devices} devices: {devices:?}");
         training = training.with_training_strategy(
             ExecutionStrategy::MultiDevice(devices, MultiDeviceOptim::OptimMainDevice).into(),
         );
     }
     if let Some(epoch) = resume_from {
-        println!(
+        say!(
             "resuming {} from step {} (checkpoint {epoch})",
             out.display(),
             (epoch * config.checkpoint_every).min(config.steps)

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::util::say;
 use burn::train::metric::{MetricDefinition, MetricId};
 use burn::train::renderer::{
     EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation,
@@ -118,7 +119,7 @@ impl MetricsRendererTraining for LineRenderer {
             ),
         };
         if done % self.every == 0 || epoch_end {
-            println!(
+            say!(
                 "{}step {done}/{total}  {}",
                 self.prefix,
                 Self::line(&self.train)
@@ -129,7 +130,7 @@ impl MetricsRendererTraining for LineRenderer {
     fn render_valid(&mut self, item: TrainingProgress, _: Vec<ProgressType>) {
         if let Some(p) = item.progress {
             if p.items_processed == p.items_total {
-                println!("{}valid  {}", self.prefix, Self::line(&self.valid));
+                say!("{}valid  {}", self.prefix, Self::line(&self.valid));
             }
         }
     }
