@@ -11,21 +11,25 @@ use crate::error::{Error, Result};
 
 /// `println!` that never panics: when standard output is a file on a full disk or a closed
 /// pipe, the line is lost instead of the run (`println!` would panic, from whatever thread).
+#[cfg(feature = "harness")]
 macro_rules! say {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
         let _ = writeln!(std::io::stdout(), $($arg)*);
     }};
 }
+#[cfg(feature = "harness")]
 pub(crate) use say;
 
 /// `eprintln!` that never panics (see [`say`]).
+#[cfg(feature = "harness")]
 macro_rules! say_err {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
         let _ = writeln!(std::io::stderr(), $($arg)*);
     }};
 }
+#[cfg(feature = "harness")]
 pub(crate) use say_err;
 
 /// Initialises every lazily initialised parameter of `module` now.
