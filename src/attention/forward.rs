@@ -22,7 +22,19 @@ use super::{KvCache, MultiHeadAttention};
 use crate::encoding::{Fox, Hook, PositionalEncoding, Positions, SegmentIds, Span};
 use crate::kernel::{
     attention, attention_applies, attention_packed, batched_matmul, fused_softmax, linear_layer,
+    stick_breaking_attention, stick_breaking_attention_applies, Sticks,
 };
+
+/// Which fused node a chunk of query rows goes through, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fused {
+    /// The tensor path: the logit hook, the normaliser, the product with V.
+    No,
+    /// The softmax attention node ([`attention`]).
+    Softmax,
+    /// The stick-breaking attention node ([`stick_breaking_attention`]).
+    Sticks,
+}
 
 /// What the query rows of one forward pass attend over: the keys and values (the cached ones
 /// first), and beside them the segment indices (BiPE) and cumulative forget gates (FoX) of the
@@ -72,14 +84,19 @@ impl<B: Backend> MultiHeadAttention<B> {
         let qkv = self.packed_qkv(x);
         // The fused kernel (ndarray, LibTorch) takes the bias apart from the logits; elsewhere,
         // and for encodings that read the logits, the tensor path.
-        let fused = attention_applies::<B>()
-            && self.encoding.hook() != Hook::Segments
+        // Stick-breaking has a node of its own (ndarray).
+        let plain = self.encoding.hook() != Hook::Segments
             && self.ssmax.is_none()
-            && self.stick_breaking.is_none()
             && self.sliding_window.is_none();
+        let fused = match &self.stick_breaking {
+            None if plain && attention_applies::<B>() => Fused::Softmax,
+            Some(_) if plain && stick_breaking_attention_applies::<B>() => Fused::Sticks,
+            _ => Fused::No,
+        };
         let whole = self.chunk_size == 0 || self.chunk_size >= l;
         let reshapes = self.qk_norm.is_some() || self.temperature.is_some();
-        if fused && cache.is_none() && whole && !self.encoding.rotates() && !reshapes {
+        let packed = cache.is_none() && whole && !self.encoding.rotates() && !reshapes;
+        if fused == Fused::Softmax && packed {
             if let Some(out) =
                 self.attend_packed(qkv.clone(), positions, forget_rows.as_ref(), &device)
             {
@@ -99,7 +116,7 @@ impl<B: Backend> MultiHeadAttention<B> {
         // The scale goes on the queries (`rows × d_head` values) rather than on the logits
         // (`rows × keys`): the same scaled logits, one pass fewer over the larger tensor.
         let queries = Queries {
-            scaled: (!fused).then(|| q.clone() * scale),
+            scaled: (fused == Fused::No).then(|| q.clone() * scale),
             q,
             scale,
         };
@@ -319,7 +336,7 @@ impl<B: Backend> MultiHeadAttention<B> {
         keys: &Keys<B>,
         r0: usize,
         span: &Span,
-        fused: bool,
+        fused: Fused,
         device: &B::Device,
     ) -> Tensor<B, 4> {
         let rows = span.query_len;
@@ -337,22 +354,35 @@ impl<B: Backend> MultiHeadAttention<B> {
                 )
             });
         let causal_from = span.causal.then_some(span.query_start);
-        if fused {
-            let kernel = self
+        let scale = queries.scale as f32;
+        let kernel = match (fused, &self.stick_breaking) {
+            (Fused::Softmax, _) => self
                 .fused_bias(span, gate.as_ref(), device)
                 .and_then(|bias| {
-                    attention(
-                        qc.clone(),
-                        kc.clone(),
-                        vc.clone(),
-                        bias,
-                        queries.scale as f32,
-                        causal_from,
-                    )
-                });
-            if let Some(out) = kernel {
-                return out;
+                    attention(qc.clone(), kc.clone(), vc.clone(), bias, scale, causal_from)
+                }),
+            (Fused::Sticks, Some(sb)) => {
+                let sticks = Sticks {
+                    query_start: span.query_start,
+                    causal: span.causal,
+                    attend_current: sb.attend_current,
+                };
+                self.fused_bias(span, gate.as_ref(), device)
+                    .and_then(|bias| {
+                        stick_breaking_attention(
+                            qc.clone(),
+                            kc.clone(),
+                            vc.clone(),
+                            bias,
+                            scale,
+                            sticks,
+                        )
+                    })
             }
+            _ => None,
+        };
+        if let Some(out) = kernel {
+            return out;
         }
         let ids = keys.segment_ids.as_ref().map(|s| SegmentIds {
             query: s.query.clone().narrow(1, r0, rows),

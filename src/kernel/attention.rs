@@ -27,6 +27,31 @@ pub fn attention_applies<B: Backend>() -> bool {
     false
 }
 
+/// Whether q `[batch, heads, rows, d_head]`, k `[batch, heads, keys, d_head]`, v
+/// `[batch, heads, keys, d_v]` and the bias `[1 or batch, heads, rows, keys]` fit together, all
+/// f32: what the fused attention kernels take.
+pub(super) fn operands_fit<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    bias: Option<&Tensor<B, 4>>,
+) -> bool {
+    let [b, h, rows, dh] = q.dims();
+    let [kb, kh, keys, kdh] = k.dims();
+    let [vb, vh, vkeys, _] = v.dims();
+    let shapes_agree = (kb, kh, kdh) == (b, h, dh)
+        && (vb, vh, vkeys) == (b, h, keys)
+        && bias.is_none_or(|t| {
+            let [bb, bh, br, bk] = t.dims();
+            (bb == 1 || bb == b) && (bh, br, bk) == (h, rows, keys)
+        });
+    let f32s = [q, k, v]
+        .into_iter()
+        .chain(bias)
+        .all(|t| t.dtype() == burn::tensor::DType::F32);
+    shapes_agree && f32s
+}
+
 /// Attention from the queries to the output in one kernel on ndarray:
 /// `softmax(scale · q kᵀ + bias, causal mask) · v`, for `q` `[batch, heads, rows, d_head]`,
 /// `k` `[batch, heads, keys, d_head]`, `v` `[batch, heads, keys, d_v]` and an optional additive
@@ -52,29 +77,16 @@ pub fn attention<B: Backend>(
     scale: f32,
     causal_from: Option<usize>,
 ) -> Option<Tensor<B, 4>> {
-    let [b, h, rows, dh] = q.dims();
-    let [kb, kh, keys, kdh] = k.dims();
-    let [vb, vh, vkeys, _] = v.dims();
-    let shapes_agree = (kb, kh, kdh) == (b, h, dh)
-        && (vb, vh, vkeys) == (b, h, keys)
-        && bias.as_ref().is_none_or(|t| {
-            let [bb, bh, br, bk] = t.dims();
-            (bb == 1 || bb == b) && (bh, br, bk) == (h, rows, keys)
-        });
-    let f32s = [&q, &k, &v]
-        .into_iter()
-        .chain(bias.as_ref())
-        .all(|t| t.dtype() == burn::tensor::DType::F32);
-    if !shapes_agree || !f32s {
+    if !operands_fit(&q, &k, &v, bias.as_ref()) {
         return None;
     }
     #[cfg(feature = "ndarray")]
     {
         if applies::<B>() {
-            return attention_nd(q, k, v, bias, scale, causal_from);
+            return attention_nd(q, k, v, bias, scale, causal_from, None);
         }
         if applies_autodiff::<B>() {
-            return attention_autodiff(q, k, v, bias, scale, causal_from);
+            return attention_autodiff(q, k, v, bias, scale, causal_from, None);
         }
     }
     #[cfg(feature = "tch")]

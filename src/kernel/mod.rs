@@ -53,7 +53,10 @@ pub use layer_norm::{layer_norm, layer_norm_tensor};
 pub use linear::{linear, linear_layer, linear_tensor};
 pub use matmul::batched_matmul;
 pub use softmax::fused_softmax;
-pub use stick_breaking::{stick_breaking, stick_breaking_tensor, Sticks};
+pub use stick_breaking::{
+    stick_breaking, stick_breaking_attention, stick_breaking_attention_applies,
+    stick_breaking_tensor, Sticks,
+};
 pub use token_nll::{token_nll, token_nll_tensor};
 pub use unit_lower_inverse::{unit_lower_inverse, unit_lower_inverse_tensor};
 

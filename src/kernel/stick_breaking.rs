@@ -15,8 +15,13 @@
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
+use super::attention::operands_fit;
+
 #[cfg(feature = "ndarray")]
-use super::ndarray::{applies, applies_autodiff, stick_breaking_autodiff, stick_breaking_nd};
+use super::ndarray::{
+    applies, applies_autodiff, attention_autodiff, attention_nd, stick_breaking_autodiff,
+    stick_breaking_nd,
+};
 
 /// Where the rows of a block of logits sit, and which keys their sticks hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +51,53 @@ pub fn stick_breaking<B: Backend>(logits: Tensor<B, 4>, sticks: Sticks) -> Tenso
         }
     }
     stick_breaking_tensor(logits, sticks)
+}
+
+/// Whether [`stick_breaking_attention`] has a kernel for backend `B`: ndarray (f32), with or
+/// without autodiff.
+pub fn stick_breaking_attention_applies<B: Backend>() -> bool {
+    #[cfg(feature = "ndarray")]
+    if applies::<B>() || applies_autodiff::<B>() {
+        return true;
+    }
+    false
+}
+
+/// Stick-breaking attention from the queries to the output in one node on ndarray:
+/// `A · v` with `A` = [`stick_breaking`]`(scale · q kᵀ + bias, sticks)`, for `q`
+/// `[batch, heads, rows, d_head]` (row `r` is the query of token `sticks.query_start + r`),
+/// `k` `[batch, heads, keys, d_head]`, `v` `[batch, heads, keys, d_v]` and an optional additive
+/// `bias` `[1 or batch, heads, rows, keys]`; the output is `[batch, rows, heads, d_v]`.
+///
+/// The softmax attention node's tile ([`crate::kernel::attention`]) with the sticks in place of
+/// the mask and softmax: each head is one task, the logits and weights of a (batch, head) live
+/// only while it is computed, and the backward pass recomputes them (the gradient of the
+/// weights, `dA = dO · vᵀ`, goes through the sticks' scan from the far end). The node keeps
+/// its inputs and output, no `[batch, heads, rows, keys]` tensor. `None` on other backends or
+/// element types, or for mismatched shapes: the caller takes the tensor path (the logits,
+/// [`stick_breaking`], the product with v).
+pub fn stick_breaking_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Option<Tensor<B, 4>>,
+    scale: f32,
+    sticks: Sticks,
+) -> Option<Tensor<B, 4>> {
+    if !operands_fit(&q, &k, &v, bias.as_ref()) {
+        return None;
+    }
+    #[cfg(feature = "ndarray")]
+    {
+        if applies::<B>() {
+            return attention_nd(q, k, v, bias, scale, None, Some(sticks));
+        }
+        if applies_autodiff::<B>() {
+            return attention_autodiff(q, k, v, bias, scale, None, Some(sticks));
+        }
+    }
+    let _ = (scale, sticks);
+    None
 }
 
 /// The tensor path of [`stick_breaking`]: stable `softplus` and `log σ`, and the sum over the

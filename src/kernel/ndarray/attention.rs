@@ -1,4 +1,5 @@
-//! Attention in one node: `O = softmax(scale·Q·Kᵀ + bias, causal mask)·V` per (batch, head),
+//! Attention in one node: `O = softmax(scale·Q·Kᵀ + bias, causal mask)·V` per (batch, head)
+//! (or stick-breaking's weights in place of the softmax),
 //! `q` `[batch, heads, rows, d_head]`, output `[batch, rows, heads, d_v]`. Two GEMMs with the
 //! bias, mask and softmax between them; the backward pass recomputes the `[rows, keys]`
 //! probabilities per head (FlashAttention's trade), so the node keeps only its inputs and
@@ -18,9 +19,11 @@ use super::gemm::{gemm, gemm_new, gemm_scaled, view2, Mat};
 use super::node::{backward_for_parents, finish_node};
 use super::simd::vectorized;
 use super::softmax::{softmax_row, visible};
+use super::stick_breaking::{grad_rows, weights_rows};
 use super::{f32_view, to_nd, Ad, Nd};
 use crate::kernel::cast;
 use crate::kernel::cast_opt;
+use crate::kernel::stick_breaking::Sticks;
 
 /// The operands of one attention call, as 4-d views.
 pub(super) struct AttentionViews<'a> {
@@ -30,6 +33,9 @@ pub(super) struct AttentionViews<'a> {
     pub(super) bias: Option<ndarray::ArrayView4<'a, f32>>,
     pub(super) scale: f32,
     pub(super) causal_from: Option<usize>,
+    /// Stick-breaking weights in place of the softmax (then `causal_from` is unused: the
+    /// sticks hold only the keys they see).
+    pub(super) sticks: Option<Sticks>,
 }
 
 pub(super) fn view4(x: &burn_ndarray::NdArrayTensor) -> Option<ndarray::ArrayView4<'_, f32>> {
@@ -66,6 +72,19 @@ vectorized! {
 }
 
 vectorized! {
+    /// Adds the bias (if any) to every entry of the `[rows, keys]` logits `p`.
+    fn add_bias_rows(p: &mut [f32], keys: usize, bias: Option<&Mat<'_>>) {
+        let Some(bias) = bias else { return };
+        for (r, row) in p.chunks_exact_mut(keys.max(1)).enumerate() {
+            let base = r * bias.rs;
+            for (c, x) in row.iter_mut().enumerate() {
+                *x += bias.data[base + c * bias.cs];
+            }
+        }
+    }
+}
+
+vectorized! {
     /// `dS = P ⊙ (dP − rowsum(dO ⊙ O))` in place over `ds` (holding `dP`), row by row of
     /// `[rows, keys]`, with `dO` and `O` as `[rows, d_v]` matrices.
     fn softmax_grad_rows(ds: &mut [f32], p: &[f32], og: &Mat<'_>, oo: &Mat<'_>, keys: usize) {
@@ -88,8 +107,14 @@ impl AttentionViews<'_> {
     }
 
     /// The probabilities of head `hi`, batch row `bi`: `[rows, keys]`, row-major, 0 at
-    /// masked keys.
+    /// masked keys (off the sticks).
     pub(super) fn probs(&self, bi: usize, hi: usize) -> Vec<f32> {
+        self.logits_and_probs(bi, hi).1
+    }
+
+    /// The logits with the bias (kept only under stick-breaking, whose backward pass reads
+    /// them; empty under the softmax) and the probabilities of head `hi`, batch row `bi`.
+    fn logits_and_probs(&self, bi: usize, hi: usize) -> (Vec<f32>, Vec<f32>) {
         use ndarray::s;
         let (_, _, rows, keys, _, _) = self.dims();
         let q = view2(self.q.slice(s![bi, hi, .., ..]));
@@ -99,8 +124,17 @@ impl AttentionViews<'_> {
             let bb = if t.dim().0 == 1 { 0 } else { bi };
             view2(t.slice(s![bb, hi, .., ..]))
         });
-        bias_softmax_rows(&mut p, rows, keys, self.causal_from, bias.as_ref());
-        p
+        match self.sticks {
+            None => {
+                bias_softmax_rows(&mut p, rows, keys, self.causal_from, bias.as_ref());
+                (Vec::new(), p)
+            }
+            Some(sticks) => {
+                add_bias_rows(&mut p, keys, bias.as_ref());
+                let a = weights_rows(&p, rows, keys, sticks);
+                (p, a)
+            }
+        }
     }
 
     /// The output `[batch, rows, heads, d_v]`, row-major.
@@ -230,7 +264,7 @@ impl AttentionViews<'_> {
                     Vec::new()
                 };
                 for bi in 0..b {
-                    let p = self.probs(bi, hi);
+                    let (z, p) = self.logits_and_probs(bi, hi);
                     let og = view2(g.slice(s![bi, .., hi, ..]));
                     let oo = view2(o.slice(s![bi, .., hi, ..]));
                     let q = view2(self.q.slice(s![bi, hi, .., ..]));
@@ -244,9 +278,13 @@ impl AttentionViews<'_> {
                         0.0,
                         &mut dv_[bi * keys * dv..(bi + 1) * keys * dv],
                     );
-                    // dP = dO · Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)) in place.
+                    // dP = dO · Vᵀ, then under the softmax dS = P ⊙ (dP − rowsum(dO ⊙ O)) in
+                    // place, under stick-breaking its scan from the far end of each stick.
                     let mut ds = gemm_new(1.0, &og, &v.t());
-                    softmax_grad_rows(&mut ds, &p, &og, &oo, keys);
+                    match self.sticks {
+                        None => softmax_grad_rows(&mut ds, &p, &og, &oo, keys),
+                        Some(sticks) => ds = grad_rows(&z, &p, &ds, rows, keys, sticks),
+                    }
                     if bias_grad {
                         let at = if bias_batch == 1 { 0 } else { bi * rows * keys };
                         for (acc, &x) in dbias[at..at + rows * keys].iter_mut().zip(&ds) {
@@ -281,6 +319,7 @@ fn attention_views<'a>(
     bias: Option<&'a burn_ndarray::NdArrayTensor>,
     scale: f32,
     causal_from: Option<usize>,
+    sticks: Option<Sticks>,
 ) -> Option<AttentionViews<'a>> {
     Some(AttentionViews {
         q: view4(q)?,
@@ -292,6 +331,7 @@ fn attention_views<'a>(
         },
         scale,
         causal_from,
+        sticks,
     })
 }
 
@@ -306,13 +346,14 @@ pub(in crate::kernel) fn attention_nd<B: Backend>(
     bias: Option<Tensor<B, 4>>,
     scale: f32,
     causal_from: Option<usize>,
+    sticks: Option<Sticks>,
 ) -> Option<Tensor<B, 4>> {
     let (q, k, v): (Tensor<Nd, 4>, Tensor<Nd, 4>, Tensor<Nd, 4>) = (cast(q)?, cast(k)?, cast(v)?);
     let bias: Option<Tensor<Nd, 4>> = cast_opt(bias)?;
     let (dims, device) = (attention_out_dims(q.dims(), v.dims()), q.device());
     let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
     let bias = bias.map(|t| t.into_primitive().tensor());
-    let y = attention_views(&q, &k, &v, bias.as_ref(), scale, causal_from)?.forward();
+    let y = attention_views(&q, &k, &v, bias.as_ref(), scale, causal_from, sticks)?.forward();
     cast(to_nd(y, dims, &device))
 }
 
@@ -326,6 +367,7 @@ struct AttentionState {
     out: burn_ndarray::NdArrayTensor,
     scale: f32,
     causal_from: Option<usize>,
+    sticks: Option<Sticks>,
 }
 
 /// The backward pass of an attention node with `N` parents (q, k, v, and the bias when
@@ -336,8 +378,16 @@ struct AttentionBackward<const N: usize>;
 fn attention_backward<const N: usize>(ops: Ops<AttentionState, N>, grads: &mut Gradients) {
     let grad = grads.consume::<Nd>(&ops.node);
     let s = &ops.state;
-    let views = attention_views(&s.q, &s.k, &s.v, s.bias.as_ref(), s.scale, s.causal_from)
-        .expect("an attention node keeps f32 4-d inputs");
+    let views = attention_views(
+        &s.q,
+        &s.k,
+        &s.v,
+        s.bias.as_ref(),
+        s.scale,
+        s.causal_from,
+        s.sticks,
+    )
+    .expect("an attention node keeps f32 4-d inputs");
     let bias_grad = N == 4 && ops.parents[N - 1].is_some();
     let o = view4(&s.out).expect("f32 output");
     let g = view4(&grad).expect("the gradient of an f32 output is f32");
@@ -374,6 +424,7 @@ pub(in crate::kernel) fn attention_autodiff<B: Backend>(
     bias: Option<Tensor<B, 4>>,
     scale: f32,
     causal_from: Option<usize>,
+    sticks: Option<Sticks>,
 ) -> Option<Tensor<B, 4>> {
     let (q, k, v): (Tensor<Ad, 4>, Tensor<Ad, 4>, Tensor<Ad, 4>) = (cast(q)?, cast(k)?, cast(v)?);
     let bias: Option<Tensor<Ad, 4>> = cast_opt(bias)?;
@@ -387,6 +438,7 @@ pub(in crate::kernel) fn attention_autodiff<B: Backend>(
         bias.as_ref().map(|t| &t.primitive),
         scale,
         causal_from,
+        sticks,
     )?
     .forward();
     let out = to_nd(y, dims, &device).into_primitive().tensor();
@@ -398,6 +450,7 @@ pub(in crate::kernel) fn attention_autodiff<B: Backend>(
         out: out.clone(),
         scale,
         causal_from,
+        sticks,
     };
     let out = match bias {
         Some(t) => finish_node(

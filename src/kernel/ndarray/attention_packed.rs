@@ -45,6 +45,7 @@ fn packed_views<'a>(
         },
         scale,
         causal_from,
+        sticks: None,
     })
 }
 

@@ -127,27 +127,54 @@ impl Scratch {
     }
 }
 
+/// The weights of row `row` (of `rows`, so that its query is `query_start + row % rows`) from
+/// its logits `z`, added into `out` (zero on entry).
+fn forward_row(
+    scratch: &mut Scratch,
+    row: usize,
+    rows: usize,
+    z: &[f32],
+    out: &mut [f32],
+    sticks: Sticks,
+) {
+    let keys = z.len();
+    let weight = if sticks.causal { 1.0 } else { 0.5 };
+    for (n, range) in stick_ranges(row, rows, keys, sticks)
+        .into_iter()
+        .enumerate()
+    {
+        scratch.weights(z, range.clone(), n == 0, false);
+        for j in range {
+            out[j] += weight * scratch.keep[j];
+        }
+    }
+}
+
 /// The weights of every row: `[.., rows, keys]` row-major.
 fn forward(z: &[f32], [_, _, rows, keys]: [usize; 4], sticks: Sticks) -> Vec<f32> {
     let mut out = vec![0.0f32; z.len()];
-    let weight = if sticks.causal { 1.0 } else { 0.5 };
     out.par_chunks_mut(keys)
         .zip(z.par_chunks(keys))
         .enumerate()
         .for_each_init(
             || Scratch::new(keys),
-            |scratch, (row, (out, z))| {
-                for (n, range) in stick_ranges(row, rows, keys, sticks)
-                    .into_iter()
-                    .enumerate()
-                {
-                    scratch.weights(z, range.clone(), n == 0, false);
-                    for j in range {
-                        out[j] += weight * scratch.keep[j];
-                    }
-                }
-            },
+            |scratch, (row, (out, z))| forward_row(scratch, row, rows, z, out, sticks),
         );
+    out
+}
+
+/// The weights of the `[rows, keys]` logits `z` of one (batch, head), row by row on this
+/// thread (the fused attention node's tile; its caller runs heads in parallel).
+pub(super) fn weights_rows(z: &[f32], rows: usize, keys: usize, sticks: Sticks) -> Vec<f32> {
+    let mut out = vec![0.0f32; z.len()];
+    let mut scratch = Scratch::new(keys);
+    for (row, (z, out)) in z
+        .chunks_exact(keys.max(1))
+        .zip(out.chunks_exact_mut(keys.max(1)))
+        .enumerate()
+    {
+        forward_row(&mut scratch, row, rows, z, out, sticks);
+    }
     out
 }
 
@@ -157,6 +184,59 @@ vectorized! {
         for ((((&z, &a), &g), s), p) in z.iter().zip(a).zip(g).zip(sigma.iter_mut()).zip(ga.iter_mut()) {
             *s = 1.0 / (1.0 + exp(-z));
             *p = g * a;
+        }
+    }
+}
+
+/// `∂L/∂z` of row `row` (see [`forward_row`]) from its logits `z`, weights `out` and
+/// `g = ∂L/∂A`, added into `dz` (zero on entry; see the module docs).
+#[allow(clippy::too_many_arguments)]
+fn backward_row(
+    scratch: &mut Scratch,
+    row: usize,
+    rows: usize,
+    z: &[f32],
+    out: &[f32],
+    g: &[f32],
+    dz: &mut [f32],
+    sticks: Sticks,
+) {
+    let keys = z.len();
+    let weight = if sticks.causal { 1.0 } else { 0.5 };
+    // The query's own key on both sticks: its saved weight mixes the two, so recompute.
+    let recompute = !sticks.causal && sticks.attend_current;
+    for (n, range) in stick_ranges(row, rows, keys, sticks)
+        .into_iter()
+        .enumerate()
+    {
+        let down = n == 0;
+        let r = range.clone();
+        if recompute {
+            scratch.weights(z, r.clone(), down, true);
+            for j in r {
+                scratch.keep[j] *= weight * g[j];
+            }
+        } else {
+            sigma_and_ga(
+                &z[r.clone()],
+                &out[r.clone()],
+                &g[r.clone()],
+                &mut scratch.take[r.clone()],
+                &mut scratch.keep[r],
+            );
+        }
+        let (ga, sigma) = (&scratch.keep, &scratch.take);
+        let mut farther = 0.0f32;
+        let mut step = |j: usize| {
+            let ga = ga[j];
+            dz[j] += ga * (1.0 - sigma[j]) - sigma[j] * farther;
+            farther += ga;
+        };
+        // From the far end towards the query.
+        if down {
+            range.for_each(&mut step);
+        } else {
+            range.rev().for_each(&mut step);
         }
     }
 }
@@ -171,9 +251,6 @@ fn backward(
     sticks: Sticks,
 ) -> Vec<f32> {
     let mut dz = vec![0.0f32; z.len()];
-    let weight = if sticks.causal { 1.0 } else { 0.5 };
-    // The query's own key on both sticks: its saved weight mixes the two, so recompute.
-    let recompute = !sticks.causal && sticks.attend_current;
     dz.par_chunks_mut(keys)
         .zip(
             z.par_chunks(keys)
@@ -183,42 +260,36 @@ fn backward(
         .for_each_init(
             || Scratch::new(keys),
             |scratch, (row, (dz, (z, (g, out))))| {
-                for (n, range) in stick_ranges(row, rows, keys, sticks)
-                    .into_iter()
-                    .enumerate()
-                {
-                    let down = n == 0;
-                    let r = range.clone();
-                    if recompute {
-                        scratch.weights(z, r.clone(), down, true);
-                        for j in r {
-                            scratch.keep[j] *= weight * g[j];
-                        }
-                    } else {
-                        sigma_and_ga(
-                            &z[r.clone()],
-                            &out[r.clone()],
-                            &g[r.clone()],
-                            &mut scratch.take[r.clone()],
-                            &mut scratch.keep[r],
-                        );
-                    }
-                    let (ga, sigma) = (&scratch.keep, &scratch.take);
-                    let mut farther = 0.0f32;
-                    let mut step = |j: usize| {
-                        let ga = ga[j];
-                        dz[j] += ga * (1.0 - sigma[j]) - sigma[j] * farther;
-                        farther += ga;
-                    };
-                    // From the far end towards the query.
-                    if down {
-                        range.for_each(&mut step);
-                    } else {
-                        range.rev().for_each(&mut step);
-                    }
-                }
+                backward_row(scratch, row, rows, z, out, g, dz, sticks)
             },
         );
+    dz
+}
+
+/// [`backward`] of the `[rows, keys]` tile of one (batch, head), on this thread: `∂L/∂z`
+/// from the logits `z`, the weights `a` and `g = ∂L/∂A`.
+pub(super) fn grad_rows(
+    z: &[f32],
+    a: &[f32],
+    g: &[f32],
+    rows: usize,
+    keys: usize,
+    sticks: Sticks,
+) -> Vec<f32> {
+    let mut dz = vec![0.0f32; z.len()];
+    let mut scratch = Scratch::new(keys);
+    let k = keys.max(1);
+    for (row, (dz, ((z, a), g))) in dz
+        .chunks_exact_mut(k)
+        .zip(
+            z.chunks_exact(k)
+                .zip(a.chunks_exact(k))
+                .zip(g.chunks_exact(k)),
+        )
+        .enumerate()
+    {
+        backward_row(&mut scratch, row, rows, z, a, g, dz, sticks);
+    }
     dz
 }
 

@@ -117,3 +117,102 @@ fn stick_breaking_kernel_edges() {
     );
     assert_near_f64(ours, want, "8192 keys", "weights");
 }
+
+/// The stick-breaking attention node against the tensor path in f64 (`A = stick_breaking(scale
+/// · q kᵀ + bias)`, then `A · v`), in values and in the gradients of q, k, v and the bias, over
+/// every case of [`cases`] (causal blocks, a chunk, a decode row, a lookahead key,
+/// bidirectional; the query's own key on and off), with a bias shared by the batch, one per
+/// batch row, or none, and q, k, v read through strides.
+#[test]
+fn stick_breaking_attention_is_the_tensor_path_in_values_and_gradients() {
+    let _graphs = crate::util::autodiff_test_lock();
+    type A = Autodiff<NdArray<f32>>;
+    let device = Default::default();
+    let normal = Distribution::Normal(0.0, 1.5);
+    for (n, ([b, h, rows, keys], sticks)) in cases().into_iter().enumerate() {
+        let case = format!("{:?} {sticks:?}", [b, h, rows, keys]);
+        let (dh, dv) = (4, 3 + n % 3);
+        let qp = Tensor::<A, 4>::random([b, rows, h, dh], normal, &device).require_grad();
+        let kv = Tensor::<A, 4>::random([b, keys, h, dh + dv], normal, &device).require_grad();
+        let bias = match n % 3 {
+            0 => None,
+            1 => Some(1),
+            _ => Some(b),
+        }
+        .map(|bb| Tensor::<A, 4>::random([bb, h, rows, keys], normal, &device).require_grad());
+        let scale = 0.7;
+        let fused = stick_breaking_attention(
+            qp.clone().swap_dims(1, 2),
+            kv.clone().narrow(3, 0, dh).swap_dims(1, 2),
+            kv.clone().narrow(3, dh, dv).swap_dims(1, 2),
+            bias.clone(),
+            scale,
+            sticks,
+        )
+        .expect("a kernel on Autodiff<NdArray<f32>>");
+        assert_eq!(fused.dims(), [b, rows, h, dv], "{case}");
+        let weights = Tensor::<A, 4>::random([b, rows, h, dv], normal, &device);
+        let (qp64, kv64, w64) = (tracked_f64(&qp), tracked_f64(&kv), tracked_f64(&weights));
+        let bias64 = bias.as_ref().map(tracked_f64);
+        let q64 = qp64.clone().swap_dims(1, 2);
+        let mut logits = q64.matmul(kv64.clone().narrow(3, 0, dh).swap_dims(1, 2).transpose())
+            * f64::from(scale);
+        if let Some(bias) = &bias64 {
+            logits = logits + bias.clone();
+        }
+        let reference = stick_breaking_tensor(logits, sticks)
+            .matmul(kv64.clone().narrow(3, dh, dv).swap_dims(1, 2))
+            .swap_dims(1, 2);
+        let close = |ours, want, what: &str| assert_near_f64(ours, want, &case, what);
+        close(fused.clone().inner(), reference.clone().inner(), "output");
+        let g1 = (fused * weights).sum().backward();
+        let g2 = (reference * w64).sum().backward();
+        close(qp.grad(&g1).unwrap(), qp64.grad(&g2).unwrap(), "dq");
+        let (gk, gk64) = (kv.grad(&g1).unwrap(), kv64.grad(&g2).unwrap());
+        close(
+            gk.clone().narrow(3, 0, dh),
+            gk64.clone().narrow(3, 0, dh),
+            "dk",
+        );
+        close(gk.narrow(3, dh, dv), gk64.narrow(3, dh, dv), "dv");
+        if let (Some(bias), Some(bias64)) = (&bias, &bias64) {
+            close(bias.grad(&g1).unwrap(), bias64.grad(&g2).unwrap(), "dbias");
+        }
+    }
+}
+
+/// The node without autodiff gives the autodiff node's values, and other backends and
+/// mismatched shapes get `None` (the tensor path).
+#[test]
+fn stick_breaking_attention_without_autodiff_and_bad_shapes() {
+    type N = NdArray<f32>;
+    let device = Default::default();
+    let normal = Distribution::Normal(0.0, 1.0);
+    let sticks = Sticks {
+        query_start: 0,
+        causal: true,
+        attend_current: false,
+    };
+    let q = Tensor::<N, 4>::random([1, 2, 5, 4], normal, &device);
+    let k = Tensor::<N, 4>::random([1, 2, 5, 4], normal, &device);
+    let v = Tensor::<N, 4>::random([1, 2, 5, 3], normal, &device);
+    let plain = stick_breaking_attention(q.clone(), k.clone(), v.clone(), None, 0.5, sticks)
+        .expect("a kernel on NdArray<f32>");
+    let tracked = stick_breaking_attention(
+        Tensor::<Autodiff<N>, 4>::from_inner(q.clone()),
+        Tensor::<Autodiff<N>, 4>::from_inner(k.clone()),
+        Tensor::<Autodiff<N>, 4>::from_inner(v.clone()),
+        None,
+        0.5,
+        sticks,
+    )
+    .unwrap()
+    .inner();
+    assert!(max_diff(plain, tracked) < 1e-6);
+    let wrong_v = Tensor::<N, 4>::random([1, 2, 6, 3], normal, &device);
+    assert!(stick_breaking_attention(q.clone(), k.clone(), wrong_v, None, 0.5, sticks).is_none());
+    let q64 = Tensor::<NdArray<f64>, 4>::random([1, 2, 5, 4], normal, &device);
+    let k64 = Tensor::<NdArray<f64>, 4>::random([1, 2, 5, 4], normal, &device);
+    let v64 = Tensor::<NdArray<f64>, 4>::random([1, 2, 5, 3], normal, &device);
+    assert!(stick_breaking_attention(q64, k64, v64, None, 0.5, sticks).is_none());
+}
