@@ -19,7 +19,6 @@ use super::gemm::{gemm, gemm_new, gemm_scaled, view2, Mat};
 use super::node::{backward_for_parents, finish_node};
 use super::simd::vectorized;
 use super::softmax::{softmax_row, visible};
-use super::stick_breaking::{grad_rows, weights_rows};
 use super::{f32_view, to_nd, Ad, Nd};
 use crate::kernel::cast;
 use crate::kernel::cast_opt;
@@ -72,19 +71,6 @@ vectorized! {
 }
 
 vectorized! {
-    /// Adds the bias (if any) to every entry of the `[rows, keys]` logits `p`.
-    fn add_bias_rows(p: &mut [f32], keys: usize, bias: Option<&Mat<'_>>) {
-        let Some(bias) = bias else { return };
-        for (r, row) in p.chunks_exact_mut(keys.max(1)).enumerate() {
-            let base = r * bias.rs;
-            for (c, x) in row.iter_mut().enumerate() {
-                *x += bias.data[base + c * bias.cs];
-            }
-        }
-    }
-}
-
-vectorized! {
     /// `dS = P ⊙ (dP − rowsum(dO ⊙ O))` in place over `ds` (holding `dP`), row by row of
     /// `[rows, keys]`, with `dO` and `O` as `[rows, d_v]` matrices.
     fn softmax_grad_rows(ds: &mut [f32], p: &[f32], og: &Mat<'_>, oo: &Mat<'_>, keys: usize) {
@@ -107,14 +93,8 @@ impl AttentionViews<'_> {
     }
 
     /// The probabilities of head `hi`, batch row `bi`: `[rows, keys]`, row-major, 0 at
-    /// masked keys (off the sticks).
+    /// masked keys (the softmax; stick-breaking has its own tile, `super::attention_sticks`).
     pub(super) fn probs(&self, bi: usize, hi: usize) -> Vec<f32> {
-        self.logits_and_probs(bi, hi).1
-    }
-
-    /// The logits with the bias (kept only under stick-breaking, whose backward pass reads
-    /// them; empty under the softmax) and the probabilities of head `hi`, batch row `bi`.
-    fn logits_and_probs(&self, bi: usize, hi: usize) -> (Vec<f32>, Vec<f32>) {
         use ndarray::s;
         let (_, _, rows, keys, _, _) = self.dims();
         let q = view2(self.q.slice(s![bi, hi, .., ..]));
@@ -124,17 +104,8 @@ impl AttentionViews<'_> {
             let bb = if t.dim().0 == 1 { 0 } else { bi };
             view2(t.slice(s![bb, hi, .., ..]))
         });
-        match self.sticks {
-            None => {
-                bias_softmax_rows(&mut p, rows, keys, self.causal_from, bias.as_ref());
-                (Vec::new(), p)
-            }
-            Some(sticks) => {
-                add_bias_rows(&mut p, keys, bias.as_ref());
-                let a = weights_rows(&p, rows, keys, sticks);
-                (p, a)
-            }
-        }
+        bias_softmax_rows(&mut p, rows, keys, self.causal_from, bias.as_ref());
+        p
     }
 
     /// The output `[batch, rows, heads, d_v]`, row-major.
@@ -144,6 +115,9 @@ impl AttentionViews<'_> {
         let per_head: Vec<Vec<f32>> = (0..h)
             .into_par_iter()
             .map(|hi| {
+                if let Some(sticks) = self.sticks {
+                    return self.sticks_head_out(hi, sticks);
+                }
                 let mut out = vec![0.0f32; b * rows * dv];
                 for bi in 0..b {
                     let p = Mat::row_major(std::borrow::Cow::Owned(self.probs(bi, hi)), rows, keys);
@@ -255,6 +229,9 @@ impl AttentionViews<'_> {
         (0..h)
             .into_par_iter()
             .map(|hi| {
+                if let Some(sticks) = self.sticks {
+                    return self.sticks_head_grads(hi, sticks, g, bias_grad);
+                }
                 let mut dq = vec![0.0f32; b * rows * dh];
                 let mut dk = vec![0.0f32; b * keys * dh];
                 let mut dv_ = vec![0.0f32; b * keys * dv];
@@ -264,7 +241,7 @@ impl AttentionViews<'_> {
                     Vec::new()
                 };
                 for bi in 0..b {
-                    let (z, p) = self.logits_and_probs(bi, hi);
+                    let p = self.probs(bi, hi);
                     let og = view2(g.slice(s![bi, .., hi, ..]));
                     let oo = view2(o.slice(s![bi, .., hi, ..]));
                     let q = view2(self.q.slice(s![bi, hi, .., ..]));
@@ -278,13 +255,9 @@ impl AttentionViews<'_> {
                         0.0,
                         &mut dv_[bi * keys * dv..(bi + 1) * keys * dv],
                     );
-                    // dP = dO · Vᵀ, then under the softmax dS = P ⊙ (dP − rowsum(dO ⊙ O)) in
-                    // place, under stick-breaking its scan from the far end of each stick.
+                    // dP = dO · Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)) in place.
                     let mut ds = gemm_new(1.0, &og, &v.t());
-                    match self.sticks {
-                        None => softmax_grad_rows(&mut ds, &p, &og, &oo, keys),
-                        Some(sticks) => ds = grad_rows(&z, &p, &ds, rows, keys, sticks),
-                    }
+                    softmax_grad_rows(&mut ds, &p, &og, &oo, keys);
                     if bias_grad {
                         let at = if bias_batch == 1 { 0 } else { bi * rows * keys };
                         for (acc, &x) in dbias[at..at + rows * keys].iter_mut().zip(&ds) {

@@ -196,3 +196,8 @@ pub(super) fn view2<'a>(view: ndarray::ArrayView2<'a, f32>) -> Mat<'a> {
 pub(super) fn gemm_scaled(alpha: f32, a: &Mat, b: &Mat, c: &mut [f32]) {
     gemm_alpha(alpha, a, b, 0.0, c);
 }
+
+/// `c += alpha · a · b` (row-major `c`).
+pub(super) fn gemm_scaled_add(alpha: f32, a: &Mat, b: &Mat, c: &mut [f32]) {
+    gemm_alpha(alpha, a, b, 1.0, c);
+}

@@ -11,6 +11,7 @@
 mod adamw;
 mod attention;
 mod attention_packed;
+mod attention_sticks;
 mod distance_table;
 mod gelu;
 mod gemm;

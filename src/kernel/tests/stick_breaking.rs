@@ -121,15 +121,34 @@ fn stick_breaking_kernel_edges() {
 /// The stick-breaking attention node against the tensor path in f64 (`A = stick_breaking(scale
 /// · q kᵀ + bias)`, then `A · v`), in values and in the gradients of q, k, v and the bias, over
 /// every case of [`cases`] (causal blocks, a chunk, a decode row, a lookahead key,
-/// bidirectional; the query's own key on and off), with a bias shared by the batch, one per
-/// batch row, or none, and q, k, v read through strides.
+/// bidirectional; the query's own key on and off) and spans of several row blocks, with a bias
+/// shared by the batch, one per batch row, or none, and q, k, v read through strides.
 #[test]
 fn stick_breaking_attention_is_the_tensor_path_in_values_and_gradients() {
     let _graphs = crate::util::autodiff_test_lock();
     type A = Autodiff<NdArray<f32>>;
     let device = Default::default();
     let normal = Distribution::Normal(0.0, 1.5);
-    for (n, ([b, h, rows, keys], sticks)) in cases().into_iter().enumerate() {
+    // Beyond the small cases, spans of several row blocks (the node takes 64 rows at a time,
+    // each block's keys cut where its sticks end): causal squares, a causal chunk whose blocks
+    // start after earlier keys, and bidirectional rows.
+    let long = [
+        ([1, 2, 150, 150], 0, true),
+        ([2, 1, 70, 140], 70, true),
+        ([1, 2, 100, 100], 0, false),
+    ]
+    .into_iter()
+    .flat_map(|(dims, query_start, causal)| {
+        [false, true].map(|attend_current| {
+            let sticks = Sticks {
+                query_start,
+                causal,
+                attend_current,
+            };
+            (dims, sticks)
+        })
+    });
+    for (n, ([b, h, rows, keys], sticks)) in cases().into_iter().chain(long).enumerate() {
         let case = format!("{:?} {sticks:?}", [b, h, rows, keys]);
         let (dh, dv) = (4, 3 + n % 3);
         let qp = Tensor::<A, 4>::random([b, rows, h, dh], normal, &device).require_grad();
