@@ -23,8 +23,7 @@ use crate::experiment::lm::load_model;
 use crate::experiment::retrieval::{train_config, RetrievalTrainSettings};
 use crate::train::che::Progress;
 use crate::train::lm::{train, LmTrainOptions};
-use crate::util::say;
-use crate::util::{io_error, write_atomic, write_json_atomic};
+use crate::util::{io_error, say, write_atomic, write_json_atomic};
 
 /// Settings of a retrieval suite.
 #[derive(Clone, Debug)]

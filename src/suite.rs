@@ -16,8 +16,7 @@ use crate::eval::che::{
 use crate::eval::plot::Series;
 use crate::experiment::che::{self as che_run, CheTrainConfig};
 use crate::train::che::{train, Progress};
-use crate::util::say;
-use crate::util::{io_error, write_atomic, write_json_atomic};
+use crate::util::{io_error, say, write_atomic, write_json_atomic};
 
 /// Settings of a suite run.
 #[derive(Clone, Debug)]

@@ -451,7 +451,41 @@ impl<B: Backend> T5Bias<B> {
     }
 
     /// `[1, heads, seq_q, seq_k]`.
+    ///
+    /// Causal spans on ndarray look the bias up per distance
+    /// ([`crate::kernel::past_distance_table_bias`]: a key ahead of the query is in bucket 0, as
+    /// [`t5_bucket`] puts it) from a `[heads, n]` table of the buckets' embeddings; gathering
+    /// `[seq_q · seq_k, heads]` embeddings and permuting them took 2 GB and most of an
+    /// evaluation at 8192. Elsewhere, and for bidirectional spans, the gather.
     pub fn forward(&self, span: &Span, device: &B::Device) -> Tensor<B, 4> {
+        if span.causal && crate::kernel::distance_table_applies::<B>() {
+            let (low, high) = span.offset_range();
+            let n = low.unsigned_abs().max(high.unsigned_abs()) as usize + 1;
+            let (nb, md) = (self.num_buckets, self.max_distance);
+            let ids = super::cache::cached::<B, _>(
+                device,
+                || format!("t5 distance buckets n{nb} max{md} {n}"),
+                n,
+                || {
+                    let ids: Vec<i64> = (0..n as i64)
+                        .map(|d| t5_bucket(-d, true, nb, md) as i64)
+                        .collect();
+                    Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), device)
+                },
+            );
+            // [n, heads] → [heads, n]
+            let table = self.embedding.val().select(0, ids).transpose();
+            let (rows, cols) = (span.query_position_values(), span.key_position_values());
+            if let Some(bias) = crate::kernel::past_distance_table_bias(table, &rows, &cols) {
+                return bias;
+            }
+        }
+        self.gathered(span, device)
+    }
+
+    /// The bias by a gather of every pair's bucket embedding (the cached bucket ids), then a
+    /// permute: `[1, heads, seq_q, seq_k]`.
+    fn gathered(&self, span: &Span, device: &B::Device) -> Tensor<B, 4> {
         let (nb, md) = (self.num_buckets, self.max_distance);
         let ids = super::cache::cached::<B, _>(
             device,
@@ -470,5 +504,63 @@ impl<B: Backend> T5Bias<B> {
             .reshape([span.query_len, span.key_len, h])
             .permute([2, 0, 1])
             .unsqueeze::<4>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoding::RandomizedConfig;
+    use burn::backend::{Autodiff, NdArray};
+
+    /// T5's per-distance lookup against the gather of every pair's bucket, in values (exactly:
+    /// the same embeddings) and in the embedding's gradient: a causal square (keys ahead of a
+    /// query take bucket 0), a causal chunk with one key past its last row (the column DAPE V2
+    /// reads), and randomized positions.
+    #[test]
+    fn t5_lookup_is_the_gather_in_values_and_gradients() {
+        let _graphs = crate::util::autodiff_test_lock();
+        type A = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        let t5 = T5Config::new().init::<A>(3, &device).unwrap();
+        let positions = RandomizedConfig::new(512).sample(24, 5).unwrap();
+        let spans = [
+            (0, 20, 20, None),
+            (12, 6, 19, None),
+            (8, 16, 24, Some(positions)),
+        ];
+        for (query_start, query_len, key_len, positions) in spans {
+            let span = Span {
+                query_start,
+                query_len,
+                key_len,
+                causal: true,
+                positions,
+            };
+            // One graph at a time: a backward pass frees the graph it ran on, and the two
+            // share the embedding.
+            let ours = t5.forward(&span, &device);
+            let w =
+                Tensor::<A, 4>::random(ours.dims(), burn::tensor::Distribution::Default, &device);
+            let values = ours.clone().inner();
+            let g1 = (ours * w.clone()).sum().backward();
+            let want = t5.gathered(&span, &device);
+            assert_eq!(values.dims(), want.dims());
+            let diff: f32 = (values - want.clone().inner()).abs().max().into_scalar();
+            assert_eq!(
+                diff, 0.0,
+                "span {query_start}+{query_len} of {key_len}: values"
+            );
+            let g2 = (want * w).sum().backward();
+            let (a, b) = (
+                t5.embedding.val().grad(&g1).unwrap(),
+                t5.embedding.val().grad(&g2).unwrap(),
+            );
+            let diff: f32 = (a - b).abs().max().into_scalar();
+            assert!(
+                diff < 1e-4,
+                "span {query_start}+{query_len} of {key_len}: gradient {diff}"
+            );
+        }
     }
 }

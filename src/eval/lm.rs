@@ -23,8 +23,7 @@ use crate::experiment::lm::{
 use crate::model::LanguageModel;
 use crate::progress::ProgressBar;
 use crate::sysmem;
-use crate::util::{portable_path, write_atomic, write_json_atomic};
-use crate::util::{say, say_err};
+use crate::util::{portable_path, say, say_err, write_atomic, write_json_atomic};
 
 /// Settings of an evaluation.
 #[derive(Clone, Debug, Serialize, Deserialize)]

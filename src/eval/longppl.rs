@@ -33,8 +33,7 @@ use crate::error::{ensure, Error, Result};
 use crate::experiment::lm::{auto_chunk, LmTrainConfig, Window, EVAL_BATCH_TOKENS};
 use crate::model::LanguageModel;
 use crate::progress::ProgressBar;
-use crate::util::say;
-use crate::util::{io_error, portable_path, write_atomic};
+use crate::util::{io_error, portable_path, say, write_atomic};
 
 /// The paper's thresholds and our short context.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -24,8 +24,7 @@ use crate::experiment::lm::{auto_chunk, sample_positions, LmTrainConfig, EVAL_BA
 use crate::experiment::stream_seed;
 use crate::model::LanguageModel;
 use crate::progress::ProgressBar;
-use crate::util::say_err;
-use crate::util::{io_error, portable_path, write_atomic, write_json_atomic, Rng};
+use crate::util::{io_error, portable_path, say_err, write_atomic, write_json_atomic, Rng};
 
 /// Seed of the test items (independent of the training items).
 const TEST_SEED: u64 = 0x07E5_74E7;

@@ -16,8 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::retrieval::{LengthAccuracy, RetrievalEvalConfig, SkippedLength, Tally};
 use crate::error::Result;
 use crate::experiment::lm::LmTrainConfig;
-use crate::util::say_err;
-use crate::util::{io_error, write_json_atomic};
+use crate::util::{io_error, say_err, write_json_atomic};
 
 /// The file's name in the run folder.
 pub const PARTIAL_FILE: &str = "retrieval.partial.json";

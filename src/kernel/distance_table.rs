@@ -28,16 +28,37 @@ pub fn distance_table_bias<B: Backend>(
     rows: &[i64],
     cols: &[i64],
 ) -> Option<Tensor<B, 4>> {
+    lookup(table, rows, cols, false)
+}
+
+/// [`distance_table_bias`] where a key after the query looks up distance 0 instead of its
+/// mirror: `out[0, h, r, c] = table[h, max(rows[r] − cols[c], 0)]`. T5's causal buckets are
+/// such a bias (every key ahead of the query falls in bucket 0), and DAPE V2 over T5 reads the
+/// column one key ahead.
+pub fn past_distance_table_bias<B: Backend>(
+    table: Tensor<B, 2>,
+    rows: &[i64],
+    cols: &[i64],
+) -> Option<Tensor<B, 4>> {
+    lookup(table, rows, cols, true)
+}
+
+fn lookup<B: Backend>(
+    table: Tensor<B, 2>,
+    rows: &[i64],
+    cols: &[i64],
+    past_only: bool,
+) -> Option<Tensor<B, 4>> {
     #[cfg(feature = "ndarray")]
     if table.dtype() == burn::tensor::DType::F32 {
         if applies::<B>() {
-            return distance_table_nd(table, rows, cols);
+            return distance_table_nd(table, rows, cols, past_only);
         }
         if applies_autodiff::<B>() {
-            return distance_table_autodiff(table, rows, cols);
+            return distance_table_autodiff(table, rows, cols, past_only);
         }
     }
     #[cfg(not(feature = "ndarray"))]
-    let _ = (table, rows, cols);
+    let _ = (table, rows, cols, past_only);
     None
 }

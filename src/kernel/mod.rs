@@ -10,9 +10,10 @@
 //! | [`layer_norm`] | `ndarray/layer_norm.rs` | `torch/layer_norm.rs` (autodiff) | [`layer_norm_tensor`] |
 //! | [`attention`], [`attention_packed`] | `ndarray/attention*.rs` | `torch/attention.rs` | `None`: the caller's tensor path |
 //! | [`batched_matmul`] | `ndarray/matmul.rs` | Burn's `matmul` | Burn's `matmul` |
-//! | [`distance_table_bias`] | `ndarray/distance_table.rs` | `None` | `None` |
+//! | [`distance_table_bias`], [`past_distance_table_bias`] | `ndarray/distance_table.rs` | `None` | `None` |
 //! | [`fused_softmax`] | `ndarray/softmax.rs` | `torch/softmax.rs` | `Err`: the caller's tensor path |
 //! | [`stick_breaking`] | `ndarray/stick_breaking.rs` | [`stick_breaking_tensor`] | [`stick_breaking_tensor`] |
+//! | [`stick_breaking_attention`] | `ndarray/attention_sticks.rs` | `None` | `None`: the caller's tensor path |
 //! | [`token_nll`] | `ndarray/token_nll.rs` | [`token_nll_tensor`] | [`token_nll_tensor`] |
 //! | [`unit_lower_inverse`] | `ndarray/unit_lower_inverse.rs` | [`unit_lower_inverse_tensor`] | [`unit_lower_inverse_tensor`] |
 //! | AdamW ([`crate::optim::FusedAdamW`]) | `ndarray/adamw.rs` | `torch/adamw.rs` | Burn's `AdamW` |
@@ -47,7 +48,7 @@ mod torch;
 mod tests;
 
 pub use attention::{attention, attention_applies, attention_packed};
-pub use distance_table::{distance_table_applies, distance_table_bias};
+pub use distance_table::{distance_table_applies, distance_table_bias, past_distance_table_bias};
 pub use gelu::gelu;
 pub use layer_norm::{layer_norm, layer_norm_tensor};
 pub use linear::{linear, linear_layer, linear_tensor};

@@ -50,8 +50,7 @@ use crate::experiment::lm::{
 use crate::model::LanguageModel;
 use crate::optim::FusedAdamWConfig;
 use crate::sysmem;
-use crate::util::{portable_path, write_atomic};
-use crate::util::{say, say_err};
+use crate::util::{portable_path, say, say_err, write_atomic};
 
 /// A linear warmup to `peak`, then a cosine decay to `min` at `total` (in scheduler steps).
 #[derive(Clone, Debug)]

@@ -1,6 +1,7 @@
 //! A bias looked up by distance from a per-head table: `out[0, h, r, c] = table[h, |rows[r] −
-//! cols[c]|]`, `[1, heads, rows, keys]`; under autodiff the backward pass sums the bias's
-//! gradient per head and distance into the table's `[heads, n]` gradient.
+//! cols[c]|]`, `[1, heads, rows, keys]` (with `past_only`, keys after the query look up
+//! distance 0); under autodiff the backward pass sums the bias's gradient per head and distance
+//! into the table's `[heads, n]` gradient.
 
 use std::sync::Arc;
 
@@ -19,20 +20,32 @@ use super::node::{backward_for_parents, finish_node};
 use super::{f32_view, host, host_primitive, to_nd, Ad, Nd};
 use crate::kernel::cast;
 
+/// The table index of query position `p` and key position `c`: `|p − c|`, or 0 for a key after
+/// the query when `past_only`.
+#[inline(always)]
+fn index(p: i64, c: i64, past_only: bool) -> usize {
+    if past_only && c > p {
+        0
+    } else {
+        (p - c).unsigned_abs() as usize
+    }
+}
+
 /// [`crate::kernel::distance_table_bias`] on `NdArray<f32>`: one task per (head, row).
 pub(in crate::kernel) fn distance_table_nd<B: Backend>(
     table: Tensor<B, 2>,
     rows: &[i64],
     cols: &[i64],
+    past_only: bool,
 ) -> Option<Tensor<B, 4>> {
     let table: Tensor<Nd, 2> = cast(table)?;
     let [h, n] = table.dims();
     let device = table.device();
-    let out = distance_lookup(&host(table)?, h, n, rows, cols)?;
+    let out = distance_lookup(&host(table)?, h, n, rows, cols, past_only)?;
     cast(to_nd(out, [1, h, rows.len(), cols.len()], &device))
 }
 
-/// `[heads, rows, cols]` values `table[h, |rows[r] - cols[c]|]` (one task per head and
+/// `[heads, rows, cols]` values `table[h, index(rows[r], cols[c])]` (one task per head and
 /// row); `None` when a distance reaches past the table or `cols` is not sorted.
 fn distance_lookup(
     values: &[f32],
@@ -40,6 +53,7 @@ fn distance_lookup(
     n: usize,
     rows: &[i64],
     cols: &[i64],
+    past_only: bool,
 ) -> Option<Vec<f32>> {
     let (lq, lk) = (rows.len(), cols.len());
     let (first, last) = (*cols.first()?, *cols.last()?);
@@ -56,7 +70,7 @@ fn distance_lookup(
         let tab = &values[head * n..(head + 1) * n];
         let p = rows[r];
         for (o, &c) in row.iter_mut().zip(cols) {
-            *o = tab[(p - c).unsigned_abs() as usize];
+            *o = tab[index(p, c, past_only)];
         }
     });
     Some(out)
@@ -69,6 +83,7 @@ struct DistanceTableState {
     cols: Arc<Vec<i64>>,
     heads: usize,
     n: usize,
+    past_only: bool,
 }
 
 #[derive(Debug)]
@@ -92,7 +107,7 @@ fn distance_table_backward<const N: usize>(ops: Ops<DistanceTableState, N>, grad
             let block = &g[head * lq * lk..(head + 1) * lq * lk];
             for (row, &p) in block.chunks_exact(lk.max(1)).zip(s.rows.iter()) {
                 for (&x, &c) in row.iter().zip(s.cols.iter()) {
-                    acc[(p - c).unsigned_abs() as usize] += x;
+                    acc[index(p, c, s.past_only)] += x;
                 }
             }
         });
@@ -112,13 +127,14 @@ pub(in crate::kernel) fn distance_table_autodiff<B: Backend>(
     table: Tensor<B, 2>,
     rows: &[i64],
     cols: &[i64],
+    past_only: bool,
 ) -> Option<Tensor<B, 4>> {
     let table: Tensor<Ad, 2> = cast(table)?;
     let [h, n] = table.dims();
     let device = table.device();
     let table = table.into_primitive().tensor();
     let values = host_primitive(table.primitive.clone())?;
-    let out = distance_lookup(&values, h, n, rows, cols)?;
+    let out = distance_lookup(&values, h, n, rows, cols, past_only)?;
     let out = to_nd(out, [1, h, rows.len(), cols.len()], &device)
         .into_primitive()
         .tensor();
@@ -127,6 +143,7 @@ pub(in crate::kernel) fn distance_table_autodiff<B: Backend>(
         cols: Arc::new(cols.to_vec()),
         heads: h,
         n,
+        past_only,
     };
     let out = finish_node(
         DistanceTableBackward::<1>
