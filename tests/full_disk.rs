@@ -82,6 +82,18 @@ fn final_valid_loss(run: &Path, epochs: usize) -> f64 {
     sum / weight
 }
 
+/// The largest difference between two models' output-head weights.
+fn weight_diff(
+    a: &dape::LanguageModel<NdArray<f32>>,
+    b: &dape::LanguageModel<NdArray<f32>>,
+) -> f32 {
+    params(a)
+        .iter()
+        .zip(params(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
 /// Bytes of checkpoint `epoch`'s three files.
 fn checkpoint_bytes(run: &Path, epoch: usize) -> u64 {
     ["model", "optim", "scheduler"]
@@ -138,11 +150,7 @@ fn a_disk_that_fills_mid_run_is_a_named_error_and_the_run_resumes_to_the_same_en
     let (resumed, summary) =
         train::<AB>(&config, &options(&run, &cache, true), &device, "ndarray").expect("resume");
     assert_eq!(summary.started_at_step, 2 * newest);
-    let diff = params(&reference)
-        .iter()
-        .zip(params(&resumed))
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let diff = weight_diff(&reference, &resumed);
     assert!(diff < 1e-5, "the resumed run's weights differ by {diff}");
     let loss = final_valid_loss(&run, 4);
     assert!(
@@ -175,11 +183,7 @@ fn a_damaged_newest_checkpoint_is_passed_over_for_the_one_before_it() {
     let (resumed, summary) = train::<AB>(&config, &options(&run, &cache, true), &device, "ndarray")
         .expect("resume from checkpoint 3");
     assert_eq!(summary.started_at_step, 6, "resumed from checkpoint 3");
-    let diff = params(&reference)
-        .iter()
-        .zip(params(&resumed))
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let diff = weight_diff(&reference, &resumed);
     assert!(diff < 1e-5, "the resumed run's weights differ by {diff}");
     // The damaged file was written anew, whole.
     assert_eq!(latest_checkpoint(&run), Some(4));

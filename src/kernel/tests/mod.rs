@@ -47,3 +47,59 @@ fn assert_near_f64(
         "{case}: {what} differs by {d} (largest {scale})"
     );
 }
+
+/// The inputs of a fused-attention test: the q projection `[b, rows, h, d_head]`, the k | v
+/// projection `[b, keys, h, d_head + d_v]` (k its first `d_head` columns), the bias, and the
+/// weights of the summed output; each in f32 (tracked) and as its f64 copy.
+struct SplitInputs<'a> {
+    qp: (
+        &'a Tensor<Autodiff<NdArray<f32>>, 4>,
+        &'a Tensor<Autodiff<NdArray<f64>>, 4>,
+    ),
+    kv: (
+        &'a Tensor<Autodiff<NdArray<f32>>, 4>,
+        &'a Tensor<Autodiff<NdArray<f64>>, 4>,
+    ),
+    bias: (
+        Option<&'a Tensor<Autodiff<NdArray<f32>>, 4>>,
+        Option<&'a Tensor<Autodiff<NdArray<f64>>, 4>>,
+    ),
+    weights: (
+        Tensor<Autodiff<NdArray<f32>>, 4>,
+        Tensor<Autodiff<NdArray<f64>>, 4>,
+    ),
+    d_head: usize,
+}
+
+/// Asserts that a fused node's output `ours` equals the f64 reference `want` in values and in
+/// the gradients of q, k, v (the projections' parts) and the bias, under the weighted sums.
+fn assert_split_attention_matches(
+    case: &str,
+    ours: Tensor<Autodiff<NdArray<f32>>, 4>,
+    want: Tensor<Autodiff<NdArray<f64>>, 4>,
+    inputs: SplitInputs<'_>,
+) {
+    let SplitInputs {
+        qp: (qp, qp64),
+        kv: (kv, kv64),
+        bias: (bias, bias64),
+        weights: (w, w64),
+        d_head: dh,
+    } = inputs;
+    let dv = kv.dims()[3] - dh;
+    let close = |ours, want, what: &str| assert_near_f64(ours, want, case, what);
+    close(ours.clone().inner(), want.clone().inner(), "output");
+    let g1 = (ours * w).sum().backward();
+    let g2 = (want * w64).sum().backward();
+    close(qp.grad(&g1).unwrap(), qp64.grad(&g2).unwrap(), "dq");
+    let (gk, gk64) = (kv.grad(&g1).unwrap(), kv64.grad(&g2).unwrap());
+    close(
+        gk.clone().narrow(3, 0, dh),
+        gk64.clone().narrow(3, 0, dh),
+        "dk",
+    );
+    close(gk.narrow(3, dh, dv), gk64.narrow(3, dh, dv), "dv");
+    if let (Some(bias), Some(bias64)) = (bias, bias64) {
+        close(bias.grad(&g1).unwrap(), bias64.grad(&g2).unwrap(), "dbias");
+    }
+}
