@@ -48,41 +48,31 @@ fn assert_near_f64(
     );
 }
 
+/// Tracked f32 and f64 tensors.
+type T32 = Tensor<Autodiff<NdArray<f32>>, 4>;
+type T64 = Tensor<Autodiff<NdArray<f64>>, 4>;
+
+/// A tracked f32 tensor and its tracked f64 copy.
+type Pair<'a> = (&'a T32, &'a T64);
+
 /// The inputs of a fused-attention test: the q projection `[b, rows, h, d_head]`, the k | v
 /// projection `[b, keys, h, d_head + d_v]` (k its first `d_head` columns), the bias, and the
 /// weights of the summed output; each in f32 (tracked) and as its f64 copy.
 struct SplitInputs<'a> {
-    qp: (
-        &'a Tensor<Autodiff<NdArray<f32>>, 4>,
-        &'a Tensor<Autodiff<NdArray<f64>>, 4>,
-    ),
-    kv: (
-        &'a Tensor<Autodiff<NdArray<f32>>, 4>,
-        &'a Tensor<Autodiff<NdArray<f64>>, 4>,
-    ),
-    bias: (
-        Option<&'a Tensor<Autodiff<NdArray<f32>>, 4>>,
-        Option<&'a Tensor<Autodiff<NdArray<f64>>, 4>>,
-    ),
-    weights: (
-        Tensor<Autodiff<NdArray<f32>>, 4>,
-        Tensor<Autodiff<NdArray<f64>>, 4>,
-    ),
+    qp: Pair<'a>,
+    kv: Pair<'a>,
+    bias: Option<Pair<'a>>,
+    weights: (T32, T64),
     d_head: usize,
 }
 
 /// Asserts that a fused node's output `ours` equals the f64 reference `want` in values and in
 /// the gradients of q, k, v (the projections' parts) and the bias, under the weighted sums.
-fn assert_split_attention_matches(
-    case: &str,
-    ours: Tensor<Autodiff<NdArray<f32>>, 4>,
-    want: Tensor<Autodiff<NdArray<f64>>, 4>,
-    inputs: SplitInputs<'_>,
-) {
+fn assert_split_attention_matches(case: &str, ours: T32, want: T64, inputs: SplitInputs<'_>) {
     let SplitInputs {
         qp: (qp, qp64),
         kv: (kv, kv64),
-        bias: (bias, bias64),
+        bias,
         weights: (w, w64),
         d_head: dh,
     } = inputs;
@@ -99,7 +89,7 @@ fn assert_split_attention_matches(
         "dk",
     );
     close(gk.narrow(3, dh, dv), gk64.narrow(3, dh, dv), "dv");
-    if let (Some(bias), Some(bias64)) = (bias, bias64) {
+    if let Some((bias, bias64)) = bias {
         close(bias.grad(&g1).unwrap(), bias64.grad(&g2).unwrap(), "dbias");
     }
 }

@@ -189,7 +189,7 @@ fn stick_breaking_attention_is_the_tensor_path_in_values_and_gradients() {
             SplitInputs {
                 qp: (&qp, &qp64),
                 kv: (&kv, &kv64),
-                bias: (bias.as_ref(), bias64.as_ref()),
+                bias: bias.as_ref().zip(bias64.as_ref()),
                 weights: (weights, w64),
                 d_head: dh,
             },
