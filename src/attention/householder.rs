@@ -103,16 +103,17 @@ impl<B: Backend> MultiHeadAttention<B> {
                         0 => c,
                         chunk => chunk.min(c),
                     };
-                    Box::new((0..blocks.count()).flat_map(move |i| {
-                        let row = blocks.block_logits(i, cached.as_ref());
-                        let (start, rows) = (i * c, row.dims()[1]);
-                        self.spans_every(sub, offset + start, rows, offset + start + rows, None)
-                            .into_iter()
-                            .map(move |(r, span)| {
-                                let logits = rows_and_keys(row.clone(), r, &span);
-                                (start + r, span, logits)
-                            })
-                    }))
+                    Box::new(blocks.block_rows(cached.as_ref()).enumerate().flat_map(
+                        move |(i, row)| {
+                            let (start, rows) = (i * c, row.dims()[1]);
+                            self.spans_every(sub, offset + start, rows, offset + start + rows, None)
+                                .into_iter()
+                                .map(move |(r, span)| {
+                                    let logits = rows_and_keys(row.clone(), r, &span);
+                                    (start + r, span, logits)
+                                })
+                        },
+                    ))
                 }
                 (None, Some(all)) => Box::new(
                     self.chunk_spans(offset, l, offset + l, None)

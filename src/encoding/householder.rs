@@ -18,12 +18,14 @@
 //! M  = I − Wᵀ U                  [d, d]   the whole block: qᵀ H_last ⋯ H_first = qᵀ M
 //! ```
 //!
-//! A query block `I` then meets key block `J < I` as `Q̂_I M_{I−1} ⋯ M_{J+1} K̂_Jᵀ`: a sweep
-//! from `I − 1` down to 0 that carries `Q̂_I` through one `d × d` matrix per block, so the cost
-//! is `O(L² d + L d²)` and the memory `O(L C + L d)` beside the logits themselves. Keys from
-//! before the segment (a KV cache) are held already transformed to the segment's start, and
-//! the sweep meets them last; after the segment, [`Blocks::carry_keys`] brings every key to its
-//! end (`k ← H_t k` for each new token `t`, one `M` per block), which is what decoding needs.
+//! A query block `I` then meets key block `J < I` as `Q̂_I M_{I−1} ⋯ M_{J+1} K̂_Jᵀ`. One sweep
+//! forward computes them all ([`Blocks::block_rows`]): it holds the keys of the blocks before
+//! `I` carried to `I`'s start (`K̂_J M_{J+1}ᵀ ⋯ M_{I−1}ᵀ`), takes `Q̂_I` against them, then carries
+//! them through `M_I` and appends `K̂_I`. The cost is `O(L² d + L² d² / C)` in `2n` products
+//! over all the keys so far, and the memory `O(L d)` beside one block's logits. Keys from
+//! before the segment (a KV cache) are held already transformed to the segment's start and
+//! start the sweep; at its end the carried keys are every key brought to the segment's end
+//! (`k ← H_t k` for each new token `t`, [`Blocks::carry_keys`]), which is what decoding needs.
 //!
 //! `T` is the inverse of a unit lower-triangular matrix, [`unit_lower_inverse`]: forward
 //! substitution in one graph node on ndarray, block doubling in `log₂ C` batched steps of
@@ -161,45 +163,81 @@ impl<B: Backend> Blocks<B> {
         self.q_hat.len()
     }
 
-    /// The logits of query block `i` `[g, 1, C, P + (i+1)·C]` over the cached keys
-    /// `cached: [g, 1, P, d]` (transformed to the segment's start) and the segment's keys up to
-    /// the block's end. Entries above the diagonal are not causal logits (mask them).
-    fn block_row(&self, i: usize, cached: Option<&Tensor<B, 4>>) -> Tensor<B, 4> {
-        let mut parts = vec![self.local[i].clone()];
-        let mut cur = self.q_hat[i].clone();
-        for j in (0..i).rev() {
-            parts.push(batched_matmul(
-                cur.clone(),
-                self.k_hat[j].clone().swap_dims(2, 3),
-            ));
-            cur = batched_matmul(cur, self.through[j].clone());
+    /// The keys up to the end of query block `i`: `before` (the keys before the block, carried
+    /// to its start, `[g, 1, P + i·C, d]`; `None`: none) and the block's own `K̂_i` after them.
+    fn keys_through(&self, i: usize, before: Option<Tensor<B, 4>>) -> Tensor<B, 4> {
+        let own = self.k_hat[i].clone();
+        match before {
+            Some(k) => Tensor::cat(vec![k, own], 2),
+            None => own,
         }
-        if let Some(keys) = cached {
-            parts.push(batched_matmul(cur, keys.clone().swap_dims(2, 3)));
-        }
-        parts.reverse();
-        Tensor::cat(parts, 3)
     }
 
-    /// The causal logits of query block `i` `[g, rows, P + end]` over the cached keys
-    /// `cached: [g, P, d]` (transformed to the segment's start; `None`: none) and the
-    /// segment's keys up to the block's last token: `rows` real tokens (fewer than `C` in a
-    /// padded last block), `end = i·C + rows`. Entries of keys after a row are not logits:
-    /// the causal mask removes them.
-    pub fn block_logits(&self, i: usize, cached: Option<&Tensor<B, 3>>) -> Tensor<B, 3> {
+    /// The keys before query block `i + 1`, carried to its start, from `through`, the keys up to
+    /// the end of block `i` ([`Self::keys_through`]): every key before block `i` goes through
+    /// block `i`'s transforms (`k ← M_i k`); the block's own `K̂_i` are already there.
+    fn carry_past(&self, i: usize, through: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [g, _, total, d] = through.dims();
         let c = self.block;
-        let cached = cached.map(|k| k.clone().unsqueeze_dim::<4>(1));
-        let past = cached.as_ref().map_or(0, |k| k.dims()[2]);
-        let rows = c.min(self.len - i * c);
-        let row = self.block_row(i, cached.as_ref());
-        let [g, _, _, width] = row.dims();
-        let row = row.reshape([g, c, width]);
-        let wanted = past + i * c + rows;
-        if rows == c && wanted == width {
-            row
-        } else {
-            row.narrow(1, 0, rows).narrow(2, 0, wanted)
+        if total == c {
+            return through;
         }
+        // All of them through `M_i` in one product, then the block's own keys put back in
+        // place (cheaper than a copy of the rest to append them).
+        batched_matmul(through, self.through[i].clone().swap_dims(2, 3))
+            .slice_assign([0..g, 0..1, total - c..total, 0..d], self.k_hat[i].clone())
+    }
+
+    /// The logits of query block `i` `[g, 1, C, P + (i+1)·C]` over `through`, the keys up to the
+    /// block's end ([`Self::keys_through`]): `Q̂_i` against all of them in one product, whose
+    /// last `C` columns (`Q̂_i K̂_iᵀ`, the transforms of the whole block) are then replaced by
+    /// the block's own logits `Â_i`, in place. Entries above the diagonal are not causal logits
+    /// (mask them).
+    fn block_row(&self, i: usize, through: &Tensor<B, 4>) -> Tensor<B, 4> {
+        let c = self.block;
+        let [g, _, total, _] = through.dims();
+        if total == c {
+            return self.local[i].clone();
+        }
+        batched_matmul(self.q_hat[i].clone(), through.clone().swap_dims(2, 3))
+            .slice_assign([0..g, 0..1, 0..c, total - c..total], self.local[i].clone())
+    }
+
+    /// The causal logits of every query block in order, each `[g, rows, P + end]`, over the
+    /// cached keys `cached: [g, P, d]` (transformed to the segment's start; `None`: none) and the
+    /// segment's keys up to the block's last token: `rows` real tokens (fewer than `C` in a
+    /// padded last block), `end = i·C + rows`. Entries of keys after a row are not logits: the
+    /// causal mask removes them.
+    ///
+    /// One sweep forward: block `i`'s logits are `Q̂_i` against the keys carried to its start
+    /// (its own block's entries replaced by `Â_i`), and those keys then go through `M_i` to the
+    /// next block's start. Two products per block, each over all the keys so far, where carrying
+    /// `Q̂_i` back to every earlier block would take two small products per block pair; no
+    /// row is assembled by concatenation (a copy of the whole row per block, strided on
+    /// ndarray).
+    pub fn block_rows<'a>(
+        &'a self,
+        cached: Option<&Tensor<B, 3>>,
+    ) -> impl Iterator<Item = Tensor<B, 3>> + 'a {
+        let c = self.block;
+        let mut before = cached.map(|k| k.clone().unsqueeze_dim::<4>(1));
+        let past = before.as_ref().map_or(0, |k| k.dims()[2]);
+        (0..self.count()).map(move |i| {
+            let through = self.keys_through(i, before.take());
+            let row = self.block_row(i, &through);
+            if i + 1 < self.count() {
+                before = Some(self.carry_past(i, through));
+            }
+            let rows = c.min(self.len - i * c);
+            let [g, _, _, width] = row.dims();
+            let row = row.reshape([g, c, width]);
+            let wanted = past + i * c + rows;
+            if rows == c && wanted == width {
+                row
+            } else {
+                row.narrow(1, 0, rows).narrow(2, 0, wanted)
+            }
+        })
     }
 
     /// The causal logits `[g, rows, P + rows.end]` of the segment's query rows `rows` over the
@@ -213,28 +251,24 @@ impl<B: Backend> Blocks<B> {
     ) -> Tensor<B, 3> {
         let c = self.block;
         let (first, last) = (rows.start / c, rows.end.div_ceil(c));
-        let cached = cached.map(|k| k.clone().unsqueeze_dim::<4>(1));
-        let past = cached.as_ref().map_or(0, |k| k.dims()[2]);
-        let width = past + last * c;
+        let past = cached.map_or(0, |k| k.dims()[1]);
+        let width = past + rows.end;
         let device = self.q_hat[0].device();
-        let g = self.q_hat[0].dims()[0];
-        let row_blocks: Vec<Tensor<B, 4>> = (first..last)
-            .map(|i| {
-                let row = self.block_row(i, cached.as_ref());
-                let have = row.dims()[3];
+        let row_blocks: Vec<Tensor<B, 3>> = self
+            .block_rows(cached)
+            .take(last)
+            .skip(first)
+            .map(|row| {
+                let [g, n, have] = row.dims();
                 if have < width {
-                    Tensor::cat(
-                        vec![row, Tensor::zeros([g, 1, c, width - have], &device)],
-                        3,
-                    )
+                    Tensor::cat(vec![row, Tensor::zeros([g, n, width - have], &device)], 2)
                 } else {
-                    row
+                    row.narrow(2, 0, width)
                 }
             })
             .collect();
-        let all = Tensor::cat(row_blocks, 2).reshape([g, (last - first) * c, width]);
+        let all = Tensor::cat(row_blocks, 1);
         all.narrow(1, rows.start - first * c, rows.len())
-            .narrow(2, 0, past + rows.end)
     }
 
     /// Every key `[g, P + l, d]` transformed to the segment's end (`H_t` applied for each of its
@@ -243,15 +277,9 @@ impl<B: Backend> Blocks<B> {
     pub fn carry_keys(&self, cached: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
         let [g, _, c, d] = self.k_hat[0].dims();
         let n = self.count();
-        let mut keys: Option<Tensor<B, 4>> = cached.map(|k| k.unsqueeze_dim::<4>(1));
-        for j in 0..n {
-            let carried = keys.map(|k| batched_matmul(k, self.through[j].clone().swap_dims(2, 3)));
-            let own = self.k_hat[j].clone();
-            keys = Some(match carried {
-                Some(k) => Tensor::cat(vec![k, own], 2),
-                None => own,
-            });
-        }
+        let keys = (0..n).fold(cached.map(|k| k.unsqueeze_dim::<4>(1)), |before, j| {
+            Some(self.carry_past(j, self.keys_through(j, before)))
+        });
         let keys = keys.expect("a segment has at least one block");
         let total = keys.dims()[2];
         keys.reshape([g, total, d])
