@@ -16,13 +16,18 @@
 #   lm-slow         DAPE-FoX and DAPE V2-Kerple on books, then on latex (they came last when they
 #                   trained through the tensor path, 10-20x slower; since their fused ndarray
 #                   nodes they cost about 1.3x and 1.7x their bases' step)
-#   retrieval       MQAR, then passkey, for the 13 encodings of the LM study (seed 0), then
-#                   seeds 1 and 2 of Kerple, DAPE-Kerple, ALiBi and RoPE (issue 34; dape
+#   retrieval       MQAR, then passkey, for the 13 encodings of the LM study, PaTH and PaTH-FoX
+#                   (seed 0), then seeds 1 and 2 of Kerple, DAPE-Kerple, ALiBi and RoPE (issue 34; dape
 #                   retrieval suite --resume, one cell a call; RETRIEVAL_TRIALS items per cell)
 #   longppl         LongPPL of the books models: the fixed evaluator (configs/lm/
 #                   longppl_evaluator.json, DAPE-Kerple trained at 512) finds the key tokens once
-#                   per length; every books run of the plan is trained again from its published
+#                   per length; every published books run of the plan is trained again from its
 #                   config (the weights are not committed) and evaluated with dape eval --longppl
+#                   (runs not published yet stay pending: the phase comes again last)
+#   lm-new          the methods after DAPE (issue 36): PaTH, PaTH-FoX, stick-breaking over NoPE
+#                   and an iRoPE-style hybrid (configs/lm/irope.json), on books, then on latex
+#   lm-new-seeds    seeds 1 and 2 on books of those four and of their nearest baselines without
+#                   seeds so far (NoPE, FoX), so that each verdict comes with a spread
 #
 # Everything resumes: a finished LM run or CHE cell is never redone, an interrupted LM run
 # continues from its last checkpoint (every CHECKPOINT_EVERY steps). Stop the grid between runs
@@ -64,14 +69,16 @@ BACKEND=${BACKEND:-ndarray}
 CHE_STEPS=${CHE_STEPS:-1000}
 COMMIT=${COMMIT:-0}
 RETRIEVAL_TRIALS=${RETRIEVAL_TRIALS:-20}
-PHASES=${PHASES:-lm-books che lm-latex lm-books-seed1 lm-books-seed2 lm-slow retrieval longppl}
+PHASES=${PHASES:-lm-books che lm-latex lm-books-seed1 lm-books-seed2 lm-slow retrieval longppl lm-new lm-new-seeds longppl}
 
 FAST_ENCODINGS="nope rope rope_randomized t5 alibi kerple_log fire dape_alibi dape_kerple_log dape_fire fox"
 SLOW_ENCODINGS="dape_fox dapev2_kerple_log"
-LM_ENCODINGS="$FAST_ENCODINGS $SLOW_ENCODINGS"
+NEW_ENCODINGS="path path_fox nope_stick_breaking irope"
+LM_ENCODINGS="$FAST_ENCODINGS $SLOW_ENCODINGS $NEW_ENCODINGS"
 SEED_ENCODINGS="kerple_log dape_kerple_log alibi rope"
+NEW_SEED_ENCODINGS="$NEW_ENCODINGS nope fox"
 CHE_ENCODINGS="nope,rope,configs/encodings/rope_randomized.json,alibi,kerple_log,fire,dape_kerple_log,dape_fire"
-RETRIEVAL_ENCODINGS="nope,rope,configs/encodings/rope_randomized_8192.json,t5,alibi,kerple_log,fire,dape_alibi,dape_kerple_log,dape_fire,fox,dape_fox,dapev2_kerple_log"
+RETRIEVAL_ENCODINGS="nope,rope,configs/encodings/rope_randomized_8192.json,t5,alibi,kerple_log,fire,dape_alibi,dape_kerple_log,dape_fire,fox,dape_fox,dapev2_kerple_log,path,path_fox"
 RETRIEVAL_ARGS=(--tasks mqar,passkey --encodings "$RETRIEVAL_ENCODINGS" --seeds 0 --extra-seeds 1,2
   --extra-seed-encodings kerple_log,dape_kerple_log,alibi,rope --steps "$STEPS" --fraction 0.5
   --lengths 128,256,512,1024,2048,4096,8192 --trials "$RETRIEVAL_TRIALS" --backend "$BACKEND")
@@ -153,7 +160,7 @@ lm_runs() {
   local e s
   for e in $LM_ENCODINGS; do echo "$e"; done
   for s in 1 2; do
-    for e in $SEED_ENCODINGS; do echo "$e-seed$s"; done
+    for e in $SEED_ENCODINGS $NEW_SEED_ENCODINGS; do echo "$e-seed$s"; done
   done
 }
 
@@ -279,6 +286,8 @@ longppl_phase() {
   for run in $(lm_runs); do
     stop_requested && return 1
     [ -f "$dst/$run/eval.json" ] && continue
+    # A books run that has not finished yet (a later phase trains it) stays pending.
+    [ -f "$RESULTS/lm-books/$run/config.json" ] || continue
     out=$RUNS/lm-books-longppl/$run
     if ! train_once "$RESULTS/lm-books/$run/config.json" "$out"; then
       echo "study: longppl $run failed in training; it stays pending" >&2
@@ -356,9 +365,9 @@ if [ "${1:-}" = status ]; then
   fi
   cells=$( (find "$RUNS/retrieval" "$RESULTS/retrieval" -name retrieval.json 2>/dev/null || true) \
     | sed 's|.*/retrieval/||' | sort -u | wc -l)
-  echo "retrieval: $cells of 42 cells finished (2 tasks x (13 encodings + 4 x 2 extra seeds))"
+  echo "retrieval: $cells of 46 cells finished (2 tasks x (15 encodings + 4 x 2 extra seeds))"
   cells=$( (ls "$RESULTS"/longppl/*/eval.json 2>/dev/null || true) | wc -l)
-  echo "longppl: $cells of 21 books runs evaluated"
+  echo "longppl: $cells of $(lm_runs | wc -l) books runs evaluated"
   exit 0
 fi
 
@@ -389,10 +398,12 @@ run_phase() {
     lm-slow) lm_phase books 0 $SLOW_ENCODINGS && lm_phase latex 0 $SLOW_ENCODINGS ;;
     lm-books-seed1) lm_phase books 1 $SEED_ENCODINGS ;;
     lm-books-seed2) lm_phase books 2 $SEED_ENCODINGS ;;
+    lm-new) lm_phase books 0 $NEW_ENCODINGS && lm_phase latex 0 $NEW_ENCODINGS ;;
+    lm-new-seeds) lm_phase books 1 $NEW_SEED_ENCODINGS && lm_phase books 2 $NEW_SEED_ENCODINGS ;;
     che) che_phase ;;
     retrieval) retrieval_phase ;;
     longppl) longppl_phase ;;
-    *) echo "unknown phase '$1' (lm-books, che, lm-latex, lm-books-seed1, lm-books-seed2, lm-slow, retrieval, longppl)" >&2
+    *) echo "unknown phase '$1' (lm-books, che, lm-latex, lm-books-seed1, lm-books-seed2, lm-slow, retrieval, longppl, lm-new, lm-new-seeds)" >&2
       return 2 ;;
   esac
 }
