@@ -16,8 +16,8 @@
 #   lm-slow         DAPE-FoX and DAPE V2-Kerple on books, then on latex (they came last when they
 #                   trained through the tensor path, 10-20x slower; since their fused ndarray
 #                   nodes they cost about 1.3x and 1.7x their bases' step)
-#   retrieval       MQAR, then passkey, for the 13 encodings of the LM study, PaTH and PaTH-FoX
-#                   (seed 0), then seeds 1 and 2 of Kerple, DAPE-Kerple, ALiBi and RoPE (issue 34; dape
+#   retrieval       MQAR, then passkey, for the 13 encodings of the LM study, PaTH, PaTH-FoX,
+#                   stick-breaking over NoPE and iRoPE (rows from their LM configs; seed 0), then seeds 1 and 2 of Kerple, DAPE-Kerple, ALiBi and RoPE (issue 34; dape
 #                   retrieval suite --resume, one cell a call; RETRIEVAL_TRIALS items per cell)
 #   longppl         LongPPL of the books models: the fixed evaluator (configs/lm/
 #                   longppl_evaluator.json, DAPE-Kerple trained at 512) finds the key tokens once
@@ -78,7 +78,7 @@ LM_ENCODINGS="$FAST_ENCODINGS $SLOW_ENCODINGS $NEW_ENCODINGS"
 SEED_ENCODINGS="kerple_log dape_kerple_log alibi rope"
 NEW_SEED_ENCODINGS="$NEW_ENCODINGS nope fox"
 CHE_ENCODINGS="nope,rope,configs/encodings/rope_randomized.json,alibi,kerple_log,fire,dape_kerple_log,dape_fire"
-RETRIEVAL_ENCODINGS="nope,rope,configs/encodings/rope_randomized_8192.json,t5,alibi,kerple_log,fire,dape_alibi,dape_kerple_log,dape_fire,fox,dape_fox,dapev2_kerple_log,path,path_fox"
+RETRIEVAL_ENCODINGS="nope,rope,configs/encodings/rope_randomized_8192.json,t5,alibi,kerple_log,fire,dape_alibi,dape_kerple_log,dape_fire,fox,dape_fox,dapev2_kerple_log,path,path_fox,configs/lm/nope_stick_breaking.json,configs/lm/irope.json"
 RETRIEVAL_ARGS=(--tasks mqar,passkey --encodings "$RETRIEVAL_ENCODINGS" --seeds 0 --extra-seeds 1,2
   --extra-seed-encodings kerple_log,dape_kerple_log,alibi,rope --steps "$STEPS" --fraction 0.5
   --lengths 128,256,512,1024,2048,4096,8192 --trials "$RETRIEVAL_TRIALS" --backend "$BACKEND")
@@ -365,7 +365,7 @@ if [ "${1:-}" = status ]; then
   fi
   cells=$( (find "$RUNS/retrieval" "$RESULTS/retrieval" -name retrieval.json 2>/dev/null || true) \
     | sed 's|.*/retrieval/||' | sort -u | wc -l)
-  echo "retrieval: $cells of 46 cells finished (2 tasks x (15 encodings + 4 x 2 extra seeds))"
+  echo "retrieval: $cells of 50 cells finished (2 tasks x (17 rows + 4 x 2 extra seeds))"
   cells=$( (ls "$RESULTS"/longppl/*/eval.json 2>/dev/null || true) | wc -l)
   echo "longppl: $cells of $(lm_runs | wc -l) books runs evaluated"
   exit 0

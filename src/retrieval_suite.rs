@@ -13,14 +13,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::corpus::default_cache_dir;
 use crate::data::retrieval::RetrievalTask;
-use crate::encoding::PositionalEncodingConfig;
 use crate::error::{ensure, ensure_non_empty, Result};
 use crate::eval::plot::Series;
 use crate::eval::retrieval::{
     evaluate_run, plot_by_length, write_report, RetrievalEvalConfig, RetrievalReport,
 };
 use crate::experiment::lm::load_model;
-use crate::experiment::retrieval::{train_config, RetrievalTrainSettings};
+use crate::experiment::retrieval::{train_config, RetrievalModel, RetrievalTrainSettings};
 use crate::train::che::Progress;
 use crate::train::lm::{train, LmTrainOptions};
 use crate::util::{io_error, say, write_atomic, write_json_atomic};
@@ -30,8 +29,8 @@ use crate::util::{io_error, say, write_atomic, write_json_atomic};
 pub struct RetrievalSuiteConfig {
     /// Tasks.
     pub tasks: Vec<RetrievalTask>,
-    /// Encodings (rows).
-    pub encodings: Vec<PositionalEncodingConfig>,
+    /// The rows: encodings, with the attention settings of an LM config where a row has them.
+    pub encodings: Vec<RetrievalModel>,
     /// Seeds of every cell.
     pub seeds: Vec<u64>,
     /// More seeds for some encodings (the key rows), run after every cell of `seeds`:
@@ -84,11 +83,11 @@ pub struct RetrievalSuiteReport {
     pub pending: Vec<PendingRetrievalCell>,
 }
 
-/// The run folder's name of a cell: the encoding's label, with `-seedN` for seeds above 0.
-pub fn cell_name(encoding: &PositionalEncodingConfig, seed: u64) -> String {
+/// The run folder's name of a cell: the row's label, with `-seedN` for seeds above 0.
+pub fn cell_name(model: &RetrievalModel, seed: u64) -> String {
     match seed {
-        0 => encoding.label(),
-        s => format!("{}-seed{s}", encoding.label()),
+        0 => model.label.clone(),
+        s => format!("{}-seed{s}", model.label),
     }
 }
 
@@ -190,9 +189,7 @@ fn cell_text(values: &[f64]) -> String {
 
 /// The cells in the order they run: every task × encoding × seed of `seeds`, then the extra
 /// seeds of the key rows.
-fn grid(
-    config: &RetrievalSuiteConfig,
-) -> Result<Vec<(RetrievalTask, &PositionalEncodingConfig, u64)>> {
+fn grid(config: &RetrievalSuiteConfig) -> Result<Vec<(RetrievalTask, &RetrievalModel, u64)>> {
     let mut grid = Vec::new();
     for &task in &config.tasks {
         for encoding in &config.encodings {
@@ -202,7 +199,7 @@ fn grid(
     if let Some((labels, seeds)) = &config.extra_seeds {
         for label in labels {
             ensure(
-                config.encodings.iter().any(|e| e.label() == *label),
+                config.encodings.iter().any(|e| e.label == *label),
                 "extra-seed encoding",
                 label,
                 "is not one of the suite's encodings",
@@ -212,7 +209,7 @@ fn grid(
             for encoding in config
                 .encodings
                 .iter()
-                .filter(|e| labels.contains(&e.label()))
+                .filter(|e| labels.contains(&e.label))
             {
                 for &seed in seeds.iter().filter(|s| !config.seeds.contains(s)) {
                     grid.push((task, encoding, seed));
@@ -254,7 +251,7 @@ pub fn run_retrieval_suite<B: AutodiffBackend>(
             let text = std::fs::read_to_string(&existing).map_err(io_error(&existing))?;
             say!("{prefix}reusing {}", existing.display());
             report.cells.push(RetrievalCell {
-                encoding: encoding.label(),
+                encoding: encoding.label.clone(),
                 name,
                 report: serde_json::from_str(&text)?,
             });
@@ -266,7 +263,7 @@ pub fn run_retrieval_suite<B: AutodiffBackend>(
         }
         let cell = run_cell::<B>(config, task, encoding, seed, &dir, &prefix, backend, device)?;
         report.cells.push(RetrievalCell {
-            encoding: encoding.label(),
+            encoding: encoding.label.clone(),
             name,
             report: cell,
         });
@@ -283,7 +280,7 @@ pub fn run_retrieval_suite<B: AutodiffBackend>(
 fn run_cell<B: AutodiffBackend>(
     config: &RetrievalSuiteConfig,
     task: RetrievalTask,
-    encoding: &PositionalEncodingConfig,
+    encoding: &RetrievalModel,
     seed: u64,
     dir: &Path,
     prefix: &str,
@@ -294,7 +291,7 @@ fn run_cell<B: AutodiffBackend>(
         seed,
         ..config.train.clone()
     };
-    let train_config = train_config(task, encoding.clone(), &settings)?;
+    let train_config = train_config(task, encoding, &settings)?;
     let model = if dir.join("model.mpk").is_file() && dir.join("train.json").is_file() {
         say!("{prefix}trained already; evaluating");
         load_model::<B::InnerBackend>(dir, device)?.1
@@ -338,7 +335,7 @@ fn run_cell<B: AutodiffBackend>(
 fn write_suite(
     out: &Path,
     report: &RetrievalSuiteReport,
-    grid: &[(RetrievalTask, &PositionalEncodingConfig, u64)],
+    grid: &[(RetrievalTask, &RetrievalModel, u64)],
     done: usize,
 ) -> Result<()> {
     let mut full = report.clone();

@@ -207,6 +207,58 @@ fn a_suite_resumes_cell_by_cell() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// A row given as an LM config takes its encoding and attention settings (stick-breaking, a
+/// hybrid stack, QK-norm, temperature tuning) under the file's name; everything else is the
+/// task's, and `train --encoding` reads the same file the same way.
+#[test]
+fn a_row_from_an_lm_config_trains_with_its_attention_settings() {
+    let out = temp("lm-config-row");
+    std::fs::create_dir_all(&out).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut hybrid = json(&repo.join("configs/lm/irope.json"));
+    hybrid["stick_breaking"] = serde_json::json!({});
+    hybrid["d_model"] = serde_json::json!(64); // not the task's: must not be taken
+    let config = out.join("sb_hybrid.json");
+    std::fs::write(&config, serde_json::to_string(&hybrid).unwrap()).unwrap();
+    let rows = format!("nope,{}", config.display());
+    let suite = out.join("suite");
+    dape(&[
+        "retrieval",
+        "suite",
+        "--tasks",
+        "mqar",
+        "--encodings",
+        &rows,
+        "--steps",
+        "2",
+        "--lengths",
+        "128",
+        "--trials",
+        "2",
+        "--out",
+        suite.to_str().unwrap(),
+        "--valid-tokens",
+        "512",
+    ]);
+    let trained = json(&suite.join("mqar/sb_hybrid/config.json"));
+    assert_eq!(trained["encoding"]["type"], "rope", "{trained}");
+    assert_eq!(trained["layer_encodings"]["every"], 4, "{trained}");
+    assert_eq!(trained["layer_encodings"]["encoding"]["type"], "nope");
+    assert_eq!(trained["qk_norm"], hybrid["qk_norm"]);
+    assert_eq!(trained["temperature"], hybrid["temperature"]);
+    assert!(trained["stick_breaking"].is_object(), "{trained}");
+    assert_eq!(trained["d_model"], 128, "the task's width, not the file's");
+    assert!(trained["mqar"].is_object());
+    let plain = json(&suite.join("mqar/nope/config.json"));
+    assert!(plain.get("stick_breaking").is_none() && plain.get("layer_encodings").is_none());
+    let table = std::fs::read_to_string(suite.join("suite.md")).unwrap();
+    assert!(table.contains("| sb_hybrid | 1 |"), "{table}");
+    let run = out.join("single");
+    train_mqar(run.to_str().unwrap(), config.to_str().unwrap(), "1");
+    assert!(json(&run.join("config.json"))["stick_breaking"].is_object());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 #[test]
 fn bad_settings_exit_with_the_value_named() {
     for (args, needle) in [

@@ -19,15 +19,15 @@ use dape::eval::che::parse_lengths;
 use dape::eval::retrieval::{
     evaluate_run, parse_depths, write_report, RetrievalEvalConfig, RetrievalReport,
 };
-use dape::experiment::lm::load_model;
-use dape::experiment::retrieval::{train_config, RetrievalTrainSettings};
+use dape::experiment::lm::{load_model, LmTrainConfig};
+use dape::experiment::retrieval::{train_config, RetrievalModel, RetrievalTrainSettings};
 use dape::retrieval_suite::{
     cell_name, run_retrieval_suite, RetrievalSuiteConfig, RetrievalSuiteReport,
 };
 use dape::train::che::Progress;
 use dape::train::lm::{self as lm_train, LmTrainOptions};
 use dape::util::Rng;
-use dape::{PositionalEncodingConfig, Result};
+use dape::Result;
 
 /// The `dape retrieval` subcommands.
 #[derive(Subcommand)]
@@ -62,7 +62,10 @@ pub enum RetrievalCommand {
         /// mqar or passkey.
         #[arg(long)]
         task: RetrievalTask,
-        /// Encoding name (see `dape encodings`), or a path to a JSON encoding config.
+        /// Encoding name (see `dape encodings`), a path to a JSON encoding config, or a path to
+        /// an LM config (configs/lm/irope.json), whose encoding and attention settings
+        /// (stick_breaking, layer_encodings, qk_norm, temperature, sliding_window, ssmax) the
+        /// run takes.
         #[arg(long)]
         encoding: String,
         #[command(flatten)]
@@ -99,7 +102,8 @@ pub enum RetrievalCommand {
         /// Comma-separated tasks.
         #[arg(long, default_value = "mqar,passkey")]
         tasks: String,
-        /// Comma-separated encoding names or JSON config paths.
+        /// Comma-separated rows: encoding names, JSON encoding configs, or LM configs (their
+        /// encoding and attention settings, under the file's name; see `train --encoding`).
         #[arg(long, default_value = "rope,kerple_log,dape_kerple_log")]
         encodings: String,
         /// Comma-separated seeds of every cell.
@@ -189,13 +193,47 @@ impl TrainArgs {
         }
     }
 
-    fn encoding(&self, text: &str) -> Result<PositionalEncodingConfig> {
-        let encoding = encoding_arg(text)?;
-        match self.randomized {
-            Some(m) => encoding.with_randomized(Some(RandomizedConfig::new(m))),
-            None => Ok(encoding),
+    /// A row of the grid from `text`: an encoding name, a JSON encoding config, or an LM config
+    /// (a JSON file with an `"encoding"` field, such as `configs/lm/irope.json`), whose encoding
+    /// and attention settings it takes under the file's name; `--randomized` applies to the
+    /// encoding either way.
+    fn model(&self, text: &str) -> Result<RetrievalModel> {
+        let randomized = self.randomized.map(RandomizedConfig::new);
+        match lm_config_path(text)? {
+            Some(path) => {
+                let mut lm = LmTrainConfig::load(&path)?;
+                let mut label = path
+                    .file_stem()
+                    .map_or_else(|| text.to_string(), |s| s.to_string_lossy().into_owned());
+                if randomized.is_some() {
+                    lm.encoding = lm.encoding.with_randomized(randomized)?;
+                    label.push_str("+randomized");
+                }
+                Ok(RetrievalModel::from_lm_config(label, &lm))
+            }
+            None => {
+                let encoding = encoding_arg(text)?;
+                Ok(RetrievalModel::encoding(match randomized {
+                    Some(_) => encoding.with_randomized(randomized)?,
+                    None => encoding,
+                }))
+            }
         }
     }
+}
+
+/// `Some(path)` when `text` names a JSON file whose top level has an `"encoding"` field (an LM
+/// config); `None` for anything else (an encoding name or an encoding config, whose top level
+/// has `"type"`).
+fn lm_config_path(text: &str) -> Result<Option<PathBuf>> {
+    let path = PathBuf::from(text);
+    if !text.ends_with(".json") || !path.is_file() {
+        return Ok(None);
+    }
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&path).map_err(dape::util::io_error(&path))?,
+    )?;
+    Ok(json.get("encoding").is_some().then_some(path))
 }
 
 /// Evaluation settings.
@@ -428,16 +466,16 @@ pub fn run(command: RetrievalCommand) -> Result<bool> {
             lines,
             backend,
         } => {
-            let encoding = train.encoding(&encoding)?;
+            let model = train.model(&encoding)?;
             let out = out.unwrap_or_else(|| {
                 PathBuf::from("runs/retrieval")
                     .join(task.name())
-                    .join(cell_name(&encoding, train.seed))
+                    .join(cell_name(&model, train.seed))
             });
             if task == RetrievalTask::Passkey {
                 ensure_books(&train.data)?;
             }
-            let config = train_config(task, encoding, &train.settings())?;
+            let config = train_config(task, &model, &train.settings())?;
             let progress = match lines {
                 Some(every) => Progress::Lines(String::new(), every),
                 None if std::io::stdout().is_terminal() => Progress::Default,
@@ -494,7 +532,7 @@ pub fn run(command: RetrievalCommand) -> Result<bool> {
             }
             let config = RetrievalSuiteConfig {
                 tasks,
-                encodings: list(&encodings, |e| train.encoding(e))?,
+                encodings: list(&encodings, |e| train.model(e))?,
                 seeds: list(&seeds, parse_seed)?,
                 extra_seeds,
                 train: train.settings(),
