@@ -94,6 +94,10 @@ pub struct BenchResult {
     pub backend: String,
     /// Threads available to the process.
     pub threads: usize,
+    /// Threads of the rayon pool that the ndarray kernels run on (`RAYON_NUM_THREADS`, or one
+    /// per core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_threads: Option<usize>,
     /// Encoding name.
     pub encoding: String,
     /// The attention's normaliser: `softmax` or `stick_breaking`.
@@ -117,6 +121,16 @@ pub struct BenchResult {
     pub chunk: Option<usize>,
     /// Mean wall-clock seconds per timed step.
     pub seconds_per_step: f64,
+    /// Mean CPU seconds (user + system, every thread) of the process per timed step (Linux).
+    /// Near `seconds_per_step` × threads when every thread computes all the time; near
+    /// `seconds_per_step` when one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds_per_step: Option<f64>,
+    /// Share of the whole machine's CPU time that the hypervisor gave to other guests during
+    /// the timed steps (0..=1, from `/proc/stat`; Linux). A slow step with a high steal share was
+    /// slowed by the host, not by the code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steal_fraction: Option<f64>,
     /// `batch * length / seconds_per_step`.
     pub tokens_per_second: f64,
     /// Peak resident set size of the process (MiB; Linux), as torch_ref's `ru_maxrss`.
@@ -246,7 +260,9 @@ pub fn run<B: AutodiffBackend>(
         timed(config.warmup)?;
     }
     let before = table_cache_stats();
+    let (cpu_before, ticks_before) = (sysmem::process_cpu_seconds(), sysmem::machine_cpu_ticks());
     let seconds = timed(config.steps)? / config.steps as f64;
+    let (cpu_after, ticks_after) = (sysmem::process_cpu_seconds(), sysmem::machine_cpu_ticks());
     let after = table_cache_stats();
     let per_step = |x: f64| x / config.steps as f64;
     let phases = (config.phases && config.mode == BenchMode::Train).then(|| Phases {
@@ -258,6 +274,7 @@ pub fn run<B: AutodiffBackend>(
         implementation: "dape".into(),
         backend: backend.into(),
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        pool_threads: (backend == "ndarray").then(rayon::current_num_threads),
         encoding: config.encoding.name(),
         normaliser: if config.stick_breaking {
             "stick_breaking"
@@ -274,6 +291,10 @@ pub fn run<B: AutodiffBackend>(
         vocab: config.vocab,
         chunk,
         seconds_per_step: seconds,
+        cpu_seconds_per_step: cpu_before.zip(cpu_after).map(|(a, b)| per_step(b - a)),
+        steal_fraction: ticks_before
+            .zip(ticks_after)
+            .and_then(|(a, b)| b.steal_since(&a)),
         tokens_per_second: (config.batch * config.length) as f64 / seconds,
         peak_rss_mib: sysmem::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
         table_builds: after.builds.saturating_sub(before.builds),

@@ -267,3 +267,48 @@ fn che_plot_redraws_the_committed_suite_and_names_a_missing_one() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no/such/suite/suite.json"));
 }
+
+/// `dape bench` says what explains its figure: the process's CPU seconds per step beside the
+/// wall seconds, the kernels' thread pool, and (Linux) the share of the machine's CPU time the
+/// hypervisor stole during the timed steps.
+#[test]
+fn bench_reports_cpu_time_threads_and_steal() {
+    let out = dape(&[
+        "bench",
+        "--mode",
+        "train",
+        "--encoding",
+        "alibi",
+        "--length",
+        "16",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let wall = line["seconds_per_step"].as_f64().unwrap();
+    assert!(wall > 0.0, "{line}");
+    let threads = line["threads"].as_u64().unwrap();
+    let pool = line["pool_threads"].as_u64().unwrap();
+    assert!(pool >= 1, "{line}");
+    if cfg!(target_os = "linux") {
+        let cpu = line["cpu_seconds_per_step"].as_f64().unwrap();
+        // CPU time is counted in ticks of 10 ms; no more threads than the pool and the main
+        // thread can have spent it.
+        assert!(
+            cpu <= wall * (pool.max(threads) + 1) as f64 + 0.02,
+            "{line}"
+        );
+        let steal = line["steal_fraction"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&steal), "{line}");
+    }
+}
