@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use crate::attention::StickBreakingConfig;
+use crate::attention::{attention_path_counts, StickBreakingConfig};
 use crate::encoding::{table_cache_stats, PositionalEncodingConfig};
 use crate::error::{ensure, Result};
 use crate::experiment::lm::{auto_chunk, token_nll};
@@ -142,6 +142,11 @@ pub struct BenchResult {
     /// Table lookups answered from the cache during the timed steps.
     #[serde(default)]
     pub table_hits: u64,
+    /// Which path the attention took in the timed steps: `fused` (one node per chunk of query
+    /// rows; no `[batch, heads, rows, keys]` logits kept), `tensor` (the logits are tensors:
+    /// an encoding or option without a fused form on this backend) or `mixed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_path: Option<String>,
     /// Mean seconds per timed step in each phase, when [`BenchConfig::phases`] asked for them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phases: Option<Phases>,
@@ -261,7 +266,9 @@ pub fn run<B: AutodiffBackend>(
     }
     let before = table_cache_stats();
     let (cpu_before, ticks_before) = (sysmem::process_cpu_seconds(), sysmem::machine_cpu_ticks());
+    let paths_before = attention_path_counts();
     let seconds = timed(config.steps)? / config.steps as f64;
+    let paths = attention_path_counts().since(&paths_before);
     let (cpu_after, ticks_after) = (sysmem::process_cpu_seconds(), sysmem::machine_cpu_ticks());
     let after = table_cache_stats();
     let per_step = |x: f64| x / config.steps as f64;
@@ -299,6 +306,7 @@ pub fn run<B: AutodiffBackend>(
         peak_rss_mib: sysmem::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
         table_builds: after.builds.saturating_sub(before.builds),
         table_hits: after.hits.saturating_sub(before.hits),
+        attention_path: paths.name().map(str::to_string),
         phases,
     })
 }

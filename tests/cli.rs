@@ -268,17 +268,14 @@ fn che_plot_redraws_the_committed_suite_and_names_a_missing_one() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no/such/suite/suite.json"));
 }
 
-/// `dape bench` says what explains its figure: the process's CPU seconds per step beside the
-/// wall seconds, the kernels' thread pool, and (Linux) the share of the machine's CPU time the
-/// hypervisor stole during the timed steps.
-#[test]
-fn bench_reports_cpu_time_threads_and_steal() {
+/// `dape bench`'s JSON line for `encoding` (training, 2 sequences of 16 tokens, 2 steps).
+fn bench_line(encoding: &str) -> serde_json::Value {
     let out = dape(&[
         "bench",
         "--mode",
         "train",
         "--encoding",
-        "alibi",
+        encoding,
         "--length",
         "16",
         "--batch",
@@ -294,7 +291,18 @@ fn bench_reports_cpu_time_threads_and_steal() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
-    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
+
+/// `dape bench` says what explains its figure: the process's CPU seconds per step beside the
+/// wall seconds, the kernels' thread pool, (Linux) the share of the machine's CPU time the
+/// hypervisor stole during the timed steps, and whether the attention ran fused or on the
+/// tensor path.
+#[test]
+fn bench_reports_cpu_time_threads_steal_and_the_attention_path() {
+    let line = bench_line("alibi");
+    assert_eq!(line["attention_path"], "fused", "{line}");
+    assert_eq!(bench_line("path")["attention_path"], "tensor");
     let wall = line["seconds_per_step"].as_f64().unwrap();
     assert!(wall > 0.0, "{line}");
     let threads = line["threads"].as_u64().unwrap();

@@ -18,7 +18,7 @@ use burn::tensor::activation::softmax;
 use super::qk_norm::qk_normalise;
 use super::ssmax::ssmax_factor;
 use super::stick_breaking::stick_breaking_weights;
-use super::{KvCache, MultiHeadAttention};
+use super::{path_stats, KvCache, MultiHeadAttention};
 use crate::encoding::{Fox, Hook, PositionalEncoding, Positions, SegmentIds, Span};
 use crate::kernel::{
     attention, attention_applies, attention_packed, batched_matmul, fused_softmax, linear_layer,
@@ -100,6 +100,7 @@ impl<B: Backend> MultiHeadAttention<B> {
             if let Some(out) =
                 self.attend_packed(qkv.clone(), positions, forget_rows.as_ref(), &device)
             {
+                path_stats::record(true);
                 return self.project_out(out);
             }
         }
@@ -381,6 +382,7 @@ impl<B: Backend> MultiHeadAttention<B> {
             }
             _ => None,
         };
+        path_stats::record(kernel.is_some());
         if let Some(out) = kernel {
             return out;
         }

@@ -12,7 +12,7 @@
 
 use burn::prelude::*;
 
-use super::{KvCache, MultiHeadAttention};
+use super::{path_stats, KvCache, MultiHeadAttention};
 use crate::encoding::householder::{bidirectional_logits, Blocks};
 use crate::encoding::{Fox, Path, Span};
 use crate::kernel::batched_matmul;
@@ -127,6 +127,7 @@ impl<B: Backend> MultiHeadAttention<B> {
             };
         let outputs: Vec<Tensor<B, 4>> = chunks
             .map(|(r0, span, logits)| {
+                path_stats::record(false);
                 let rows = span.query_len;
                 let keys = span.key_len;
                 let logits = logits.reshape([b, h, rows, keys]);

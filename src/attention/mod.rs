@@ -31,12 +31,14 @@
 mod cache;
 mod forward;
 mod householder;
+mod path_stats;
 mod qk_norm;
 mod ssmax;
 mod stick_breaking;
 mod temperature;
 
 pub use cache::KvCache;
+pub use path_stats::{attention_path_counts, AttentionPathCounts};
 pub use qk_norm::QkNormConfig;
 pub use ssmax::SsmaxConfig;
 pub use stick_breaking::StickBreakingConfig;
