@@ -17,8 +17,10 @@
 #                   trained through the tensor path, 10-20x slower; since their fused ndarray
 #                   nodes they cost about 1.3x and 1.7x their bases' step)
 #   retrieval       MQAR, then passkey, for the 13 encodings of the LM study, PaTH, PaTH-FoX,
-#                   stick-breaking over NoPE and iRoPE (rows from their LM configs; seed 0), then seeds 1 and 2 of Kerple, DAPE-Kerple, ALiBi and RoPE (issue 34; dape
-#                   retrieval suite --resume, one cell a call; RETRIEVAL_TRIALS items per cell)
+#                   stick-breaking over NoPE and iRoPE (rows from their LM configs; seed 0),
+#                   then seeds 1 and 2 of Kerple, DAPE-Kerple, ALiBi and RoPE (issues 34 and 36;
+#                   dape retrieval suite --resume, one cell a call; RETRIEVAL_TRIALS items per
+#                   cell)
 #   longppl         LongPPL of the books models: the fixed evaluator (configs/lm/
 #                   longppl_evaluator.json, DAPE-Kerple trained at 512) finds the key tokens once
 #                   per length; every published books run of the plan is trained again from its

@@ -261,7 +261,25 @@ fn a_row_from_an_lm_config_trains_with_its_attention_settings() {
 
 #[test]
 fn bad_settings_exit_with_the_value_named() {
+    let broken = temp("broken-config");
+    std::fs::create_dir_all(&broken).unwrap();
+    let broken = broken.join("broken.json");
+    std::fs::write(&broken, "{\"encoding\": ").unwrap();
+    let broken = broken.to_str().unwrap();
     for (args, needle) in [
+        (
+            vec![
+                "retrieval",
+                "train",
+                "--task",
+                "mqar",
+                "--encoding",
+                broken,
+                "--steps",
+                "1",
+            ],
+            "broken.json",
+        ),
         (
             vec!["retrieval", "sample", "--task", "passkey", "--depth", "1.5"],
             "1.5",
@@ -297,6 +315,7 @@ fn bad_settings_exit_with_the_value_named() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+    std::fs::remove_dir_all(Path::new(broken).parent().unwrap()).unwrap();
 }
 
 /// The MQAR loss is the mean negative log-likelihood over the answers alone: the masked sum

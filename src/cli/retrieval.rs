@@ -230,9 +230,14 @@ fn lm_config_path(text: &str) -> Result<Option<PathBuf>> {
     if !text.ends_with(".json") || !path.is_file() {
         return Ok(None);
     }
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&path).map_err(dape::util::io_error(&path))?,
-    )?;
+    let text = std::fs::read_to_string(&path).map_err(dape::util::io_error(&path))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        dape::Error::invalid(
+            "encoding",
+            path.display(),
+            format!("is not valid JSON ({e}); expected an encoding config or an LM config"),
+        )
+    })?;
     Ok(json.get("encoding").is_some().then_some(path))
 }
 
