@@ -87,6 +87,23 @@ RETRIEVAL_ARGS=(--tasks mqar,passkey --encodings "$RETRIEVAL_ENCODINGS" --seeds 
 CHE_ARGS=(--tasks all --encodings "$CHE_ENCODINGS" --steps "$CHE_STEPS" --lengths 41..200:8
   --sequences 64 --backend "$BACKEND")
 
+# The grid's dape processes run under `nice -n 19`, but with the kernel's autogroup scheduling
+# (sched_autogroup_enabled, on in most distribution kernels) nice orders threads only within
+# one session: a grid started in a session of its own (setsid, nohup from a service) still took
+# half of a 2-core VM from a benchmark or CI in another session (measured, issue 39). When this
+# script leads its own session, it lowers that session's group weight as well; in a shared
+# terminal session it leaves the group alone (that would slow the terminal's other commands too)
+# and says so.
+lower_session_priority() {
+  [ -w /proc/self/autogroup ] || return 0
+  if [ "$(ps -o sid= -p $$ | tr -d ' ')" = "$$" ]; then
+    echo 19 > /proc/self/autogroup 2>/dev/null || true
+  else
+    echo "study: the grid shares this terminal's scheduling group; start it with setsid to let" \
+      "other sessions (benchmarks, CI) have the cores first" >&2
+  fi
+}
+
 
 # Whether LM run $2 of corpus $1 has finished: evaluated in $RUNS, or published in $RESULTS.
 lm_finished() {
@@ -410,6 +427,7 @@ run_phase() {
   esac
 }
 
+lower_session_priority
 for phase in $PHASES; do
   echo "== study phase $phase ($(date -u +%H:%M:%S))"
   rc=0

@@ -98,6 +98,11 @@ pub struct BenchResult {
     /// per core).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_threads: Option<usize>,
+    /// Whether the steps ran on a worker of that pool ([`crate::kernel::join_compute_pool`]:
+    /// each parallel op forks from the step's own thread) rather than hopping to it from
+    /// outside.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_on_pool: Option<bool>,
     /// Encoding name.
     pub encoding: String,
     /// The attention's normaliser: `softmax` or `stick_breaking`.
@@ -282,6 +287,7 @@ pub fn run<B: AutodiffBackend>(
         backend: backend.into(),
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         pool_threads: (backend == "ndarray").then(rayon::current_num_threads),
+        step_on_pool: (backend == "ndarray").then(|| rayon::current_thread_index().is_some()),
         encoding: config.encoding.name(),
         normaliser: if config.stick_breaking {
             "stick_breaking"

@@ -295,7 +295,7 @@ fn bench_line(encoding: &str) -> serde_json::Value {
 }
 
 /// `dape bench` says what explains its figure: the process's CPU seconds per step beside the
-/// wall seconds, the kernels' thread pool, (Linux) the share of the machine's CPU time the
+/// wall seconds, the kernels' thread pool and whether the step ran on it, (Linux) the share of the machine's CPU time the
 /// hypervisor stole during the timed steps, and whether the attention ran fused or on the
 /// tensor path.
 #[test]
@@ -308,6 +308,9 @@ fn bench_reports_cpu_time_threads_steal_and_the_attention_path() {
     let threads = line["threads"].as_u64().unwrap();
     let pool = line["pool_threads"].as_u64().unwrap();
     assert!(pool >= 1, "{line}");
+    // The binary makes its main thread a worker of the kernels' pool when there is more than
+    // one thread to share the work (`dape::kernel::join_compute_pool`).
+    assert_eq!(line["step_on_pool"], pool > 1, "{line}");
     if cfg!(target_os = "linux") {
         let cpu = line["cpu_seconds_per_step"].as_f64().unwrap();
         // CPU time is counted in ticks of 10 ms; no more threads than the pool and the main

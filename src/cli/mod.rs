@@ -140,6 +140,7 @@ fn tune_allocator() {
 /// The binary's entry point: exit status 0 on success, 1 when a check failed, 2 on an error.
 pub fn main() -> ExitCode {
     tune_allocator();
+    dape::kernel::join_compute_pool();
     match run(Cli::parse()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {

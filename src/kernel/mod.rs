@@ -38,6 +38,7 @@ mod softmax;
 mod stick_breaking;
 mod token_nll;
 mod unit_lower_inverse;
+mod workers;
 
 #[cfg(feature = "ndarray")]
 mod ndarray;
@@ -60,6 +61,7 @@ pub use stick_breaking::{
 };
 pub use token_nll::{token_nll, token_nll_tensor};
 pub use unit_lower_inverse::{unit_lower_inverse, unit_lower_inverse_tensor};
+pub use workers::join_compute_pool;
 
 pub(crate) use adamw::AdamWStep;
 #[cfg(any(feature = "ndarray", feature = "tch"))]

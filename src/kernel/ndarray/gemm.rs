@@ -132,13 +132,12 @@ unsafe fn gemm_raw(alpha: f32, a: &Mat, b: &Mat, beta: f32, c: *mut f32) {
     if a.rows == 0 || b.cols == 0 {
         return;
     }
-    // Inside a rayon task (the attention node's heads) the product runs on that task's
-    // thread; otherwise `gemm` splits it over rayon's pool (it keeps small products serial).
-    let parallelism = if rayon::current_thread_index().is_some() {
-        gemm::Parallelism::None
-    } else {
-        gemm::Parallelism::Rayon(0)
-    };
+    // `gemm` splits a product over rayon's pool when it is large enough to pay (it keeps small
+    // products serial). Inside a kernel's own parallel loop (the attention node's heads) the
+    // split tasks mostly run on the thread that made them, as rayon's work stealing finds the
+    // other workers busy; a step run by `on_workers` is on a worker too, and its products
+    // must still split.
+    let parallelism = gemm::Parallelism::Rayon(0);
     // SAFETY: the asserts above keep every element that the strides reach inside `a`'s
     // and `b`'s memory; the caller vouches for `c`. `gemm` computes
     // `dst = alpha · dst + beta · lhs · rhs` (its alpha and beta are BLAS's swapped) and
