@@ -45,6 +45,9 @@ impl<B: Backend> MyBlock<B> {
 }
 
 fn main() -> dape::Result<()> {
+    // On ndarray, run the model on a worker of the kernels' thread pool: each parallel op then
+    // forks from this thread instead of waking the pool and waiting (a no-op with one core).
+    dape::kernel::join_compute_pool();
     let device = Default::default();
     let block = MyBlock::<B>::new(64, 8, &device)?;
     println!("{block}");
