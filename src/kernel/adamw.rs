@@ -1,6 +1,7 @@
 //! The scalars and inputs of one fused AdamW step ([`crate::optim::FusedAdamW`]), shared by the
 //! ndarray and LibTorch kernels and the tensor path.
 
+#[cfg(any(feature = "ndarray", feature = "tch"))]
 use burn::prelude::*;
 
 /// The scalars of one AdamW step ([`crate::optim::FusedAdamW`]), shared by its fused kernel and

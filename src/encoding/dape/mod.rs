@@ -273,6 +273,9 @@ impl<B: Backend> Dape<B> {
                 }
             }
         }
+        // Only the fused kernels read the span (to skip the keys a causal row cannot see).
+        #[cfg(not(feature = "ndarray"))]
+        let _ = span;
         self.forward_with_map_tensor_path(logits, map)
     }
 }
