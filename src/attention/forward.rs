@@ -357,11 +357,12 @@ impl<B: Backend> MultiHeadAttention<B> {
         let causal_from = span.causal.then_some(span.query_start);
         let scale = queries.scale as f32;
         let kernel = match (fused, &self.stick_breaking) {
-            (Fused::Softmax, _) => self
-                .fused_bias(span, gate.as_ref(), device)
-                .and_then(|bias| {
+            (Fused::Softmax, _) => match self.fused_bias(span, gate.as_ref(), device) {
+                Some(bias) => {
                     attention(qc.clone(), kc.clone(), vc.clone(), bias, scale, causal_from)
-                }),
+                }
+                None => self.dape_attention([&qc, &kc, &vc], gate.as_ref(), span, scale),
+            },
             (Fused::Sticks, Some(sb)) => {
                 let sticks = Sticks {
                     query_start: span.query_start,
@@ -463,6 +464,32 @@ impl<B: Backend> MultiHeadAttention<B> {
                 }
                 softmax(logits, 3)
             }
+        }
+    }
+
+    /// DAPE V1 (over a bias, NoPE or forgetting attention's gate `D`) and the attention
+    /// around it in one kernel, `[batch, rows, heads, d_v]`; `None` for every other encoding
+    /// or where no kernel applies ([`crate::encoding::Dape::attention`]).
+    fn dape_attention(
+        &self,
+        [q, k, v]: [&Tensor<B, 4>; 3],
+        gate: Option<&Tensor<B, 4>>,
+        span: &Span,
+        scale: f32,
+    ) -> Option<Tensor<B, 4>> {
+        // Training keeps DAPE's own node and the attention after it: the tile's backward pass
+        // recomputes `Z` (DAPE's MLP forward a second time), which cost 15-20% of the step on
+        // ndarray (DAPE-Kerple, 128 × 8 and 512 × 4), for half the peak memory at 512.
+        if B::ad_enabled(&q.device()) {
+            return None;
+        }
+        let qkv = [q.clone(), k.clone(), v.clone()];
+        match (&self.encoding, gate) {
+            (PositionalEncoding::Dape(d), _) => d.attention(qkv, None, span, scale),
+            (PositionalEncoding::DapeFox(d), Some(g)) => {
+                d.dape.attention(qkv, Some(g.clone()), span, scale)
+            }
+            _ => None,
         }
     }
 

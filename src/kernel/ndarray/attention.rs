@@ -37,7 +37,7 @@ pub(super) struct AttentionViews<'a> {
     pub(super) sticks: Option<Sticks>,
 }
 
-pub(super) fn view4(x: &burn_ndarray::NdArrayTensor) -> Option<ndarray::ArrayView4<'_, f32>> {
+pub(crate) fn view4(x: &burn_ndarray::NdArrayTensor) -> Option<ndarray::ArrayView4<'_, f32>> {
     f32_view(x)?.into_dimensionality::<ndarray::Ix4>().ok()
 }
 

@@ -25,6 +25,18 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// A `rows × cols` matrix whose element `(r, c)` is `data[r · rs + c · cs]` (a block of
+    /// a larger row-major array, or a transposed layout).
+    pub(crate) fn strided(data: &'a [f32], [rows, cols]: [usize; 2], [rs, cs]: [usize; 2]) -> Self {
+        Self {
+            data: std::borrow::Cow::Borrowed(data),
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
     /// An array as the matrix `[product of the leading dims, last dim]`: borrowed when the
     /// array is row-major, or (two dimensions) any layout of non-negative strides that fills
     /// its memory; copied to row-major otherwise.
@@ -168,7 +180,7 @@ unsafe fn gemm_raw(alpha: f32, a: &Mat, b: &Mat, beta: f32, c: *mut f32) {
 }
 
 /// A 2-d view as a matrix without copying (non-negative strides), or copied to row-major.
-pub(super) fn view2<'a>(view: ndarray::ArrayView2<'a, f32>) -> Mat<'a> {
+pub(crate) fn view2<'a>(view: ndarray::ArrayView2<'a, f32>) -> Mat<'a> {
     let (rows, cols) = view.dim();
     let strides = view.strides();
     if rows == 0 || cols == 0 || strides.iter().any(|&s| s < 0) {
@@ -192,11 +204,11 @@ pub(super) fn view2<'a>(view: ndarray::ArrayView2<'a, f32>) -> Mat<'a> {
 }
 
 /// `c = alpha · a · b` (row-major `c`, overwritten).
-pub(super) fn gemm_scaled(alpha: f32, a: &Mat, b: &Mat, c: &mut [f32]) {
+pub(crate) fn gemm_scaled(alpha: f32, a: &Mat, b: &Mat, c: &mut [f32]) {
     gemm_alpha(alpha, a, b, 0.0, c);
 }
 
 /// `c += alpha · a · b` (row-major `c`).
-pub(super) fn gemm_scaled_add(alpha: f32, a: &Mat, b: &Mat, c: &mut [f32]) {
+pub(crate) fn gemm_scaled_add(alpha: f32, a: &Mat, b: &Mat, c: &mut [f32]) {
     gemm_alpha(alpha, a, b, 1.0, c);
 }

@@ -27,9 +27,11 @@ mod unit_lower_inverse;
 
 // What the rest of the crate uses: DAPE's kernels, the optimiser, and the dispatch.
 pub(crate) use adamw::adamw_nd;
-pub(crate) use gemm::{gemm, Mat};
+pub(crate) use attention::view4;
+pub(crate) use gemm::{gemm, gemm_new, gemm_scaled, gemm_scaled_add, view2, Mat};
 pub(crate) use node::finish_node;
 pub(crate) use simd::lane_sum;
+pub(crate) use softmax::softmax_row_simd;
 
 // Each family's entry points, for the dispatch in `crate::kernel`.
 pub(in crate::kernel) use attention::{attention_autodiff, attention_nd};

@@ -30,6 +30,12 @@ vectorized! {
     }
 }
 
+/// [`softmax_row`] compiled for this CPU's widest vectors: the softmax of `row[..n]` in place,
+/// 0 at `row[n..]` (the masked keys).
+pub(crate) fn softmax_row_simd(row: &mut [f32], n: usize) {
+    softmax_row_wide(row, n)
+}
+
 /// How many keys row `row` of a `[.., rows, keys]` block sees.
 pub(super) fn visible(row: usize, rows: usize, keys: usize, causal_from: Option<usize>) -> usize {
     match causal_from {

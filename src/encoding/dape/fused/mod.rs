@@ -38,6 +38,8 @@
 //! | `v1_backward.rs` | [`dape_v1_backward`]: five matrix products per row |
 //! | `v2_backward.rs` | [`dape_v2_backward`]: each convolution as a product over key shifts |
 //! | `node.rs` | [`dape_v1_autodiff`], [`dape_v2_autodiff`]: the training graph nodes |
+//! | `attention.rs` | DAPE V1 inside the attention tile: logits, `f`, softmax and `· V` per block of rows, and the backward pass that recomputes them |
+//! | `attention_node.rs` | [`dape_attention`]: that tile for evaluation, and as one training graph node over q, k, v, the bias map and `f` |
 //!
 //! The plain reference that each kernel must equal is the tensor path beside this folder
 //! (`dape/tensor_path.rs`: `Dape::forward_tensor_path`, `Dape::forward_with_map_tensor_path`,
@@ -50,6 +52,8 @@
 // an index they are what LLVM vectorises, and zipped iterators would hide nothing but that.
 #![allow(clippy::needless_range_loop)]
 
+mod attention;
+mod attention_node;
 mod backward;
 mod node;
 mod rows;
@@ -64,6 +68,7 @@ use burn::tensor::TensorData;
 
 use crate::encoding::{AdditiveBias, Span};
 pub(crate) use crate::kernel::{applies, applies_autodiff, host};
+pub(crate) use attention_node::{dape_attention, DapeAttentionInputs};
 pub(crate) use node::{dape_v1_autodiff, dape_v2_autodiff};
 pub(crate) use v1::{dape_v1, Mlp};
 pub(crate) use v2::{dape_v2, KeyConvs};

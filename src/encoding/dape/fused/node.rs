@@ -265,16 +265,16 @@ fn forward_saved(
 }
 
 /// The autodiff primitive of a tensor.
-fn prim<const D: usize>(t: Tensor<Ad, D>) -> FloatTensor<Ad> {
+pub(super) fn prim<const D: usize>(t: Tensor<Ad, D>) -> FloatTensor<Ad> {
     t.into_primitive().tensor()
 }
 
-/// Records a fused DAPE node over its six parents (logits, bias map, first layer's weight and
-/// bias, second layer's weight and bias; a constant stands in for an absent one and never
+/// Records a fused DAPE node over its `N` parents (here: logits, bias map, first layer's weight
+/// and bias, second layer's weight and bias; a constant stands in for an absent one and never
 /// requires a gradient) with its backward pass and state, and returns the output tensor.
-fn record_dape_node<BW: Backward<Nd, 6>>(
+pub(super) fn record_dape_node<BW: Backward<Nd, N>, const N: usize>(
     backward: BW,
-    parents: [Option<FloatTensor<Ad>>; 6],
+    parents: [Option<FloatTensor<Ad>>; N],
     state: BW::State,
     out: FloatTensor<Nd>,
     device: &burn_ndarray::NdArrayDevice,

@@ -1,0 +1,229 @@
+//! DAPE inside the attention tile ([`Dape::attention`]) against the layer's tensor path: the
+//! scaled logits, DAPE's tensor path, the masked softmax and the product with V. Values in
+//! evaluation and under autodiff, every gradient (q, k, v, the map, both layers, Kerple's
+//! parameters), bit-identical reruns, over a full causal forward, a causal chunk, a decode
+//! row and a non-causal block, with one block of rows, ragged blocks of three rows, and one
+//! row per block.
+
+use super::tests::{
+    assert_fused_node_matches_within, kerple_grads, kink_free_bias, normal, outputs_and_grads,
+    random_kerple, Ad, AdGrads, AUTODIFF_SPANS,
+};
+use super::*;
+use burn::backend::NdArray;
+use burn::module::AutodiffModule;
+use burn::tensor::activation::softmax;
+
+const HEADS: usize = 4;
+const BATCH: usize = 2;
+const D_HEAD: usize = 8;
+
+/// The spans: [`AUTODIFF_SPANS`] and a one-row decode step.
+fn spans() -> Vec<Span> {
+    let mut spans = AUTODIFF_SPANS.to_vec();
+    spans.push(Span {
+        query_start: 40,
+        query_len: 1,
+        key_len: 41,
+        causal: true,
+        positions: None,
+    });
+    spans
+}
+
+/// The layer's tensor path: `softmax(mask(Z)) · v` with `Z` from DAPE's tensor path over the
+/// scaled logits, `[batch, rows, heads, d_v]`.
+fn reference<T: Backend>(
+    dape: &Dape<T>,
+    [q, k, v]: [Tensor<T, 4>; 3],
+    map: Option<Tensor<T, 4>>,
+    span: &Span,
+    scale: f32,
+) -> Tensor<T, 4> {
+    let logits = q.matmul(k.transpose()) * scale;
+    let mut z = match map {
+        Some(m) => dape.forward_with_map_tensor_path(logits, m),
+        None => dape.forward_tensor_path(logits, span, HIDDEN_BLOCK),
+    };
+    if span.has_future() {
+        let mask = span
+            .future_mask::<T>(&z.device())
+            .unsqueeze::<4>()
+            .expand(z.dims());
+        z = z.mask_fill(mask, f32::NEG_INFINITY);
+    }
+    softmax(z, 3).matmul(v).swap_dims(1, 2)
+}
+
+/// Budgets of floats for one block, `[batch, H, rb, keys]`: the default (one block), three
+/// rows (ragged), one row.
+fn budgets(span: &Span) -> [usize; 3] {
+    let row = BATCH * HEADS * span.key_len;
+    [ATTENTION_TILE, 3 * row, 1]
+}
+
+/// A DAPE with non-zero layer biases kept away from LeakyReLU's kink (see `kink_free_bias`),
+/// and its second layer scaled by 0.1: with hidden values near ±8 the correction would
+/// otherwise reach ±10, and a softmax that peaked leaves its gradient `P ⊙ (dP − δ)` to
+/// cancellation, which measures float32 rounding rather than the tile.
+fn dape_with_biases(dape: Dape<Ad>) -> Dape<Ad> {
+    let device = Default::default();
+    let mut dape = dape;
+    dape.mlp_out.weight =
+        burn::module::Param::from_tensor((dape.mlp_out.weight.val() * 0.1).detach().require_grad());
+    dape.mlp_in.bias = Some(kink_free_bias(32));
+    dape.mlp_out.bias = Some(burn::module::Param::from_tensor(Tensor::random(
+        [HEADS],
+        normal(),
+        &device,
+    )));
+    dape
+}
+
+/// For each span and budget: random q, k, v (and a map of `maps` planes when `maps > 0`),
+/// the tile against the tensor path in evaluation (values) and under autodiff (values, the
+/// gradients of q, k, v, the map and of `params`), and a second run bit-identical.
+fn check(
+    label: &str,
+    dape: &Dape<Ad>,
+    maps: usize,
+    params: impl Fn(&AdGrads) -> Vec<(&'static str, Option<Tensor<NdArray<f32>, 1>>)>,
+) {
+    let device = Default::default();
+    let scale = (D_HEAD as f32).sqrt().recip();
+    for span in spans() {
+        let (lq, lk) = (span.query_len, span.key_len);
+        // `[batch, seq, H, d]` seen as `[batch, H, seq, d]`, as the layer's projections give
+        // them: the tile reads them through their strides.
+        let heads_view = |seq| {
+            Tensor::<Ad, 4>::random([BATCH, seq, HEADS, D_HEAD], normal(), &device).swap_dims(1, 2)
+        };
+        let (q0, k0, v0) = (heads_view(lq), heads_view(lk), heads_view(lk));
+        // Forgetting attention's bias is never positive.
+        let m0 = (maps > 0).then(|| {
+            Tensor::<Ad, 4>::random([maps, HEADS, lq, lk], normal(), &device)
+                .abs()
+                .neg()
+        });
+        for budget in budgets(&span) {
+            let label = format!("{label}, {span:?}, budget {budget}");
+
+            // Evaluation: the tile on NdArray.
+            let inner = dape.valid();
+            let qkv = [&q0, &k0, &v0].map(|t| t.clone().inner());
+            let map = m0.clone().map(|m| m.inner());
+            let tile = inner
+                .attention_in_blocks(qkv.clone(), map.clone(), &span, scale, budget)
+                .expect("the tile applies on NdArray<f32>");
+            let want = reference(&inner, qkv, map, &span, scale);
+            let diff = (tile - want).abs().max().into_scalar();
+            assert!(diff < 1e-5, "{label}: evaluation differs by {diff}");
+
+            // Training: one graph node.
+            let weights = Tensor::<Ad, 4>::random([BATCH, lq, HEADS, D_HEAD], normal(), &device);
+            let run = |fused: bool| {
+                let [q, k, v] = [&q0, &k0, &v0].map(|t| t.clone().detach().require_grad());
+                let m = m0.clone().map(|m| m.detach().require_grad());
+                let qkv = [q.clone(), k.clone(), v.clone()];
+                let out = if fused {
+                    dape.attention_in_blocks(qkv, m.clone(), &span, scale, budget)
+                        .expect("the node applies on Autodiff<NdArray<f32>>")
+                } else {
+                    reference(dape, qkv, m.clone(), &span, scale)
+                };
+                let grads = (out.clone() * weights.clone()).sum().backward();
+                let mut named = vec![
+                    ("d q", q.grad(&grads).map(|g| g.flatten(0, 3))),
+                    ("d k", k.grad(&grads).map(|g| g.flatten(0, 3))),
+                    ("d v", v.grad(&grads).map(|g| g.flatten(0, 3))),
+                ];
+                if let Some(m) = &m {
+                    named.push(("d map", m.grad(&grads).map(|g| g.flatten(0, 3))));
+                }
+                named.extend(params(&grads));
+                outputs_and_grads(out, &weights, named)
+            };
+            let [fused, again, reference] = [run(true), run(true), run(false)].map(zero_sums);
+            // Two float32 computations of a softmax's backward pass behind DAPE's: over 14
+            // runs the widest gap was 1.6e-4 of a gradient's largest entry (the node's own
+            // errors, when broken on purpose, were 0.03 to 1 of it).
+            assert_fused_node_matches_within(&label, fused, again, reference, 5e-4);
+        }
+    }
+}
+
+/// Takes out the gradients of the layers' biases, after checking that they are zero to
+/// rounding: each sums `dZ` (through the second layer, times a slope that is the same for every
+/// pair: see `kink_free_bias`) over a row of keys, and the softmax's gradient sums to zero
+/// over every row. Nothing is left of them to compare but rounding (6e-5 seen).
+fn zero_sums(named: Vec<(String, Vec<f32>)>) -> Vec<(String, Vec<f32>)> {
+    named
+        .into_iter()
+        .filter(|(name, g)| {
+            let sum = name == "d b1" || name == "d b2";
+            let max = g.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(!sum || max <= 1e-3, "{name} is {max}, not zero");
+            !sum
+        })
+        .collect()
+}
+
+/// Both layers' gradients, and Kerple's when the base bias is Kerple.
+fn layer_grads(
+    dape: &Dape<Ad>,
+    grads: &AdGrads,
+) -> Vec<(&'static str, Option<Tensor<NdArray<f32>, 1>>)> {
+    let mut named = vec![
+        (
+            "d w1",
+            dape.mlp_in.weight.grad(grads).map(|g| g.flatten(0, 1)),
+        ),
+        ("d b1", dape.mlp_in.bias.as_ref().unwrap().grad(grads)),
+        // `Σ dZ · hidden` over the pairs, with hidden values near ±8 (`kink_free_bias`) and
+        // `Σ dZ = 0` along each row: the sum cancels to a few parts in 10^4 of its terms.
+        (
+            "d w2 (sums cancel)",
+            dape.mlp_out.weight.grad(grads).map(|g| g.flatten(0, 1)),
+        ),
+        ("d b2", dape.mlp_out.bias.as_ref().unwrap().grad(grads)),
+    ];
+    named.extend(kerple_grads(&dape.bias, grads));
+    named
+}
+
+/// DAPE over Kerple (learned parameters) and over NoPE.
+#[test]
+fn tile_matches_tensor_path_over_a_bias_and_nope() {
+    let _graphs = crate::util::autodiff_test_lock();
+    let device = Default::default();
+    for with_bias in [true, false] {
+        let dape = dape_with_biases(
+            DapeConfig::new()
+                .with_negative_slope(0.1)
+                .init::<Ad>(HEADS, with_bias.then(random_kerple), &device)
+                .unwrap(),
+        );
+        check(&format!("bias {with_bias}"), &dape, 0, |g| {
+            layer_grads(&dape, g)
+        });
+    }
+}
+
+/// DAPE over a map computed outside (forgetting attention's): one per sequence, or one shared
+/// by the batch.
+#[test]
+fn tile_matches_tensor_path_over_a_map() {
+    let _graphs = crate::util::autodiff_test_lock();
+    let device = Default::default();
+    let dape = dape_with_biases(
+        DapeConfig::new()
+            .with_negative_slope(0.1)
+            .init_over_external::<Ad>(HEADS, &device)
+            .unwrap(),
+    );
+    for maps in [BATCH, 1] {
+        check(&format!("{maps} map(s)"), &dape, maps, |g| {
+            layer_grads(&dape, g)
+        });
+    }
+}

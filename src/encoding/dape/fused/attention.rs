@@ -1,0 +1,348 @@
+//! DAPE V1 inside the attention tile: `O = softmax(Z, causal mask) · V` with
+//! `Z = S + B + f([S ‖ B])`, `S = scale · Q Kᵀ`, for one block of query rows at a time
+//! ([`DapeTile::forward`]), and its backward pass, which recomputes each block's `S`, `Z` and
+//! probabilities instead of keeping them ([`DapeTile::backward`], FlashAttention's trade).
+//!
+//! A block is every batch element and head over `rb` query rows, `[batch, H, rb, keys]`,
+//! sized so that it stays under a budget of floats (`Dape::attention`'s `ATTENTION_TILE`,
+//! 8 MiB: the whole sequence at the usual training sizes, a few dozen rows at 8192 keys): memory beyond the inputs and the output is a few
+//! blocks, never `[batch, H, L, L]`. Within a block the steps run in parallel (the products
+//! over (batch element, head) pairs; DAPE's kernels over query rows), and the blocks run in
+//! order, so the key and value gradients accumulate without races and the sums come out the
+//! same however rayon schedules the work.
+//!
+//! Per block (`P = softmax(Z)`, `dO` the output gradient):
+//! - forward: `S`, then [`dape_v1`] (`Z`), the softmax, `O = P V`;
+//! - backward: `S`, `Z` and `P` again; `dV += Pᵀ dO`; `dZ = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`;
+//!   [`dape_v1_backward`] gives `dS`, the bias block's gradient and the MLP's;
+//!   `dQ = scale · dS K`, `dK += scale · dSᵀ Q`.
+//!
+//! The reference it must equal is the layer's tensor path: the logits, `Dape::forward`, the
+//! masked softmax and the product with V (`dape/tests.rs`).
+
+use rayon::prelude::*;
+
+use super::v1::{dape_v1, Mlp};
+use super::v1_backward::{dape_v1_backward, V1Grads};
+use crate::encoding::Span;
+use crate::kernel::{gemm_new, gemm_scaled, gemm_scaled_add, softmax_row_simd, view2, Mat};
+
+/// The operands of one call, on the host: `q` `[batch, H, rows, d_head]`, `k` `[batch, H, keys,
+/// d_head]`, `v` `[batch, H, keys, d_v]` (read through their strides: views of the packed
+/// projection are not copied), and the base bias map `[1 or batch, H, rows, keys]`, row-major
+/// (`None` over NoPE). `span` gives the rows' and keys' tokens
+/// (causal rows see keys `0..=query_start + row`).
+pub(crate) struct DapeTile<'a> {
+    pub q: ndarray::ArrayView4<'a, f32>,
+    pub k: ndarray::ArrayView4<'a, f32>,
+    pub v: ndarray::ArrayView4<'a, f32>,
+    pub bias: Option<&'a [f32]>,
+    /// `[batch, H, rows, keys, d_head, d_v]`.
+    pub dims: [usize; 6],
+    pub scale: f32,
+    pub span: &'a Span,
+    pub mlp: &'a Mlp,
+    /// Rows per block (at least 1); [`DapeTile::block_rows`] picks it from a budget of floats.
+    pub block: usize,
+}
+
+/// The gradients of one call, row-major: q, k, v in their shapes, the bias map's (its shape;
+/// empty without one) and the MLP's in Burn's `Linear` layouts.
+pub(crate) struct TileGrads {
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub w1t: Vec<f32>,
+    pub b1: Vec<f32>,
+    pub w2t: Vec<f32>,
+    pub b2: Vec<f32>,
+}
+
+/// One block's recomputed values: `S` (the scaled logits) and `P` (the probabilities), both
+/// `[batch, H, rb, keys]`, and the block's rows of the bias map `[1 or batch, H, rb, keys]`.
+struct Block<'a> {
+    rb: usize,
+    span: Span,
+    logits: Vec<f32>,
+    bias: Option<std::borrow::Cow<'a, [f32]>>,
+    probs: Vec<f32>,
+}
+
+impl<'a> DapeTile<'a> {
+    /// Rows per block for `[batch, H, ·, keys]` so that a block stays under `budget` floats
+    /// (one row at least).
+    pub(crate) fn block_rows([b, h, rows, keys]: [usize; 4], budget: usize) -> usize {
+        (budget / (b * h * keys).max(1)).clamp(1, rows.max(1))
+    }
+
+    fn bias_maps(&self) -> usize {
+        let [_, h, rows, keys, _, _] = self.dims;
+        self.bias.map_or(0, |m| m.len() / (h * rows * keys).max(1))
+    }
+
+    /// The output `[batch, rows, H, d_v]`, row-major.
+    pub(crate) fn forward(&self) -> Vec<f32> {
+        let [b, h, rows, _, _, dv] = self.dims;
+        let mut out = vec![0.0f32; b * rows * h * dv];
+        for r0 in (0..rows).step_by(self.block.max(1)) {
+            let block = self.block_at(r0);
+            let heads: Vec<Vec<f32>> = (0..b * h)
+                .into_par_iter()
+                .map(|plane| gemm_new(1.0, &block.plane(&block.probs, plane), &self.v_mat(plane)))
+                .collect();
+            for (plane, values) in heads.iter().enumerate() {
+                let (bi, hh) = (plane / h, plane % h);
+                for (r, row) in values.chunks_exact(dv.max(1)).enumerate() {
+                    let at = ((bi * rows + r0 + r) * h + hh) * dv;
+                    out[at..at + dv].copy_from_slice(row);
+                }
+            }
+        }
+        out
+    }
+
+    /// The gradients for the output `o` and its gradient `g` (both `[batch, rows, H, d_v]`).
+    pub(crate) fn backward(&self, o: &[f32], g: &[f32]) -> TileGrads {
+        let [b, h, rows, keys, dh, dv] = self.dims;
+        let mut dq = vec![0.0f32; b * h * rows * dh];
+        let mut dk = vec![0.0f32; b * h * keys * dh];
+        let mut dvs = vec![0.0f32; b * h * keys * dv];
+        let mut dbias = vec![0.0f32; self.bias_maps() * h * rows * keys];
+        let mut weights: Option<V1Grads> = None;
+        for r0 in (0..rows).step_by(self.block.max(1)) {
+            let block = self.block_at(r0);
+            let rb = block.rb;
+            // dV += Pᵀ dO and dZ = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), per (batch element, head).
+            let mut dz = vec![0.0f32; b * h * rb * keys];
+            dz.par_chunks_mut((rb * keys).max(1))
+                .zip(dvs.par_chunks_mut((keys * dv).max(1)))
+                .enumerate()
+                .for_each(|(plane, (dz, dv_plane))| {
+                    let p = block.plane(&block.probs, plane);
+                    let go = self.out_rows(g, plane, r0, rb);
+                    gemm_scaled_add(1.0, &p.t(), &go, dv_plane);
+                    let dp = gemm_new(1.0, &go, &self.v_mat(plane).t());
+                    let p = &block.probs[plane * rb * keys..][..rb * keys];
+                    let (go, oo) = (self.out_slice(g, plane, r0), self.out_slice(o, plane, r0));
+                    softmax_grad(dz, &dp, p, [go, oo], [h * dv, dv, keys]);
+                });
+            let grads = dape_v1_backward(
+                &block.logits,
+                block.bias.as_deref(),
+                &dz,
+                [b, h, rb, keys],
+                &block.span,
+                self.mlp,
+            );
+            drop(dz);
+            // dQ = scale · dS K (the block's rows), dK += scale · dSᵀ Q.
+            dq.par_chunks_mut((rows * dh).max(1))
+                .zip(dk.par_chunks_mut((keys * dh).max(1)))
+                .enumerate()
+                .for_each(|(plane, (dq_plane, dk_plane))| {
+                    let ds = block.plane(&grads.logits, plane);
+                    let q = self.q_rows(plane, r0, rb);
+                    gemm_scaled(
+                        self.scale,
+                        &ds,
+                        &self.k_mat(plane),
+                        &mut dq_plane[r0 * dh..][..rb * dh],
+                    );
+                    gemm_scaled_add(self.scale, &ds.t(), &q, dk_plane);
+                });
+            if let Some(db) = &grads.bias {
+                scatter_rows(&mut dbias, db, [rows, keys], r0, rb);
+            }
+            weights = Some(match weights {
+                None => add_weight_grads(grads, None),
+                Some(sum) => add_weight_grads(sum, Some(grads)),
+            });
+        }
+        let w = weights.unwrap_or_else(|| V1Grads {
+            logits: Vec::new(),
+            bias: None,
+            w1t: vec![0.0; self.mlp.c * self.mlp.d],
+            b1: vec![0.0; self.mlp.d],
+            w2t: vec![0.0; self.mlp.d * self.mlp.h],
+            b2: vec![0.0; self.mlp.h],
+        });
+        TileGrads {
+            q: dq,
+            k: dk,
+            v: dvs,
+            bias: dbias,
+            w1t: w.w1t,
+            b1: w.b1,
+            w2t: w.w2t,
+            b2: w.b2,
+        }
+    }
+
+    /// The block of rows from `r0`: its scaled logits, its bias rows, `Z` through DAPE's
+    /// kernel, and the masked softmax of `Z`.
+    fn block_at(&self, r0: usize) -> Block<'a> {
+        let [b, h, rows, keys, _, _] = self.dims;
+        let rb = self.block.max(1).min(rows - r0);
+        let span = Span {
+            query_start: self.span.query_start + r0,
+            query_len: rb,
+            key_len: keys,
+            causal: self.span.causal,
+            positions: None,
+        };
+        let planes: Vec<Vec<f32>> = (0..b * h)
+            .into_par_iter()
+            .map(|plane| {
+                gemm_new(
+                    self.scale,
+                    &self.q_rows(plane, r0, rb),
+                    &self.k_mat(plane).t(),
+                )
+            })
+            .collect();
+        let logits = planes.concat();
+        let bias = self.bias.map(|m| gather_rows(m, [rows, keys], r0, rb));
+        let mut probs = dape_v1(
+            logits.clone(),
+            bias.as_deref(),
+            [b, h, rb, keys],
+            &span,
+            self.mlp,
+        );
+        probs
+            .par_chunks_mut(keys.max(1))
+            .enumerate()
+            .for_each(|(i, row)| softmax_row_simd(row, span.visible_keys(i % rb)));
+        Block {
+            rb,
+            span,
+            logits,
+            bias,
+            probs,
+        }
+    }
+
+    /// Rows `r0 .. r0 + rb` of plane `plane` (batch element `plane / H`, head `plane % H`)
+    /// of q, `[rb, d_head]`.
+    fn q_rows(&self, plane: usize, r0: usize, rb: usize) -> Mat<'_> {
+        let h = self.dims[1];
+        view2(
+            self.q
+                .slice(ndarray::s![plane / h, plane % h, r0..r0 + rb, ..]),
+        )
+    }
+
+    /// Plane `plane` of k, `[keys, d_head]`.
+    fn k_mat(&self, plane: usize) -> Mat<'_> {
+        let h = self.dims[1];
+        view2(self.k.slice(ndarray::s![plane / h, plane % h, .., ..]))
+    }
+
+    /// Plane `plane` of v, `[keys, d_v]`.
+    fn v_mat(&self, plane: usize) -> Mat<'_> {
+        let h = self.dims[1];
+        view2(self.v.slice(ndarray::s![plane / h, plane % h, .., ..]))
+    }
+
+    /// Rows `r0 .. r0 + rb` of head `plane % H` of batch element `plane / H` in an output-shaped
+    /// `[batch, rows, H, d_v]` array, `[rb, d_v]` (read through its strides).
+    fn out_rows<'x>(&self, x: &'x [f32], plane: usize, r0: usize, rb: usize) -> Mat<'x> {
+        let [_, h, _, _, _, dv] = self.dims;
+        let rest = self.out_slice(x, plane, r0);
+        Mat::strided(&rest[..(rb - 1) * h * dv + dv], [rb, dv], [h * dv, 1])
+    }
+
+    /// `x` (output-shaped, `[batch, rows, H, d_v]`) from row `r0` of head `plane % H` of batch
+    /// element `plane / H` on: row `r` of the head's block starts at `r · H · d_v`.
+    fn out_slice<'x>(&self, x: &'x [f32], plane: usize, r0: usize) -> &'x [f32] {
+        let [_, h, rows, _, _, dv] = self.dims;
+        let (bi, hh) = (plane / h, plane % h);
+        &x[((bi * rows + r0) * h + hh) * dv..]
+    }
+}
+
+impl Block<'_> {
+    /// Plane `plane` of a block-shaped `[batch, H, rb, keys]` array, `[rb, keys]`.
+    fn plane<'x>(&self, x: &'x [f32], plane: usize) -> Mat<'x> {
+        let keys = self.span.key_len;
+        Mat::row_major(
+            std::borrow::Cow::Borrowed(&x[plane * self.rb * keys..][..self.rb * keys]),
+            self.rb,
+            keys,
+        )
+    }
+}
+
+/// `dz = p ⊙ (dp − rowsum(go ⊙ oo))` row by row, the softmax's backward pass: `p`, `dp`, `dz`
+/// are `[rb, keys]` (`keys` at least 1); row `r` of `go` (the output's gradient) and `oo` (the output) is their
+/// `d_v` values from `r · stride`.
+fn softmax_grad(
+    dz: &mut [f32],
+    dp: &[f32],
+    p: &[f32],
+    [go, oo]: [&[f32]; 2],
+    [stride, dv, keys]: [usize; 3],
+) {
+    let keys = keys.max(1);
+    for (r, ((dz, dp), p)) in dz
+        .chunks_exact_mut(keys)
+        .zip(dp.chunks_exact(keys))
+        .zip(p.chunks_exact(keys))
+        .enumerate()
+    {
+        let (gr, or) = (&go[r * stride..][..dv], &oo[r * stride..][..dv]);
+        let delta: f32 = gr.iter().zip(or).map(|(a, b)| a * b).sum();
+        for ((z, &d), &pp) in dz.iter_mut().zip(dp).zip(p) {
+            *z = pp * (d - delta);
+        }
+    }
+}
+
+/// Rows `r0 .. r0 + rb` of every plane of `map` (`[planes, rows, keys]`), `[planes, rb, keys]`:
+/// `map` itself when the block is every row.
+fn gather_rows(
+    map: &[f32],
+    [rows, keys]: [usize; 2],
+    r0: usize,
+    rb: usize,
+) -> std::borrow::Cow<'_, [f32]> {
+    if r0 == 0 && rb == rows {
+        return std::borrow::Cow::Borrowed(map);
+    }
+    let mut block = Vec::with_capacity(map.len() / rows.max(1) * rb);
+    for plane in map.chunks_exact((rows * keys).max(1)) {
+        block.extend_from_slice(&plane[r0 * keys..(r0 + rb) * keys]);
+    }
+    std::borrow::Cow::Owned(block)
+}
+
+/// Writes `block` (`[planes, rb, keys]`) into rows `r0 .. r0 + rb` of every plane of `dst`.
+fn scatter_rows(dst: &mut [f32], block: &[f32], [rows, keys]: [usize; 2], r0: usize, rb: usize) {
+    for (plane, src) in dst
+        .chunks_exact_mut((rows * keys).max(1))
+        .zip(block.chunks_exact((rb * keys).max(1)))
+    {
+        plane[r0 * keys..(r0 + rb) * keys].copy_from_slice(src);
+    }
+}
+
+/// The MLP's gradients summed over the blocks so far (`sum`) and one more block's; the inputs'
+/// gradients (the block's logits and bias) are dropped.
+fn add_weight_grads(mut sum: V1Grads, block: Option<V1Grads>) -> V1Grads {
+    if let Some(block) = block {
+        for (a, b) in [
+            (&mut sum.w1t, &block.w1t),
+            (&mut sum.b1, &block.b1),
+            (&mut sum.w2t, &block.w2t),
+            (&mut sum.b2, &block.b2),
+        ] {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        }
+    }
+    sum.logits = Vec::new();
+    sum.bias = None;
+    sum
+}
