@@ -25,6 +25,12 @@ use crate::kernel::{
     stick_breaking_attention, stick_breaking_attention_applies, Sticks,
 };
 
+/// Queries, keys and values as the DAPE tile takes them: separate, or the packed projection.
+enum Qkv<'a, B: Backend> {
+    Separate([&'a Tensor<B, 4>; 3]),
+    Packed(&'a Tensor<B, 4>),
+}
+
 /// Which fused node a chunk of query rows goes through, if any.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fused {
@@ -219,16 +225,16 @@ impl<B: Backend> MultiHeadAttention<B> {
         };
         let gate = forget_rows.map(|f| Fox::bias(f.clone(), f.clone()));
         let scale = (self.head_dim as f64).sqrt().recip();
-        self.fused_bias(&span, gate.as_ref(), device)
-            .and_then(|bias| {
-                attention_packed(
-                    qkv,
-                    self.n_heads,
-                    bias,
-                    scale as f32,
-                    self.causal.then_some(0),
-                )
-            })
+        match self.fused_bias(&span, gate.as_ref(), device) {
+            Some(bias) => attention_packed(
+                qkv,
+                self.n_heads,
+                bias,
+                scale as f32,
+                self.causal.then_some(0),
+            ),
+            None => self.dape_attention(Qkv::Packed(&qkv), gate.as_ref(), &span, scale as f32),
+        }
     }
 
     /// BiPE: the segment indices `[batch, seq]` of the query rows (without any, each token is
@@ -361,7 +367,9 @@ impl<B: Backend> MultiHeadAttention<B> {
                 Some(bias) => {
                     attention(qc.clone(), kc.clone(), vc.clone(), bias, scale, causal_from)
                 }
-                None => self.dape_attention([&qc, &kc, &vc], gate.as_ref(), span, scale),
+                None => {
+                    self.dape_attention(Qkv::Separate([&qc, &kc, &vc]), gate.as_ref(), span, scale)
+                }
             },
             (Fused::Sticks, Some(sb)) => {
                 let sticks = Sticks {
@@ -468,28 +476,26 @@ impl<B: Backend> MultiHeadAttention<B> {
     }
 
     /// DAPE V1 (over a bias, NoPE or forgetting attention's gate `D`) and the attention
-    /// around it in one kernel, `[batch, rows, heads, d_v]`; `None` for every other encoding
-    /// or where no kernel applies ([`crate::encoding::Dape::attention`]).
+    /// around it in one kernel, `[batch, rows, heads, d_v]`, over separate q, k, v or the
+    /// packed projection of the whole sequence; `None` for every other encoding or where no
+    /// kernel applies ([`crate::encoding::Dape::attention`]).
     fn dape_attention(
         &self,
-        [q, k, v]: [&Tensor<B, 4>; 3],
+        qkv: Qkv<'_, B>,
         gate: Option<&Tensor<B, 4>>,
         span: &Span,
         scale: f32,
     ) -> Option<Tensor<B, 4>> {
-        // Training keeps DAPE's own node and the attention after it: the tile's backward pass
-        // recomputes `Z` (DAPE's MLP forward a second time), which cost 15-20% of the step on
-        // ndarray (DAPE-Kerple, 128 × 8 and 512 × 4), for half the peak memory at 512.
-        if B::ad_enabled(&q.device()) {
-            return None;
-        }
-        let qkv = [q.clone(), k.clone(), v.clone()];
-        match (&self.encoding, gate) {
-            (PositionalEncoding::Dape(d), _) => d.attention(qkv, None, span, scale),
-            (PositionalEncoding::DapeFox(d), Some(g)) => {
-                d.dape.attention(qkv, Some(g.clone()), span, scale)
+        let (dape, map) = match (&self.encoding, gate) {
+            (PositionalEncoding::Dape(d), _) => (d, None),
+            (PositionalEncoding::DapeFox(d), Some(g)) => (&d.dape, Some(g.clone())),
+            _ => return None,
+        };
+        match qkv {
+            Qkv::Separate([q, k, v]) => {
+                dape.attention([q.clone(), k.clone(), v.clone()], map, span, scale)
             }
-            _ => None,
+            Qkv::Packed(t) => dape.attention_packed(t.clone(), map, span, scale),
         }
     }
 

@@ -3,7 +3,7 @@
 //! evaluation and under autodiff, every gradient (q, k, v, the map, both layers, Kerple's
 //! parameters), bit-identical reruns, over a full causal forward, a causal chunk, a decode
 //! row and a non-causal block, with one block of rows, ragged blocks of three rows, and one
-//! row per block.
+//! row per block; and the same for the packed projection of a whole sequence.
 
 use super::tests::{
     assert_fused_node_matches_within, kerple_grads, kink_free_bias, normal, outputs_and_grads,
@@ -168,6 +168,71 @@ fn zero_sums(named: Vec<(String, Vec<f32>)>) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
+/// The packed form over the whole sequence ([`Dape::attention_packed_in_blocks`]): a random
+/// projection `[batch, seq, 3 · H, d]` against the tensor path over its three parts, in
+/// evaluation and under autodiff (the packed gradient, the map's and `params`), causal and
+/// not, with one block and with ragged blocks.
+fn check_packed(
+    label: &str,
+    dape: &Dape<Ad>,
+    maps: usize,
+    params: impl Fn(&AdGrads) -> Vec<(&'static str, Option<Tensor<NdArray<f32>, 1>>)>,
+) {
+    let device = Default::default();
+    let scale = (D_HEAD as f32).sqrt().recip();
+    for (seq, causal) in [(35, true), (9, false)] {
+        let span = Span {
+            query_start: 0,
+            query_len: seq,
+            key_len: seq,
+            causal,
+            positions: None,
+        };
+        let p0 = Tensor::<Ad, 4>::random([BATCH, seq, 3 * HEADS, D_HEAD], normal(), &device);
+        let m0 = (maps > 0).then(|| {
+            Tensor::<Ad, 4>::random([maps, HEADS, seq, seq], normal(), &device)
+                .abs()
+                .neg()
+        });
+        let parts = |p: &Tensor<Ad, 4>| {
+            [0, 1, 2].map(|i| p.clone().narrow(2, i * HEADS, HEADS).swap_dims(1, 2))
+        };
+        for budget in budgets(&span) {
+            let label = format!("{label}, packed, {span:?}, budget {budget}");
+            let inner = dape.valid();
+            let (p, map) = (p0.clone().inner(), m0.clone().map(|m| m.inner()));
+            let tile = inner
+                .attention_packed_in_blocks(p.clone(), map.clone(), &span, scale, budget)
+                .expect("the tile applies on NdArray<f32>");
+            let qkv = [0, 1, 2].map(|i| p.clone().narrow(2, i * HEADS, HEADS).swap_dims(1, 2));
+            let want = reference(&inner, qkv, map, &span, scale);
+            let diff = (tile - want).abs().max().into_scalar();
+            assert!(diff < 1e-5, "{label}: evaluation differs by {diff}");
+
+            let weights = Tensor::<Ad, 4>::random([BATCH, seq, HEADS, D_HEAD], normal(), &device);
+            let run = |fused: bool| {
+                let p = p0.clone().detach().require_grad();
+                let m = m0.clone().map(|m| m.detach().require_grad());
+                let out = if fused {
+                    dape.attention_packed_in_blocks(p.clone(), m.clone(), &span, scale, budget)
+                        .expect("the node applies on Autodiff<NdArray<f32>>")
+                } else {
+                    reference(dape, parts(&p), m.clone(), &span, scale)
+                };
+                let grads = (out.clone() * weights.clone()).sum().backward();
+                let mut named = vec![("d qkv", p.grad(&grads).map(|g| g.flatten(0, 3)))];
+                if let Some(m) = &m {
+                    named.push(("d map", m.grad(&grads).map(|g| g.flatten(0, 3))));
+                }
+                named.extend(params(&grads));
+                outputs_and_grads(out, &weights, named)
+            };
+            let [fused, again, reference] = [run(true), run(true), run(false)].map(zero_sums);
+            assert_fused_node_matches_within(&label, fused, again, reference, 5e-4);
+        }
+    }
+}
+
 /// Both layers' gradients, and Kerple's when the base bias is Kerple.
 fn layer_grads(
     dape: &Dape<Ad>,
@@ -203,9 +268,9 @@ fn tile_matches_tensor_path_over_a_bias_and_nope() {
                 .init::<Ad>(HEADS, with_bias.then(random_kerple), &device)
                 .unwrap(),
         );
-        check(&format!("bias {with_bias}"), &dape, 0, |g| {
-            layer_grads(&dape, g)
-        });
+        let label = format!("bias {with_bias}");
+        check(&label, &dape, 0, |g| layer_grads(&dape, g));
+        check_packed(&label, &dape, 0, |g| layer_grads(&dape, g));
     }
 }
 
@@ -222,8 +287,8 @@ fn tile_matches_tensor_path_over_a_map() {
             .unwrap(),
     );
     for maps in [BATCH, 1] {
-        check(&format!("{maps} map(s)"), &dape, maps, |g| {
-            layer_grads(&dape, g)
-        });
+        let label = format!("{maps} map(s)");
+        check(&label, &dape, maps, |g| layer_grads(&dape, g));
+        check_packed(&label, &dape, maps, |g| layer_grads(&dape, g));
     }
 }

@@ -16,6 +16,7 @@
 //! | --- | --- |
 //! | `mod.rs` | [`DapeConfig`], [`Dape`] (V1): which path a forward takes on which backend |
 //! | `v2.rs` | [`DapeV2Config`], [`DapeV2`]: the same for V2 |
+//! | `tile.rs` | [`Dape::attention`]: DAPE and the attention around it in one kernel |
 //! | `tensor_path.rs` | the plain reference: both versions as Burn tensor ops, on any backend |
 //! | `fused/` | the fused ndarray kernels that must equal it: rows, backward, graph nodes |
 //! | `tests.rs` | the fused paths against the tensor path: values, gradients, row blocks |
@@ -31,6 +32,7 @@ mod fused;
 mod tensor_path;
 #[cfg(test)]
 mod tests;
+mod tile;
 mod v2;
 
 use burn::nn::{Linear, LinearConfig};
@@ -192,64 +194,6 @@ impl<B: Backend> Dape<B> {
             }
         }
         self.blocked(logits, bmap, budget)
-    }
-
-    /// DAPE and the attention around it in one kernel: `softmax(Z, mask) · v` with
-    /// `Z = S + B + f([S ‖ B])`, `S = scale · q kᵀ`, for `q` `[batch, H, rows, d_head]`, `k`
-    /// `[batch, H, keys, d_head]`, `v` `[batch, H, keys, d_v]` over the rows and keys of `span`;
-    /// `[batch, rows, H, d_v]`. `B` is `map` when given (`[1 or batch, H, rows, keys]`, a base
-    /// bias computed outside: forgetting attention's), else this module's own bias over `span`
-    /// (none over NoPE).
-    ///
-    /// On ndarray (`f32`, with or without autodiff) it runs one block of query rows at a time
-    /// and, in training, is one graph node that keeps no `[batch, H, rows, keys]` tensor: its
-    /// backward pass recomputes each block. `None` elsewhere (the caller takes the tensor path:
-    /// the logits, [`Self::forward`], the softmax and the product with `v`).
-    pub fn attention(
-        &self,
-        qkv: [Tensor<B, 4>; 3],
-        map: Option<Tensor<B, 4>>,
-        span: &Span,
-        scale: f32,
-    ) -> Option<Tensor<B, 4>> {
-        self.attention_in_blocks(qkv, map, span, scale, ATTENTION_TILE)
-    }
-
-    /// [`Self::attention`] with blocks of query rows `[batch, H, rows, keys]` under `budget`
-    /// floats (one row at least; `attention` uses [`ATTENTION_TILE`]). The result does not
-    /// depend on the budget (up to rounding).
-    pub fn attention_in_blocks(
-        &self,
-        [q, k, v]: [Tensor<B, 4>; 3],
-        map: Option<Tensor<B, 4>>,
-        span: &Span,
-        scale: f32,
-        budget: usize,
-    ) -> Option<Tensor<B, 4>> {
-        #[cfg(feature = "ndarray")]
-        if fused::applies::<B>() || fused::applies_autodiff::<B>() {
-            let bias = map.or_else(|| {
-                self.bias
-                    .as_ref()
-                    .map(|bias| bias.forward(span, &q.device()))
-            });
-            let inputs = fused::DapeAttentionInputs {
-                q,
-                k,
-                v,
-                bias,
-                w1t: self.mlp_in.weight.val(),
-                b1: self.mlp_in.bias.as_ref().map(|b| b.val()),
-                w2t: self.mlp_out.weight.val(),
-                b2: self.mlp_out.bias.as_ref().map(|b| b.val()),
-                slope: self.negative_slope as f32,
-                scale,
-                budget,
-            };
-            return fused::dape_attention(inputs, span);
-        }
-        let _ = (q, k, v, map, span, scale, budget);
-        None
     }
 
     /// [`Self::forward`] through the fused CPU kernel; `None` when the tensors are not `f32`.

@@ -86,7 +86,7 @@ impl<'a> DapeTile<'a> {
         let [b, h, rows, _, _, dv] = self.dims;
         let mut out = vec![0.0f32; b * rows * h * dv];
         for r0 in (0..rows).step_by(self.block.max(1)) {
-            let block = self.block_at(r0);
+            let block = self.block_at(r0, false);
             let heads: Vec<Vec<f32>> = (0..b * h)
                 .into_par_iter()
                 .map(|plane| gemm_new(1.0, &block.plane(&block.probs, plane), &self.v_mat(plane)))
@@ -111,7 +111,7 @@ impl<'a> DapeTile<'a> {
         let mut dbias = vec![0.0f32; self.bias_maps() * h * rows * keys];
         let mut weights: Option<V1Grads> = None;
         for r0 in (0..rows).step_by(self.block.max(1)) {
-            let block = self.block_at(r0);
+            let block = self.block_at(r0, true);
             let rb = block.rb;
             // dV += Pᵀ dO and dZ = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), per (batch element, head).
             let mut dz = vec![0.0f32; b * h * rb * keys];
@@ -179,9 +179,9 @@ impl<'a> DapeTile<'a> {
         }
     }
 
-    /// The block of rows from `r0`: its scaled logits, its bias rows, `Z` through DAPE's
-    /// kernel, and the masked softmax of `Z`.
-    fn block_at(&self, r0: usize) -> Block<'a> {
+    /// The block of rows from `r0`: its scaled logits (when `keep_logits`; empty otherwise),
+    /// its bias rows, `Z` through DAPE's kernel, and the masked softmax of `Z`.
+    fn block_at(&self, r0: usize, keep_logits: bool) -> Block<'a> {
         let [b, h, rows, keys, _, _] = self.dims;
         let rb = self.block.max(1).min(rows - r0);
         let span = Span {
@@ -191,25 +191,23 @@ impl<'a> DapeTile<'a> {
             causal: self.span.causal,
             positions: None,
         };
-        let planes: Vec<Vec<f32>> = (0..b * h)
-            .into_par_iter()
-            .map(|plane| {
-                gemm_new(
-                    self.scale,
-                    &self.q_rows(plane, r0, rb),
-                    &self.k_mat(plane).t(),
-                )
-            })
-            .collect();
-        let logits = planes.concat();
+        let mut logits = vec![0.0f32; b * h * rb * keys];
+        logits
+            .par_chunks_mut((rb * keys).max(1))
+            .enumerate()
+            .for_each(|(plane, dst)| {
+                let k = self.k_mat(plane);
+                gemm_scaled(self.scale, &self.q_rows(plane, r0, rb), &k.t(), dst);
+            });
         let bias = self.bias.map(|m| gather_rows(m, [rows, keys], r0, rb));
-        let mut probs = dape_v1(
-            logits.clone(),
-            bias.as_deref(),
-            [b, h, rb, keys],
-            &span,
-            self.mlp,
-        );
+        // The backward pass reads `S` again (DAPE's backward takes its inputs); the forward
+        // pass lets DAPE's kernel overwrite it.
+        let input = if keep_logits {
+            logits.clone()
+        } else {
+            std::mem::take(&mut logits)
+        };
+        let mut probs = dape_v1(input, bias.as_deref(), [b, h, rb, keys], &span, self.mlp);
         probs
             .par_chunks_mut(keys.max(1))
             .enumerate()

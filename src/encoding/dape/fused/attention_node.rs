@@ -8,6 +8,7 @@ use std::sync::Arc;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::backend::autodiff::NodeId;
 use burn::prelude::*;
 use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::TensorData;
@@ -19,14 +20,22 @@ use super::{applies, applies_autodiff, host};
 use crate::encoding::Span;
 use crate::kernel::{cast, cast_opt, row_major_values, view4, Ad, Nd};
 
+/// Queries, keys and values (the queries not yet scaled).
+#[derive(Debug)]
+pub(crate) enum Qkv<T> {
+    /// q `[batch, H, rows, d_head]`, k `[batch, H, keys, d_head]`, v `[batch, H, keys, d_v]`.
+    Separate([T; 3]),
+    /// `[batch, seq, 3 · H, d_head]` as one projection yields them: q's heads, then k's, then
+    /// v's (rows = keys = seq). Under autodiff the node's parent is this tensor itself, and
+    /// its backward pass writes the packed gradient at once (no zero-filled copies per part).
+    Packed(T),
+}
+
 /// The operands of [`dape_attention`] for backend `B`.
 pub(crate) struct DapeAttentionInputs<B: Backend> {
-    /// `[batch, H, rows, d_head]`, not yet scaled.
-    pub q: Tensor<B, 4>,
-    /// `[batch, H, keys, d_head]`.
-    pub k: Tensor<B, 4>,
-    /// `[batch, H, keys, d_v]`.
-    pub v: Tensor<B, 4>,
+    pub qkv: Qkv<Tensor<B, 4>>,
+    /// Heads `H`.
+    pub heads: usize,
     /// The base bias map, `[1 or batch, H, rows, keys]`; `None` over NoPE.
     pub bias: Option<Tensor<B, 4>>,
     /// `f`'s first layer `[C, D]` and bias `[D]`, second layer `[D, H]` and bias `[H]`.
@@ -58,12 +67,12 @@ pub(crate) fn dape_attention<B: Backend>(
     if applies::<B>() {
         let x = cast_inputs::<B, Nd>(x)?;
         let mlp = mlp_of(&x)?;
-        let dims = tile_dims(&x);
-        let device = x.q.device();
-        let [q, k, v] = [x.q, x.k, x.v].map(|t| t.into_primitive().tensor());
+        let dims = tile_dims(&x)?;
+        let device = x.w1t.device();
+        let qkv = x.qkv.map(|t| t.into_primitive().tensor());
         let bias = x.bias.map(|m| m.into_primitive().tensor());
         let out = run_forward(
-            [&q, &k, &v],
+            qkv.as_ref(),
             bias.as_ref(),
             dims,
             [x.scale],
@@ -84,9 +93,10 @@ pub(crate) fn dape_attention<B: Backend>(
 
 /// Whether the shapes and element types fit the tile.
 fn fits<B: Backend>(x: &DapeAttentionInputs<B>) -> bool {
-    let [b, h, rows, dh] = x.q.dims();
-    let [kb, kh, keys, kdh] = x.k.dims();
-    let [vb, vh, vkeys, _] = x.v.dims();
+    let h = x.heads;
+    let Some([b, _, rows, keys, dh, _]) = tile_dims(x) else {
+        return false;
+    };
     let [c, d] = x.w1t.dims();
     let bias_fits = x.bias.as_ref().is_none_or(|m| {
         let [mb, mh, mr, mk] = m.dims();
@@ -96,21 +106,25 @@ fn fits<B: Backend>(x: &DapeAttentionInputs<B>) -> bool {
         && x.w2t.dims() == [d, h]
         && x.b1.as_ref().is_none_or(|t| t.dims() == [d])
         && x.b2.as_ref().is_none_or(|t| t.dims() == [h]);
-    let f32s = [&x.q, &x.k, &x.v]
+    let f32s = x
+        .qkv
+        .iter()
         .into_iter()
         .chain(x.bias.as_ref())
         .all(|t| t.dtype() == burn::tensor::DType::F32)
         && x.w1t.dtype() == burn::tensor::DType::F32;
-    (kb, kh, kdh) == (b, h, dh) && (vb, vh, vkeys) == (b, h, keys) && bias_fits && widths && f32s
+    h > 0 && dh > 0 && bias_fits && widths && f32s
 }
 
 fn cast_inputs<B: Backend, C: Backend>(
     x: DapeAttentionInputs<B>,
 ) -> Option<DapeAttentionInputs<C>> {
     Some(DapeAttentionInputs {
-        q: cast(x.q)?,
-        k: cast(x.k)?,
-        v: cast(x.v)?,
+        qkv: match x.qkv {
+            Qkv::Separate([q, k, v]) => Qkv::Separate([cast(q)?, cast(k)?, cast(v)?]),
+            Qkv::Packed(t) => Qkv::Packed(cast(t)?),
+        },
+        heads: x.heads,
         bias: cast_opt(x.bias)?,
         w1t: cast(x.w1t)?,
         b1: cast_opt(x.b1)?,
@@ -125,7 +139,7 @@ fn cast_inputs<B: Backend, C: Backend>(
 /// `f`'s weights on the host.
 fn mlp_of<B: Backend>(x: &DapeAttentionInputs<B>) -> Option<Mlp> {
     let [c, d] = x.w1t.dims();
-    let h = x.q.dims()[1];
+    let h = x.heads;
     let opt = |t: &Option<Tensor<B, 1>>| match t {
         Some(t) => host(t.clone()).map(Some),
         None => Some(None),
@@ -140,10 +154,22 @@ fn mlp_of<B: Backend>(x: &DapeAttentionInputs<B>) -> Option<Mlp> {
     ))
 }
 
-/// `[batch, H, rows, keys, d_head, d_v]`.
-fn tile_dims<B: Backend>(x: &DapeAttentionInputs<B>) -> [usize; 6] {
-    let [b, h, rows, dh] = x.q.dims();
-    [b, h, rows, x.k.dims()[2], dh, x.v.dims()[3]]
+/// `[batch, H, rows, keys, d_head, d_v]`; `None` when q, k and v do not fit together.
+fn tile_dims<B: Backend>(x: &DapeAttentionInputs<B>) -> Option<[usize; 6]> {
+    let h = x.heads;
+    match &x.qkv {
+        Qkv::Separate([q, k, v]) => {
+            let [b, qh, rows, dh] = q.dims();
+            let [kb, kh, keys, kdh] = k.dims();
+            let [vb, vh, vkeys, dv] = v.dims();
+            let agree = qh == h && (kb, kh, kdh) == (b, h, dh) && (vb, vh, vkeys) == (b, h, keys);
+            agree.then_some([b, h, rows, keys, dh, dv])
+        }
+        Qkv::Packed(t) => {
+            let [b, seq, packed, dh] = t.dims();
+            (packed == 3 * h).then_some([b, h, seq, seq, dh, dh])
+        }
+    }
 }
 
 fn out_dims([b, h, rows, _, _, dv]: [usize; 6]) -> [usize; 4] {
@@ -154,10 +180,29 @@ fn four([b, h, rows, keys, _, _]: [usize; 6]) -> [usize; 4] {
     [b, h, rows, keys]
 }
 
+/// q, k and v as `[batch, H, ·, ·]` views (the packed projection's parts through its strides);
+/// `None` when a tensor is not `f32`.
+fn views<'a>(
+    qkv: Qkv<&'a burn_ndarray::NdArrayTensor>,
+    heads: usize,
+) -> Option<[ndarray::ArrayView4<'a, f32>; 3]> {
+    Some(match qkv {
+        Qkv::Separate([q, k, v]) => [view4(q)?, view4(k)?, view4(v)?],
+        Qkv::Packed(t) => {
+            let packed = view4(t)?;
+            [0, 1, 2].map(|i| {
+                packed
+                    .slice_move(ndarray::s![.., .., i * heads..(i + 1) * heads, ..])
+                    .permuted_axes([0, 2, 1, 3])
+            })
+        }
+    })
+}
+
 /// The tile over the host values of q, k, v (read through their strides) and the bias map;
 /// `None` when one is not `f32`.
 fn tile<'a>(
-    [q, k, v]: [&'a burn_ndarray::NdArrayTensor; 3],
+    qkv: Qkv<&'a burn_ndarray::NdArrayTensor>,
     bias: Option<&'a [f32]>,
     dims: [usize; 6],
     [scale]: [f32; 1],
@@ -165,10 +210,11 @@ fn tile<'a>(
     mlp: &'a Mlp,
     block: usize,
 ) -> Option<DapeTile<'a>> {
+    let [q, k, v] = views(qkv, dims[1])?;
     Some(DapeTile {
-        q: view4(q)?,
-        k: view4(k)?,
-        v: view4(v)?,
+        q,
+        k,
+        v,
         bias,
         dims,
         scale,
@@ -181,7 +227,7 @@ fn tile<'a>(
 /// The tile's forward pass, `[batch, rows, H, d_v]`; `None` when a tensor is not `f32`.
 #[allow(clippy::too_many_arguments)]
 fn run_forward(
-    qkv: [&burn_ndarray::NdArrayTensor; 3],
+    qkv: Qkv<&burn_ndarray::NdArrayTensor>,
     bias: Option<&burn_ndarray::NdArrayTensor>,
     dims: [usize; 6],
     scale: [f32; 1],
@@ -200,9 +246,7 @@ fn run_forward(
 /// What the node's backward pass reads: its inputs and output (shared, not copied).
 #[derive(Debug)]
 struct State {
-    q: burn_ndarray::NdArrayTensor,
-    k: burn_ndarray::NdArrayTensor,
-    v: burn_ndarray::NdArrayTensor,
+    qkv: Qkv<burn_ndarray::NdArrayTensor>,
     bias: Option<burn_ndarray::NdArrayTensor>,
     out: burn_ndarray::NdArrayTensor,
     dims: [usize; 6],
@@ -213,13 +257,17 @@ struct State {
     mlp: Mlp,
 }
 
-/// The forward pass on `Autodiff<NdArray<f32>>`, recorded as one node over eight parents.
+/// The forward pass on `Autodiff<NdArray<f32>>`, recorded as one node over q, k, v (or the
+/// packed projection), the bias map and `f`'s four tensors.
 fn record(x: DapeAttentionInputs<Ad>, span: &Span) -> Option<Tensor<Ad, 4>> {
     let mlp = mlp_of(&x)?;
-    let dims = tile_dims(&x);
+    let dims = tile_dims(&x)?;
     let block = DapeTile::block_rows(four(dims), x.budget);
-    let device = x.q.device();
-    let [q, k, v] = [&x.q, &x.k, &x.v].map(|t| t.clone().inner().into_primitive().tensor());
+    let device = x.w1t.device();
+    let qkv = x
+        .qkv
+        .as_ref()
+        .map(|t| t.clone().inner().into_primitive().tensor());
     let bias = x
         .bias
         .as_ref()
@@ -229,7 +277,7 @@ fn record(x: DapeAttentionInputs<Ad>, span: &Span) -> Option<Tensor<Ad, 4>> {
         ..span.clone()
     };
     let out = run_forward(
-        [&q, &k, &v],
+        qkv.as_ref(),
         bias.as_ref(),
         dims,
         [x.scale],
@@ -242,9 +290,7 @@ fn record(x: DapeAttentionInputs<Ad>, span: &Span) -> Option<Tensor<Ad, 4>> {
         .tensor();
     let bias_maps = x.bias.as_ref().map_or(0, |m| m.dims()[0]);
     let state = Arc::new(State {
-        q,
-        k,
-        v,
+        qkv,
         bias,
         out: out.clone(),
         dims,
@@ -254,75 +300,157 @@ fn record(x: DapeAttentionInputs<Ad>, span: &Span) -> Option<Tensor<Ad, 4>> {
         span,
         mlp,
     });
-    let parents = [
-        Some(prim(x.q)),
-        Some(prim(x.k)),
-        Some(prim(x.v)),
+    let rest = [
         x.bias.map(prim),
         Some(prim(x.w1t)),
         x.b1.map(prim),
         Some(prim(x.w2t)),
         x.b2.map(prim),
     ];
-    Some(record_dape_node(
-        DapeAttentionBackward,
-        parents,
-        state,
-        out,
-        &device,
-    ))
+    Some(match x.qkv {
+        Qkv::Separate([q, k, v]) => {
+            let [bias, w1t, b1, w2t, b2] = rest;
+            let parents = [
+                Some(prim(q)),
+                Some(prim(k)),
+                Some(prim(v)),
+                bias,
+                w1t,
+                b1,
+                w2t,
+                b2,
+            ];
+            record_dape_node(SeparateBackward, parents, state, out, &device)
+        }
+        Qkv::Packed(t) => {
+            let [bias, w1t, b1, w2t, b2] = rest;
+            let parents = [Some(prim(t)), bias, w1t, b1, w2t, b2];
+            record_dape_node(PackedBackward, parents, state, out, &device)
+        }
+    })
 }
 
+/// The backward pass of a node over separate q, k and v (eight parents).
 #[derive(Debug)]
-struct DapeAttentionBackward;
+struct SeparateBackward;
 
-impl Backward<Nd, 8> for DapeAttentionBackward {
+/// The backward pass of a node over the packed projection (six parents).
+#[derive(Debug)]
+struct PackedBackward;
+
+impl Backward<Nd, 8> for SeparateBackward {
     type State = Arc<State>;
 
     fn backward(self, ops: Ops<Self::State, 8>, grads: &mut Gradients, _: &mut Checkpointer) {
         let st = Arc::clone(&ops.state);
-        let grad = grads.consume::<Nd>(&ops.node);
-        let read = |t| row_major_values(t).expect("the attention-DAPE node keeps f32 tensors");
-        let bias = st.bias.as_ref().map(read);
-        let (o, g) = (read(&st.out), read(&grad));
-        let TileGrads {
-            q,
-            k,
-            v,
-            bias: db,
-            w1t,
-            b1,
-            w2t,
-            b2,
-        } = tile(
-            [&st.q, &st.k, &st.v],
-            bias.as_deref(),
-            st.dims,
-            [st.scale],
-            &st.span,
-            &st.mlp,
-            st.block,
-        )
-        .expect("the attention-DAPE node keeps f32 tensors")
-        .backward(&o, &g);
+        let g = tile_grads(&st, grads.consume::<Nd>(&ops.node));
         let [b, h, rows, keys, dh, dv] = st.dims;
-        let Mlp { c, d, .. } = st.mlp;
-        let values = [
-            (q, vec![b, h, rows, dh]),
-            (k, vec![b, h, keys, dh]),
-            (v, vec![b, h, keys, dv]),
-            (db, vec![st.bias_maps, h, rows, keys]),
-            (w1t, vec![c, d]),
-            (b1, vec![d]),
-            (w2t, vec![d, h]),
-            (b2, vec![h]),
+        let mut values = vec![
+            (g.q, vec![b, h, rows, dh]),
+            (g.k, vec![b, h, keys, dh]),
+            (g.v, vec![b, h, keys, dv]),
         ];
-        let device = Default::default();
-        for (parent, (values, shape)) in ops.parents.into_iter().zip(values) {
-            if let Some(node) = parent {
-                let t = Nd::float_from_data(TensorData::new(values, shape), &device);
-                grads.register::<Nd>(node.id, t);
+        values.extend(rest_grads(&st, g.bias, g.w1t, g.b1, g.w2t, g.b2));
+        register(ops.parents.map(|p| p.map(|n| n.id)), values, grads);
+    }
+}
+
+impl Backward<Nd, 6> for PackedBackward {
+    type State = Arc<State>;
+
+    fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let st = Arc::clone(&ops.state);
+        let g = tile_grads(&st, grads.consume::<Nd>(&ops.node));
+        let [b, h, seq, _, dh, _] = st.dims;
+        let mut packed = vec![0.0f32; b * seq * 3 * h * dh];
+        // [batch, H, seq, d] per part into [batch, seq, 3 · H, d].
+        for (part, src) in [&g.q, &g.k, &g.v].into_iter().enumerate() {
+            for (block, values) in src.chunks_exact(dh.max(1)).enumerate() {
+                let (plane, r) = (block / seq.max(1), block % seq.max(1));
+                let (bi, hh) = (plane / h, plane % h);
+                let at = ((bi * seq + r) * 3 * h + part * h + hh) * dh;
+                packed[at..at + dh].copy_from_slice(values);
             }
+        }
+        let mut values = vec![(packed, vec![b, seq, 3 * h, dh])];
+        values.extend(rest_grads(&st, g.bias, g.w1t, g.b1, g.w2t, g.b2));
+        register(ops.parents.map(|p| p.map(|n| n.id)), values, grads);
+    }
+}
+
+/// The tile's gradients for the node's output gradient `grad`.
+fn tile_grads(st: &State, grad: burn_ndarray::NdArrayTensor) -> TileGrads {
+    let read = |t| row_major_values(t).expect("the attention-DAPE node keeps f32 tensors");
+    let bias = st.bias.as_ref().map(read);
+    let (o, g) = (read(&st.out), read(&grad));
+    tile(
+        st.qkv.as_ref(),
+        bias.as_deref(),
+        st.dims,
+        [st.scale],
+        &st.span,
+        &st.mlp,
+        st.block,
+    )
+    .expect("the attention-DAPE node keeps f32 tensors")
+    .backward(&o, &g)
+}
+
+/// The gradients of the bias map and `f`'s four tensors, with their shapes.
+fn rest_grads(
+    st: &State,
+    bias: Vec<f32>,
+    w1t: Vec<f32>,
+    b1: Vec<f32>,
+    w2t: Vec<f32>,
+    b2: Vec<f32>,
+) -> [(Vec<f32>, Vec<usize>); 5] {
+    let [_, h, rows, keys, _, _] = st.dims;
+    let Mlp { c, d, .. } = st.mlp;
+    [
+        (bias, vec![st.bias_maps, h, rows, keys]),
+        (w1t, vec![c, d]),
+        (b1, vec![d]),
+        (w2t, vec![d, h]),
+        (b2, vec![h]),
+    ]
+}
+
+/// Registers the gradients of the tracked parents, in the parents' order.
+fn register(
+    parents: impl IntoIterator<Item = Option<NodeId>>,
+    values: Vec<(Vec<f32>, Vec<usize>)>,
+    grads: &mut Gradients,
+) {
+    let device = Default::default();
+    for (parent, (values, shape)) in parents.into_iter().zip(values) {
+        if let Some(id) = parent {
+            let t = Nd::float_from_data(TensorData::new(values, shape), &device);
+            grads.register::<Nd>(id, t);
+        }
+    }
+}
+
+impl<T> Qkv<T> {
+    fn as_ref(&self) -> Qkv<&T> {
+        match self {
+            Qkv::Separate([q, k, v]) => Qkv::Separate([q, k, v]),
+            Qkv::Packed(t) => Qkv::Packed(t),
+        }
+    }
+
+    fn map<U>(self, f: impl Fn(T) -> U) -> Qkv<U> {
+        match self {
+            Qkv::Separate(parts) => Qkv::Separate(parts.map(f)),
+            Qkv::Packed(t) => Qkv::Packed(f(t)),
+        }
+    }
+
+    /// The tensors, in order.
+    fn iter(&self) -> Vec<&T> {
+        match self {
+            Qkv::Separate(parts) => parts.iter().collect(),
+            Qkv::Packed(t) => vec![t],
         }
     }
 }

@@ -1,12 +1,15 @@
 //! What the fused kernels' inner loops share: blocks of [`LANES`] keys, a multiply-add that is
-//! fused exactly when the target has FMA, and `simd_entry!`, which compiles a kernel twice (for
-//! AVX2 + FMA, picked at run time when the CPU has them, and for the baseline target).
+//! fused exactly when the target has FMA, and `simd_entry!`, which compiles a kernel three times
+//! (for AVX-512, for AVX2 + FMA, each picked at run time when the CPU has it, and for the
+//! baseline target).
 
-/// Keys per block: two AVX registers of `f32`.
+/// Keys per block: one AVX-512 register of `f32`, or two AVX registers.
 pub(super) const LANES: usize = 16;
 
-/// Defines `$name(args)`, which runs `$kernel::<true>` compiled for AVX2 + FMA when the CPU
-/// has them and `$kernel::<false>` (baseline target, no fused multiply-add) otherwise. The
+/// Defines `$name(args)`, which runs `$kernel::<true>` compiled for AVX-512 (a block of keys in
+/// one register) or for AVX2 + FMA when the CPU has them, and `$kernel::<false>` (baseline
+/// target, no fused multiply-add) otherwise. Both vector forms make the same fused
+/// multiply-adds lane by lane, so they give the same bits. The
 /// kernel is `#[inline(always)]`, so it is compiled into the `#[target_feature]` function itself;
 /// calling it through a closure would not be.
 macro_rules! simd_entry {
@@ -15,6 +18,16 @@ macro_rules! simd_entry {
         fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn wide($($arg: $ty),*) {
+                    $kernel::<true>($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (checked just above), and with it AVX2
+                    // and FMA.
+                    unsafe { wide($($arg),*) };
+                    return;
+                }
                 #[target_feature(enable = "avx2,fma")]
                 fn fast($($arg: $ty),*) {
                     $kernel::<true>($($arg),*)
