@@ -59,13 +59,15 @@ pub(super) fn visible_keys(span: &Span, i: usize, lk: usize) -> usize {
     }
 }
 
-/// Runs `row(scratch, heads, bias rows, visible keys)` for every query row of every batch
-/// element of `logits: [batch, H, rows, keys]`, in parallel over query rows, with one
-/// `init()` scratch per worker; `heads[hh]` is head `hh`'s row, updated in place, and the bias
-/// rows are the batch element's (`bias` is `[1 or batch, H, rows, keys]`).
+/// Runs `row(scratch, planes, bias rows, visible keys)` for every query row of
+/// `logits: [batch, H, rows, keys]`, in parallel over query rows, with one `init()` scratch per
+/// worker; `planes` holds the row of every (batch element, head) plane in plane order, updated
+/// in place, and the bias rows are the row of every plane of the map (`bias` is `[1 or batch,
+/// H, rows, keys]`: `H` rows for a map shared by the batch, `batch · H` for one per sequence;
+/// [`batch_rows`] picks a batch element's).
 pub(super) fn each_row<S>(
     logits: &mut [f32],
-    [h, lq, lk]: [usize; 3],
+    [lq, lk]: [usize; 2],
     bias: Option<&[f32]>,
     span: &Span,
     init: impl Fn() -> S + Send + Sync,
@@ -76,9 +78,6 @@ pub(super) fn each_row<S>(
         .enumerate()
         .for_each_init(init, |scratch, (i, mut planes)| {
             let bias = bias_rows(bias, i, lq, lk);
-            let visible = visible_keys(span, i, lk);
-            for (bi, heads) in planes.chunks_mut(h).enumerate() {
-                row(scratch, heads, batch_rows(&bias, h, bi), visible);
-            }
+            row(scratch, &mut planes, &bias, visible_keys(span, i, lk));
         });
 }

@@ -8,7 +8,7 @@
 //! path, `Dape::forward_tensor_path` (`dape/tensor_path.rs`).
 
 use super::bias_fits;
-use super::rows::each_row;
+use super::rows::{batch_rows, each_row};
 use super::simd::{madd, simd_entry, LANES};
 use crate::encoding::Span;
 
@@ -91,11 +91,21 @@ pub(crate) fn dape_v1(
     debug_assert_eq!(mlp.c, if bias.is_some() { 2 * h } else { h });
     each_row(
         &mut logits,
-        [h, lq, lk],
+        [lq, lk],
         bias,
         span,
         || Scratch::new(mlp),
-        |s, heads, bias, visible| forward_row_simd(mlp, heads, bias, visible, s),
+        |s, planes, bias, visible| {
+            // A map shared by two or more batch elements goes through its half of the first
+            // layer once per query row, not once per batch element.
+            let shared = bias.len() == h && planes.len() > h;
+            if shared {
+                bias_half_simd(mlp, bias, visible, s);
+            }
+            for (bi, heads) in planes.chunks_mut(h).enumerate() {
+                forward_row_simd(mlp, heads, batch_rows(bias, h, bi), visible, shared, s);
+            }
+        },
     );
     logits
 }
@@ -107,8 +117,14 @@ simd_entry! {
         heads: &mut [&mut [f32]],
         bias: &[&[f32]],
         visible: usize,
+        shared: bool,
         s: &mut Scratch,
     )
+}
+
+simd_entry! {
+    /// [`bias_half`] for this CPU.
+    fn bias_half_simd = bias_half(mlp: &Mlp, bias: &[&[f32]], visible: usize, s: &mut Scratch)
 }
 
 /// Per-thread working memory, `[channels][LANES]` each.
@@ -121,6 +137,9 @@ struct Scratch {
     hidden: Vec<[f32; LANES]>,
     /// Second-layer outputs, `H`.
     out: Vec<[f32; LANES]>,
+    /// The bias's half of the first layer with its bias, `b1 + W1[:, H..] · B`, for every block
+    /// of the row's visible keys: `[blocks][D]`.
+    pre: Vec<[f32; LANES]>,
 }
 
 impl Scratch {
@@ -130,6 +149,7 @@ impl Scratch {
             z: vec![[0.0; LANES]; mlp.d],
             hidden: vec![[0.0; LANES]; mlp.d],
             out: vec![[0.0; LANES]; mlp.h],
+            pre: Vec::new(),
         }
     }
 }
@@ -168,6 +188,29 @@ fn gather(
     }
 }
 
+/// The first layer from the bias's half in `s.pre` (block `blk`) plus the logits' half
+/// `W1[:, ..H] · x[..H]`, and LeakyReLU: fills `z` and `hidden`.
+#[inline(always)]
+fn logits_half<const FMA: bool>(mlp: &Mlp, blk: usize, s: &mut Scratch) {
+    let (c, d, h) = (mlp.c, mlp.d, mlp.h);
+    for (k, (z, hd)) in s.z.iter_mut().zip(s.hidden.iter_mut()).enumerate() {
+        let mut acc = s.pre[blk * d + k];
+        for (&w, x) in mlp.w1[k * c..k * c + h].iter().zip(&s.x[..h]) {
+            for l in 0..LANES {
+                acc[l] = madd::<FMA>(acc[l], w, x[l]);
+            }
+        }
+        *z = acc;
+        for l in 0..LANES {
+            hd[l] = if acc[l] >= 0.0 {
+                acc[l]
+            } else {
+                acc[l] * mlp.slope
+            };
+        }
+    }
+}
+
 /// The first layer and LeakyReLU for the gathered block `x`: fills `z` and `hidden`.
 #[inline(always)]
 fn hidden_layer<const FMA: bool>(mlp: &Mlp, s: &mut Scratch) {
@@ -179,23 +222,50 @@ fn hidden_layer<const FMA: bool>(mlp: &Mlp, s: &mut Scratch) {
     }
 }
 
+/// `b1 + W1[:, H..] · B` for every block of the `visible` keys of one query row of a bias map
+/// shared by the batch, into `s.pre` (`[blocks][D]`).
+#[inline(always)]
+fn bias_half<const FMA: bool>(mlp: &Mlp, bias: &[&[f32]], visible: usize, s: &mut Scratch) {
+    let (c, d, h) = (mlp.c, mlp.d, mlp.h);
+    s.pre.resize(visible.div_ceil(LANES) * d, [0.0; LANES]);
+    for (blk, j0) in (0..visible).step_by(LANES).enumerate() {
+        let n = LANES.min(visible - j0);
+        gather(&mut s.x[h..], bias.iter(), j0, n);
+        for (k, o) in s.pre[blk * d..(blk + 1) * d].iter_mut().enumerate() {
+            let mut acc = [mlp.b1[k]; LANES];
+            for (&w, x) in mlp.w1[k * c + h..(k + 1) * c].iter().zip(&s.x[h..]) {
+                for l in 0..LANES {
+                    acc[l] = madd::<FMA>(acc[l], w, x[l]);
+                }
+            }
+            *o = acc;
+        }
+    }
+}
+
 /// One query row of one batch element: `heads[hh]` holds head `hh`'s logits over the keys and
-/// receives `logits + bias + f`.
+/// receives `logits + bias + f`. With `shared`, the first layer starts from `s.pre` (the
+/// bias's half, [`bias_half`]) and adds only the logits' half.
 #[inline(always)]
 fn forward_row<const FMA: bool>(
     mlp: &Mlp,
     heads: &mut [&mut [f32]],
     bias: &[&[f32]],
     visible: usize,
+    shared: bool,
     s: &mut Scratch,
 ) {
     let h = mlp.h;
     let lk = heads.first().map_or(0, |r| r.len());
-    for j0 in (0..visible).step_by(LANES) {
+    for (blk, j0) in (0..visible).step_by(LANES).enumerate() {
         let n = LANES.min(visible - j0);
         gather(&mut s.x[..h], heads.iter().map(|r| &r[..]), j0, n);
-        gather(&mut s.x[h..], bias.iter(), j0, n);
-        hidden_layer::<FMA>(mlp, s);
+        if shared {
+            logits_half::<FMA>(mlp, blk, s);
+        } else {
+            gather(&mut s.x[h..], bias.iter(), j0, n);
+            hidden_layer::<FMA>(mlp, s);
+        }
         layer::<FMA>(&mut s.out, &mlp.w2, &mlp.b2, &s.hidden);
         for (hh, (dst, f)) in heads.iter_mut().zip(&s.out).enumerate() {
             let dst = &mut dst[j0..j0 + n];

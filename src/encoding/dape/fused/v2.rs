@@ -8,7 +8,7 @@
 //! writes `logits + bias + f` for blocks of [`LANES`] keys. Future keys get `logits + bias`
 //! only. The reference it must equal is `DapeV2::forward_tensor_path` (`dape/tensor_path.rs`).
 
-use super::rows::each_row;
+use super::rows::{batch_rows, each_row};
 use super::simd::{madd, simd_entry, LANES};
 use crate::encoding::Span;
 
@@ -55,17 +55,19 @@ pub(crate) fn dape_v2(
     };
     each_row(
         &mut logits,
-        [h, lq, lk],
+        [lq, lk],
         bias,
         span,
         init,
-        |(x, hidden, block), heads, bias, visible| {
-            let rows = V2Row {
-                bias,
-                visible,
-                width,
-            };
-            v2_row_simd(convs, heads, &rows, x, hidden, block)
+        |(x, hidden, block), planes, bias, visible| {
+            for (bi, heads) in planes.chunks_mut(h).enumerate() {
+                let rows = V2Row {
+                    bias: batch_rows(bias, h, bi),
+                    visible,
+                    width,
+                };
+                v2_row_simd(convs, heads, &rows, x, hidden, block)
+            }
         },
     );
     logits
