@@ -3,12 +3,13 @@
 //! 1. [`packed_qkv`](MultiHeadAttention::packed_qkv): the QKV projection,
 //!    `[batch, seq, 3·heads, d_head]`;
 //! 2. [`attend_packed`](MultiHeadAttention::attend_packed): the whole sequence in one fused
-//!    node, where the kernel applies (no cache, no chunks, no rotation);
+//!    node, where the kernel applies (no cache, no chunks, no rotation): the attention kernel
+//!    with the encoding's bias, or DAPE V1's tile ([`crate::encoding::Dape::attention_packed`]);
 //! 3. [`update_cache`](MultiHeadAttention::update_cache): the new keys and values (and what
 //!    the encodings carry beside them) appended to the cache;
 //! 4. the rotary hook ([`PositionalEncoding::rotate`]) on q and k;
 //! 5. per chunk of query rows ([`attend_chunk`](MultiHeadAttention::attend_chunk)): the fused
-//!    kernel where it applies, else the logit hook ([`logits`](MultiHeadAttention::logits)),
+//!    kernel (or DAPE V1's tile) where it applies, else the logit hook ([`logits`](MultiHeadAttention::logits)),
 //!    the normaliser ([`normalise`](MultiHeadAttention::normalise)) and the product with V;
 //! 6. [`project_out`](MultiHeadAttention::project_out): the output projection.
 

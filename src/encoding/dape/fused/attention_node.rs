@@ -1,7 +1,8 @@
 //! DAPE V1 inside the attention node, [`dape_attention`]: the tile of `attention.rs` on
 //! `NdArray<f32>` (evaluation) and, on `Autodiff<NdArray<f32>>` (training), as one graph node
-//! over q, k, v, the base bias map and the MLP's four tensors, which keeps only its inputs and
-//! its output: the backward pass recomputes every block's logits, `Z` and probabilities.
+//! over q, k, v (or the packed projection, [`Qkv`]), the base bias map and the MLP's four
+//! tensors, which keeps only its inputs and its output: the backward pass recomputes every
+//! block's logits, `Z` and probabilities.
 
 use std::sync::Arc;
 
