@@ -9,13 +9,11 @@ use std::sync::Arc;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
-use burn::backend::autodiff::NodeId;
 use burn::prelude::*;
-use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::TensorData;
 
 use super::attention::{DapeTile, TileGrads};
-use super::node::{prim, record_dape_node};
+use super::node::{host_opt, prim, record_dape_node, register};
 use super::v1::Mlp;
 use super::{applies, applies_autodiff, host};
 use crate::encoding::Span;
@@ -141,16 +139,12 @@ fn cast_inputs<B: Backend, C: Backend>(
 fn mlp_of<B: Backend>(x: &DapeAttentionInputs<B>) -> Option<Mlp> {
     let [c, d] = x.w1t.dims();
     let h = x.heads;
-    let opt = |t: &Option<Tensor<B, 1>>| match t {
-        Some(t) => host(t.clone()).map(Some),
-        None => Some(None),
-    };
     Some(Mlp::new(
         [c, d, h],
         host(x.w1t.clone())?,
-        opt(&x.b1)?,
+        host_opt(&x.b1)?,
         host(x.w2t.clone())?,
-        opt(&x.b2)?,
+        host_opt(&x.b2)?,
         x.slope,
     ))
 }
@@ -415,21 +409,6 @@ fn rest_grads(
         (w2t, vec![d, h]),
         (b2, vec![h]),
     ]
-}
-
-/// Registers the gradients of the tracked parents, in the parents' order.
-fn register(
-    parents: impl IntoIterator<Item = Option<NodeId>>,
-    values: Vec<(Vec<f32>, Vec<usize>)>,
-    grads: &mut Gradients,
-) {
-    let device = Default::default();
-    for (parent, (values, shape)) in parents.into_iter().zip(values) {
-        if let Some(id) = parent {
-            let t = Nd::float_from_data(TensorData::new(values, shape), &device);
-            grads.register::<Nd>(id, t);
-        }
-    }
 }
 
 impl<T> Qkv<T> {

@@ -295,9 +295,9 @@ pub(super) fn record_dape_node<BW: Backward<Nd, N>, const N: usize>(
 }
 
 /// Host values of an optional `f32` layer bias: `Some(None)` when absent, `None` when not `f32`.
-fn host_opt(b: &Option<Tensor<Ad, 1>>) -> Option<Option<Vec<f32>>> {
+pub(super) fn host_opt<B: Backend>(b: &Option<Tensor<B, 1>>) -> Option<Option<Vec<f32>>> {
     match b {
-        Some(b) => host(b.clone().inner()).map(Some),
+        Some(b) => host(b.clone()).map(Some),
         None => Some(None),
     }
 }
@@ -326,11 +326,20 @@ fn node_backward<S>(
     let logits = row_major_values(logits).expect("f32 logits (checked forward)");
     let bias = bias.map(|m| row_major_values(m).expect("an f32 bias map (checked forward)"));
     let values = compute(&logits, bias.as_deref(), &grad);
+    register(ops.parents.map(|p| p.map(|n| n.id)), values, grads);
+}
+
+/// Registers the gradients `(values, shape)` of the tracked parents (`Some(id)`), in the
+/// parents' order.
+pub(super) fn register(
+    parents: impl IntoIterator<Item = Option<NodeId>>,
+    values: impl IntoIterator<Item = (Vec<f32>, Vec<usize>)>,
+    grads: &mut Gradients,
+) {
     let device = Default::default();
-    for (parent, (v, shape)) in ops.parents.into_iter().zip(values) {
-        if let Some(node) = parent {
-            let id: NodeId = node.id;
-            let t = Nd::float_from_data(TensorData::new(v, shape), &device);
+    for (parent, (values, shape)) in parents.into_iter().zip(values) {
+        if let Some(id) = parent {
+            let t = Nd::float_from_data(TensorData::new(values, shape), &device);
             grads.register::<Nd>(id, t);
         }
     }
