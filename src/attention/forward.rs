@@ -72,6 +72,22 @@ fn narrow_rows<B: Backend>(t: &Tensor<B, 4>, start: usize, len: usize) -> Tensor
     }
 }
 
+/// Scalable-Softmax on a fused node's operands: the factor `c = s_h · ln n_i`
+/// (`[1, heads, rows, 1]`) multiplies the logits `scale · q kᵀ + bias` of row `i`, which is
+/// `scale · (c q) kᵀ + c · bias`. So the queries `[batch, heads, rows, d_head]` and the bias
+/// `[1 or batch, heads, rows, keys]` are scaled, and the node runs unchanged; the gradient of
+/// `s` comes back through the two products. Without the option, the operands as they are.
+fn ssmax_scaled<B: Backend>(
+    q: &Tensor<B, 4>,
+    bias: Option<Tensor<B, 4>>,
+    factor: Option<&Tensor<B, 4>>,
+) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
+    match factor {
+        Some(c) => (q.clone() * c.clone(), bias.map(|b| b * c.clone())),
+        None => (q.clone(), bias),
+    }
+}
+
 impl<B: Backend> MultiHeadAttention<B> {
     /// Self-attention over `x: [batch, seq, d_model]` once the inputs are checked: the steps
     /// listed in this module's docs.
@@ -93,8 +109,8 @@ impl<B: Backend> MultiHeadAttention<B> {
         // and for encodings that read the logits, the tensor path.
         // Stick-breaking has a node of its own (ndarray).
         let plain = self.encoding.hook() != Hook::Segments
-            && self.ssmax.is_none()
-            && self.sliding_window.is_none();
+            && self.sliding_window.is_none()
+            && path_stats::fused_allowed();
         let fused = match &self.stick_breaking {
             None if plain && attention_applies::<B>() => Fused::Softmax,
             Some(_) if plain && stick_breaking_attention_applies::<B>() => Fused::Sticks,
@@ -102,7 +118,12 @@ impl<B: Backend> MultiHeadAttention<B> {
         };
         let whole = self.chunk_size == 0 || self.chunk_size >= l;
         let reshapes = self.qk_norm.is_some() || self.temperature.is_some();
-        let packed = cache.is_none() && whole && !self.encoding.rotates() && !reshapes;
+        // Scalable-Softmax scales the queries of each chunk (see `attend_chunk`).
+        let packed = cache.is_none()
+            && whole
+            && !self.encoding.rotates()
+            && !reshapes
+            && self.ssmax.is_none();
         if fused == Fused::Softmax && packed {
             if let Some(out) =
                 self.attend_packed(qkv.clone(), positions, forget_rows.as_ref(), &device)
@@ -234,7 +255,9 @@ impl<B: Backend> MultiHeadAttention<B> {
                 scale as f32,
                 self.causal.then_some(0),
             ),
-            None => self.dape_attention(Qkv::Packed(&qkv), gate.as_ref(), &span, scale as f32),
+            None => {
+                self.dape_attention(Qkv::Packed(&qkv), gate.as_ref(), None, &span, scale as f32)
+            }
         }
     }
 
@@ -363,14 +386,24 @@ impl<B: Backend> MultiHeadAttention<B> {
             });
         let causal_from = span.causal.then_some(span.query_start);
         let scale = queries.scale as f32;
+        let ssmax = self
+            .ssmax
+            .as_ref()
+            .filter(|_| fused != Fused::No)
+            .map(|s| ssmax_factor(s.val(), span, device));
         let kernel = match (fused, &self.stick_breaking) {
             (Fused::Softmax, _) => match self.fused_bias(span, gate.as_ref(), device) {
                 Some(bias) => {
-                    attention(qc.clone(), kc.clone(), vc.clone(), bias, scale, causal_from)
+                    let (qs, bias) = ssmax_scaled(&qc, bias, ssmax.as_ref());
+                    attention(qs, kc.clone(), vc.clone(), bias, scale, causal_from)
                 }
-                None => {
-                    self.dape_attention(Qkv::Separate([&qc, &kc, &vc]), gate.as_ref(), span, scale)
-                }
+                None => self.dape_attention(
+                    Qkv::Separate([&qc, &kc, &vc]),
+                    gate.as_ref(),
+                    ssmax.as_ref(),
+                    span,
+                    scale,
+                ),
             },
             (Fused::Sticks, Some(sb)) => {
                 let sticks = Sticks {
@@ -380,14 +413,8 @@ impl<B: Backend> MultiHeadAttention<B> {
                 };
                 self.fused_bias(span, gate.as_ref(), device)
                     .and_then(|bias| {
-                        stick_breaking_attention(
-                            qc.clone(),
-                            kc.clone(),
-                            vc.clone(),
-                            bias,
-                            scale,
-                            sticks,
-                        )
+                        let (qs, bias) = ssmax_scaled(&qc, bias, ssmax.as_ref());
+                        stick_breaking_attention(qs, kc.clone(), vc.clone(), bias, scale, sticks)
                     })
             }
             _ => None,
@@ -484,6 +511,7 @@ impl<B: Backend> MultiHeadAttention<B> {
         &self,
         qkv: Qkv<'_, B>,
         gate: Option<&Tensor<B, 4>>,
+        ssmax: Option<&Tensor<B, 4>>,
         span: &Span,
         scale: f32,
     ) -> Option<Tensor<B, 4>> {
@@ -492,11 +520,16 @@ impl<B: Backend> MultiHeadAttention<B> {
             (PositionalEncoding::DapeFox(d), Some(g)) => (&d.dape, Some(g.clone())),
             _ => return None,
         };
-        match qkv {
-            Qkv::Separate([q, k, v]) => {
+        match (qkv, ssmax) {
+            (Qkv::Separate([q, k, v]), None) => {
                 dape.attention([q.clone(), k.clone(), v.clone()], map, span, scale)
             }
-            Qkv::Packed(t) => dape.attention_packed(t.clone(), map, span, scale),
+            (Qkv::Separate([q, k, v]), Some(c)) => {
+                let rows = c.clone().reshape([self.n_heads, span.query_len]);
+                dape.attention_row_scaled([q.clone(), k.clone(), v.clone()], map, rows, span, scale)
+            }
+            (Qkv::Packed(t), None) => dape.attention_packed(t.clone(), map, span, scale),
+            (Qkv::Packed(_), Some(_)) => None,
         }
     }
 

@@ -30,6 +30,8 @@
 
 mod cache;
 mod forward;
+#[cfg(test)]
+mod fused_tests;
 mod householder;
 mod path_stats;
 mod qk_norm;

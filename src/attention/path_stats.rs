@@ -1,9 +1,11 @@
 //! Which path the attention layer took: counters of the attention computations (one per chunk
 //! of query rows) that ran as one fused node, whose `[batch, heads, rows, keys]` logits are
 //! never kept, and of those that took the tensor path, where the logits and probabilities are
-//! tensors of their own (an encoding that reads or rewrites the logits, such as DAPE, PaTH,
-//! CoPE or Shaw's; an option without a fused form, such as Scalable-Softmax or a sliding
-//! window; a backend without the kernels). `dape bench` reports them as its `attention_path`.
+//! tensors of their own (an encoding that reads or rewrites the logits, such as DAPE V2, PaTH,
+//! CoPE or Shaw's; an option without a fused form, such as a sliding window; a backend without
+//! the kernels). `dape bench` reports them as its `attention_path`.
+//! Tests can turn the fused nodes off on their thread ([`on_tensor_path`]), so that the
+//! layer's tensor path is the reference for its fused path on the same backend.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -46,6 +48,29 @@ pub fn attention_path_counts() -> AttentionPathCounts {
         fused: FUSED.load(Ordering::Relaxed),
         tensor: TENSOR.load(Ordering::Relaxed),
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    static TENSOR_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the layer may take a fused node on this thread: always, except inside
+/// [`on_tensor_path`] in tests.
+pub(super) fn fused_allowed() -> bool {
+    #[cfg(test)]
+    return !TENSOR_ONLY.with(std::cell::Cell::get);
+    #[cfg(not(test))]
+    true
+}
+
+/// Runs `f` with every attention computation on this thread on the tensor path (tests only).
+#[cfg(test)]
+pub(super) fn on_tensor_path<T>(f: impl FnOnce() -> T) -> T {
+    TENSOR_ONLY.with(|t| t.set(true));
+    let out = f();
+    TENSOR_ONLY.with(|t| t.set(false));
+    out
 }
 
 /// Counts one attention computation on the fused path (`true`) or the tensor path.

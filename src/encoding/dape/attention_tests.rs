@@ -13,6 +13,9 @@ use super::*;
 use burn::backend::NdArray;
 use burn::module::AutodiffModule;
 use burn::tensor::activation::softmax;
+use burn::tensor::Distribution;
+
+use super::fused::Qkv;
 
 const HEADS: usize = 4;
 const BATCH: usize = 2;
@@ -31,12 +34,13 @@ fn spans() -> Vec<Span> {
     spans
 }
 
-/// The layer's tensor path: `softmax(mask(Z)) · v` with `Z` from DAPE's tensor path over the
-/// scaled logits, `[batch, rows, heads, d_v]`.
+/// The layer's tensor path: `softmax(mask(c ⊙ Z)) · v` with `Z` from DAPE's tensor path over
+/// the scaled logits and `c` the row factors `[H, rows]` when given, `[batch, rows, heads,
+/// d_v]`.
 fn reference<T: Backend>(
     dape: &Dape<T>,
     [q, k, v]: [Tensor<T, 4>; 3],
-    map: Option<Tensor<T, 4>>,
+    [map, row_scale]: [Option<Tensor<T, 4>>; 2],
     span: &Span,
     scale: f32,
 ) -> Tensor<T, 4> {
@@ -45,6 +49,9 @@ fn reference<T: Backend>(
         Some(m) => dape.forward_with_map_tensor_path(logits, m),
         None => dape.forward_tensor_path(logits, span, HIDDEN_BLOCK),
     };
+    if let Some(c) = row_scale {
+        z = z * c;
+    }
     if span.has_future() {
         let mask = span
             .future_mask::<T>(&z.device())
@@ -86,7 +93,7 @@ fn dape_with_biases(dape: Dape<Ad>) -> Dape<Ad> {
 fn check(
     label: &str,
     dape: &Dape<Ad>,
-    maps: usize,
+    [maps, row_scale]: [usize; 2],
     params: impl Fn(&AdGrads) -> Vec<(&'static str, Option<Tensor<NdArray<f32>, 1>>)>,
 ) {
     let device = Default::default();
@@ -105,6 +112,11 @@ fn check(
                 .abs()
                 .neg()
         });
+        // Scalable-Softmax's factors `[H, rows]`, positive, as `s_h · ln n_i` is past a
+        // row's first key.
+        let c0 = (row_scale > 0).then(|| {
+            Tensor::<Ad, 2>::random([HEADS, lq], Distribution::Uniform(0.5, 2.0), &device)
+        });
         for budget in budgets(&span) {
             let label = format!("{label}, {span:?}, budget {budget}");
 
@@ -112,10 +124,24 @@ fn check(
             let inner = dape.valid();
             let qkv = [&q0, &k0, &v0].map(|t| t.clone().inner());
             let map = m0.clone().map(|m| m.inner());
+            let c = c0.clone().map(|c| c.inner());
             let tile = inner
-                .attention_in_blocks(qkv.clone(), map.clone(), &span, scale, budget)
+                .tile(
+                    Qkv::Separate(qkv.clone()),
+                    map.clone(),
+                    c.clone(),
+                    &span,
+                    scale,
+                    budget,
+                )
                 .expect("the tile applies on NdArray<f32>");
-            let want = reference(&inner, qkv, map, &span, scale);
+            let want = reference(
+                &inner,
+                qkv,
+                [map, c.map(|c| c.reshape([1, HEADS, lq, 1]))],
+                &span,
+                scale,
+            );
             let diff = (tile - want).abs().max().into_scalar();
             assert!(diff < 1e-5, "{label}: evaluation differs by {diff}");
 
@@ -124,12 +150,26 @@ fn check(
             let run = |fused: bool| {
                 let [q, k, v] = [&q0, &k0, &v0].map(|t| t.clone().detach().require_grad());
                 let m = m0.clone().map(|m| m.detach().require_grad());
+                let c = c0.clone().map(|c| c.detach().require_grad());
                 let qkv = [q.clone(), k.clone(), v.clone()];
                 let out = if fused {
-                    dape.attention_in_blocks(qkv, m.clone(), &span, scale, budget)
-                        .expect("the node applies on Autodiff<NdArray<f32>>")
+                    dape.tile(
+                        Qkv::Separate(qkv),
+                        m.clone(),
+                        c.clone(),
+                        &span,
+                        scale,
+                        budget,
+                    )
+                    .expect("the node applies on Autodiff<NdArray<f32>>")
                 } else {
-                    reference(dape, qkv, m.clone(), &span, scale)
+                    reference(
+                        dape,
+                        qkv,
+                        [m.clone(), c.clone().map(|c| c.reshape([1, HEADS, lq, 1]))],
+                        &span,
+                        scale,
+                    )
                 };
                 let grads = (out.clone() * weights.clone()).sum().backward();
                 let mut named = vec![
@@ -139,6 +179,9 @@ fn check(
                 ];
                 if let Some(m) = &m {
                     named.push(("d map", m.grad(&grads).map(|g| g.flatten(0, 3))));
+                }
+                if let Some(c) = &c {
+                    named.push(("d row scale", c.grad(&grads).map(|g| g.flatten(0, 1))));
                 }
                 named.extend(params(&grads));
                 outputs_and_grads(out, &weights, named)
@@ -205,7 +248,7 @@ fn check_packed(
                 .attention_packed_in_blocks(p.clone(), map.clone(), &span, scale, budget)
                 .expect("the tile applies on NdArray<f32>");
             let qkv = [0, 1, 2].map(|i| p.clone().narrow(2, i * HEADS, HEADS).swap_dims(1, 2));
-            let want = reference(&inner, qkv, map, &span, scale);
+            let want = reference(&inner, qkv, [map, None], &span, scale);
             let diff = (tile - want).abs().max().into_scalar();
             assert!(diff < 1e-5, "{label}: evaluation differs by {diff}");
 
@@ -217,7 +260,7 @@ fn check_packed(
                     dape.attention_packed_in_blocks(p.clone(), m.clone(), &span, scale, budget)
                         .expect("the node applies on Autodiff<NdArray<f32>>")
                 } else {
-                    reference(dape, parts(&p), m.clone(), &span, scale)
+                    reference(dape, parts(&p), [m.clone(), None], &span, scale)
                 };
                 let grads = (out.clone() * weights.clone()).sum().backward();
                 let mut named = vec![("d qkv", p.grad(&grads).map(|g| g.flatten(0, 3)))];
@@ -269,7 +312,7 @@ fn tile_matches_tensor_path_over_a_bias_and_nope() {
                 .unwrap(),
         );
         let label = format!("bias {with_bias}");
-        check(&label, &dape, 0, |g| layer_grads(&dape, g));
+        check(&label, &dape, [0, 0], |g| layer_grads(&dape, g));
         check_packed(&label, &dape, 0, |g| layer_grads(&dape, g));
     }
 }
@@ -288,7 +331,33 @@ fn tile_matches_tensor_path_over_a_map() {
     );
     for maps in [BATCH, 1] {
         let label = format!("{maps} map(s)");
-        check(&label, &dape, maps, |g| layer_grads(&dape, g));
+        check(&label, &dape, [maps, 0], |g| layer_grads(&dape, g));
         check_packed(&label, &dape, maps, |g| layer_grads(&dape, g));
     }
+}
+
+/// Scalable-Softmax's row factors inside the tile ([`Dape::attention_row_scaled`]'s kernel):
+/// over Kerple and over a map, values and every gradient, the factors' included.
+#[test]
+fn tile_matches_tensor_path_with_row_factors() {
+    let _graphs = crate::util::autodiff_test_lock();
+    let device = Default::default();
+    let over_kerple = dape_with_biases(
+        DapeConfig::new()
+            .with_negative_slope(0.1)
+            .init::<Ad>(HEADS, Some(random_kerple()), &device)
+            .unwrap(),
+    );
+    check("row factors, Kerple", &over_kerple, [0, 1], |g| {
+        layer_grads(&over_kerple, g)
+    });
+    let over_map = dape_with_biases(
+        DapeConfig::new()
+            .with_negative_slope(0.1)
+            .init_over_external::<Ad>(HEADS, &device)
+            .unwrap(),
+    );
+    check("row factors, a map", &over_map, [BATCH, 1], |g| {
+        layer_grads(&over_map, g)
+    });
 }

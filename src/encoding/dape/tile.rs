@@ -40,10 +40,45 @@ impl<B: Backend> Dape<B> {
         budget: usize,
     ) -> Option<Tensor<B, 4>> {
         #[cfg(feature = "ndarray")]
-        return self.tile(super::fused::Qkv::Separate(qkv), map, span, scale, budget);
+        return self.tile(
+            super::fused::Qkv::Separate(qkv),
+            map,
+            None,
+            span,
+            scale,
+            budget,
+        );
         #[cfg(not(feature = "ndarray"))]
         {
             let _ = (qkv, map, span, scale, budget);
+            None
+        }
+    }
+
+    /// [`Self::attention`] under Scalable-Softmax: the softmax of row `i` in head `h` reads
+    /// `c_hi · Z_ij`, with `row_scale` `c` `[H, rows]` (the layer's `s_h · ln n_i`; see
+    /// [`crate::SsmaxConfig`]). Under autodiff `c` is one more parent of the node, and its
+    /// gradient `Σ_batch Σ_j Z_ij · dZ'_ij` comes from the same recomputed blocks.
+    pub fn attention_row_scaled(
+        &self,
+        qkv: [Tensor<B, 4>; 3],
+        map: Option<Tensor<B, 4>>,
+        row_scale: Tensor<B, 2>,
+        span: &Span,
+        scale: f32,
+    ) -> Option<Tensor<B, 4>> {
+        #[cfg(feature = "ndarray")]
+        return self.tile(
+            super::fused::Qkv::Separate(qkv),
+            map,
+            Some(row_scale),
+            span,
+            scale,
+            ATTENTION_TILE,
+        );
+        #[cfg(not(feature = "ndarray"))]
+        {
+            let _ = (qkv, map, row_scale, span, scale);
             None
         }
     }
@@ -77,7 +112,14 @@ impl<B: Backend> Dape<B> {
             return None;
         }
         #[cfg(feature = "ndarray")]
-        return self.tile(super::fused::Qkv::Packed(qkv), map, span, scale, budget);
+        return self.tile(
+            super::fused::Qkv::Packed(qkv),
+            map,
+            None,
+            span,
+            scale,
+            budget,
+        );
         #[cfg(not(feature = "ndarray"))]
         {
             let _ = (qkv, map, span, scale, budget);
@@ -85,12 +127,14 @@ impl<B: Backend> Dape<B> {
         }
     }
 
-    /// The tile on ndarray (`f32`, ± autodiff); `None` elsewhere or when a shape does not fit.
+    /// The tile on ndarray (`f32`, ± autodiff), with Scalable-Softmax's `row_scale` `[H,
+    /// rows]` when given; `None` elsewhere or when a shape does not fit.
     #[cfg(feature = "ndarray")]
-    fn tile(
+    pub(super) fn tile(
         &self,
         qkv: super::fused::Qkv<Tensor<B, 4>>,
         map: Option<Tensor<B, 4>>,
+        row_scale: Option<Tensor<B, 2>>,
         span: &Span,
         scale: f32,
         budget: usize,
@@ -109,6 +153,7 @@ impl<B: Backend> Dape<B> {
             b1: self.mlp_in.bias.as_ref().map(|b| b.val()),
             w2t: self.mlp_out.weight.val(),
             b2: self.mlp_out.bias.as_ref().map(|b| b.val()),
+            row_scale,
             slope: self.negative_slope as f32,
             scale,
             budget,

@@ -1,5 +1,6 @@
-//! DAPE V1 inside the attention tile: `O = softmax(Z, causal mask) · V` with
-//! `Z = S + B + f([S ‖ B])`, `S = scale · Q Kᵀ`, for one block of query rows at a time
+//! DAPE V1 inside the attention tile: `O = softmax(c ⊙ Z, causal mask) · V` with
+//! `Z = S + B + f([S ‖ B])`, `S = scale · Q Kᵀ` and `c` Scalable-Softmax's factor of each
+//! (head, row) where the layer has it (else 1), for one block of query rows at a time
 //! ([`DapeTile::forward`]), and its backward pass, which recomputes each block's `S`, `Z` and
 //! probabilities instead of keeping them ([`DapeTile::backward`], FlashAttention's trade).
 //!
@@ -12,9 +13,10 @@
 //! same however rayon schedules the work.
 //!
 //! Per block (`P = softmax(Z)`, `dO` the output gradient):
-//! - forward: `S`, then [`dape_v1`] (`Z`), the softmax, `O = P V`;
-//! - backward: `S`, `Z` and `P` again; `dV += Pᵀ dO`; `dZ = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`;
-//!   [`dape_v1_backward`] gives `dS`, the bias block's gradient and the MLP's;
+//! - forward: `S`, then [`dape_v1`] (`Z`), the row factors, the softmax, `O = P V`;
+//! - backward: `S`, `Z` and `P` again; `dV += Pᵀ dO`; `dZ' = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`
+//!   for the softmax's input `Z' = c ⊙ Z`; `dc_hi += Σ_j Z_ij dZ'_ij` (over the batch) and
+//!   `dZ = c ⊙ dZ'`; [`dape_v1_backward`] gives `dS`, the bias block's gradient and the MLP's;
 //!   `dQ = scale · dS K`, `dK += scale · dSᵀ Q`.
 //!
 //! The reference it must equal is the layer's tensor path: the logits, `Dape::forward`, the
@@ -42,6 +44,9 @@ pub(crate) struct DapeTile<'a> {
     pub scale: f32,
     pub span: &'a Span,
     pub mlp: &'a Mlp,
+    /// Scalable-Softmax's factor `c` per head and row, `[H, rows]` (shared by the batch), or
+    /// `None` (the plain softmax).
+    pub row_scale: Option<&'a [f32]>,
     /// Rows per block (at least 1); [`DapeTile::block_rows`] picks it from a budget of floats.
     pub block: usize,
 }
@@ -57,15 +62,19 @@ pub(crate) struct TileGrads {
     pub b1: Vec<f32>,
     pub w2t: Vec<f32>,
     pub b2: Vec<f32>,
+    /// The row factors' `[H, rows]` (empty without them).
+    pub row_scale: Vec<f32>,
 }
 
 /// One block's recomputed values: `S` (the scaled logits) and `P` (the probabilities), both
-/// `[batch, H, rb, keys]`, and the block's rows of the bias map `[1 or batch, H, rb, keys]`.
+/// `[batch, H, rb, keys]`, the block's rows of the bias map `[1 or batch, H, rb, keys]`, and,
+/// in the backward pass with row factors, `Z` before them.
 struct Block<'a> {
     rb: usize,
     span: Span,
     logits: Vec<f32>,
     bias: Option<std::borrow::Cow<'a, [f32]>>,
+    z: Option<Vec<f32>>,
     probs: Vec<f32>,
 }
 
@@ -109,6 +118,7 @@ impl<'a> DapeTile<'a> {
         let mut dk = vec![0.0f32; b * h * keys * dh];
         let mut dvs = vec![0.0f32; b * h * keys * dv];
         let mut dbias = vec![0.0f32; self.bias_maps() * h * rows * keys];
+        let mut dc = vec![0.0f32; self.row_scale.map_or(0, <[f32]>::len)];
         let mut weights: Option<V1Grads> = None;
         for r0 in (0..rows).step_by(self.block.max(1)) {
             let block = self.block_at(r0, true);
@@ -127,6 +137,9 @@ impl<'a> DapeTile<'a> {
                     let (go, oo) = (self.out_slice(g, plane, r0), self.out_slice(o, plane, r0));
                     softmax_grad(dz, &dp, p, [go, oo], [h * dv, dv, keys]);
                 });
+            if let (Some(c), Some(z)) = (self.row_scale, &block.z) {
+                self.row_scale_grad(c, z, &mut dz, r0, &block.span, &mut dc);
+            }
             let grads = dape_v1_backward(
                 &block.logits,
                 block.bias.as_deref(),
@@ -176,6 +189,45 @@ impl<'a> DapeTile<'a> {
             b1: w.b1,
             w2t: w.w2t,
             b2: w.b2,
+            row_scale: dc,
+        }
+    }
+
+    /// The row factors' part of the backward pass for the block from `r0`: `dc_hi +=
+    /// Σ_j Z_ij dZ'_ij` over the batch (summed in plane order, so the same bits on every run),
+    /// then `dZ = c_hi · dZ'` in place. `z` and `dz` are `[batch, H, rb, keys]`, `c` and `dc`
+    /// `[H, rows]`.
+    fn row_scale_grad(
+        &self,
+        c: &[f32],
+        z: &[f32],
+        dz: &mut [f32],
+        r0: usize,
+        span: &Span,
+        dc: &mut [f32],
+    ) {
+        let [_, h, rows, keys, _, _] = self.dims;
+        let rb = span.query_len;
+        let sums: Vec<f32> = dz
+            .par_chunks_mut(keys.max(1))
+            .zip(z.par_chunks(keys.max(1)))
+            .enumerate()
+            .map(|(i, (dz, z))| {
+                let (plane, r) = (i / rb, i % rb);
+                let visible = span.visible_keys(r);
+                let sum = z[..visible]
+                    .iter()
+                    .zip(&dz[..visible])
+                    .map(|(z, g)| z * g)
+                    .sum();
+                let factor = c[(plane % h) * rows + r0 + r];
+                dz.iter_mut().for_each(|g| *g *= factor);
+                sum
+            })
+            .collect();
+        for (i, sum) in sums.into_iter().enumerate() {
+            let (plane, r) = (i / rb, i % rb);
+            dc[(plane % h) * rows + r0 + r] += sum;
         }
     }
 
@@ -208,15 +260,24 @@ impl<'a> DapeTile<'a> {
             std::mem::take(&mut logits)
         };
         let mut probs = dape_v1(input, bias.as_deref(), [b, h, rb, keys], &span, self.mlp);
+        let z = (keep_logits && self.row_scale.is_some()).then(|| probs.clone());
         probs
             .par_chunks_mut(keys.max(1))
             .enumerate()
-            .for_each(|(i, row)| softmax_row_simd(row, span.visible_keys(i % rb)));
+            .for_each(|(i, row)| {
+                let visible = span.visible_keys(i % rb);
+                if let Some(c) = self.row_scale {
+                    let factor = c[((i / rb) % h) * rows + r0 + i % rb];
+                    row[..visible].iter_mut().for_each(|z| *z *= factor);
+                }
+                softmax_row_simd(row, visible)
+            });
         Block {
             rb,
             span,
             logits,
             bias,
+            z,
             probs,
         }
     }

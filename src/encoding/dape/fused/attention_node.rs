@@ -1,7 +1,7 @@
 //! DAPE V1 inside the attention node, [`dape_attention`]: the tile of `attention.rs` on
 //! `NdArray<f32>` (evaluation) and, on `Autodiff<NdArray<f32>>` (training), as one graph node
-//! over q, k, v (or the packed projection, [`Qkv`]), the base bias map and the MLP's four
-//! tensors, which keeps only its inputs and its output: the backward pass recomputes every
+//! over q, k, v (or the packed projection, [`Qkv`]), the base bias map, the MLP's four
+//! tensors and Scalable-Softmax's row factors, which keeps only its inputs and its output: the backward pass recomputes every
 //! block's logits, `Z` and probabilities.
 
 use std::sync::Arc;
@@ -42,6 +42,9 @@ pub(crate) struct DapeAttentionInputs<B: Backend> {
     pub b1: Option<Tensor<B, 1>>,
     pub w2t: Tensor<B, 2>,
     pub b2: Option<Tensor<B, 1>>,
+    /// Scalable-Softmax's factor per head and row, `[H, rows]`: the softmax reads `c ⊙ Z`.
+    /// `None`: the plain softmax.
+    pub row_scale: Option<Tensor<B, 2>>,
     /// LeakyReLU's slope.
     pub slope: f32,
     /// The logits' scale (`1/√d_head`).
@@ -70,9 +73,10 @@ pub(crate) fn dape_attention<B: Backend>(
         let device = x.w1t.device();
         let qkv = x.qkv.map(|t| t.into_primitive().tensor());
         let bias = x.bias.map(|m| m.into_primitive().tensor());
+        let row_scale = x.row_scale.map(|c| c.into_primitive().tensor());
         let out = run_forward(
             qkv.as_ref(),
-            bias.as_ref(),
+            [bias.as_ref(), row_scale.as_ref()],
             dims,
             [x.scale],
             span,
@@ -101,6 +105,7 @@ fn fits<B: Backend>(x: &DapeAttentionInputs<B>) -> bool {
         let [mb, mh, mr, mk] = m.dims();
         (mb == 1 || mb == b) && (mh, mr, mk) == (h, rows, keys)
     });
+    let rows_fit = x.row_scale.as_ref().is_none_or(|c| c.dims() == [h, rows]);
     let widths = c == if x.bias.is_some() { 2 * h } else { h }
         && x.w2t.dims() == [d, h]
         && x.b1.as_ref().is_none_or(|t| t.dims() == [d])
@@ -111,8 +116,11 @@ fn fits<B: Backend>(x: &DapeAttentionInputs<B>) -> bool {
         .into_iter()
         .chain(x.bias.as_ref())
         .all(|t| t.dtype() == burn::tensor::DType::F32)
+        && x.row_scale
+            .as_ref()
+            .is_none_or(|t| t.dtype() == burn::tensor::DType::F32)
         && x.w1t.dtype() == burn::tensor::DType::F32;
-    h > 0 && dh > 0 && bias_fits && widths && f32s
+    h > 0 && dh > 0 && bias_fits && rows_fit && widths && f32s
 }
 
 fn cast_inputs<B: Backend, C: Backend>(
@@ -129,6 +137,7 @@ fn cast_inputs<B: Backend, C: Backend>(
         b1: cast_opt(x.b1)?,
         w2t: cast(x.w2t)?,
         b2: cast_opt(x.b2)?,
+        row_scale: cast_opt(x.row_scale)?,
         slope: x.slope,
         scale: x.scale,
         budget: x.budget,
@@ -194,11 +203,11 @@ fn views<'a>(
     })
 }
 
-/// The tile over the host values of q, k, v (read through their strides) and the bias map;
-/// `None` when one is not `f32`.
+/// The tile over the host values of q, k, v (read through their strides), the bias map and
+/// the row factors; `None` when one is not `f32`.
 fn tile<'a>(
     qkv: Qkv<&'a burn_ndarray::NdArrayTensor>,
-    bias: Option<&'a [f32]>,
+    [bias, row_scale]: [Option<&'a [f32]>; 2],
     dims: [usize; 6],
     [scale]: [f32; 1],
     span: &'a Span,
@@ -215,6 +224,7 @@ fn tile<'a>(
         scale,
         span,
         mlp,
+        row_scale,
         block,
     })
 }
@@ -223,19 +233,27 @@ fn tile<'a>(
 #[allow(clippy::too_many_arguments)]
 fn run_forward(
     qkv: Qkv<&burn_ndarray::NdArrayTensor>,
-    bias: Option<&burn_ndarray::NdArrayTensor>,
+    [bias, row_scale]: [Option<&burn_ndarray::NdArrayTensor>; 2],
     dims: [usize; 6],
     scale: [f32; 1],
     span: &Span,
     mlp: &Mlp,
     budget: usize,
 ) -> Option<Vec<f32>> {
-    let bias = match bias {
-        Some(m) => Some(row_major_values(m)?),
-        None => None,
-    };
+    let [bias, row_scale] = [host_values(bias)?, host_values(row_scale)?];
     let block = DapeTile::block_rows(four(dims), budget);
-    Some(tile(qkv, bias.as_deref(), dims, scale, span, mlp, block)?.forward())
+    let host = [bias.as_deref(), row_scale.as_deref()];
+    Some(tile(qkv, host, dims, scale, span, mlp, block)?.forward())
+}
+
+/// The row-major values of an optional tensor: `Some(None)` when absent, `None` when not `f32`.
+fn host_values(
+    t: Option<&burn_ndarray::NdArrayTensor>,
+) -> Option<Option<std::borrow::Cow<'_, [f32]>>> {
+    match t {
+        Some(t) => row_major_values(t).map(Some),
+        None => Some(None),
+    }
 }
 
 /// What the node's backward pass reads: its inputs and output (shared, not copied).
@@ -243,6 +261,7 @@ fn run_forward(
 struct State {
     qkv: Qkv<burn_ndarray::NdArrayTensor>,
     bias: Option<burn_ndarray::NdArrayTensor>,
+    row_scale: Option<burn_ndarray::NdArrayTensor>,
     out: burn_ndarray::NdArrayTensor,
     dims: [usize; 6],
     block: usize,
@@ -253,7 +272,7 @@ struct State {
 }
 
 /// The forward pass on `Autodiff<NdArray<f32>>`, recorded as one node over q, k, v (or the
-/// packed projection), the bias map and `f`'s four tensors.
+/// packed projection), the bias map, `f`'s four tensors and the row factors.
 fn record(x: DapeAttentionInputs<Ad>, span: &Span) -> Option<Tensor<Ad, 4>> {
     let mlp = mlp_of(&x)?;
     let dims = tile_dims(&x)?;
@@ -267,13 +286,17 @@ fn record(x: DapeAttentionInputs<Ad>, span: &Span) -> Option<Tensor<Ad, 4>> {
         .bias
         .as_ref()
         .map(|m| m.clone().inner().into_primitive().tensor());
+    let row_scale = x
+        .row_scale
+        .as_ref()
+        .map(|c| c.clone().inner().into_primitive().tensor());
     let span = Span {
         positions: None,
         ..span.clone()
     };
     let out = run_forward(
         qkv.as_ref(),
-        bias.as_ref(),
+        [bias.as_ref(), row_scale.as_ref()],
         dims,
         [x.scale],
         &span,
@@ -287,6 +310,7 @@ fn record(x: DapeAttentionInputs<Ad>, span: &Span) -> Option<Tensor<Ad, 4>> {
     let state = Arc::new(State {
         qkv,
         bias,
+        row_scale,
         out: out.clone(),
         dims,
         block,
@@ -301,10 +325,11 @@ fn record(x: DapeAttentionInputs<Ad>, span: &Span) -> Option<Tensor<Ad, 4>> {
         x.b1.map(prim),
         Some(prim(x.w2t)),
         x.b2.map(prim),
+        x.row_scale.map(prim),
     ];
     Some(match x.qkv {
         Qkv::Separate([q, k, v]) => {
-            let [bias, w1t, b1, w2t, b2] = rest;
+            let [bias, w1t, b1, w2t, b2, c] = rest;
             let parents = [
                 Some(prim(q)),
                 Some(prim(k)),
@@ -314,46 +339,47 @@ fn record(x: DapeAttentionInputs<Ad>, span: &Span) -> Option<Tensor<Ad, 4>> {
                 b1,
                 w2t,
                 b2,
+                c,
             ];
             record_dape_node(SeparateBackward, parents, state, out, &device)
         }
         Qkv::Packed(t) => {
-            let [bias, w1t, b1, w2t, b2] = rest;
-            let parents = [Some(prim(t)), bias, w1t, b1, w2t, b2];
+            let [bias, w1t, b1, w2t, b2, c] = rest;
+            let parents = [Some(prim(t)), bias, w1t, b1, w2t, b2, c];
             record_dape_node(PackedBackward, parents, state, out, &device)
         }
     })
 }
 
-/// The backward pass of a node over separate q, k and v (eight parents).
+/// The backward pass of a node over separate q, k and v (nine parents).
 #[derive(Debug)]
 struct SeparateBackward;
 
-/// The backward pass of a node over the packed projection (six parents).
+/// The backward pass of a node over the packed projection (seven parents).
 #[derive(Debug)]
 struct PackedBackward;
 
-impl Backward<Nd, 8> for SeparateBackward {
+impl Backward<Nd, 9> for SeparateBackward {
     type State = Arc<State>;
 
-    fn backward(self, ops: Ops<Self::State, 8>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, 9>, grads: &mut Gradients, _: &mut Checkpointer) {
         let st = Arc::clone(&ops.state);
-        let g = tile_grads(&st, grads.consume::<Nd>(&ops.node));
+        let mut g = tile_grads(&st, grads.consume::<Nd>(&ops.node));
         let [b, h, rows, keys, dh, dv] = st.dims;
         let mut values = vec![
-            (g.q, vec![b, h, rows, dh]),
-            (g.k, vec![b, h, keys, dh]),
-            (g.v, vec![b, h, keys, dv]),
+            (std::mem::take(&mut g.q), vec![b, h, rows, dh]),
+            (std::mem::take(&mut g.k), vec![b, h, keys, dh]),
+            (std::mem::take(&mut g.v), vec![b, h, keys, dv]),
         ];
-        values.extend(rest_grads(&st, g.bias, g.w1t, g.b1, g.w2t, g.b2));
+        values.extend(rest_grads(&st, g));
         register(ops.parents.map(|p| p.map(|n| n.id)), values, grads);
     }
 }
 
-impl Backward<Nd, 6> for PackedBackward {
+impl Backward<Nd, 7> for PackedBackward {
     type State = Arc<State>;
 
-    fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, 7>, grads: &mut Gradients, _: &mut Checkpointer) {
         let st = Arc::clone(&ops.state);
         let g = tile_grads(&st, grads.consume::<Nd>(&ops.node));
         let [b, h, seq, _, dh, _] = st.dims;
@@ -368,7 +394,7 @@ impl Backward<Nd, 6> for PackedBackward {
             }
         }
         let mut values = vec![(packed, vec![b, seq, 3 * h, dh])];
-        values.extend(rest_grads(&st, g.bias, g.w1t, g.b1, g.w2t, g.b2));
+        values.extend(rest_grads(&st, g));
         register(ops.parents.map(|p| p.map(|n| n.id)), values, grads);
     }
 }
@@ -377,10 +403,11 @@ impl Backward<Nd, 6> for PackedBackward {
 fn tile_grads(st: &State, grad: burn_ndarray::NdArrayTensor) -> TileGrads {
     let read = |t| row_major_values(t).expect("the attention-DAPE node keeps f32 tensors");
     let bias = st.bias.as_ref().map(read);
+    let row_scale = st.row_scale.as_ref().map(read);
     let (o, g) = (read(&st.out), read(&grad));
     tile(
         st.qkv.as_ref(),
-        bias.as_deref(),
+        [bias.as_deref(), row_scale.as_deref()],
         st.dims,
         [st.scale],
         &st.span,
@@ -391,23 +418,18 @@ fn tile_grads(st: &State, grad: burn_ndarray::NdArrayTensor) -> TileGrads {
     .backward(&o, &g)
 }
 
-/// The gradients of the bias map and `f`'s four tensors, with their shapes.
-fn rest_grads(
-    st: &State,
-    bias: Vec<f32>,
-    w1t: Vec<f32>,
-    b1: Vec<f32>,
-    w2t: Vec<f32>,
-    b2: Vec<f32>,
-) -> [(Vec<f32>, Vec<usize>); 5] {
+/// The gradients of the bias map, `f`'s four tensors and the row factors, with their shapes
+/// (those of q, k and v are the caller's).
+fn rest_grads(st: &State, g: TileGrads) -> [(Vec<f32>, Vec<usize>); 6] {
     let [_, h, rows, keys, _, _] = st.dims;
     let Mlp { c, d, .. } = st.mlp;
     [
-        (bias, vec![st.bias_maps, h, rows, keys]),
-        (w1t, vec![c, d]),
-        (b1, vec![d]),
-        (w2t, vec![d, h]),
-        (b2, vec![h]),
+        (g.bias, vec![st.bias_maps, h, rows, keys]),
+        (g.w1t, vec![c, d]),
+        (g.b1, vec![d]),
+        (g.w2t, vec![d, h]),
+        (g.b2, vec![h]),
+        (g.row_scale, vec![h, rows]),
     ]
 }
 
