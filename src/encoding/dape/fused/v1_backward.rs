@@ -1,6 +1,7 @@
 //! The backward pass of DAPE V1's kernel, [`dape_v1_backward`]: the hidden layer is recomputed
 //! row by row, not stored. Each query row (every batch element at once) is five matrix products
-//! over its `N = batch × visible keys` pairs through `gemm`:
+//! over its `N = batch × visible keys` pairs through `gemm` (over a bias map shared by the
+//! batch, the bias's halves over the visible keys once: see `backward_row`):
 //!
 //! `z = W1 x + b1`, `hidden = LeakyReLU(z)`; `dW2 += g · hiddenᵀ`, `db2 += Σ g`;
 //! `δ = (W2ᵀ g) ⊙ LeakyReLU'(z)`; `dW1 += δ · xᵀ`, `db1 += Σ δ`; `dx = W1ᵀ δ`, and the identity
@@ -73,7 +74,8 @@ pub(crate) fn dape_v1_backward(
 /// channel-major (`[channels, pairs]`, row-major), so that gathering a row of keys is one copy.
 #[derive(Default)]
 struct Columns {
-    /// The MLP's inputs, `[C, N]`.
+    /// The MLP's inputs, `[C, N]`; with a map shared by the batch only the logits' half,
+    /// `[H, N]` (the bias's half is `bias`).
     x: Vec<f32>,
     /// The output gradient, `[H, N]`.
     g: Vec<f32>,
@@ -83,8 +85,22 @@ struct Columns {
     hidden: Vec<f32>,
     /// The gradient at the pre-activations, `[D, N]`.
     delta: Vec<f32>,
-    /// The gradient at the inputs, `[C, N]`.
+    /// The gradient at the inputs, like `x`.
     dx: Vec<f32>,
+    /// A map shared by the batch: its row `[H, vis]`, the bias's half of the first layer plus
+    /// `b1` `[D, vis]`, `δ` summed over the batch `[D, vis]`, the bias row's gradient through
+    /// the MLP `[H, vis]`, and the first layer's weight gradient per half `[D, H]`.
+    shared: SharedBias,
+}
+
+/// The working memory of [`backward_row`]'s shared-map form (see [`Columns::shared`]).
+#[derive(Default)]
+struct SharedBias {
+    bias: Vec<f32>,
+    pre: Vec<f32>,
+    delta_sum: Vec<f32>,
+    dx: Vec<f32>,
+    dw1: Vec<f32>,
 }
 
 /// One query row of the backward pass, every batch element at once, as five matrix products
@@ -92,6 +108,12 @@ struct Columns {
 /// loop to keep its weight-gradient sums in registers; as products they are `[D, N] · [N, C]`):
 /// writes `d logits` into `da`, adds `d bias` into `db` (each batch element's into its map's
 /// rows: summed over the batch for a shared map) and the weight gradients into `acc`.
+///
+/// When the batch shares the bias map, the bias's half of every product that reads or writes it
+/// runs over the row's `vis` keys once instead of over all `N` pairs: `W1[:, H..] B + b1`
+/// (then added to each batch element's pre-activations), `dW1[:, H..] += (Σ_batch δ) Bᵀ` and
+/// `d B = Σ_batch g + W1[:, H..]ᵀ (Σ_batch δ)`: 3·H·D of the 8·H·D multiply-adds per pair,
+/// each divided by the batch size.
 fn backward_row(
     mlp: &Mlp,
     rows: &BackwardRow,
@@ -100,94 +122,235 @@ fn backward_row(
     cols: &mut Columns,
     acc: &mut WeightGrads,
 ) {
-    use std::borrow::Cow::Borrowed;
-    let (c, d, h) = (mlp.c, mlp.d, mlp.h);
+    let h = mlp.h;
     let b = rows.a.len() / h.max(1);
-    let vis = rows.visible;
-    let n = b * vis;
+    let n = b * rows.visible;
     if n > 0 {
-        let Columns {
-            x,
-            g,
-            z,
-            hidden,
-            delta,
-            dx,
-        } = cols;
-        for (buf, channels) in [
-            (&mut *x, c),
-            (g, h),
-            (z, d),
-            (hidden, d),
-            (delta, d),
-            (dx, c),
-        ] {
-            buf.resize(channels * n, 0.0);
-        }
-        // Column `bi · vis + j` is key `j` of batch element `bi`.
-        for bi in 0..b {
-            let bias = batch_rows(rows.bias, h, bi);
-            for hh in 0..h {
-                let (plane, at) = (bi * h + hh, hh * n + bi * vis);
-                x[at..at + vis].copy_from_slice(&rows.a[plane][..vis]);
-                g[at..at + vis].copy_from_slice(&rows.g[plane][..vis]);
-                if let Some(bias) = bias.get(hh) {
-                    x[(h + hh) * n + bi * vis..][..vis].copy_from_slice(&bias[..vis]);
-                }
+        let shared = b > 1 && rows.bias.len() == h;
+        gather_columns(mlp, rows, cols, shared);
+        pre_activations(mlp, cols, [n, rows.visible], shared);
+        second_layer_grads(mlp, cols, n, acc);
+        first_layer_grads(mlp, cols, [n, rows.visible], shared, acc);
+        scatter_input_grads(mlp, cols, [b, rows.visible], da, db, shared);
+    }
+    future_key_grads(rows, da, db, h);
+}
+
+fn mat(v: &[f32], r: usize, n: usize) -> Mat<'_> {
+    Mat::row_major(std::borrow::Cow::Borrowed(&v[..r * n]), r, n)
+}
+
+/// Rows `from .. from + count` of `W1ᵀ` (`[C, D]`): the first layer's columns for those
+/// inputs, `[count, D]`.
+fn w1t_rows(mlp: &Mlp, from: usize, count: usize) -> Mat<'_> {
+    mat(&mlp.w1t[from * mlp.d..], count, mlp.d)
+}
+
+/// The columns of the row: the logits (and, per batch element, the bias unless `shared`) into
+/// `x`, the output gradient into `g`; with `shared`, the map's row once into `shared.bias`.
+/// Column `bi · vis + j` is key `j` of batch element `bi`.
+fn gather_columns(mlp: &Mlp, rows: &BackwardRow, cols: &mut Columns, shared: bool) {
+    let (c, d, h) = (mlp.c, mlp.d, mlp.h);
+    let vis = rows.visible;
+    let b = rows.a.len() / h.max(1);
+    let n = b * vis;
+    let cx = if shared { h } else { c };
+    for (buf, channels) in [
+        (&mut cols.x, cx),
+        (&mut cols.g, h),
+        (&mut cols.z, d),
+        (&mut cols.hidden, d),
+        (&mut cols.delta, d),
+        (&mut cols.dx, cx),
+    ] {
+        buf.resize(channels * n, 0.0);
+    }
+    for bi in 0..b {
+        let bias = batch_rows(rows.bias, h, bi);
+        for hh in 0..h {
+            let (plane, at) = (bi * h + hh, hh * n + bi * vis);
+            cols.x[at..at + vis].copy_from_slice(&rows.a[plane][..vis]);
+            cols.g[at..at + vis].copy_from_slice(&rows.g[plane][..vis]);
+            if let (false, Some(bias)) = (shared, bias.get(hh)) {
+                cols.x[(h + hh) * n + bi * vis..][..vis].copy_from_slice(&bias[..vis]);
             }
         }
-        fn mat(v: &[f32], r: usize, n: usize) -> Mat<'_> {
-            Mat::row_major(std::borrow::Cow::Borrowed(&v[..r * n]), r, n)
+    }
+    if shared {
+        let sb = &mut cols.shared;
+        sb.bias.clear();
+        for row in rows.bias {
+            sb.bias.extend_from_slice(&row[..vis]);
         }
-        // z = W1 x + b1; hidden = LeakyReLU(z).
+        for (buf, len) in [
+            (&mut sb.pre, d * vis),
+            (&mut sb.delta_sum, d * vis),
+            (&mut sb.dx, h * vis),
+            (&mut sb.dw1, d * h),
+        ] {
+            buf.resize(len, 0.0);
+        }
+    }
+}
+
+/// `z = W1 x + b1` (`[D, N]`), and `hidden = LeakyReLU(z)`. With `shared`, `W1[:, H..] B + b1`
+/// over the `vis` keys once, copied into each batch element's columns, then `W1[:, ..H]` times
+/// the logits added.
+fn pre_activations(mlp: &Mlp, cols: &mut Columns, [n, vis]: [usize; 2], shared: bool) {
+    let (c, h) = (mlp.c, mlp.h);
+    let Columns {
+        x,
+        z,
+        hidden,
+        shared: sb,
+        ..
+    } = cols;
+    if shared {
+        for (row, &bias) in sb.pre.chunks_exact_mut(vis).zip(&mlp.b1) {
+            row.fill(bias);
+        }
+        gemm(
+            &w1t_rows(mlp, h, h).t(),
+            &mat(&sb.bias, h, vis),
+            1.0,
+            &mut sb.pre,
+        );
+        for (zrow, prow) in z.chunks_exact_mut(n).zip(sb.pre.chunks_exact(vis)) {
+            for block in zrow.chunks_exact_mut(vis) {
+                block.copy_from_slice(prow);
+            }
+        }
+        gemm(&w1t_rows(mlp, 0, h).t(), &mat(x, h, n), 1.0, z);
+    } else {
         for (row, &bias) in z.chunks_exact_mut(n).zip(&mlp.b1) {
             row.fill(bias);
         }
-        let w1 = Mat::row_major(Borrowed(&mlp.w1), d, c);
-        gemm(&w1, &mat(x, c, n), 1.0, z);
-        for (hd, &zv) in hidden.iter_mut().zip(z.iter()) {
-            *hd = if zv >= 0.0 { zv } else { zv * mlp.slope };
+        gemm(&mat(&mlp.w1, mlp.d, c), &mat(x, c, n), 1.0, z);
+    }
+    for (hd, &zv) in hidden.iter_mut().zip(z.iter()) {
+        *hd = if zv >= 0.0 { zv } else { zv * mlp.slope };
+    }
+}
+
+/// `dW2 += g · hiddenᵀ`, `db2 += Σ g`, and `δ = (W2ᵀ g) ⊙ LeakyReLU'(z)`.
+fn second_layer_grads(mlp: &Mlp, cols: &mut Columns, n: usize, acc: &mut WeightGrads) {
+    let (d, h) = (mlp.d, mlp.h);
+    let Columns {
+        g,
+        z,
+        hidden,
+        delta,
+        ..
+    } = cols;
+    gemm(&mat(g, h, n), &mat(hidden, d, n).t(), 1.0, &mut acc.w2);
+    for (s, row) in acc.b2.iter_mut().zip(g.chunks_exact(n)) {
+        *s += lane_sum(row);
+    }
+    gemm(&mat(&mlp.w2t, d, h), &mat(g, h, n), 0.0, delta);
+    for (dl, &zv) in delta.iter_mut().zip(z.iter()) {
+        if zv < 0.0 {
+            *dl *= mlp.slope;
         }
-        // dW2 += g · hiddenᵀ, db2 += Σ g.
-        gemm(&mat(g, h, n), &mat(hidden, d, n).t(), 1.0, &mut acc.w2);
-        for (s, row) in acc.b2.iter_mut().zip(g.chunks_exact(n)) {
-            *s += lane_sum(row);
-        }
-        // δ = (W2ᵀ g) ⊙ LeakyReLU'(z).
-        gemm(
-            &Mat::row_major(Borrowed(&mlp.w2t), d, h),
-            &mat(g, h, n),
-            0.0,
-            delta,
-        );
-        for (dl, &zv) in delta.iter_mut().zip(z.iter()) {
-            if zv < 0.0 {
-                *dl *= mlp.slope;
+    }
+}
+
+/// `dW1 += δ · xᵀ`, `db1 += Σ δ`, and `dx = W1ᵀ δ`. With `shared`, the bias's half through
+/// `Σ_batch δ` (`[D, vis]`): `dW1[:, H..] += (Σ_batch δ) Bᵀ`, `dB_mlp = W1[:, H..]ᵀ Σ_batch δ`.
+fn first_layer_grads(
+    mlp: &Mlp,
+    cols: &mut Columns,
+    [n, vis]: [usize; 2],
+    shared: bool,
+    acc: &mut WeightGrads,
+) {
+    let (c, d, h) = (mlp.c, mlp.d, mlp.h);
+    let Columns {
+        x,
+        delta,
+        dx,
+        shared: sb,
+        ..
+    } = cols;
+    for (s, row) in acc.b1.iter_mut().zip(delta.chunks_exact(n)) {
+        *s += lane_sum(row);
+    }
+    if !shared {
+        gemm(&mat(delta, d, n), &mat(x, c, n).t(), 1.0, &mut acc.w1);
+        gemm(&w1t_rows(mlp, 0, c), &mat(delta, d, n), 0.0, dx);
+        return;
+    }
+    for (sum, row) in sb
+        .delta_sum
+        .chunks_exact_mut(vis)
+        .zip(delta.chunks_exact(n))
+    {
+        sum.copy_from_slice(&row[..vis]);
+        for block in row.chunks_exact(vis).skip(1) {
+            for (s, &v) in sum.iter_mut().zip(block) {
+                *s += v;
             }
         }
-        // dW1 += δ · xᵀ, db1 += Σ δ.
-        gemm(&mat(delta, d, n), &mat(x, c, n).t(), 1.0, &mut acc.w1);
-        for (s, row) in acc.b1.iter_mut().zip(delta.chunks_exact(n)) {
-            *s += lane_sum(row);
+    }
+    for (half, (xs, cols_of)) in [(&*x, n), (&sb.bias, vis)].into_iter().enumerate() {
+        let ds = if half == 0 { &*delta } else { &sb.delta_sum };
+        gemm(
+            &mat(ds, d, cols_of),
+            &mat(xs, h, cols_of).t(),
+            0.0,
+            &mut sb.dw1,
+        );
+        for (dst, src) in acc.w1.chunks_exact_mut(c).zip(sb.dw1.chunks_exact(h)) {
+            for (o, &v) in dst[half * h..][..h].iter_mut().zip(src) {
+                *o += v;
+            }
         }
-        // dx = W1ᵀ δ: the logits' and the bias's halves; the identity paths add g.
-        let w1t = Mat::row_major(Borrowed(&mlp.w1t), c, d);
-        gemm(&w1t, &mat(delta, d, n), 0.0, dx);
-        for bi in 0..b {
-            for hh in 0..h {
-                let (at, gv) = (hh * n + bi * vis, &g[hh * n + bi * vis..][..vis]);
-                for ((o, &gl), &dl) in da[bi * h + hh][..vis].iter_mut().zip(gv).zip(&dx[at..]) {
-                    *o = gl + dl;
-                }
-                let n_bias = db.len();
-                if let Some(db) = db.get_mut(bias_plane(bi * h + hh, h, n_bias)) {
-                    let dxb = &dx[(h + hh) * n + bi * vis..][..vis];
-                    for ((o, &gl), &dl) in db[..vis].iter_mut().zip(gv).zip(dxb) {
-                        *o += gl + dl;
-                    }
+    }
+    gemm(&w1t_rows(mlp, 0, h), &mat(delta, d, n), 0.0, dx);
+    gemm(
+        &w1t_rows(mlp, h, h),
+        &mat(&sb.delta_sum, d, vis),
+        0.0,
+        &mut sb.dx,
+    );
+}
+
+/// `d logits = g + dx[..H]` per plane, and `d bias += g + dx[H..]` into the map's rows (summed
+/// over the batch for a shared map; with `shared`, `Σ_batch g + dB_mlp`).
+fn scatter_input_grads(
+    mlp: &Mlp,
+    cols: &Columns,
+    [b, vis]: [usize; 2],
+    da: &mut [&mut [f32]],
+    db: &mut [&mut [f32]],
+    shared: bool,
+) {
+    let h = mlp.h;
+    let n = b * vis;
+    let (g, dx) = (&cols.g, &cols.dx);
+    let n_bias = db.len();
+    for bi in 0..b {
+        for hh in 0..h {
+            let (at, gv) = (hh * n + bi * vis, &g[hh * n + bi * vis..][..vis]);
+            for ((o, &gl), &dl) in da[bi * h + hh][..vis].iter_mut().zip(gv).zip(&dx[at..]) {
+                *o = gl + dl;
+            }
+            let Some(db) = db.get_mut(bias_plane(bi * h + hh, h, n_bias)) else {
+                continue;
+            };
+            let through_mlp = if shared {
+                // Added once, with batch element 0.
+                (bi == 0).then(|| &cols.shared.dx[hh * vis..][..vis])
+            } else {
+                Some(&dx[(h + hh) * n + bi * vis..][..vis])
+            };
+            for (o, &gl) in db[..vis].iter_mut().zip(gv) {
+                *o += gl;
+            }
+            if let Some(dxb) = through_mlp {
+                for (o, &dl) in db[..vis].iter_mut().zip(dxb) {
+                    *o += dl;
                 }
             }
         }
     }
-    future_key_grads(rows, da, db, h);
 }
