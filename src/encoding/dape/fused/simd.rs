@@ -13,9 +13,9 @@ pub(super) const LANES: usize = 16;
 /// kernel is `#[inline(always)]`, so it is compiled into the `#[target_feature]` function itself;
 /// calling it through a closure would not be.
 macro_rules! simd_entry {
-    ($(#[$doc:meta])* fn $name:ident = $kernel:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident = $kernel:ident($($arg:ident: $ty:ty),* $(,)?)) => {
         $(#[$doc])*
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]

@@ -11,6 +11,7 @@ use super::backward::{
     backward_by_rows, future_key_grads, BackwardInputs, BackwardRow, WeightGrads,
 };
 use super::rows::{batch_rows, bias_plane};
+use super::simd::simd_entry;
 use super::v1::{transpose, Mlp};
 use crate::encoding::Span;
 use crate::kernel::{gemm, lane_sum, Mat};
@@ -227,9 +228,7 @@ fn pre_activations(mlp: &Mlp, cols: &mut Columns, [n, vis]: [usize; 2], shared: 
         }
         gemm(&mat(&mlp.w1, mlp.d, c), &mat(x, c, n), 1.0, z);
     }
-    for (hd, &zv) in hidden.iter_mut().zip(z.iter()) {
-        *hd = if zv >= 0.0 { zv } else { zv * mlp.slope };
-    }
+    leaky_relu_simd(hidden, z, mlp.slope);
 }
 
 /// `dW2 += g · hiddenᵀ`, `db2 += Σ g`, and `δ = (W2ᵀ g) ⊙ LeakyReLU'(z)`.
@@ -247,11 +246,34 @@ fn second_layer_grads(mlp: &Mlp, cols: &mut Columns, n: usize, acc: &mut WeightG
         *s += lane_sum(row);
     }
     gemm(&mat(&mlp.w2t, d, h), &mat(g, h, n), 0.0, delta);
-    for (dl, &zv) in delta.iter_mut().zip(z.iter()) {
-        if zv < 0.0 {
-            *dl *= mlp.slope;
-        }
+    leaky_relu_grad_simd(delta, z, mlp.slope);
+}
+
+/// `hidden = LeakyReLU(z)`, lane by lane (a select, no branch, so that it vectorises).
+#[inline(always)]
+fn leaky_relu<const FMA: bool>(hidden: &mut [f32], z: &[f32], slope: f32) {
+    for (hd, &zv) in hidden.iter_mut().zip(z) {
+        *hd = zv * if zv >= 0.0 { 1.0 } else { slope };
     }
+}
+
+/// `δ ⊙= LeakyReLU'(z)`, lane by lane (a select: the branch it replaces was 7% of a DAPE
+/// training step at 512 × 4, one scalar compare and jump per pair and hidden unit).
+#[inline(always)]
+fn leaky_relu_grad<const FMA: bool>(delta: &mut [f32], z: &[f32], slope: f32) {
+    for (dl, &zv) in delta.iter_mut().zip(z) {
+        *dl *= if zv < 0.0 { slope } else { 1.0 };
+    }
+}
+
+simd_entry! {
+    /// [`leaky_relu`] for this CPU (DAPE V2's backward pass uses it too).
+    pub(super) fn leaky_relu_simd = leaky_relu(hidden: &mut [f32], z: &[f32], slope: f32)
+}
+
+simd_entry! {
+    /// [`leaky_relu_grad`] for this CPU (DAPE V2's backward pass uses it too).
+    pub(super) fn leaky_relu_grad_simd = leaky_relu_grad(delta: &mut [f32], z: &[f32], slope: f32)
 }
 
 /// `dW1 += δ · xᵀ`, `db1 += Σ δ`, and `dx = W1ᵀ δ`. With `shared`, the bias's half through

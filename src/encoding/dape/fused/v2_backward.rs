@@ -8,6 +8,7 @@ use super::backward::{
     backward_by_rows, future_key_grads, BackwardInputs, BackwardRow, WeightGrads,
 };
 use super::rows::{batch_rows, bias_plane};
+use super::v1_backward::{leaky_relu_grad_simd, leaky_relu_simd};
 use super::v2::KeyConvs;
 use crate::encoding::Span;
 use crate::kernel::{gemm, lane_sum, Mat};
@@ -197,9 +198,7 @@ fn v2_backward_row(
         }
         let w1 = Mat::row_major(Borrowed(&convs.w1), d, c * k);
         gemm(&w1, &mat(x, c * k, nh), 1.0, z);
-        for (hd, &zv) in hidden.iter_mut().zip(z.iter()) {
-            *hd = if zv >= 0.0 { zv } else { zv * convs.slope };
-        }
+        leaky_relu_simd(hidden, z, convs.slope);
         for dd in 0..d {
             for t in 0..k {
                 for bi in 0..b {
@@ -230,11 +229,7 @@ fn v2_backward_row(
                 unshift_add(&mut delta[dd * nh + bi * hk..][..hk], &shifts, half);
             }
         }
-        for (dl, &zv) in delta.iter_mut().zip(z.iter()) {
-            if zv < 0.0 {
-                *dl *= convs.slope;
-            }
-        }
+        leaky_relu_grad_simd(delta, z, convs.slope);
         // dW1 += δ · xᵀ, db1 += Σ δ; d x = W1ᵀ δ.
         gemm(&mat(delta, d, nh), &mat(x, c * k, nh).t(), 1.0, &mut acc.w1);
         for (s, row) in acc.b1.iter_mut().zip(delta.chunks_exact(nh)) {
