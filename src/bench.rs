@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use crate::attention::{attention_path_counts, StickBreakingConfig};
+use crate::attention::{attention_path_counts, SsmaxConfig, StickBreakingConfig};
 use crate::encoding::{table_cache_stats, PositionalEncodingConfig};
 use crate::error::{ensure, Result};
 use crate::experiment::lm::{auto_chunk, token_nll};
@@ -61,6 +61,8 @@ pub struct BenchConfig {
     pub phases: bool,
     /// Stick-breaking attention in place of the softmax.
     pub stick_breaking: bool,
+    /// Scalable-Softmax in every attention layer ([`crate::SsmaxConfig`]'s defaults).
+    pub ssmax: bool,
 }
 
 impl BenchConfig {
@@ -80,6 +82,7 @@ impl BenchConfig {
             heads: 8,
             phases: false,
             stick_breaking: false,
+            ssmax: false,
         }
     }
 }
@@ -108,6 +111,9 @@ pub struct BenchResult {
     /// The attention's normaliser: `softmax` or `stick_breaking`.
     #[serde(default = "softmax_name")]
     pub normaliser: String,
+    /// Whether the layers had Scalable-Softmax.
+    #[serde(default)]
+    pub ssmax: bool,
     /// `train` or `eval`.
     pub mode: BenchMode,
     /// Tokens per sequence.
@@ -208,7 +214,8 @@ pub fn run<B: AutodiffBackend>(
         config.vocab,
         TransformerConfig::new(config.d_model, config.layers, config.heads)
             .with_encoding(config.encoding.clone())
-            .with_stick_breaking(config.stick_breaking.then(StickBreakingConfig::new)),
+            .with_stick_breaking(config.stick_breaking.then(StickBreakingConfig::new))
+            .with_ssmax(config.ssmax.then(SsmaxConfig::new)),
     );
     let model: LanguageModel<B> = model_config.init(device)?;
     let (inputs, targets) = batch_tokens::<B>(config, device);
@@ -295,6 +302,7 @@ pub fn run<B: AutodiffBackend>(
             "softmax"
         }
         .into(),
+        ssmax: config.ssmax,
         mode: config.mode,
         length: config.length,
         batch: config.batch,

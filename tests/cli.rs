@@ -270,7 +270,12 @@ fn che_plot_redraws_the_committed_suite_and_names_a_missing_one() {
 
 /// `dape bench`'s JSON line for `encoding` (training, 2 sequences of 16 tokens, 2 steps).
 fn bench_line(encoding: &str) -> serde_json::Value {
-    let out = dape(&[
+    bench_line_with(encoding, &[])
+}
+
+/// [`bench_line`] with more arguments.
+fn bench_line_with(encoding: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "bench",
         "--mode",
         "train",
@@ -284,7 +289,9 @@ fn bench_line(encoding: &str) -> serde_json::Value {
         "2",
         "--warmup",
         "1",
-    ]);
+    ];
+    args.extend(extra);
+    let out = dape(&args);
     assert!(
         out.status.success(),
         "{}",
@@ -302,7 +309,18 @@ fn bench_line(encoding: &str) -> serde_json::Value {
 fn bench_reports_cpu_time_threads_steal_and_the_attention_path() {
     let line = bench_line("alibi");
     assert_eq!(line["attention_path"], "fused", "{line}");
+    assert_eq!(line["ssmax"], false, "{line}");
     assert_eq!(bench_line("path")["attention_path"], "tensor");
+    // Scalable-Softmax keeps the fused nodes, DAPE's tile included; DAPE V2 has none.
+    for (encoding, path) in [
+        ("kerple", "fused"),
+        ("dape-kerple", "fused"),
+        ("dapev2_kerple_log", "tensor"),
+    ] {
+        let line = bench_line_with(encoding, &["--ssmax"]);
+        assert_eq!(line["ssmax"], true, "{line}");
+        assert_eq!(line["attention_path"], path, "{encoding}: {line}");
+    }
     let wall = line["seconds_per_step"].as_f64().unwrap();
     assert!(wall > 0.0, "{line}");
     let threads = line["threads"].as_u64().unwrap();

@@ -104,6 +104,9 @@ pub struct BenchArgs {
     /// Stick-breaking attention in place of the softmax (`"normaliser"` in the JSON line).
     #[arg(long)]
     stick_breaking: bool,
+    /// Scalable-Softmax in every attention layer (`"ssmax": true` in the JSON line).
+    #[arg(long)]
+    ssmax: bool,
 }
 
 struct ReferenceTask {
@@ -354,6 +357,7 @@ pub fn bench(args: BenchArgs) -> Result<bool> {
         chunk: args.chunk,
         phases: args.phases,
         stick_breaking: args.stick_breaking,
+        ssmax: args.ssmax,
         ..BenchConfig::new(args.mode, encoding)
     };
     let result = dispatch(args.backend, BenchTask(config))?;
