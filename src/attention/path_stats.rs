@@ -4,7 +4,7 @@
 //! tensors of their own (an encoding that reads or rewrites the logits, such as DAPE V2, PaTH,
 //! CoPE or Shaw's; an option without a fused form, such as a sliding window; a backend without
 //! the kernels). `dape bench` reports them as its `attention_path`.
-//! Tests can turn the fused nodes off on their thread ([`on_tensor_path`]), so that the
+//! Tests can turn the fused nodes off on their thread (`on_tensor_path`), so that the
 //! layer's tensor path is the reference for its fused path on the same backend.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,7 +56,7 @@ thread_local! {
 }
 
 /// Whether the layer may take a fused node on this thread: always, except inside
-/// [`on_tensor_path`] in tests.
+/// `on_tensor_path` in tests.
 pub(super) fn fused_allowed() -> bool {
     #[cfg(test)]
     return !TENSOR_ONLY.with(std::cell::Cell::get);
