@@ -15,7 +15,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::activation::softmax;
 use burn::tensor::Distribution;
 
-use super::fused::Qkv;
+use super::tile::Qkv;
 
 const HEADS: usize = 4;
 const BATCH: usize = 2;

@@ -39,20 +39,7 @@ impl<B: Backend> Dape<B> {
         scale: f32,
         budget: usize,
     ) -> Option<Tensor<B, 4>> {
-        #[cfg(feature = "ndarray")]
-        return self.tile(
-            super::fused::Qkv::Separate(qkv),
-            map,
-            None,
-            span,
-            scale,
-            budget,
-        );
-        #[cfg(not(feature = "ndarray"))]
-        {
-            let _ = (qkv, map, span, scale, budget);
-            None
-        }
+        self.tile(Qkv::Separate(qkv), map, None, span, scale, budget)
     }
 
     /// [`Self::attention`] under Scalable-Softmax: the softmax of row `i` in head `h` reads
@@ -67,20 +54,14 @@ impl<B: Backend> Dape<B> {
         span: &Span,
         scale: f32,
     ) -> Option<Tensor<B, 4>> {
-        #[cfg(feature = "ndarray")]
-        return self.tile(
-            super::fused::Qkv::Separate(qkv),
+        self.tile(
+            Qkv::Separate(qkv),
             map,
             Some(row_scale),
             span,
             scale,
             ATTENTION_TILE,
-        );
-        #[cfg(not(feature = "ndarray"))]
-        {
-            let _ = (qkv, map, row_scale, span, scale);
-            None
-        }
+        )
     }
 
     /// [`Self::attention`] over the packed projection of a whole sequence, `qkv` `[batch, seq,
@@ -111,20 +92,7 @@ impl<B: Backend> Dape<B> {
         if (span.query_len, span.key_len) != (seq, seq) {
             return None;
         }
-        #[cfg(feature = "ndarray")]
-        return self.tile(
-            super::fused::Qkv::Packed(qkv),
-            map,
-            None,
-            span,
-            scale,
-            budget,
-        );
-        #[cfg(not(feature = "ndarray"))]
-        {
-            let _ = (qkv, map, span, scale, budget);
-            None
-        }
+        self.tile(Qkv::Packed(qkv), map, None, span, scale, budget)
     }
 
     /// The tile on ndarray (`f32`, ± autodiff), with Scalable-Softmax's `row_scale` `[H,
@@ -132,7 +100,7 @@ impl<B: Backend> Dape<B> {
     #[cfg(feature = "ndarray")]
     pub(super) fn tile(
         &self,
-        qkv: super::fused::Qkv<Tensor<B, 4>>,
+        qkv: Qkv<Tensor<B, 4>>,
         map: Option<Tensor<B, 4>>,
         row_scale: Option<Tensor<B, 2>>,
         span: &Span,
@@ -160,4 +128,30 @@ impl<B: Backend> Dape<B> {
         };
         fused::dape_attention(inputs, span)
     }
+
+    /// Without ndarray there is no tile: `None`, and the caller takes the tensor path.
+    #[cfg(not(feature = "ndarray"))]
+    pub(super) fn tile(
+        &self,
+        qkv: Qkv<Tensor<B, 4>>,
+        map: Option<Tensor<B, 4>>,
+        row_scale: Option<Tensor<B, 2>>,
+        span: &Span,
+        scale: f32,
+        budget: usize,
+    ) -> Option<Tensor<B, 4>> {
+        let _ = (qkv, map, row_scale, span, scale, budget);
+        None
+    }
+}
+
+/// Queries, keys and values as the tile takes them (the queries not yet scaled).
+#[derive(Debug)]
+pub(crate) enum Qkv<T> {
+    /// q `[batch, H, rows, d_head]`, k `[batch, H, keys, d_head]`, v `[batch, H, keys, d_v]`.
+    Separate([T; 3]),
+    /// `[batch, seq, 3 · H, d_head]` as one projection yields them: q's heads, then k's, then
+    /// v's (rows = keys = seq). Under autodiff the node's parent is this tensor itself, and
+    /// its backward pass writes the packed gradient at once (no zero-filled copies per part).
+    Packed(T),
 }

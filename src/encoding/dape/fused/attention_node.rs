@@ -12,23 +12,13 @@ use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
+use super::super::tile::Qkv;
 use super::attention::{DapeTile, TileGrads};
 use super::node::{host_opt, prim, record_dape_node, register};
 use super::v1::Mlp;
 use super::{applies, applies_autodiff, host};
 use crate::encoding::Span;
 use crate::kernel::{cast, cast_opt, row_major_values, view4, Ad, Nd};
-
-/// Queries, keys and values (the queries not yet scaled).
-#[derive(Debug)]
-pub(crate) enum Qkv<T> {
-    /// q `[batch, H, rows, d_head]`, k `[batch, H, keys, d_head]`, v `[batch, H, keys, d_v]`.
-    Separate([T; 3]),
-    /// `[batch, seq, 3 · H, d_head]` as one projection yields them: q's heads, then k's, then
-    /// v's (rows = keys = seq). Under autodiff the node's parent is this tensor itself, and
-    /// its backward pass writes the packed gradient at once (no zero-filled copies per part).
-    Packed(T),
-}
 
 /// The operands of [`dape_attention`] for backend `B`.
 pub(crate) struct DapeAttentionInputs<B: Backend> {

@@ -68,7 +68,7 @@ use burn::tensor::TensorData;
 
 use crate::encoding::{AdditiveBias, Span};
 pub(crate) use crate::kernel::{applies, applies_autodiff, host};
-pub(crate) use attention_node::{dape_attention, DapeAttentionInputs, Qkv};
+pub(crate) use attention_node::{dape_attention, DapeAttentionInputs};
 pub(crate) use node::{dape_v1_autodiff, dape_v2_autodiff};
 pub(crate) use v1::{dape_v1, Mlp};
 pub(crate) use v2::{dape_v2, KeyConvs};
