@@ -4,12 +4,12 @@
 //!    `[batch, seq, 3·heads, d_head]`;
 //! 2. [`attend_packed`](MultiHeadAttention::attend_packed): the whole sequence in one fused
 //!    node, where the kernel applies (no cache, no chunks, no rotation): the attention kernel
-//!    with the encoding's bias, or DAPE V1's tile ([`crate::encoding::Dape::attention_packed`]);
+//!    with the encoding's bias, or DAPE's tile (V1 or V2: [`crate::encoding::Dape::attention_packed`]);
 //! 3. [`update_cache`](MultiHeadAttention::update_cache): the new keys and values (and what
 //!    the encodings carry beside them) appended to the cache;
 //! 4. the rotary hook ([`PositionalEncoding::rotate`]) on q and k;
 //! 5. per chunk of query rows ([`attend_chunk`](MultiHeadAttention::attend_chunk)): the fused
-//!    kernel (or DAPE V1's tile) where it applies, else the logit hook ([`logits`](MultiHeadAttention::logits)),
+//!    kernel (or DAPE's tile) where it applies, else the logit hook ([`logits`](MultiHeadAttention::logits)),
 //!    the normaliser ([`normalise`](MultiHeadAttention::normalise)) and the product with V;
 //! 6. [`project_out`](MultiHeadAttention::project_out): the output projection.
 
@@ -20,6 +20,9 @@ use super::qk_norm::qk_normalise;
 use super::ssmax::ssmax_factor;
 use super::stick_breaking::stick_breaking_weights;
 use super::{path_stats, KvCache, MultiHeadAttention};
+use crate::encoding::dape::{
+    tile_attention, whole_sequence, TileQkv, TiledCorrection, ATTENTION_TILE,
+};
 use crate::encoding::{Fox, Hook, PositionalEncoding, Positions, SegmentIds, Span};
 use crate::kernel::{
     attention, attention_applies, attention_packed, batched_matmul, fused_softmax, linear_layer,
@@ -503,10 +506,11 @@ impl<B: Backend> MultiHeadAttention<B> {
         }
     }
 
-    /// DAPE V1 (over a bias, NoPE or forgetting attention's gate `D`) and the attention
-    /// around it in one kernel, `[batch, rows, heads, d_v]`, over separate q, k, v or the
-    /// packed projection of the whole sequence; `None` for every other encoding or where no
-    /// kernel applies ([`crate::encoding::Dape::attention`]).
+    /// DAPE (V1 over a bias, NoPE or forgetting attention's gate `D`; V2 over a bias or NoPE,
+    /// outside autodiff) and the attention around it in one kernel, `[batch, rows, heads, d_v]`, over separate
+    /// q, k, v or the packed projection of the whole sequence, with Scalable-Softmax's factors
+    /// `ssmax` `[1, heads, rows, 1]` where the layer has them; `None` for every other encoding
+    /// or where no kernel applies ([`tile_attention`]).
     fn dape_attention(
         &self,
         qkv: Qkv<'_, B>,
@@ -515,22 +519,27 @@ impl<B: Backend> MultiHeadAttention<B> {
         span: &Span,
         scale: f32,
     ) -> Option<Tensor<B, 4>> {
-        let (dape, map) = match (&self.encoding, gate) {
+        let device = match &qkv {
+            Qkv::Separate([q, _, _]) => q.device(),
+            Qkv::Packed(t) => t.device(),
+        };
+        let (f, map): (&dyn TiledCorrection<B>, _) = match (&self.encoding, gate) {
             (PositionalEncoding::Dape(d), _) => (d, None),
+            // In training, DAPE V2's node would run its convolutions' forward pass twice per
+            // block (for `Z`, then for the hidden values in `f`'s backward pass): 1.1-1.3x
+            // slower than its own node beside the fused softmax (`docs/src/performance.md`),
+            // so training keeps that node.
+            (PositionalEncoding::DapeV2(d), _) if !B::ad_enabled(&device) => (d, None),
             (PositionalEncoding::DapeFox(d), Some(g)) => (&d.dape, Some(g.clone())),
             _ => return None,
         };
-        match (qkv, ssmax) {
-            (Qkv::Separate([q, k, v]), None) => {
-                dape.attention([q.clone(), k.clone(), v.clone()], map, span, scale)
-            }
-            (Qkv::Separate([q, k, v]), Some(c)) => {
-                let rows = c.clone().reshape([self.n_heads, span.query_len]);
-                dape.attention_row_scaled([q.clone(), k.clone(), v.clone()], map, rows, span, scale)
-            }
-            (Qkv::Packed(t), None) => dape.attention_packed(t.clone(), map, span, scale),
-            (Qkv::Packed(_), Some(_)) => None,
-        }
+        let row_scale = ssmax.map(|c| c.clone().reshape([self.n_heads, span.query_len]));
+        let qkv = match (qkv, &row_scale) {
+            (Qkv::Separate([q, k, v]), _) => TileQkv::Separate([q.clone(), k.clone(), v.clone()]),
+            (Qkv::Packed(t), None) => whole_sequence(t.clone(), span)?,
+            (Qkv::Packed(_), Some(_)) => return None,
+        };
+        tile_attention(f, qkv, map, row_scale, span, scale, ATTENTION_TILE)
     }
 
     /// The bias that the fused attention kernel adds to the scaled logits of `span`:

@@ -1,9 +1,10 @@
-//! DAPE inside the attention tile ([`Dape::attention`]) against the layer's tensor path: the
-//! scaled logits, DAPE's tensor path, the masked softmax and the product with V. Values in
-//! evaluation and under autodiff, every gradient (q, k, v, the map, both layers, Kerple's
-//! parameters), bit-identical reruns, over a full causal forward, a causal chunk, a decode
-//! row and a non-causal block, with one block of rows, ragged blocks of three rows, and one
-//! row per block; and the same for the packed projection of a whole sequence.
+//! DAPE V1 and V2 inside the attention tile ([`tile_attention`]) against the layer's tensor
+//! path: the scaled logits, DAPE's tensor path, the masked softmax and the product with V.
+//! Values in evaluation and under autodiff, every gradient (q, k, v, the map, both layers or
+//! convolutions, Kerple's parameters, Scalable-Softmax's factors), bit-identical reruns, over a
+//! full causal forward, a causal chunk, a decode row and a non-causal block, with one block of
+//! rows, ragged blocks of three rows, and one row per block; and the same for the packed
+//! projection of a whole sequence.
 
 use super::tests::{
     assert_fused_node_matches_within, kerple_grads, kink_free_bias, normal, outputs_and_grads,
@@ -15,7 +16,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::activation::softmax;
 use burn::tensor::Distribution;
 
-use super::tile::Qkv;
+use super::tile::{tile_attention, whole_sequence, Qkv, TiledCorrection};
 
 const HEADS: usize = 4;
 const BATCH: usize = 2;
@@ -34,21 +35,56 @@ fn spans() -> Vec<Span> {
     spans
 }
 
+/// DAPE's `Z` on the tensor path, V1's or V2's.
+trait TensorPathZ<T: Backend> {
+    /// `Z` for the scaled logits over `span`, over `map` when given (V1 only).
+    fn z(&self, logits: Tensor<T, 4>, map: Option<Tensor<T, 4>>, span: &Span) -> Tensor<T, 4>;
+}
+
+impl<T: Backend> TensorPathZ<T> for Dape<T> {
+    fn z(&self, logits: Tensor<T, 4>, map: Option<Tensor<T, 4>>, span: &Span) -> Tensor<T, 4> {
+        match map {
+            Some(m) => self.forward_with_map_tensor_path(logits, m),
+            None => self.forward_tensor_path(logits, span, HIDDEN_BLOCK),
+        }
+    }
+}
+
+impl<T: Backend> TensorPathZ<T> for DapeV2<T> {
+    fn z(&self, logits: Tensor<T, 4>, map: Option<Tensor<T, 4>>, span: &Span) -> Tensor<T, 4> {
+        assert!(map.is_none(), "DAPE V2 has no form over an outside map");
+        self.forward_tensor_path(logits, span, HIDDEN_BLOCK)
+    }
+}
+
+/// A DAPE module under test: the tile's and the tensor path's views of it, under autodiff and
+/// in evaluation.
+trait Subject:
+    AutodiffModule<Ad, InnerModule = Self::Valid> + TiledCorrection<Ad> + TensorPathZ<Ad>
+{
+    type Valid: TiledCorrection<NdArray<f32>> + TensorPathZ<NdArray<f32>>;
+}
+
+impl Subject for Dape<Ad> {
+    type Valid = Dape<NdArray<f32>>;
+}
+
+impl Subject for DapeV2<Ad> {
+    type Valid = DapeV2<NdArray<f32>>;
+}
+
 /// The layer's tensor path: `softmax(mask(c ⊙ Z)) · v` with `Z` from DAPE's tensor path over
 /// the scaled logits and `c` the row factors `[H, rows]` when given, `[batch, rows, heads,
 /// d_v]`.
 fn reference<T: Backend>(
-    dape: &Dape<T>,
+    dape: &dyn TensorPathZ<T>,
     [q, k, v]: [Tensor<T, 4>; 3],
     [map, row_scale]: [Option<Tensor<T, 4>>; 2],
     span: &Span,
     scale: f32,
 ) -> Tensor<T, 4> {
     let logits = q.matmul(k.transpose()) * scale;
-    let mut z = match map {
-        Some(m) => dape.forward_with_map_tensor_path(logits, m),
-        None => dape.forward_tensor_path(logits, span, HIDDEN_BLOCK),
-    };
+    let mut z = dape.z(logits, map, span);
     if let Some(c) = row_scale {
         z = z * c;
     }
@@ -90,9 +126,9 @@ fn dape_with_biases(dape: Dape<Ad>) -> Dape<Ad> {
 /// For each span and budget: random q, k, v (and a map of `maps` planes when `maps > 0`),
 /// the tile against the tensor path in evaluation (values) and under autodiff (values, the
 /// gradients of q, k, v, the map and of `params`), and a second run bit-identical.
-fn check(
+fn check<M: Subject>(
     label: &str,
-    dape: &Dape<Ad>,
+    dape: &M,
     [maps, row_scale]: [usize; 2],
     params: impl Fn(&AdGrads) -> Vec<(&'static str, Option<Tensor<NdArray<f32>, 1>>)>,
 ) {
@@ -125,16 +161,16 @@ fn check(
             let qkv = [&q0, &k0, &v0].map(|t| t.clone().inner());
             let map = m0.clone().map(|m| m.inner());
             let c = c0.clone().map(|c| c.inner());
-            let tile = inner
-                .tile(
-                    Qkv::Separate(qkv.clone()),
-                    map.clone(),
-                    c.clone(),
-                    &span,
-                    scale,
-                    budget,
-                )
-                .expect("the tile applies on NdArray<f32>");
+            let tile = tile_attention(
+                &inner,
+                Qkv::Separate(qkv.clone()),
+                map.clone(),
+                c.clone(),
+                &span,
+                scale,
+                budget,
+            )
+            .expect("the tile applies on NdArray<f32>");
             let want = reference(
                 &inner,
                 qkv,
@@ -153,7 +189,8 @@ fn check(
                 let c = c0.clone().map(|c| c.detach().require_grad());
                 let qkv = [q.clone(), k.clone(), v.clone()];
                 let out = if fused {
-                    dape.tile(
+                    tile_attention(
+                        dape,
                         Qkv::Separate(qkv),
                         m.clone(),
                         c.clone(),
@@ -211,13 +248,13 @@ fn zero_sums(named: Vec<(String, Vec<f32>)>) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
-/// The packed form over the whole sequence ([`Dape::attention_packed_in_blocks`]): a random
+/// The packed form over the whole sequence ([`Dape::attention_packed`]'s kernel): a random
 /// projection `[batch, seq, 3 · H, d]` against the tensor path over its three parts, in
 /// evaluation and under autodiff (the packed gradient, the map's and `params`), causal and
 /// not, with one block and with ragged blocks.
-fn check_packed(
+fn check_packed<M: Subject>(
     label: &str,
-    dape: &Dape<Ad>,
+    dape: &M,
     maps: usize,
     params: impl Fn(&AdGrads) -> Vec<(&'static str, Option<Tensor<NdArray<f32>, 1>>)>,
 ) {
@@ -244,8 +281,8 @@ fn check_packed(
             let label = format!("{label}, packed, {span:?}, budget {budget}");
             let inner = dape.valid();
             let (p, map) = (p0.clone().inner(), m0.clone().map(|m| m.inner()));
-            let tile = inner
-                .attention_packed_in_blocks(p.clone(), map.clone(), &span, scale, budget)
+            let packed = whole_sequence(p.clone(), &span).expect("a whole sequence");
+            let tile = tile_attention(&inner, packed, map.clone(), None, &span, scale, budget)
                 .expect("the tile applies on NdArray<f32>");
             let qkv = [0, 1, 2].map(|i| p.clone().narrow(2, i * HEADS, HEADS).swap_dims(1, 2));
             let want = reference(&inner, qkv, [map, None], &span, scale);
@@ -257,7 +294,8 @@ fn check_packed(
                 let p = p0.clone().detach().require_grad();
                 let m = m0.clone().map(|m| m.detach().require_grad());
                 let out = if fused {
-                    dape.attention_packed_in_blocks(p.clone(), m.clone(), &span, scale, budget)
+                    let packed = whole_sequence(p.clone(), &span).expect("a whole sequence");
+                    tile_attention(dape, packed, m.clone(), None, &span, scale, budget)
                         .expect("the node applies on Autodiff<NdArray<f32>>")
                 } else {
                     reference(dape, parts(&p), [m.clone(), None], &span, scale)
@@ -360,4 +398,57 @@ fn tile_matches_tensor_path_with_row_factors() {
     check("row factors, a map", &over_map, [BATCH, 1], |g| {
         layer_grads(&over_map, g)
     });
+}
+
+/// DAPE V2 over Kerple and over NoPE, both masking modes, kernel widths 3 and 5, with
+/// Scalable-Softmax's row factors once: the tile against the tensor path in values and every
+/// gradient (both convolutions' weights and biases, Kerple's parameters, the factors').
+#[test]
+fn tile_matches_tensor_path_for_dape_v2() {
+    let _graphs = crate::util::autodiff_test_lock();
+    let device = Default::default();
+    for (with_bias, mask_hidden, k, row_scale) in [
+        (true, true, 3, 0),
+        (false, false, 5, 0),
+        (true, false, 3, 1),
+    ] {
+        let mut dape = DapeV2Config::new()
+            .with_kernel_size(k)
+            .with_negative_slope(0.1)
+            .with_mask_future_hidden(mask_hidden)
+            .init::<Ad>(HEADS, with_bias.then(random_kerple), &device)
+            .unwrap();
+        // As `dape_with_biases`: hidden values away from the kink, a small second layer.
+        dape.conv_out.weight = burn::module::Param::from_tensor(
+            (dape.conv_out.weight.val() * 0.1).detach().require_grad(),
+        );
+        dape.conv_in.bias = Some(kink_free_bias(32));
+        dape.conv_out.bias = Some(burn::module::Param::from_tensor(Tensor::random(
+            [HEADS],
+            normal(),
+            &device,
+        )));
+        let label = format!("V2, bias {with_bias}, mask {mask_hidden}, k {k}, ssmax {row_scale}");
+        let params = |grads: &AdGrads| {
+            let mut named = vec![
+                (
+                    "d conv w1",
+                    dape.conv_in.weight.grad(grads).map(|g| g.flatten(0, 3)),
+                ),
+                // Not a zero sum: the keys at a row's ends see the padding.
+                ("d conv b1", dape.conv_in.bias.as_ref().unwrap().grad(grads)),
+                (
+                    "d conv w2",
+                    dape.conv_out.weight.grad(grads).map(|g| g.flatten(0, 3)),
+                ),
+                ("d b2", dape.conv_out.bias.as_ref().unwrap().grad(grads)),
+            ];
+            named.extend(kerple_grads(&dape.bias, grads));
+            named
+        };
+        check(&label, &dape, [0, row_scale], params);
+        if row_scale == 0 {
+            check_packed(&label, &dape, 0, params);
+        }
+    }
 }

@@ -16,7 +16,7 @@
 //! | --- | --- |
 //! | `mod.rs` | [`DapeConfig`], [`Dape`] (V1): which path a forward takes on which backend |
 //! | `v2.rs` | [`DapeV2Config`], [`DapeV2`]: the same for V2 |
-//! | `tile.rs` | [`Dape::attention`]: DAPE and the attention around it in one kernel |
+//! | `tile.rs` | [`Dape::attention`], [`DapeV2::attention`]: DAPE and the attention around it in one kernel |
 //! | `tensor_path.rs` | the plain reference: both versions as Burn tensor ops, on any backend |
 //! | `fused/` | the fused ndarray kernels that must equal it: rows, backward, graph nodes |
 //! | `tests.rs` | the fused paths against the tensor path: values, gradients, row blocks |
@@ -40,6 +40,7 @@ use burn::prelude::*;
 
 use super::{default_from_new, AdditiveBias, Span};
 use crate::error::{ensure, Result};
+pub(crate) use tile::{tile_attention, whole_sequence, Qkv as TileQkv, TiledCorrection};
 pub use v2::{DapeV2, DapeV2Config};
 
 /// Configuration of [`Dape`].

@@ -1,5 +1,6 @@
-//! DAPE V1 inside the attention tile: `O = softmax(c ⊙ Z, causal mask) · V` with
-//! `Z = S + B + f([S ‖ B])`, `S = scale · Q Kᵀ` and `c` Scalable-Softmax's factor of each
+//! DAPE inside the attention tile: `O = softmax(c ⊙ Z, causal mask) · V` with
+//! `Z = S + B + f([S ‖ B])` (DAPE V1's MLP or DAPE V2's key convolutions: [`Correction`]),
+//! `S = scale · Q Kᵀ` and `c` Scalable-Softmax's factor of each
 //! (head, row) where the layer has it (else 1), for one block of query rows at a time
 //! ([`DapeTile::forward`]), and its backward pass, which recomputes each block's `S`, `Z` and
 //! probabilities instead of keeping them ([`DapeTile::backward`], FlashAttention's trade).
@@ -13,19 +14,18 @@
 //! same however rayon schedules the work.
 //!
 //! Per block (`P = softmax(Z)`, `dO` the output gradient):
-//! - forward: `S`, then [`dape_v1`] (`Z`), the row factors, the softmax, `O = P V`;
+//! - forward: `S`, then [`Correction::forward`] (`Z`), the row factors, the softmax, `O = P V`;
 //! - backward: `S`, `Z` and `P` again; `dV += Pᵀ dO`; `dZ' = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`
 //!   for the softmax's input `Z' = c ⊙ Z`; `dc_hi += Σ_j Z_ij dZ'_ij` (over the batch) and
-//!   `dZ = c ⊙ dZ'`; [`dape_v1_backward`] gives `dS`, the bias block's gradient and the MLP's;
+//!   `dZ = c ⊙ dZ'`; [`Correction::backward`] gives `dS`, the bias block's gradient and `f`'s;
 //!   `dQ = scale · dS K`, `dK += scale · dSᵀ Q`.
 //!
-//! The reference it must equal is the layer's tensor path: the logits, `Dape::forward`, the
-//! masked softmax and the product with V (`dape/tests.rs`).
+//! The reference it must equal is the layer's tensor path: the logits, `Dape::forward` (or
+//! `DapeV2::forward`), the masked softmax and the product with V (`dape/attention_tests.rs`).
 
 use rayon::prelude::*;
 
-use super::v1::{dape_v1, Mlp};
-use super::v1_backward::{dape_v1_backward, V1Grads};
+use super::correction::{Correction, CorrectionGrads};
 use crate::encoding::Span;
 use crate::kernel::{gemm_new, gemm_scaled, gemm_scaled_add, softmax_row_simd, view2, Mat};
 
@@ -43,7 +43,8 @@ pub(crate) struct DapeTile<'a> {
     pub dims: [usize; 6],
     pub scale: f32,
     pub span: &'a Span,
-    pub mlp: &'a Mlp,
+    /// DAPE's `f`.
+    pub f: &'a Correction,
     /// Scalable-Softmax's factor `c` per head and row, `[H, rows]` (shared by the batch), or
     /// `None` (the plain softmax).
     pub row_scale: Option<&'a [f32]>,
@@ -52,16 +53,13 @@ pub(crate) struct DapeTile<'a> {
 }
 
 /// The gradients of one call, row-major: q, k, v in their shapes, the bias map's (its shape;
-/// empty without one) and the MLP's in Burn's `Linear` layouts.
+/// empty without one) and `f`'s four tensors (in [`Correction::weight_sizes`]' layouts).
 pub(crate) struct TileGrads {
     pub q: Vec<f32>,
     pub k: Vec<f32>,
     pub v: Vec<f32>,
     pub bias: Vec<f32>,
-    pub w1t: Vec<f32>,
-    pub b1: Vec<f32>,
-    pub w2t: Vec<f32>,
-    pub b2: Vec<f32>,
+    pub weights: [Vec<f32>; 4],
     /// The row factors' `[H, rows]` (empty without them).
     pub row_scale: Vec<f32>,
 }
@@ -119,7 +117,7 @@ impl<'a> DapeTile<'a> {
         let mut dvs = vec![0.0f32; b * h * keys * dv];
         let mut dbias = vec![0.0f32; self.bias_maps() * h * rows * keys];
         let mut dc = vec![0.0f32; self.row_scale.map_or(0, <[f32]>::len)];
-        let mut weights: Option<V1Grads> = None;
+        let mut weights: Option<[Vec<f32>; 4]> = None;
         for r0 in (0..rows).step_by(self.block.max(1)) {
             let block = self.block_at(r0, true);
             let rb = block.rb;
@@ -140,13 +138,12 @@ impl<'a> DapeTile<'a> {
             if let (Some(c), Some(z)) = (self.row_scale, &block.z) {
                 self.row_scale_grad(c, z, &mut dz, r0, &block.span, &mut dc);
             }
-            let grads = dape_v1_backward(
+            let grads = self.f.backward(
                 &block.logits,
                 block.bias.as_deref(),
                 &dz,
                 [b, h, rb, keys],
                 &block.span,
-                self.mlp,
             );
             drop(dz);
             // dQ = scale · dS K (the block's rows), dK += scale · dSᵀ Q.
@@ -167,28 +164,14 @@ impl<'a> DapeTile<'a> {
             if let Some(db) = &grads.bias {
                 scatter_rows(&mut dbias, db, [rows, keys], r0, rb);
             }
-            weights = Some(match weights {
-                None => add_weight_grads(grads, None),
-                Some(sum) => add_weight_grads(sum, Some(grads)),
-            });
+            weights = Some(add_weight_grads(weights, grads));
         }
-        let w = weights.unwrap_or_else(|| V1Grads {
-            logits: Vec::new(),
-            bias: None,
-            w1t: vec![0.0; self.mlp.c * self.mlp.d],
-            b1: vec![0.0; self.mlp.d],
-            w2t: vec![0.0; self.mlp.d * self.mlp.h],
-            b2: vec![0.0; self.mlp.h],
-        });
         TileGrads {
             q: dq,
             k: dk,
             v: dvs,
             bias: dbias,
-            w1t: w.w1t,
-            b1: w.b1,
-            w2t: w.w2t,
-            b2: w.b2,
+            weights: weights.unwrap_or_else(|| self.f.weight_sizes().map(|n| vec![0.0; n])),
             row_scale: dc,
         }
     }
@@ -259,7 +242,9 @@ impl<'a> DapeTile<'a> {
         } else {
             std::mem::take(&mut logits)
         };
-        let mut probs = dape_v1(input, bias.as_deref(), [b, h, rb, keys], &span, self.mlp);
+        let mut probs = self
+            .f
+            .forward(input, bias.as_deref(), [b, h, rb, keys], &span);
         let z = (keep_logits && self.row_scale.is_some()).then(|| probs.clone());
         probs
             .par_chunks_mut(keys.max(1))
@@ -386,22 +371,16 @@ fn scatter_rows(dst: &mut [f32], block: &[f32], [rows, keys]: [usize; 2], r0: us
     }
 }
 
-/// The MLP's gradients summed over the blocks so far (`sum`) and one more block's; the inputs'
-/// gradients (the block's logits and bias) are dropped.
-fn add_weight_grads(mut sum: V1Grads, block: Option<V1Grads>) -> V1Grads {
-    if let Some(block) = block {
-        for (a, b) in [
-            (&mut sum.w1t, &block.w1t),
-            (&mut sum.b1, &block.b1),
-            (&mut sum.w2t, &block.w2t),
-            (&mut sum.b2, &block.b2),
-        ] {
-            for (x, y) in a.iter_mut().zip(b) {
-                *x += y;
-            }
+/// `f`'s gradients summed over the blocks so far (`sum`, `None` before the first) and one more
+/// block's; the block's other gradients (its logits' and bias's) are dropped.
+fn add_weight_grads(sum: Option<[Vec<f32>; 4]>, block: CorrectionGrads) -> [Vec<f32>; 4] {
+    let Some(mut sum) = sum else {
+        return block.weights;
+    };
+    for (a, b) in sum.iter_mut().zip(&block.weights) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x += y;
         }
     }
-    sum.logits = Vec::new();
-    sum.bias = None;
     sum
 }

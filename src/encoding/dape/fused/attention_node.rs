@@ -1,8 +1,8 @@
-//! DAPE V1 inside the attention node, [`dape_attention`]: the tile of `attention.rs` on
+//! DAPE (V1 or V2) inside the attention node, [`dape_attention`]: the tile of `attention.rs` on
 //! `NdArray<f32>` (evaluation) and, on `Autodiff<NdArray<f32>>` (training), as one graph node
-//! over q, k, v (or the packed projection, [`Qkv`]), the base bias map, the MLP's four
-//! tensors and Scalable-Softmax's row factors, which keeps only its inputs and its output: the backward pass recomputes every
-//! block's logits, `Z` and probabilities.
+//! over q, k, v (or the packed projection, [`Qkv`]), the base bias map, `f`'s four tensors and
+//! Scalable-Softmax's row factors, which keeps only its inputs and its output: the backward
+//! pass recomputes every block's logits, `Z` and probabilities.
 
 use std::sync::Arc;
 
@@ -12,10 +12,12 @@ use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
-use super::super::tile::Qkv;
+use super::super::tile::{Qkv, TileForm, TileWeights};
 use super::attention::{DapeTile, TileGrads};
+use super::correction::Correction;
 use super::node::{host_opt, prim, record_dape_node, register};
 use super::v1::Mlp;
+use super::v2::KeyConvs;
 use super::{applies, applies_autodiff, host};
 use crate::encoding::Span;
 use crate::kernel::{cast, cast_opt, row_major_values, view4, Ad, Nd};
@@ -27,16 +29,11 @@ pub(crate) struct DapeAttentionInputs<B: Backend> {
     pub heads: usize,
     /// The base bias map, `[1 or batch, H, rows, keys]`; `None` over NoPE.
     pub bias: Option<Tensor<B, 4>>,
-    /// `f`'s first layer `[C, D]` and bias `[D]`, second layer `[D, H]` and bias `[H]`.
-    pub w1t: Tensor<B, 2>,
-    pub b1: Option<Tensor<B, 1>>,
-    pub w2t: Tensor<B, 2>,
-    pub b2: Option<Tensor<B, 1>>,
+    /// DAPE's `f`.
+    pub f: TileWeights<B>,
     /// Scalable-Softmax's factor per head and row, `[H, rows]`: the softmax reads `c ⊙ Z`.
     /// `None`: the plain softmax.
     pub row_scale: Option<Tensor<B, 2>>,
-    /// LeakyReLU's slope.
-    pub slope: f32,
     /// The logits' scale (`1/√d_head`).
     pub scale: f32,
     /// Largest block of rows `[batch, H, rb, keys]` in floats (`ATTENTION_TILE` normally;
@@ -44,11 +41,12 @@ pub(crate) struct DapeAttentionInputs<B: Backend> {
     pub budget: usize,
 }
 
-/// `softmax(Z, mask) · V` with `Z = S + B + f([S ‖ B])`, `S = scale · q kᵀ`, over the rows and
+/// `softmax(Z, mask) · V` with `Z = S + B + f([S ‖ B])`, `S = scale · q kᵀ` and `f` DAPE V1's
+/// or V2's, over the rows and
 /// keys of `span`: `[batch, rows, H, d_v]` (the heads side by side per row, as the attention
 /// kernel returns them). `None` (the caller takes the tensor path) when the backend is not
 /// ndarray `f32` (± autodiff) or a shape does not fit: the bias map must be `[1 or batch, H,
-/// rows, keys]`, and `f`'s input width `2H` with a bias, `H` without.
+/// rows, keys]`, and `f`'s input width `2H` with a bias, `H` without (see [`TileWeights`]).
 pub(crate) fn dape_attention<B: Backend>(
     x: DapeAttentionInputs<B>,
     span: &Span,
@@ -58,9 +56,9 @@ pub(crate) fn dape_attention<B: Backend>(
     }
     if applies::<B>() {
         let x = cast_inputs::<B, Nd>(x)?;
-        let mlp = mlp_of(&x)?;
+        let f = correction_of(&x)?;
         let dims = tile_dims(&x)?;
-        let device = x.w1t.device();
+        let device = x.f.w1.device();
         let qkv = x.qkv.map(|t| t.into_primitive().tensor());
         let bias = x.bias.map(|m| m.into_primitive().tensor());
         let row_scale = x.row_scale.map(|c| c.into_primitive().tensor());
@@ -70,7 +68,7 @@ pub(crate) fn dape_attention<B: Backend>(
             dims,
             [x.scale],
             span,
-            &mlp,
+            &f,
             x.budget,
         )?;
         return cast(Tensor::<Nd, 4>::from_data(
@@ -90,16 +88,13 @@ fn fits<B: Backend>(x: &DapeAttentionInputs<B>) -> bool {
     let Some([b, _, rows, keys, dh, _]) = tile_dims(x) else {
         return false;
     };
-    let [c, d] = x.w1t.dims();
     let bias_fits = x.bias.as_ref().is_none_or(|m| {
         let [mb, mh, mr, mk] = m.dims();
         (mb == 1 || mb == b) && (mh, mr, mk) == (h, rows, keys)
     });
     let rows_fit = x.row_scale.as_ref().is_none_or(|c| c.dims() == [h, rows]);
-    let widths = c == if x.bias.is_some() { 2 * h } else { h }
-        && x.w2t.dims() == [d, h]
-        && x.b1.as_ref().is_none_or(|t| t.dims() == [d])
-        && x.b2.as_ref().is_none_or(|t| t.dims() == [h]);
+    let channels = if x.bias.is_some() { 2 * h } else { h };
+    let widths = x.f.dims(h).is_some_and(|[c, _, _]| c == channels);
     let f32s = x
         .qkv
         .iter()
@@ -109,7 +104,7 @@ fn fits<B: Backend>(x: &DapeAttentionInputs<B>) -> bool {
         && x.row_scale
             .as_ref()
             .is_none_or(|t| t.dtype() == burn::tensor::DType::F32)
-        && x.w1t.dtype() == burn::tensor::DType::F32;
+        && x.f.w1.dtype() == burn::tensor::DType::F32;
     h > 0 && dh > 0 && bias_fits && rows_fit && widths && f32s
 }
 
@@ -123,29 +118,41 @@ fn cast_inputs<B: Backend, C: Backend>(
         },
         heads: x.heads,
         bias: cast_opt(x.bias)?,
-        w1t: cast(x.w1t)?,
-        b1: cast_opt(x.b1)?,
-        w2t: cast(x.w2t)?,
-        b2: cast_opt(x.b2)?,
+        f: TileWeights {
+            form: x.f.form,
+            w1: cast(x.f.w1)?,
+            b1: cast_opt(x.f.b1)?,
+            w2: cast(x.f.w2)?,
+            b2: cast_opt(x.f.b2)?,
+            slope: x.f.slope,
+        },
         row_scale: cast_opt(x.row_scale)?,
-        slope: x.slope,
         scale: x.scale,
         budget: x.budget,
     })
 }
 
-/// `f`'s weights on the host.
-fn mlp_of<B: Backend>(x: &DapeAttentionInputs<B>) -> Option<Mlp> {
-    let [c, d] = x.w1t.dims();
-    let h = x.heads;
-    Some(Mlp::new(
-        [c, d, h],
-        host(x.w1t.clone())?,
-        host_opt(&x.b1)?,
-        host(x.w2t.clone())?,
-        host_opt(&x.b2)?,
-        x.slope,
-    ))
+/// `f`'s weights on the host (the shapes were checked by [`fits`]).
+fn correction_of<B: Backend>(x: &DapeAttentionInputs<B>) -> Option<Correction> {
+    let f = &x.f;
+    let [c, d, h] = f.dims(x.heads)?;
+    let (w1, b1) = (host(f.w1.clone())?, host_opt(&f.b1)?);
+    let (w2, b2) = (host(f.w2.clone())?, host_opt(&f.b2)?);
+    Some(match f.form {
+        TileForm::V1 => Correction::V1(Mlp::new([c, d, h], w1, b1, w2, b2, f.slope)),
+        TileForm::V2 {
+            kernel,
+            mask_future_hidden,
+        } => Correction::V2(KeyConvs {
+            dims: [c, d, h, kernel],
+            w1,
+            b1: b1.unwrap_or_else(|| vec![0.0; d]),
+            w2,
+            b2: b2.unwrap_or_else(|| vec![0.0; h]),
+            slope: f.slope,
+            mask_future_hidden,
+        }),
+    })
 }
 
 /// `[batch, H, rows, keys, d_head, d_v]`; `None` when q, k and v do not fit together.
@@ -201,7 +208,7 @@ fn tile<'a>(
     dims: [usize; 6],
     [scale]: [f32; 1],
     span: &'a Span,
-    mlp: &'a Mlp,
+    f: &'a Correction,
     block: usize,
 ) -> Option<DapeTile<'a>> {
     let [q, k, v] = views(qkv, dims[1])?;
@@ -213,7 +220,7 @@ fn tile<'a>(
         dims,
         scale,
         span,
-        mlp,
+        f,
         row_scale,
         block,
     })
@@ -227,13 +234,13 @@ fn run_forward(
     dims: [usize; 6],
     scale: [f32; 1],
     span: &Span,
-    mlp: &Mlp,
+    f: &Correction,
     budget: usize,
 ) -> Option<Vec<f32>> {
     let [bias, row_scale] = [host_values(bias)?, host_values(row_scale)?];
     let block = DapeTile::block_rows(four(dims), budget);
     let host = [bias.as_deref(), row_scale.as_deref()];
-    Some(tile(qkv, host, dims, scale, span, mlp, block)?.forward())
+    Some(tile(qkv, host, dims, scale, span, f, block)?.forward())
 }
 
 /// The row-major values of an optional tensor: `Some(None)` when absent, `None` when not `f32`.
@@ -258,16 +265,18 @@ struct State {
     bias_maps: usize,
     scale: f32,
     span: Span,
-    mlp: Mlp,
+    f: Correction,
+    /// The shapes of `f`'s two weights (as the node's parents have them).
+    weight_dims: [[usize; 2]; 2],
 }
 
 /// The forward pass on `Autodiff<NdArray<f32>>`, recorded as one node over q, k, v (or the
 /// packed projection), the bias map, `f`'s four tensors and the row factors.
 fn record(x: DapeAttentionInputs<Ad>, span: &Span) -> Option<Tensor<Ad, 4>> {
-    let mlp = mlp_of(&x)?;
+    let f = correction_of(&x)?;
     let dims = tile_dims(&x)?;
     let block = DapeTile::block_rows(four(dims), x.budget);
-    let device = x.w1t.device();
+    let device = x.f.w1.device();
     let qkv = x
         .qkv
         .as_ref()
@@ -290,7 +299,7 @@ fn record(x: DapeAttentionInputs<Ad>, span: &Span) -> Option<Tensor<Ad, 4>> {
         dims,
         [x.scale],
         &span,
-        &mlp,
+        &f,
         x.budget,
     )?;
     let out = Tensor::<Nd, 4>::from_data(TensorData::new(out, out_dims(dims)), &device)
@@ -307,35 +316,36 @@ fn record(x: DapeAttentionInputs<Ad>, span: &Span) -> Option<Tensor<Ad, 4>> {
         bias_maps,
         scale: x.scale,
         span,
-        mlp,
+        f,
+        weight_dims: [x.f.w1.dims(), x.f.w2.dims()],
     });
     let rest = [
         x.bias.map(prim),
-        Some(prim(x.w1t)),
-        x.b1.map(prim),
-        Some(prim(x.w2t)),
-        x.b2.map(prim),
+        Some(prim(x.f.w1)),
+        x.f.b1.map(prim),
+        Some(prim(x.f.w2)),
+        x.f.b2.map(prim),
         x.row_scale.map(prim),
     ];
     Some(match x.qkv {
         Qkv::Separate([q, k, v]) => {
-            let [bias, w1t, b1, w2t, b2, c] = rest;
+            let [bias, w1, b1, w2, b2, c] = rest;
             let parents = [
                 Some(prim(q)),
                 Some(prim(k)),
                 Some(prim(v)),
                 bias,
-                w1t,
+                w1,
                 b1,
-                w2t,
+                w2,
                 b2,
                 c,
             ];
             record_dape_node(SeparateBackward, parents, state, out, &device)
         }
         Qkv::Packed(t) => {
-            let [bias, w1t, b1, w2t, b2, c] = rest;
-            let parents = [Some(prim(t)), bias, w1t, b1, w2t, b2, c];
+            let [bias, w1, b1, w2, b2, c] = rest;
+            let parents = [Some(prim(t)), bias, w1, b1, w2, b2, c];
             record_dape_node(PackedBackward, parents, state, out, &device)
         }
     })
@@ -401,7 +411,7 @@ fn tile_grads(st: &State, grad: burn_ndarray::NdArrayTensor) -> TileGrads {
         st.dims,
         [st.scale],
         &st.span,
-        &st.mlp,
+        &st.f,
         st.block,
     )
     .expect("the attention-DAPE node keeps f32 tensors")
@@ -412,13 +422,15 @@ fn tile_grads(st: &State, grad: burn_ndarray::NdArrayTensor) -> TileGrads {
 /// (those of q, k and v are the caller's).
 fn rest_grads(st: &State, g: TileGrads) -> [(Vec<f32>, Vec<usize>); 6] {
     let [_, h, rows, keys, _, _] = st.dims;
-    let Mlp { c, d, .. } = st.mlp;
+    let [w1_dims, w2_dims] = st.weight_dims.map(Vec::from);
+    let [w1, b1, w2, b2] = g.weights;
+    let [d, h_out] = [b1.len(), b2.len()];
     [
         (g.bias, vec![st.bias_maps, h, rows, keys]),
-        (g.w1t, vec![c, d]),
-        (g.b1, vec![d]),
-        (g.w2t, vec![d, h]),
-        (g.b2, vec![h]),
+        (w1, w1_dims),
+        (b1, vec![d]),
+        (w2, w2_dims),
+        (b2, vec![h_out]),
         (g.row_scale, vec![h, rows]),
     ]
 }

@@ -38,7 +38,8 @@
 //! | `v1_backward.rs` | [`dape_v1_backward`]: five matrix products per row |
 //! | `v2_backward.rs` | [`dape_v2_backward`]: each convolution as a product over key shifts |
 //! | `node.rs` | [`dape_v1_autodiff`], [`dape_v2_autodiff`]: the training graph nodes |
-//! | `attention.rs` | DAPE V1 inside the attention tile: logits, `f`, softmax and `· V` per block of rows, and the backward pass that recomputes them |
+//! | `correction.rs` | `f` as the tile runs it: DAPE V1's MLP or DAPE V2's key convolutions |
+//! | `attention.rs` | DAPE (V1 or V2) inside the attention tile: logits, `f`, softmax and `· V` per block of rows, and the backward pass that recomputes them |
 //! | `attention_node.rs` | [`dape_attention`]: that tile for evaluation, and as one training graph node over q, k, v, the bias map and `f` |
 //!
 //! The plain reference that each kernel must equal is the tensor path beside this folder
@@ -55,6 +56,7 @@
 mod attention;
 mod attention_node;
 mod backward;
+mod correction;
 mod node;
 mod rows;
 mod simd;
