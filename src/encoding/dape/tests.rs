@@ -168,29 +168,35 @@ fn check_fused(
 /// The fused CPU kernel (NdArray outside autodiff) equals the tensor path at every key a row
 /// can see, with and without a base bias, with batch 2, for a full causal forward, a causal
 /// chunk, a one-row decode step, a non-causal block, and rows longer than one 16-key block
-/// with a ragged end; future keys hold `logits + bias`.
+/// with a ragged end; future keys hold `logits + bias`. A hidden width of 6 (not a multiple of
+/// the kernel's four side-by-side sums) takes the kernel's remainder path.
 #[test]
 fn fused_kernel_matches_tensor_path() {
     let device = Default::default();
-    for with_bias in [true, false] {
+    for (with_bias, width) in [(true, 32), (false, 32), (true, 6), (false, 6)] {
         let bias = with_bias
             .then(|| AdditiveBias::Alibi(AlibiConfig::new().init::<B>(4, &device).unwrap()));
         let mut dape = DapeConfig::new()
             .with_negative_slope(0.2)
+            .with_mlp_width(width)
             .init::<B>(4, bias, &device)
             .unwrap();
         // Non-zero biases, so that both are exercised.
         let rand =
             |n| Tensor::<B, 1>::random([n], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
-        dape.mlp_in.bias = Some(burn::module::Param::from_tensor(rand(32)));
+        dape.mlp_in.bias = Some(burn::module::Param::from_tensor(rand(width)));
         dape.mlp_out.bias = Some(burn::module::Param::from_tensor(rand(4)));
-        check_fused(&format!("bias {with_bias}"), &dape.bias, |a, span| {
-            [
-                dape.forward_fused(a, span).expect("f32 tensors"),
-                dape.forward(a.clone(), span),
-                dape.forward_tensor_path(a.clone(), span, HIDDEN_BLOCK),
-            ]
-        });
+        check_fused(
+            &format!("bias {with_bias}, width {width}"),
+            &dape.bias,
+            |a, span| {
+                [
+                    dape.forward_fused(a, span).expect("f32 tensors"),
+                    dape.forward(a.clone(), span),
+                    dape.forward_tensor_path(a.clone(), span, HIDDEN_BLOCK),
+                ]
+            },
+        );
     }
 }
 
@@ -576,28 +582,31 @@ pub(super) fn assert_fused_node_matches_within(
 }
 
 /// DAPE V2's fused CPU kernel equals the tensor path at every key a row can see, for both
-/// masking modes, kernel widths 1, 3 and 5, with and without a base bias, batch 2, over a
-/// full causal forward, a causal chunk, a decode step and a non-causal block; future keys
+/// masking modes, kernel widths 1, 3 and 5, hidden widths 32 and 6 (6 takes the remainder of
+/// the kernel's four side-by-side sums), with and without a base bias, batch 2, over a full
+/// causal forward, a causal chunk, a decode step and a non-causal block; future keys
 /// hold `logits + bias`.
 #[test]
 fn fused_v2_kernel_matches_tensor_path() {
     let device = Default::default();
-    for (with_bias, mask_hidden, k) in [
-        (true, true, 3),
-        (true, false, 3),
-        (false, true, 5),
-        (false, false, 5),
-        (true, true, 1),
+    for (with_bias, mask_hidden, k, width) in [
+        (true, true, 3, 32),
+        (true, false, 3, 32),
+        (false, true, 5, 32),
+        (false, false, 5, 32),
+        (true, true, 1, 32),
+        (true, false, 3, 6),
     ] {
         let bias = with_bias
             .then(|| AdditiveBias::Alibi(AlibiConfig::new().init::<B>(4, &device).unwrap()));
         let dape = DapeV2Config::new()
+            .with_mlp_width(width)
             .with_kernel_size(k)
             .with_negative_slope(0.2)
             .with_mask_future_hidden(mask_hidden)
             .init::<B>(4, bias, &device)
             .unwrap();
-        let label = format!("bias {with_bias}, mask {mask_hidden}, k {k}");
+        let label = format!("bias {with_bias}, mask {mask_hidden}, k {k}, width {width}");
         check_fused(&label, &dape.bias, |a, span| {
             [
                 dape.forward_fused(a, span).expect("f32 tensors"),

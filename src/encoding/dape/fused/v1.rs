@@ -163,14 +163,62 @@ fn layer<const FMA: bool>(
     input: &[[f32; LANES]],
 ) {
     let n = input.len();
-    for (k, o) in out.iter_mut().enumerate() {
-        let mut acc = [bias.get(k).copied().unwrap_or(0.0); LANES];
-        for (&w, x) in weight[k * n..(k + 1) * n].iter().zip(input) {
+    dense::<FMA>(out, weight, n, input, |k| {
+        [bias.get(k).copied().unwrap_or(0.0); LANES]
+    });
+}
+
+/// `out[k] = init(k) + Σ_c weight[k · stride + c] · input[c]`, lane by lane, [`CHAINS`] outputs
+/// at a time: each output's sum is one chain of dependent multiply-adds (in `c` order, so the
+/// bits do not depend on how many run together), and one chain alone would wait on the
+/// multiply-add's latency at every step; several side by side keep the unit busy and share
+/// each input's load.
+#[inline(always)]
+fn dense<const FMA: bool>(
+    out: &mut [[f32; LANES]],
+    weight: &[f32],
+    stride: usize,
+    input: &[[f32; LANES]],
+    init: impl Fn(usize) -> [f32; LANES],
+) {
+    let n = input.len();
+    let mut k0 = 0;
+    while k0 + CHAINS <= out.len() {
+        let rows: [&[f32]; CHAINS] = std::array::from_fn(|i| &weight[(k0 + i) * stride..][..n]);
+        let mut acc: [[f32; LANES]; CHAINS] = std::array::from_fn(|i| init(k0 + i));
+        for (c, x) in input.iter().enumerate() {
+            for i in 0..CHAINS {
+                let w = rows[i][c];
+                for l in 0..LANES {
+                    acc[i][l] = madd::<FMA>(acc[i][l], w, x[l]);
+                }
+            }
+        }
+        out[k0..k0 + CHAINS].copy_from_slice(&acc);
+        k0 += CHAINS;
+    }
+    for (k, o) in out.iter_mut().enumerate().skip(k0) {
+        let mut acc = init(k);
+        for (&w, x) in weight[k * stride..][..n].iter().zip(input) {
             for l in 0..LANES {
                 acc[l] = madd::<FMA>(acc[l], w, x[l]);
             }
         }
         *o = acc;
+    }
+}
+
+/// Outputs that [`dense`] sums side by side: four chains cover the multiply-add's latency (four
+/// cycles on current x86 cores) at one per cycle.
+pub(super) const CHAINS: usize = 4;
+
+/// `hidden = LeakyReLU(z)`, lane by lane.
+#[inline(always)]
+fn leaky_relu_lanes(hidden: &mut [[f32; LANES]], z: &[[f32; LANES]], slope: f32) {
+    for (hd, z) in hidden.iter_mut().zip(z) {
+        for l in 0..LANES {
+            hd[l] = if z[l] >= 0.0 { z[l] } else { z[l] * slope };
+        }
     }
 }
 
@@ -193,33 +241,16 @@ fn gather(
 #[inline(always)]
 fn logits_half<const FMA: bool>(mlp: &Mlp, blk: usize, s: &mut Scratch) {
     let (c, d, h) = (mlp.c, mlp.d, mlp.h);
-    for (k, (z, hd)) in s.z.iter_mut().zip(s.hidden.iter_mut()).enumerate() {
-        let mut acc = s.pre[blk * d + k];
-        for (&w, x) in mlp.w1[k * c..k * c + h].iter().zip(&s.x[..h]) {
-            for l in 0..LANES {
-                acc[l] = madd::<FMA>(acc[l], w, x[l]);
-            }
-        }
-        *z = acc;
-        for l in 0..LANES {
-            hd[l] = if acc[l] >= 0.0 {
-                acc[l]
-            } else {
-                acc[l] * mlp.slope
-            };
-        }
-    }
+    let pre = &s.pre[blk * d..(blk + 1) * d];
+    dense::<FMA>(&mut s.z, &mlp.w1, c, &s.x[..h], |k| pre[k]);
+    leaky_relu_lanes(&mut s.hidden, &s.z, mlp.slope);
 }
 
 /// The first layer and LeakyReLU for the gathered block `x`: fills `z` and `hidden`.
 #[inline(always)]
 fn hidden_layer<const FMA: bool>(mlp: &Mlp, s: &mut Scratch) {
     layer::<FMA>(&mut s.z, &mlp.w1, &mlp.b1, &s.x);
-    for (hd, z) in s.hidden.iter_mut().zip(&s.z) {
-        for l in 0..LANES {
-            hd[l] = if z[l] >= 0.0 { z[l] } else { z[l] * mlp.slope };
-        }
-    }
+    leaky_relu_lanes(&mut s.hidden, &s.z, mlp.slope);
 }
 
 /// `b1 + W1[:, H..] · B` for every block of the `visible` keys of one query row of a bias map
@@ -231,15 +262,8 @@ fn bias_half<const FMA: bool>(mlp: &Mlp, bias: &[&[f32]], visible: usize, s: &mu
     for (blk, j0) in (0..visible).step_by(LANES).enumerate() {
         let n = LANES.min(visible - j0);
         gather(&mut s.x[h..], bias.iter(), j0, n);
-        for (k, o) in s.pre[blk * d..(blk + 1) * d].iter_mut().enumerate() {
-            let mut acc = [mlp.b1[k]; LANES];
-            for (&w, x) in mlp.w1[k * c + h..(k + 1) * c].iter().zip(&s.x[h..]) {
-                for l in 0..LANES {
-                    acc[l] = madd::<FMA>(acc[l], w, x[l]);
-                }
-            }
-            *o = acc;
-        }
+        let pre = &mut s.pre[blk * d..(blk + 1) * d];
+        dense::<FMA>(pre, &mlp.w1[h..], c, &s.x[h..], |k| [mlp.b1[k]; LANES]);
     }
 }
 

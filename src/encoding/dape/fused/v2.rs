@@ -93,32 +93,61 @@ struct V2Row<'a> {
 }
 
 /// `out[o][j] += Σ_ch Σ_t w[o, ch, t] · input[ch][j + t]` for `j` in `0..n` (`n ≤ LANES`), the
-/// padded `input` rows being `width` long; `out` starts at `bias[o]`.
+/// padded `input` rows being `width` long; `out` starts at `bias[o]`. [`CHAINS`] outputs run side
+/// by side (each one chain of dependent multiply-adds in `(ch, t)` order, so the bits do not
+/// depend on it), sharing each shifted load of the input.
 #[inline(always)]
 fn key_conv_block<const FMA: bool>(
     out: &mut [[f32; LANES]],
     w: &[f32],
     bias: &[f32],
     input: &[f32],
-    [channels, k, width, j0]: [usize; 4],
+    dims: [usize; 4],
 ) {
-    for (o, acc_out) in out.iter_mut().enumerate() {
-        let mut acc = [bias[o]; LANES];
-        for ch in 0..channels {
-            let row = &input[ch * width..(ch + 1) * width];
-            for t in 0..k {
-                let wv = w[(o * channels + ch) * k + t];
-                let src: &[f32; LANES] = row[j0 + t..j0 + t + LANES]
-                    .try_into()
-                    .expect("padded rows hold whole blocks");
+    let mut o0 = 0;
+    while o0 + CHAINS <= out.len() {
+        out[o0..o0 + CHAINS]
+            .copy_from_slice(&conv_outputs::<FMA, CHAINS>(o0, w, bias, input, dims));
+        o0 += CHAINS;
+    }
+    for o in o0..out.len() {
+        out[o] = conv_outputs::<FMA, 1>(o, w, bias, input, dims)[0];
+    }
+}
+
+/// Outputs `o0 .. o0 + N` of [`key_conv_block`], one accumulator each (in registers: `N` is a
+/// constant).
+#[inline(always)]
+fn conv_outputs<const FMA: bool, const N: usize>(
+    o0: usize,
+    w: &[f32],
+    bias: &[f32],
+    input: &[f32],
+    [channels, k, width, j0]: [usize; 4],
+) -> [[f32; LANES]; N] {
+    let taps = channels * k;
+    let weights: [&[f32]; N] = std::array::from_fn(|i| &w[(o0 + i) * taps..][..taps]);
+    let mut acc: [[f32; LANES]; N] = std::array::from_fn(|i| [bias[o0 + i]; LANES]);
+    for ch in 0..channels {
+        let row = &input[ch * width..(ch + 1) * width];
+        for t in 0..k {
+            let src: &[f32; LANES] = row[j0 + t..j0 + t + LANES]
+                .try_into()
+                .expect("padded rows hold whole blocks");
+            for i in 0..N {
+                let wv = weights[i][ch * k + t];
                 for l in 0..LANES {
-                    acc[l] = madd::<FMA>(acc[l], wv, src[l]);
+                    acc[i][l] = madd::<FMA>(acc[i][l], wv, src[l]);
                 }
             }
         }
-        *acc_out = acc;
     }
+    acc
 }
+
+/// Outputs that [`key_conv_block`] sums side by side: four chains cover the multiply-add's
+/// latency (four cycles on current x86 cores) at one per cycle.
+const CHAINS: usize = 4;
 
 /// One query row of one batch element of [`dape_v2`]; `x: [C, width]` and
 /// `hidden: [D, width]` are the padded working rows, `block` holds `max(D, H)` lanes.
