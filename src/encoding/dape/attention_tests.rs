@@ -63,14 +63,25 @@ trait Subject:
     AutodiffModule<Ad, InnerModule = Self::Valid> + TiledCorrection<Ad> + TensorPathZ<Ad>
 {
     type Valid: TiledCorrection<NdArray<f32>> + TensorPathZ<NdArray<f32>>;
+    /// How far the node's gradients may be from the tensor path's, relative to each one's
+    /// largest entry.
+    const TOLERANCE: f32;
 }
 
 impl Subject for Dape<Ad> {
     type Valid = Dape<NdArray<f32>>;
+    // Two float32 computations of a softmax's backward pass behind DAPE's: over 14 runs the
+    // widest gap was 1.6e-4 of a gradient's largest entry (the node's own errors, when broken
+    // on purpose, were 0.03 to 1 of it).
+    const TOLERANCE: f32 = 5e-4;
 }
 
 impl Subject for DapeV2<Ad> {
     type Valid = DapeV2<NdArray<f32>>;
+    // The first convolution's bias gradient sums `δ` over a row's keys, which cancels but for
+    // the keys near the row's ends (the padding): 9.3e-4 of its largest entry was seen. Broken
+    // by 1% on purpose it is off by 1e-2.
+    const TOLERANCE: f32 = 2.5e-3;
 }
 
 /// The layer's tensor path: `softmax(mask(c ⊙ Z)) · v` with `Z` from DAPE's tensor path over
@@ -224,10 +235,7 @@ fn check<M: Subject>(
                 outputs_and_grads(out, &weights, named)
             };
             let [fused, again, reference] = [run(true), run(true), run(false)].map(zero_sums);
-            // Two float32 computations of a softmax's backward pass behind DAPE's: over 14
-            // runs the widest gap was 1.6e-4 of a gradient's largest entry (the node's own
-            // errors, when broken on purpose, were 0.03 to 1 of it).
-            assert_fused_node_matches_within(&label, fused, again, reference, 5e-4);
+            assert_fused_node_matches_within(&label, fused, again, reference, M::TOLERANCE);
         }
     }
 }
@@ -309,7 +317,7 @@ fn check_packed<M: Subject>(
                 outputs_and_grads(out, &weights, named)
             };
             let [fused, again, reference] = [run(true), run(true), run(false)].map(zero_sums);
-            assert_fused_node_matches_within(&label, fused, again, reference, 5e-4);
+            assert_fused_node_matches_within(&label, fused, again, reference, M::TOLERANCE);
         }
     }
 }
