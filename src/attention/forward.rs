@@ -4,7 +4,7 @@
 //!    `[batch, seq, 3·heads, d_head]`;
 //! 2. [`attend_packed`](MultiHeadAttention::attend_packed): the whole sequence in one fused
 //!    node, where the kernel applies (no cache, no chunks, no rotation): the attention kernel
-//!    with the encoding's bias, or DAPE's tile (V1 or V2: [`crate::encoding::Dape::attention_packed`]);
+//!    with the encoding's bias, or DAPE's tile ([`crate::encoding::Dape::attention_packed`]);
 //! 3. [`update_cache`](MultiHeadAttention::update_cache): the new keys and values (and what
 //!    the encodings carry beside them) appended to the cache;
 //! 4. the rotary hook ([`PositionalEncoding::rotate`]) on q and k;
@@ -507,10 +507,10 @@ impl<B: Backend> MultiHeadAttention<B> {
     }
 
     /// DAPE (V1 over a bias, NoPE or forgetting attention's gate `D`; V2 over a bias or NoPE,
-    /// outside autodiff) and the attention around it in one kernel, `[batch, rows, heads, d_v]`, over separate
-    /// q, k, v or the packed projection of the whole sequence, with Scalable-Softmax's factors
-    /// `ssmax` `[1, heads, rows, 1]` where the layer has them; `None` for every other encoding
-    /// or where no kernel applies ([`tile_attention`]).
+    /// outside autodiff) and the attention around it in one kernel, `[batch, rows, heads,
+    /// d_v]`, over separate q, k, v or the packed projection of the whole sequence, with
+    /// Scalable-Softmax's factors `ssmax` `[1, heads, rows, 1]` where the layer has them;
+    /// `None` for every other encoding or where no kernel applies ([`tile_attention`]).
     fn dape_attention(
         &self,
         qkv: Qkv<'_, B>,

@@ -42,9 +42,8 @@ pub(crate) struct DapeAttentionInputs<B: Backend> {
 }
 
 /// `softmax(Z, mask) · V` with `Z = S + B + f([S ‖ B])`, `S = scale · q kᵀ` and `f` DAPE V1's
-/// or V2's, over the rows and
-/// keys of `span`: `[batch, rows, H, d_v]` (the heads side by side per row, as the attention
-/// kernel returns them). `None` (the caller takes the tensor path) when the backend is not
+/// or V2's, over the rows and keys of `span`: `[batch, rows, H, d_v]` (the heads side by side
+/// per row, as the attention kernel returns them). `None` (the caller takes the tensor path) when the backend is not
 /// ndarray `f32` (± autodiff) or a shape does not fit: the bias map must be `[1 or batch, H,
 /// rows, keys]`, and `f`'s input width `2H` with a bias, `H` without (see [`TileWeights`]).
 pub(crate) fn dape_attention<B: Backend>(
