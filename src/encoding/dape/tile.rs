@@ -135,7 +135,7 @@ impl<B: Backend> TiledCorrection<B> for DapeV2<B> {
 /// in training, is one graph node that keeps no `[batch, H, rows, keys]` tensor: its backward
 /// pass recomputes each block. `None` elsewhere or when a shape does not fit (the caller takes
 /// the tensor path: the logits, the module's `forward`, the softmax and the product with `v`).
-#[cfg(feature = "ndarray")]
+/// Without the `ndarray` feature there is no tile, and it is always `None`.
 pub(crate) fn tile_attention<B: Backend>(
     f: &dyn TiledCorrection<B>,
     qkv: Qkv<Tensor<B, 4>>,
@@ -145,37 +145,30 @@ pub(crate) fn tile_attention<B: Backend>(
     scale: f32,
     budget: usize,
 ) -> Option<Tensor<B, 4>> {
-    use super::fused;
-    if !(fused::applies::<B>() || fused::applies_autodiff::<B>()) {
-        return None;
+    #[cfg(feature = "ndarray")]
+    {
+        use super::fused;
+        if !(fused::applies::<B>() || fused::applies_autodiff::<B>()) {
+            return None;
+        }
+        let weights = f.tile_weights();
+        let bias = map.or_else(|| f.own_bias(span, &weights.w1.device()));
+        let inputs = fused::DapeAttentionInputs {
+            qkv,
+            heads: weights.heads(),
+            bias,
+            f: weights,
+            row_scale,
+            scale,
+            budget,
+        };
+        fused::dape_attention(inputs, span)
     }
-    let weights = f.tile_weights();
-    let bias = map.or_else(|| f.own_bias(span, &weights.w1.device()));
-    let inputs = fused::DapeAttentionInputs {
-        qkv,
-        heads: weights.heads(),
-        bias,
-        f: weights,
-        row_scale,
-        scale,
-        budget,
-    };
-    fused::dape_attention(inputs, span)
-}
-
-/// Without ndarray there is no tile: `None`, and the caller takes the tensor path.
-#[cfg(not(feature = "ndarray"))]
-pub(crate) fn tile_attention<B: Backend>(
-    f: &dyn TiledCorrection<B>,
-    qkv: Qkv<Tensor<B, 4>>,
-    map: Option<Tensor<B, 4>>,
-    row_scale: Option<Tensor<B, 2>>,
-    span: &Span,
-    scale: f32,
-    budget: usize,
-) -> Option<Tensor<B, 4>> {
-    let _ = (f, qkv, map, row_scale, span, scale, budget);
-    None
+    #[cfg(not(feature = "ndarray"))]
+    {
+        let _ = (f, qkv, map, row_scale, span, scale, budget);
+        None
+    }
 }
 
 impl<B: Backend> Dape<B> {
