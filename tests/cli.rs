@@ -311,12 +311,14 @@ fn bench_reports_cpu_time_threads_steal_and_the_attention_path() {
     assert_eq!(line["attention_path"], "fused", "{line}");
     assert_eq!(line["ssmax"], false, "{line}");
     assert_eq!(bench_line("path")["attention_path"], "tensor");
-    // Scalable-Softmax keeps the fused nodes, DAPE's tile included; DAPE V2 trains through
-    // its own node (its tile is for evaluation), PaTH through blockwise products.
+    // DAPE V2 trains in DAPE's tile.
+    assert_eq!(bench_line("dapev2_kerple_log")["attention_path"], "fused");
+    // Scalable-Softmax keeps the fused nodes, DAPE's tile included (DAPE V2's too); PaTH
+    // trains through blockwise products.
     for (encoding, path) in [
         ("kerple", "fused"),
         ("dape-kerple", "fused"),
-        ("dapev2_kerple_log", "tensor"),
+        ("dapev2_kerple_log", "fused"),
         ("path", "tensor"),
     ] {
         let line = bench_line_with(encoding, &["--ssmax"]);

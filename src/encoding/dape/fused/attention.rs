@@ -15,9 +15,11 @@
 //!
 //! Per block (`P = softmax(Z)`, `dO` the output gradient):
 //! - forward: `S`, then [`Correction::forward`] (`Z`), the row factors, the softmax, `O = P V`;
-//! - backward: `S`, `Z` and `P` again; `dV += Pᵀ dO`; `dZ' = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`
-//!   for the softmax's input `Z' = c ⊙ Z`; `dc_hi += Σ_j Z_ij dZ'_ij` (over the batch) and
-//!   `dZ = c ⊙ dZ'`; [`Correction::backward`] gives `dS`, the bias block's gradient and `f`'s;
+//! - backward: `S` again, `dP = dO Vᵀ` and `δ = rowsum(dO ⊙ O)` (no probabilities needed);
+//!   then [`Correction::backward`], whose rows recompute `f`'s hidden values once and form
+//!   from them `Z`, `P` (kept for `dV += Pᵀ dO`), `dZ' = P ⊙ (dP − δ)` for the softmax's input
+//!   `Z' = c ⊙ Z`, `dc_hi += Σ_j Z_ij dZ'_ij` (over the batch) and `dZ = c ⊙ dZ'`
+//!   (`softmax_rows.rs`), and go on to `dS`, the bias block's gradient and `f`'s;
 //!   `dQ = scale · dS K`, `dK += scale · dSᵀ Q`.
 //!
 //! The reference it must equal is the layer's tensor path: the logits, `Dape::forward` (or
@@ -25,7 +27,9 @@
 
 use rayon::prelude::*;
 
+use super::backward::ZGrad;
 use super::correction::{Correction, CorrectionGrads};
+use super::softmax_rows::SoftmaxInputs;
 use crate::encoding::Span;
 use crate::kernel::{gemm_new, gemm_scaled, gemm_scaled_add, softmax_row_simd, view2, Mat};
 
@@ -64,16 +68,13 @@ pub(crate) struct TileGrads {
     pub row_scale: Vec<f32>,
 }
 
-/// One block's recomputed values: `S` (the scaled logits) and `P` (the probabilities), both
-/// `[batch, H, rb, keys]`, the block's rows of the bias map `[1 or batch, H, rb, keys]`, and,
-/// in the backward pass with row factors, `Z` before them.
-struct Block<'a> {
+/// One block's scores: `S` (the scaled logits, `[batch, H, rb, keys]`) and the block's rows of
+/// the bias map (`[1 or batch, H, rb, keys]`).
+struct Scores<'a> {
     rb: usize,
     span: Span,
     logits: Vec<f32>,
     bias: Option<std::borrow::Cow<'a, [f32]>>,
-    z: Option<Vec<f32>>,
-    probs: Vec<f32>,
 }
 
 impl<'a> DapeTile<'a> {
@@ -90,13 +91,16 @@ impl<'a> DapeTile<'a> {
 
     /// The output `[batch, rows, H, d_v]`, row-major.
     pub(crate) fn forward(&self) -> Vec<f32> {
-        let [b, h, rows, _, _, dv] = self.dims;
+        let [b, h, rows, keys, _, dv] = self.dims;
         let mut out = vec![0.0f32; b * rows * h * dv];
         for r0 in (0..rows).step_by(self.block.max(1)) {
-            let block = self.block_at(r0, false);
+            let (rb, probs) = self.probabilities(r0);
             let heads: Vec<Vec<f32>> = (0..b * h)
                 .into_par_iter()
-                .map(|plane| gemm_new(1.0, &block.plane(&block.probs, plane), &self.v_mat(plane)))
+                .map(|plane| {
+                    let p = block_plane(&probs, plane, [rb, keys]);
+                    gemm_new(1.0, &p, &self.v_mat(plane))
+                })
                 .collect();
             for (plane, values) in heads.iter().enumerate() {
                 let (bi, hh) = (plane / h, plane % h);
@@ -109,8 +113,8 @@ impl<'a> DapeTile<'a> {
         out
     }
 
-    /// The gradients for the output `o` and its gradient `g` (both `[batch, rows, H, d_v]`).
-    pub(crate) fn backward(&self, o: &[f32], g: &[f32]) -> TileGrads {
+    /// The gradients for the output's gradient `g` (`[batch, rows, H, d_v]`).
+    pub(crate) fn backward(&self, g: &[f32]) -> TileGrads {
         let [b, h, rows, keys, dh, dv] = self.dims;
         let mut dq = vec![0.0f32; b * h * rows * dh];
         let mut dk = vec![0.0f32; b * h * keys * dh];
@@ -119,39 +123,58 @@ impl<'a> DapeTile<'a> {
         let mut dc = vec![0.0f32; self.row_scale.map_or(0, <[f32]>::len)];
         let mut weights: Option<[Vec<f32>; 4]> = None;
         for r0 in (0..rows).step_by(self.block.max(1)) {
-            let block = self.block_at(r0, true);
-            let rb = block.rb;
-            // dV += Pᵀ dO and dZ = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), per (batch element, head).
-            let mut dz = vec![0.0f32; b * h * rb * keys];
-            dz.par_chunks_mut((rb * keys).max(1))
-                .zip(dvs.par_chunks_mut((keys * dv).max(1)))
+            let scores = self.scores(r0);
+            let (rb, span) = (scores.rb, &scores.span);
+            // dP = dO Vᵀ per (batch element, head): it needs no probabilities, so `f`'s
+            // backward rows can form `Z`, `P` and `dZ` one row at a time.
+            let mut dp = vec![0.0f32; b * h * rb * keys];
+            dp.par_chunks_mut((rb * keys).max(1))
                 .enumerate()
-                .for_each(|(plane, (dz, dv_plane))| {
-                    let p = block.plane(&block.probs, plane);
+                .for_each(|(plane, dp)| {
                     let go = self.out_rows(g, plane, r0, rb);
-                    gemm_scaled_add(1.0, &p.t(), &go, dv_plane);
-                    let dp = gemm_new(1.0, &go, &self.v_mat(plane).t());
-                    let p = &block.probs[plane * rb * keys..][..rb * keys];
-                    let (go, oo) = (self.out_slice(g, plane, r0), self.out_slice(o, plane, r0));
-                    softmax_grad(dz, &dp, p, [go, oo], [h * dv, dv, keys]);
+                    gemm_scaled(1.0, &go, &self.v_mat(plane).t(), dp);
                 });
-            if let (Some(c), Some(z)) = (self.row_scale, &block.z) {
-                self.row_scale_grad(c, z, &mut dz, r0, &block.span, &mut dc);
-            }
+            let factor = self.row_scale.map(|c| {
+                let mut block = Vec::with_capacity(h * rb);
+                for head in c.chunks_exact(rows.max(1)) {
+                    block.extend_from_slice(&head[r0..r0 + rb]);
+                }
+                block
+            });
+            let inputs = SoftmaxInputs {
+                dp: &dp,
+                factor: factor.as_deref(),
+                dims: [h, rb, keys],
+            };
+            let mut probs = vec![0.0f32; b * h * rb * keys];
+            let mut sums = vec![0.0f32; if factor.is_some() { b * h * rb } else { 0 }];
             let grads = self.f.backward(
-                &block.logits,
-                block.bias.as_deref(),
-                &dz,
+                &scores.logits,
+                scores.bias.as_deref(),
+                ZGrad::Softmax {
+                    inputs: &inputs,
+                    probs: &mut probs,
+                    dc: &mut sums,
+                },
                 [b, h, rb, keys],
-                &block.span,
+                span,
             );
-            drop(dz);
-            // dQ = scale · dS K (the block's rows), dK += scale · dSᵀ Q.
+            drop(dp);
+            // The row factors' gradients, summed over the batch in plane order (the same bits
+            // on every run).
+            for (i, sum) in sums.into_iter().enumerate() {
+                let (plane, r) = (i / rb, i % rb);
+                dc[(plane % h) * rows + r0 + r] += sum;
+            }
+            // dV += Pᵀ dO; dQ = scale · dS K (the block's rows), dK += scale · dSᵀ Q.
             dq.par_chunks_mut((rows * dh).max(1))
                 .zip(dk.par_chunks_mut((keys * dh).max(1)))
+                .zip(dvs.par_chunks_mut((keys * dv).max(1)))
                 .enumerate()
-                .for_each(|(plane, (dq_plane, dk_plane))| {
-                    let ds = block.plane(&grads.logits, plane);
+                .for_each(|(plane, ((dq_plane, dk_plane), dv_plane))| {
+                    let p = block_plane(&probs, plane, [rb, keys]);
+                    gemm_scaled_add(1.0, &p.t(), &self.out_rows(g, plane, r0, rb), dv_plane);
+                    let ds = block_plane(&grads.logits, plane, [rb, keys]);
                     let q = self.q_rows(plane, r0, rb);
                     gemm_scaled(
                         self.scale,
@@ -176,47 +199,9 @@ impl<'a> DapeTile<'a> {
         }
     }
 
-    /// The row factors' part of the backward pass for the block from `r0`: `dc_hi +=
-    /// Σ_j Z_ij dZ'_ij` over the batch (summed in plane order, so the same bits on every run),
-    /// then `dZ = c_hi · dZ'` in place. `z` and `dz` are `[batch, H, rb, keys]`, `c` and `dc`
-    /// `[H, rows]`.
-    fn row_scale_grad(
-        &self,
-        c: &[f32],
-        z: &[f32],
-        dz: &mut [f32],
-        r0: usize,
-        span: &Span,
-        dc: &mut [f32],
-    ) {
-        let [_, h, rows, keys, _, _] = self.dims;
-        let rb = span.query_len;
-        let sums: Vec<f32> = dz
-            .par_chunks_mut(keys.max(1))
-            .zip(z.par_chunks(keys.max(1)))
-            .enumerate()
-            .map(|(i, (dz, z))| {
-                let (plane, r) = (i / rb, i % rb);
-                let visible = span.visible_keys(r);
-                let sum = z[..visible]
-                    .iter()
-                    .zip(&dz[..visible])
-                    .map(|(z, g)| z * g)
-                    .sum();
-                let factor = c[(plane % h) * rows + r0 + r];
-                dz.iter_mut().for_each(|g| *g *= factor);
-                sum
-            })
-            .collect();
-        for (i, sum) in sums.into_iter().enumerate() {
-            let (plane, r) = (i / rb, i % rb);
-            dc[(plane % h) * rows + r0 + r] += sum;
-        }
-    }
-
-    /// The block of rows from `r0`: its scaled logits (when `keep_logits`; empty otherwise),
-    /// its bias rows, `Z` through DAPE's kernel, and the masked softmax of `Z`.
-    fn block_at(&self, r0: usize, keep_logits: bool) -> Block<'a> {
+    /// The block of rows from `r0`: its scaled logits `S` (`[batch, H, rb, keys]`) and its
+    /// rows of the bias map.
+    fn scores(&self, r0: usize) -> Scores<'a> {
         let [b, h, rows, keys, _, _] = self.dims;
         let rb = self.block.max(1).min(rows - r0);
         let span = Span {
@@ -235,17 +220,27 @@ impl<'a> DapeTile<'a> {
                 gemm_scaled(self.scale, &self.q_rows(plane, r0, rb), &k.t(), dst);
             });
         let bias = self.bias.map(|m| gather_rows(m, [rows, keys], r0, rb));
-        // The backward pass reads `S` again (DAPE's backward takes its inputs); the forward
-        // pass lets DAPE's kernel overwrite it.
-        let input = if keep_logits {
-            logits.clone()
-        } else {
-            std::mem::take(&mut logits)
-        };
+        Scores {
+            rb,
+            span,
+            logits,
+            bias,
+        }
+    }
+
+    /// The probabilities of the block of rows from `r0`: `Z` through DAPE's kernel, the row
+    /// factors, and the masked softmax, `[batch, H, rb, keys]`.
+    fn probabilities(&self, r0: usize) -> (usize, Vec<f32>) {
+        let [b, h, rows, keys, _, _] = self.dims;
+        let Scores {
+            rb,
+            span,
+            logits,
+            bias,
+        } = self.scores(r0);
         let mut probs = self
             .f
-            .forward(input, bias.as_deref(), [b, h, rb, keys], &span);
-        let z = (keep_logits && self.row_scale.is_some()).then(|| probs.clone());
+            .forward(logits, bias.as_deref(), [b, h, rb, keys], &span);
         probs
             .par_chunks_mut(keys.max(1))
             .enumerate()
@@ -257,14 +252,7 @@ impl<'a> DapeTile<'a> {
                 }
                 softmax_row_simd(row, visible)
             });
-        Block {
-            rb,
-            span,
-            logits,
-            bias,
-            z,
-            probs,
-        }
+        (rb, probs)
     }
 
     /// Rows `r0 .. r0 + rb` of plane `plane` (batch element `plane / H`, head `plane % H`)
@@ -306,41 +294,13 @@ impl<'a> DapeTile<'a> {
     }
 }
 
-impl Block<'_> {
-    /// Plane `plane` of a block-shaped `[batch, H, rb, keys]` array, `[rb, keys]`.
-    fn plane<'x>(&self, x: &'x [f32], plane: usize) -> Mat<'x> {
-        let keys = self.span.key_len;
-        Mat::row_major(
-            std::borrow::Cow::Borrowed(&x[plane * self.rb * keys..][..self.rb * keys]),
-            self.rb,
-            keys,
-        )
-    }
-}
-
-/// `dz = p ⊙ (dp − rowsum(go ⊙ oo))` row by row, the softmax's backward pass: `p`, `dp`, `dz`
-/// are `[rb, keys]` (`keys` at least 1); row `r` of `go` (the output's gradient) and `oo` (the output) is their
-/// `d_v` values from `r · stride`.
-fn softmax_grad(
-    dz: &mut [f32],
-    dp: &[f32],
-    p: &[f32],
-    [go, oo]: [&[f32]; 2],
-    [stride, dv, keys]: [usize; 3],
-) {
-    let keys = keys.max(1);
-    for (r, ((dz, dp), p)) in dz
-        .chunks_exact_mut(keys)
-        .zip(dp.chunks_exact(keys))
-        .zip(p.chunks_exact(keys))
-        .enumerate()
-    {
-        let (gr, or) = (&go[r * stride..][..dv], &oo[r * stride..][..dv]);
-        let delta: f32 = gr.iter().zip(or).map(|(a, b)| a * b).sum();
-        for ((z, &d), &pp) in dz.iter_mut().zip(dp).zip(p) {
-            *z = pp * (d - delta);
-        }
-    }
+/// Plane `plane` of a block-shaped `[batch, H, rb, keys]` array, `[rb, keys]`.
+fn block_plane(x: &[f32], plane: usize, [rb, keys]: [usize; 2]) -> Mat<'_> {
+    Mat::row_major(
+        std::borrow::Cow::Borrowed(&x[plane * rb * keys..][..rb * keys]),
+        rb,
+        keys,
+    )
 }
 
 /// Rows `r0 .. r0 + rb` of every plane of `map` (`[planes, rows, keys]`), `[planes, rb, keys]`:

@@ -1,8 +1,8 @@
 //! DAPE (V1 or V2) inside the attention node, [`dape_attention`]: the tile of `attention.rs` on
 //! `NdArray<f32>` (evaluation) and, on `Autodiff<NdArray<f32>>` (training), as one graph node
 //! over q, k, v (or the packed projection, [`Qkv`]), the base bias map, `f`'s four tensors and
-//! Scalable-Softmax's row factors, which keeps only its inputs and its output: the backward
-//! pass recomputes every block's logits, `Z` and probabilities.
+//! Scalable-Softmax's row factors, which keeps only its inputs: the backward pass recomputes
+//! every block's logits, `Z` and probabilities.
 
 use std::sync::Arc;
 
@@ -252,13 +252,12 @@ fn host_values(
     }
 }
 
-/// What the node's backward pass reads: its inputs and output (shared, not copied).
+/// What the node's backward pass reads: its inputs (shared, not copied).
 #[derive(Debug)]
 struct State {
     qkv: Qkv<burn_ndarray::NdArrayTensor>,
     bias: Option<burn_ndarray::NdArrayTensor>,
     row_scale: Option<burn_ndarray::NdArrayTensor>,
-    out: burn_ndarray::NdArrayTensor,
     dims: [usize; 6],
     block: usize,
     bias_maps: usize,
@@ -309,7 +308,6 @@ fn record(x: DapeAttentionInputs<Ad>, span: &Span) -> Option<Tensor<Ad, 4>> {
         qkv,
         bias,
         row_scale,
-        out: out.clone(),
         dims,
         block,
         bias_maps,
@@ -403,7 +401,7 @@ fn tile_grads(st: &State, grad: burn_ndarray::NdArrayTensor) -> TileGrads {
     let read = |t| row_major_values(t).expect("the attention-DAPE node keeps f32 tensors");
     let bias = st.bias.as_ref().map(read);
     let row_scale = st.row_scale.as_ref().map(read);
-    let (o, g) = (read(&st.out), read(&grad));
+    let g = read(&grad);
     tile(
         st.qkv.as_ref(),
         [bias.as_deref(), row_scale.as_deref()],
@@ -414,7 +412,7 @@ fn tile_grads(st: &State, grad: burn_ndarray::NdArrayTensor) -> TileGrads {
         st.block,
     )
     .expect("the attention-DAPE node keeps f32 tensors")
-    .backward(&o, &g)
+    .backward(&g)
 }
 
 /// The gradients of the bias map, `f`'s four tensors and the row factors, with their shapes

@@ -4,6 +4,7 @@
 //! for both: it calls [`Correction::forward`] for `Z` and [`Correction::backward`] for `dS`,
 //! the bias block's gradient and `f`'s four weight gradients.
 
+use super::backward::ZGrad;
 use super::v1::{dape_v1, Mlp};
 use super::v1_backward::{dape_v1_backward, V1Grads};
 use super::v2::{dape_v2, KeyConvs};
@@ -47,13 +48,14 @@ impl Correction {
         }
     }
 
-    /// The backward pass of [`Self::forward`] for the gradient `grad` of `Z` (the hidden
-    /// values are recomputed from `logits` and `bias`).
+    /// The backward pass of [`Self::forward`] for the gradient `grad` of `Z`, given or formed
+    /// from `Z` row by row by the tile's softmax backward (the hidden values are recomputed
+    /// from `logits` and `bias`).
     pub(crate) fn backward(
         &self,
         logits: &[f32],
         bias: Option<&[f32]>,
-        grad: &[f32],
+        grad: ZGrad,
         dims: [usize; 4],
         span: &Span,
     ) -> CorrectionGrads {

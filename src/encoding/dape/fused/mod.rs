@@ -34,7 +34,8 @@
 //! | `simd.rs` | blocks of 16 keys, the multiply-add, the AVX2 + FMA / baseline dispatch |
 //! | `v1.rs` | [`dape_v1`]: DAPE V1's MLP over each row |
 //! | `v2.rs` | [`dape_v2`]: DAPE V2's two key convolutions over each row |
-//! | `backward.rs` | the backward passes' frame: row groups, deterministic weight sums |
+//! | `backward.rs` | the backward passes' frame: row groups, deterministic weight sums, the gradient of `Z` given or formed per row |
+//! | `softmax_rows.rs` | the tile's softmax backward for one query row, run inside `f`'s backward rows |
 //! | `v1_backward.rs` | [`dape_v1_backward`]: five matrix products per row |
 //! | `v2_backward.rs` | [`dape_v2_backward`]: each convolution as a product over key shifts |
 //! | `node.rs` | [`dape_v1_autodiff`], [`dape_v2_autodiff`]: the training graph nodes |
@@ -60,6 +61,7 @@ mod correction;
 mod node;
 mod rows;
 mod simd;
+mod softmax_rows;
 mod v1;
 mod v1_backward;
 mod v2;

@@ -14,6 +14,7 @@ use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{TensorData, TensorPrimitive};
 
+use super::backward::ZGrad;
 use super::host;
 use super::v1::{dape_v1, Mlp};
 use super::v1_backward::dape_v1_backward;
@@ -109,7 +110,8 @@ impl Backward<Nd, 6> for V1Backward {
             &st.logits,
             st.bias.as_ref(),
             |logits, bias, grad| {
-                let g = dape_v1_backward(logits, bias, grad, st.dims, &st.span, &st.mlp);
+                let g =
+                    dape_v1_backward(logits, bias, ZGrad::Given(grad), st.dims, &st.span, &st.mlp);
                 [
                     (g.logits, st.dims.to_vec()),
                     (g.bias.unwrap_or_default(), bias_shape(bias, st.dims)),
@@ -209,7 +211,14 @@ impl Backward<Nd, 6> for V2Backward {
             &st.logits,
             st.bias.as_ref(),
             |logits, bias, grad| {
-                let g = dape_v2_backward(logits, bias, grad, st.dims, &st.span, &st.convs);
+                let g = dape_v2_backward(
+                    logits,
+                    bias,
+                    ZGrad::Given(grad),
+                    st.dims,
+                    &st.span,
+                    &st.convs,
+                );
                 [
                     (g.logits, st.dims.to_vec()),
                     (g.bias.unwrap_or_default(), bias_shape(bias, st.dims)),

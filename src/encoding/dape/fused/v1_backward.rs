@@ -7,9 +7,7 @@
 //! `δ = (W2ᵀ g) ⊙ LeakyReLU'(z)`; `dW1 += δ · xᵀ`, `db1 += Σ δ`; `dx = W1ᵀ δ`, and the identity
 //! paths add `g` to the logits' and the bias's gradients.
 
-use super::backward::{
-    backward_by_rows, future_key_grads, BackwardInputs, BackwardRow, WeightGrads,
-};
+use super::backward::{backward_by_rows, BackwardInputs, BackwardRow, WeightGrads, ZGrad};
 use super::rows::{batch_rows, bias_plane};
 use super::simd::simd_entry;
 use super::v1::{transpose, Mlp};
@@ -36,13 +34,14 @@ pub(crate) struct V1Grads {
     pub b2: Vec<f32>,
 }
 
-/// The backward pass of [`dape_v1`] (the hidden layer is recomputed, not stored).
+/// The backward pass of [`dape_v1`] (the hidden layer is recomputed, not stored), for the
+/// output gradient `grad` (given, or formed from the output by the tile's softmax backward).
 ///
 /// [`dape_v1`]: super::dape_v1
 pub(crate) fn dape_v1_backward(
     logits: &[f32],
     bias: Option<&[f32]>,
-    grad: &[f32],
+    grad: ZGrad,
     [b, h, lq, lk]: [usize; 4],
     span: &Span,
     mlp: &Mlp,
@@ -80,6 +79,8 @@ struct Columns {
     x: Vec<f32>,
     /// The output gradient, `[H, N]`.
     g: Vec<f32>,
+    /// `f`'s output, `[H, N]` (only where the gradient is formed from it).
+    out: Vec<f32>,
     /// Pre-activations, `[D, N]`.
     z: Vec<f32>,
     /// Hidden values after LeakyReLU, `[D, N]`.
@@ -117,7 +118,7 @@ struct SharedBias {
 /// each divided by the batch size.
 fn backward_row(
     mlp: &Mlp,
-    rows: &BackwardRow,
+    rows: &mut BackwardRow,
     da: &mut [&mut [f32]],
     db: &mut [&mut [f32]],
     cols: &mut Columns,
@@ -130,11 +131,31 @@ fn backward_row(
         let shared = b > 1 && rows.bias.len() == h;
         gather_columns(mlp, rows, cols, shared);
         pre_activations(mlp, cols, [n, rows.visible], shared);
+        if rows.needs_output() {
+            output_layer(mlp, cols, n);
+        }
+        rows.grad_columns(&cols.out, da, &mut cols.g, h);
         second_layer_grads(mlp, cols, n, acc);
         first_layer_grads(mlp, cols, [n, rows.visible], shared, acc);
         scatter_input_grads(mlp, cols, [b, rows.visible], da, db, shared);
     }
-    future_key_grads(rows, da, db, h);
+    rows.future_key_grads(da, db, h);
+}
+
+/// `f`'s output `W2 hidden + b2` (`[H, N]`), for the tile's backward pass, which forms `Z`
+/// here instead of before the rows.
+fn output_layer(mlp: &Mlp, cols: &mut Columns, n: usize) {
+    let (d, h) = (mlp.d, mlp.h);
+    cols.out.resize(h * n, 0.0);
+    for (row, &bias) in cols.out.chunks_exact_mut(n).zip(&mlp.b2) {
+        row.fill(bias);
+    }
+    gemm(
+        &mat(&mlp.w2, h, d),
+        &mat(&cols.hidden, d, n),
+        1.0,
+        &mut cols.out,
+    );
 }
 
 fn mat(v: &[f32], r: usize, n: usize) -> Mat<'_> {
@@ -148,7 +169,8 @@ fn w1t_rows(mlp: &Mlp, from: usize, count: usize) -> Mat<'_> {
 }
 
 /// The columns of the row: the logits (and, per batch element, the bias unless `shared`) into
-/// `x`, the output gradient into `g`; with `shared`, the map's row once into `shared.bias`.
+/// `x` (the output gradient's `g` is sized for [`BackwardRow::grad_columns`]); with `shared`,
+/// the map's row once into `shared.bias`.
 /// Column `bi · vis + j` is key `j` of batch element `bi`.
 fn gather_columns(mlp: &Mlp, rows: &BackwardRow, cols: &mut Columns, shared: bool) {
     let (c, d, h) = (mlp.c, mlp.d, mlp.h);
@@ -171,7 +193,6 @@ fn gather_columns(mlp: &Mlp, rows: &BackwardRow, cols: &mut Columns, shared: boo
         for hh in 0..h {
             let (plane, at) = (bi * h + hh, hh * n + bi * vis);
             cols.x[at..at + vis].copy_from_slice(&rows.a[plane][..vis]);
-            cols.g[at..at + vis].copy_from_slice(&rows.g[plane][..vis]);
             if let (false, Some(bias)) = (shared, bias.get(hh)) {
                 cols.x[(h + hh) * n + bi * vis..][..vis].copy_from_slice(&bias[..vis]);
             }

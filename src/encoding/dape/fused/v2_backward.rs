@@ -4,9 +4,7 @@
 //! (`[out, in · k] · [in · k, columns]`), and its adjoint sums the shifted gradients back
 //! ([`unshift_add`]).
 
-use super::backward::{
-    backward_by_rows, future_key_grads, BackwardInputs, BackwardRow, WeightGrads,
-};
+use super::backward::{backward_by_rows, BackwardInputs, BackwardRow, WeightGrads, ZGrad};
 use super::rows::{batch_rows, bias_plane};
 use super::v1_backward::{leaky_relu_grad_simd, leaky_relu_simd};
 use super::v2::KeyConvs;
@@ -37,11 +35,14 @@ pub(crate) struct V2Grads {
 /// `(batch element, key)` columns, each `1 × k` convolution being one product over its `k`
 /// key-shifted copies of the input (`[out, in · k] · [in · k, columns]`).
 ///
+/// The output gradient `grad` is given, or formed from the output by the tile's softmax
+/// backward.
+///
 /// [`dape_v2`]: super::dape_v2
 pub(crate) fn dape_v2_backward(
     logits: &[f32],
     bias: Option<&[f32]>,
-    grad: &[f32],
+    grad: ZGrad,
     dims: [usize; 4],
     span: &Span,
     convs: &KeyConvs,
@@ -86,6 +87,8 @@ struct ConvColumns {
     hx: Vec<f32>,
     /// The output gradient, `[H, N]`.
     g: Vec<f32>,
+    /// `f`'s output, `[H, N]` (only where the gradient is formed from it).
+    out: Vec<f32>,
     /// The gradient at the hidden copies, `[D · k, N]`.
     dhx: Vec<f32>,
     /// The gradient at the pre-activations, `[D, N_h]`.
@@ -126,7 +129,7 @@ fn unshift_add(dst: &mut [f32], cols: &[&[f32]], half: usize) {
 /// gradients into `acc`.
 fn v2_backward_row(
     convs: &KeyConvs,
-    rows: &BackwardRow,
+    rows: &mut BackwardRow,
     da: &mut [&mut [f32]],
     db: &mut [&mut [f32]],
     cols: &mut ConvColumns,
@@ -153,6 +156,7 @@ fn v2_backward_row(
             hidden,
             hx,
             g,
+            out,
             dhx,
             delta,
             dx,
@@ -207,17 +211,21 @@ fn v2_backward_row(
                 }
             }
         }
-        for bi in 0..b {
-            for hh in 0..h {
-                g[hh * n + bi * vis..][..vis].copy_from_slice(&rows.g[bi * h + hh][..vis]);
+        let w2 = Mat::row_major(Borrowed(&convs.w2), h, d * k);
+        if rows.needs_output() {
+            // f's output W2 hx + b2, for the tile's backward pass (it forms Z here).
+            out.resize(h * n, 0.0);
+            for (row, &bias) in out.chunks_exact_mut(n).zip(&convs.b2) {
+                row.fill(bias);
             }
+            gemm(&w2, &mat(hx, d * k, n), 1.0, out);
         }
+        rows.grad_columns(out, da, g, h);
         // dW2 += g · hxᵀ, db2 += Σ g; d hx = W2ᵀ g.
         gemm(&mat(g, h, n), &mat(hx, d * k, n).t(), 1.0, &mut acc.w2);
         for (s, row) in acc.b2.iter_mut().zip(g.chunks_exact(n)) {
             *s += lane_sum(row);
         }
-        let w2 = Mat::row_major(Borrowed(&convs.w2), h, d * k);
         gemm(&w2.t(), &mat(g, h, n), 0.0, dhx);
         // δ = (Σ over shifts of d hx) ⊙ LeakyReLU'(z).
         delta.fill(0.0);
@@ -246,12 +254,13 @@ fn v2_backward_row(
         for bi in 0..b {
             for hh in 0..h {
                 let plane = bi * h + hh;
+                let gv = &g[hh * n + bi * vis..][..vis];
                 let out = &mut da[plane][..vis];
-                out.copy_from_slice(&rows.g[plane][..vis]);
+                out.copy_from_slice(gv);
                 unshift_add(out, &shifts(hh, bi), half);
                 if let Some(db) = db.get_mut(bias_plane(plane, h, n_bias)) {
                     let out = &mut db[..vis];
-                    for (o, &gv) in out.iter_mut().zip(&rows.g[plane][..vis]) {
+                    for (o, &gv) in out.iter_mut().zip(gv) {
                         *o += gv;
                     }
                     unshift_add(out, &shifts(h + hh, bi), half);
@@ -259,5 +268,5 @@ fn v2_backward_row(
             }
         }
     }
-    future_key_grads(rows, da, db, h);
+    rows.future_key_grads(da, db, h);
 }
