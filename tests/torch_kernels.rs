@@ -682,3 +682,58 @@ fn dape_node_is_the_tensor_path_in_values_and_every_gradient() {
         );
     }
 }
+
+/// DAPE over a map computed outside it (`Dape::forward_with_map`): one per sequence
+/// (`[batch, H, rows, keys]`, forgetting attention's, as DAPE-FoX passes it) and one shared by
+/// the batch (`[1, H, rows, keys]`). The LibTorch node against the tensor path, in the output and
+/// the gradients of the logits, the map and both layers.
+#[test]
+fn dape_node_over_a_map_is_the_tensor_path_in_values_and_every_gradient() {
+    let _graphs = common::autodiff_lock();
+    let heads = 4;
+    let mut dape = DapeConfig::new()
+        .with_negative_slope(0.1)
+        .init_over_external::<Ta>(heads, &DEVICE)
+        .expect("dape over an external map");
+    // Hidden biases of ±8, as in `dape_module`: no pre-activation near LeakyReLU's kink.
+    let width = dape.mlp_in.weight.dims()[1];
+    let signs: Vec<f32> = (0..width)
+        .map(|i| if i % 2 == 0 { 8.0 } else { -8.0 })
+        .collect();
+    dape.mlp_in.bias = Some(Param::from_tensor(
+        Tensor::<Ta, 1>::from_floats(signs.as_slice(), &DEVICE) + tensor::<Ta, 1>([width], 61, 0.1),
+    ));
+    dape.mlp_out.bias = Some(Param::from_tensor(tensor::<Ta, 1>([heads], 62, 1.0)));
+    let (batch, rows, keys) = (3, 6, 9);
+    let run = |maps: usize, fused: bool| -> Vec<(&str, Vec<f32>)> {
+        let leaf_a = leaf([batch, heads, rows, keys], 63);
+        let leaf_m = leaf([maps, heads, rows, keys], 64);
+        let (a, m) = (leaf_a.clone() * 2.0, leaf_m.clone() * 0.5);
+        let out = if fused {
+            dape.forward_with_map(a, m, &Span::full(rows))
+        } else {
+            dape.forward_with_map_tensor_path(a, m)
+        };
+        let grads = loss(out.clone(), 65).backward();
+        let grad = |t: &Tensor<Ta, 1>| to_vec(t.grad(&grads).expect("a gradient"));
+        let bias = |b: &Option<Param<Tensor<Ta, 1>>>| grad(&b.as_ref().expect("a bias").val());
+        vec![
+            ("output", to_vec(out)),
+            ("d logits", to_vec(leaf_a.grad(&grads).expect("d logits"))),
+            ("d map", to_vec(leaf_m.grad(&grads).expect("d map"))),
+            ("d w1", to_vec(dape.mlp_in.weight.grad(&grads).expect("w1"))),
+            ("d b1", bias(&dape.mlp_in.bias)),
+            (
+                "d w2",
+                to_vec(dape.mlp_out.weight.grad(&grads).expect("w2")),
+            ),
+            ("d b2", bias(&dape.mlp_out.bias)),
+        ]
+    };
+    for maps in [batch, 1] {
+        let (got, want) = (run(maps, true), run(maps, false));
+        for ((name, got), (_, want)) in got.iter().zip(&want) {
+            assert_close(&format!("{maps} map(s): {name}"), got, want);
+        }
+    }
+}

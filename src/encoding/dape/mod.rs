@@ -248,8 +248,8 @@ impl<B: Backend> Dape<B> {
     /// computed outside (built by [`DapeConfig::init_over_external`]) over the rows and keys of
     /// `span`. On ndarray it runs the fused kernels of [`Self::forward`] (evaluation) or their
     /// graph node (training), which skip the keys a causal row cannot see (their entries are
-    /// `logits + map`, masked afterwards); elsewhere the tensor path
-    /// ([`Self::forward_with_map_tensor_path`]).
+    /// `logits + map`, masked afterwards); on LibTorch DAPE V1's node (as [`Self::forward`]);
+    /// elsewhere the tensor path ([`Self::forward_with_map_tensor_path`]).
     pub fn forward_with_map(
         &self,
         logits: Tensor<B, 4>,
@@ -277,6 +277,22 @@ impl<B: Backend> Dape<B> {
                 if let Some(out) = self.autodiff_node(&logits, Some(map.clone()), span) {
                     return out;
                 }
+            }
+        }
+        // On LibTorch, DAPE V1's node (per-sequence maps included: DAPE-FoX's).
+        #[cfg(feature = "tch")]
+        if logits.dtype() == burn::tensor::DType::F32 && crate::kernel::applies_tch::<B>() {
+            if let Some(out) = crate::kernel::dape_v1_tch(
+                logits.clone(),
+                Some(map.clone()),
+                self.mlp_in.weight.val(),
+                self.mlp_in.bias.as_ref().map(|b| b.val()),
+                self.mlp_out.weight.val(),
+                self.mlp_out.bias.as_ref().map(|b| b.val()),
+                self.negative_slope,
+                HIDDEN_BLOCK,
+            ) {
+                return out;
             }
         }
         // Only the fused kernels read the span (to skip the keys a causal row cannot see).

@@ -19,7 +19,8 @@ use crate::kernel::cast_opt;
 /// DAPE V1's MLP on LibTorch, with the weights as Burn's `Linear` layers hold them: `w1`
 /// `[C, D]` (`C = 2H` over a bias, `H` without), `b1` `[D]`, `w2` `[D, H]`, `b2` `[H]`. Each
 /// function works on one block of query rows flattened to `pairs = rows · keys` columns: the
-/// logits `a` `[batch, H, pairs]` and the shared bias map `m` `[1, H, pairs]`.
+/// logits `a` `[batch, H, pairs]` and the bias map `m`, `[1, H, pairs]` (shared by the batch:
+/// a base bias's) or `[batch, H, pairs]` (one per sequence: forgetting attention's).
 #[derive(Clone, Debug)]
 struct DapeMlp {
     w1: TchTensor,
@@ -53,11 +54,19 @@ impl DapeMlp {
     }
 
     /// The pre-activations `z = W1ᵀ [a ‖ m] + b1`, `[batch, D, pairs]`: the batch-independent
-    /// part (`W_B m + b1`) is formed once and added to the batch in one pass.
+    /// part (`W_B m + b1` for a shared map, `b1` alone for one per sequence) is formed once and
+    /// added to the batch in one pass.
     fn pre_activation(&self, a: &tch::Tensor, m: Option<&tch::Tensor>) -> tch::Tensor {
         let (wa, wb) = self.first_layer();
         let mut z = weight_times(&wa, a);
-        let mut shared = m.map(|m| wb.mm(&m.squeeze_dim(0)).unsqueeze(0));
+        let mut shared = None;
+        match m {
+            Some(m) if shared_map(m) => shared = Some(wb.mm(&m.squeeze_dim(0)).unsqueeze(0)),
+            Some(m) => {
+                let _ = z.g_add_(&weight_times(&wb, m));
+            }
+            None => {}
+        }
         if let Some(b1) = &self.b1 {
             let b1 = b1.tensor.view([1, -1, 1]);
             shared = Some(match shared {
@@ -118,6 +127,11 @@ struct DapeGrads {
     b2: Option<tch::Tensor>,
 }
 
+/// Whether a bias map `[1 or batch, H, pairs]` is shared by the batch.
+fn shared_map(m: &tch::Tensor) -> bool {
+    m.size()[0] == 1
+}
+
 /// `acc += x` for a gradient summed over blocks.
 fn accumulate(acc: &mut Option<tch::Tensor>, x: tch::Tensor) {
     match acc {
@@ -163,17 +177,20 @@ impl DapeMlp {
         if wants.b1 {
             accumulate(&mut out.b1, sum_02(&delta));
         }
-        let delta_sum = m.map(|_| delta.sum_dim_intlist([0i64].as_slice(), false, None)); // [D, pairs]
+        // A shared map's products run over the batch's sum of δ, `[D, pairs]`.
+        let delta_sum = m
+            .filter(|m| shared_map(m))
+            .map(|_| delta.sum_dim_intlist([0i64].as_slice(), false, None));
+        let sum_0 = |t: tch::Tensor| t.sum_dim_intlist([0i64].as_slice(), false, None);
         if wants.w1 {
-            // dW1 = Σ_batch [a ‖ m] · δᵀ, `[C, D]`; the bias's rows from the batch's sum of δ.
-            let da = a
-                .bmm(&delta.transpose(1, 2))
-                .sum_dim_intlist([0i64].as_slice(), false, None);
+            // dW1 = Σ_batch [a ‖ m] · δᵀ, `[C, D]`.
+            let da = sum_0(a.bmm(&delta.transpose(1, 2)));
             let dw1 = match (m, &delta_sum) {
                 (Some(m), Some(ds)) => {
                     tch::Tensor::cat(&[da, m.squeeze_dim(0).mm(&ds.transpose(0, 1))], 0)
                 }
-                _ => da,
+                (Some(m), None) => tch::Tensor::cat(&[da, sum_0(m.bmm(&delta.transpose(1, 2)))], 0),
+                (None, _) => da,
             };
             accumulate(&mut out.w1, dw1);
         }
@@ -182,12 +199,21 @@ impl DapeMlp {
             let _ = da.g_add_(g);
             out.logits.push(da);
         }
-        if wants.bias {
-            if let Some(ds) = &delta_sum {
-                let mut db = wb.transpose(0, 1).mm(ds).unsqueeze(0);
-                let _ = db.g_add_(&g.sum_dim_intlist([0i64].as_slice(), true, None));
-                out.bias.push(db);
-            }
+        if wants.bias && m.is_some() {
+            // d m = W_Bᵀ δ + g, summed over the batch for a shared map.
+            let db = match &delta_sum {
+                Some(ds) => {
+                    let mut db = wb.transpose(0, 1).mm(ds).unsqueeze(0);
+                    let _ = db.g_add_(&g.sum_dim_intlist([0i64].as_slice(), true, None));
+                    db
+                }
+                None => {
+                    let mut db = weight_times(&wb.transpose(0, 1), &delta);
+                    let _ = db.g_add_(g);
+                    db
+                }
+            };
+            out.bias.push(db);
         }
     }
 }
@@ -282,7 +308,8 @@ impl Backward<Tb, 6> for DapeBackward {
             }
         };
         put(p_logits, wants.logits.then(|| rows_of(out.logits, size[0])));
-        put(p_bias, wants.bias.then(|| rows_of(out.bias, 1)));
+        let maps = m.map_or(1, |m| m.size()[0]);
+        put(p_bias, wants.bias.then(|| rows_of(out.bias, maps)));
         put(p_w1, out.w1);
         put(p_b1, out.b1);
         put(p_w2, out.w2);
@@ -291,7 +318,8 @@ impl Backward<Tb, 6> for DapeBackward {
 }
 
 /// DAPE V1 (`logits + bias + f([logits ‖ bias])`) on LibTorch, for logits `[batch, H, lq, lk]`
-/// and a shared bias map `[1, H, lq, lk]` (or none, DAPE over NoPE), over blocks of query rows
+/// and a bias map `[1, H, lq, lk]` shared by the batch, `[batch, H, lq, lk]` one per sequence
+/// (forgetting attention's, for DAPE-FoX), or none (DAPE over NoPE), over blocks of query rows
 /// whose hidden tensor `[batch, D, rows · lk]` stays under `budget` elements.
 ///
 /// Each block is three batched matrix products and PyTorch's LeakyReLU kernel, the
@@ -314,7 +342,9 @@ pub(crate) fn dape_v1<B: Backend>(
 ) -> Option<Tensor<B, 4>> {
     let [batch, h, lq, lk] = logits.dims();
     let [c, d] = w1.dims();
-    let fits = bias.as_ref().is_none_or(|m| m.dims() == [1, h, lq, lk])
+    let fits = bias
+        .as_ref()
+        .is_none_or(|m| m.dims() == [1, h, lq, lk] || m.dims() == [batch, h, lq, lk])
         && c == h * (1 + usize::from(bias.is_some()))
         && w2.dims() == [d, h]
         && b1.as_ref().is_none_or(|b| b.dims() == [d])
