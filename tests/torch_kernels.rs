@@ -17,7 +17,10 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use burn::module::{AutodiffModule, Param};
-use dape::encoding::{AdditiveBias, AlibiConfig, Dape, DapeConfig, KerpleConfig, KerpleKind, Span};
+use dape::encoding::{
+    AdditiveBias, AlibiConfig, Dape, DapeConfig, DapeV2, DapeV2Config, KerpleConfig, KerpleKind,
+    Span,
+};
 use dape::kernel::{attention, attention_packed, gelu, layer_norm, layer_norm_tensor};
 use dape::util::gelu_exact;
 
@@ -734,6 +737,126 @@ fn dape_node_over_a_map_is_the_tensor_path_in_values_and_every_gradient() {
         let (got, want) = (run(maps, true), run(maps, false));
         for ((name, got), (_, want)) in got.iter().zip(&want) {
             assert_close(&format!("{maps} map(s): {name}"), got, want);
+        }
+    }
+}
+
+/// DAPE V2 over Kerple or NoPE (`k = 3`), with hidden biases of ±8 as in `dape_module`.
+fn dape_v2_module(base: &str, mask_future_hidden: bool) -> DapeV2<Ta> {
+    let heads = 4;
+    let bias = (base == "kerple").then(|| {
+        let mut k = KerpleConfig::new()
+            .init::<Ta>(heads, KerpleKind::Log, &DEVICE)
+            .expect("kerple");
+        k.p = Param::from_tensor(tensor::<Ta, 1>([heads], 71, 0.5) + 1.0);
+        k.a = Param::from_tensor(tensor::<Ta, 1>([heads], 72, 0.5) + 1.0);
+        AdditiveBias::Kerple(k)
+    });
+    let mut v2 = DapeV2Config::new()
+        .with_negative_slope(0.1)
+        .with_mlp_width(6)
+        .with_mask_future_hidden(mask_future_hidden)
+        .init::<Ta>(heads, bias, &DEVICE)
+        .expect("dape v2");
+    let width = v2.conv_in.weight.dims()[0];
+    let signs: Vec<f32> = (0..width)
+        .map(|i| if i % 2 == 0 { 8.0 } else { -8.0 })
+        .collect();
+    v2.conv_in.bias = Some(Param::from_tensor(
+        Tensor::<Ta, 1>::from_floats(signs.as_slice(), &DEVICE) + tensor::<Ta, 1>([width], 73, 0.1),
+    ));
+    v2.conv_out.bias = Some(Param::from_tensor(tensor::<Ta, 1>([heads], 74, 1.0)));
+    v2
+}
+
+/// DAPE V2's LibTorch node (in one block and in ragged blocks of 3 rows) against the tensor
+/// path, in the output and the gradients of the logits, both convolutions' weights and biases
+/// and Kerple's parameters: both masking modes, a full causal pass, a chunk, a decode row and
+/// a non-causal block.
+#[test]
+fn dape_v2_node_is_the_tensor_path_in_values_and_every_gradient() {
+    let _graphs = common::autodiff_lock();
+    let spans = [
+        Span::full(13),
+        Span {
+            query_start: 6,
+            query_len: 5,
+            key_len: 11,
+            causal: true,
+            positions: None,
+        },
+        Span {
+            query_start: 9,
+            query_len: 1,
+            key_len: 10,
+            causal: true,
+            positions: None,
+        },
+        Span {
+            query_start: 0,
+            query_len: 7,
+            key_len: 12,
+            causal: false,
+            positions: None,
+        },
+    ];
+    let batch = 3;
+    let run = |v2: &DapeV2<Ta>, span: &Span, budget: Option<usize>| -> Vec<(String, Vec<f32>)> {
+        let leaf_a = leaf([batch, 4, span.query_len, span.key_len], 75);
+        let a = leaf_a.clone() * 2.0;
+        let out = match budget {
+            Some(budget) => v2.forward_in_blocks(a, span, budget),
+            None => v2.forward_tensor_path(a, span, usize::MAX),
+        };
+        let grads = loss(out.clone(), 76).backward();
+        let grad4 = |t: &Param<Tensor<Ta, 4>>| to_vec(t.val().grad(&grads).expect("a weight"));
+        let grad1 = |t: &Option<Param<Tensor<Ta, 1>>>| {
+            to_vec(
+                t.as_ref()
+                    .expect("a bias")
+                    .val()
+                    .grad(&grads)
+                    .expect("a bias's gradient"),
+            )
+        };
+        let mut got = vec![
+            ("output".to_string(), to_vec(out)),
+            (
+                "d logits".into(),
+                to_vec(leaf_a.grad(&grads).expect("d logits")),
+            ),
+            ("d w1".into(), grad4(&v2.conv_in.weight)),
+            ("d b1".into(), grad1(&v2.conv_in.bias)),
+            ("d w2".into(), grad4(&v2.conv_out.weight)),
+            ("d b2".into(), grad1(&v2.conv_out.bias)),
+        ];
+        if let Some(AdditiveBias::Kerple(k)) = &v2.bias {
+            got.push(("d kerple p".into(), to_vec(k.p.grad(&grads).expect("p"))));
+            got.push(("d kerple a".into(), to_vec(k.a.grad(&grads).expect("a"))));
+        }
+        got
+    };
+    for base in ["kerple", "nope"] {
+        for mask in [true, false] {
+            let v2 = dape_v2_module(base, mask);
+            let width = v2.conv_in.weight.dims()[0];
+            for span in &spans {
+                let reference = run(&v2, span, None);
+                for rows in [span.query_len, 3] {
+                    let budget = rows * batch * width * span.key_len;
+                    for ((name, got), (_, want)) in
+                        run(&v2, span, Some(budget)).iter().zip(&reference)
+                    {
+                        assert_close(
+                            &format!(
+                                "dape v2 over {base}, mask {mask}, {span:?}, {rows} rows: {name}"
+                            ),
+                            got,
+                            want,
+                        );
+                    }
+                }
+            }
         }
     }
 }

@@ -71,7 +71,9 @@ pub(crate) use adamw::{adamw_fits, AdamWResult, Moments};
 #[cfg(feature = "ndarray")]
 pub(crate) use ndarray::*;
 #[cfg(feature = "tch")]
-pub(crate) use torch::{adamw as adamw_tch, applies_any as applies_tch, dape_v1 as dape_v1_tch};
+pub(crate) use torch::{
+    adamw as adamw_tch, applies_any as applies_tch, dape_v1 as dape_v1_tch, dape_v2 as dape_v2_tch,
+};
 
 /// Moves a value to the type it is known to have (`None` if it has another).
 #[cfg_attr(not(any(feature = "ndarray", feature = "tch")), allow(dead_code))]

@@ -98,7 +98,22 @@ impl<B: Backend> DapeV2<B> {
     /// row cannot see (their entries are `logits + B`, masked afterwards). On
     /// `Autodiff<NdArray<f32>>` (training) the same kernel is one graph node whose backward pass
     /// recomputes the hidden channels row by row, as matrix products over the row's keys.
+    /// On LibTorch (feature `tch`) it is PyTorch's `conv2d` per block of rows, and under
+    /// autodiff one graph node whose backward pass recomputes each block's hidden channels.
     pub fn forward(&self, logits: Tensor<B, 4>, span: &Span) -> Tensor<B, 4> {
+        self.forward_in_blocks(logits, span, HIDDEN_BLOCK)
+    }
+
+    /// [`Self::forward`] with blocks of query rows whose hidden tensor `[batch, D, rows,
+    /// seq_k]` stays under `budget` elements (`forward` uses [`HIDDEN_BLOCK`]), on the tensor
+    /// path and on LibTorch; the ndarray kernels hold one row at a time and ignore it. The
+    /// result does not depend on the budget (up to rounding).
+    pub fn forward_in_blocks(
+        &self,
+        logits: Tensor<B, 4>,
+        span: &Span,
+        budget: usize,
+    ) -> Tensor<B, 4> {
         #[cfg(feature = "ndarray")]
         {
             use super::fused;
@@ -126,7 +141,29 @@ impl<B: Backend> DapeV2<B> {
                 }
             }
         }
-        self.forward_blocked(logits, span, HIDDEN_BLOCK)
+        #[cfg(feature = "tch")]
+        if logits.dtype() == burn::tensor::DType::F32 && crate::kernel::applies_tch::<B>() {
+            let bias = self
+                .bias
+                .as_ref()
+                .map(|b| b.forward(span, &logits.device()));
+            if let Some(out) = crate::kernel::dape_v2_tch(
+                logits.clone(),
+                bias,
+                [self.conv_in.weight.val(), self.conv_out.weight.val()],
+                [
+                    self.conv_in.bias.as_ref().map(|b| b.val()),
+                    self.conv_out.bias.as_ref().map(|b| b.val()),
+                ],
+                self.negative_slope,
+                self.mask_future_hidden,
+                span,
+                budget,
+            ) {
+                return out;
+            }
+        }
+        self.forward_blocked(logits, span, budget)
     }
 
     /// [`Self::forward`] through the fused CPU kernel; `None` when the tensors are not `f32`.

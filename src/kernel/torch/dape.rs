@@ -133,7 +133,7 @@ fn shared_map(m: &tch::Tensor) -> bool {
 }
 
 /// `acc += x` for a gradient summed over blocks.
-fn accumulate(acc: &mut Option<tch::Tensor>, x: tch::Tensor) {
+pub(super) fn accumulate(acc: &mut Option<tch::Tensor>, x: tch::Tensor) {
     match acc {
         Some(a) => {
             let _ = a.g_add_(&x);
@@ -229,7 +229,7 @@ struct DapeState {
 }
 
 /// Runs `each(r0, n)` over blocks of at most `rows` of `lq` query rows.
-fn row_blocks(lq: i64, rows: i64, mut each: impl FnMut(i64, i64)) {
+pub(super) fn row_blocks(lq: i64, rows: i64, mut each: impl FnMut(i64, i64)) {
     let mut r0 = 0;
     while r0 < lq {
         let n = rows.min(lq - r0);

@@ -23,7 +23,12 @@
 //!   products and PyTorch's LeakyReLU kernel per block of query rows, and under autodiff one
 //!   graph node that keeps only the logits, the bias map and the weights; its backward pass
 //!   recomputes each block's pre-activations, so the `[batch, D, rows · keys]` hidden tensors
-//!   of the tensor path are never kept.
+//!   of the tensor path are never kept. The node takes a bias map shared by the batch or one
+//!   per sequence (DAPE-FoX's).
+//! * **DAPE V2's correction** ([`crate::encoding::DapeV2::forward`]): PyTorch's `conv2d` and
+//!   LeakyReLU kernels per block of query rows, and under autodiff one graph node that keeps
+//!   only its inputs; its backward pass recomputes each block's hidden channels and runs the
+//!   transposed convolutions and the weights' contractions (`dape_v2.rs`).
 //! * **AdamW** ([`crate::optim::FusedAdamW`]): the parameter and both moments updated in place
 //!   by PyTorch's `lerp_`, `mul_` and `addcdiv_`, the clipping factor kept on the device.
 //! * **GELU**: Burn's own `gelu`, which is PyTorch's exact (erf) GELU forward and backward on
@@ -36,12 +41,14 @@
 mod adamw;
 mod attention;
 mod dape;
+mod dape_v2;
 mod layer_norm;
 mod softmax;
 
 pub(crate) use adamw::adamw;
 pub(crate) use attention::{attention, attention_packed};
 pub(crate) use dape::dape_v1;
+pub(crate) use dape_v2::dape_v2;
 pub(crate) use layer_norm::layer_norm_autodiff;
 pub(crate) use softmax::softmax;
 
