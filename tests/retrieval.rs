@@ -368,7 +368,8 @@ fn the_masked_loss_counts_the_answers_only() {
 /// An evaluation interrupted after some lengths goes on from the first unfinished one: a
 /// length recorded in `retrieval.partial.json` for the same run and settings is taken from
 /// there (here a recognisable accuracy planted in it), the others are evaluated; an entry for
-/// other settings is not reused; the file is gone once the report is written.
+/// other settings is not reused; a length stopped part-way goes on from its passes done; the
+/// file is gone once the report is written.
 #[test]
 fn an_interrupted_evaluation_resumes_from_its_finished_lengths() {
     let run = temp("resume");
@@ -416,5 +417,31 @@ fn an_interrupted_evaluation_resumes_from_its_finished_lengths() {
         "an entry for other settings was reused"
     );
     assert_ne!(fresh["lengths"][0]["accuracy"], 0.123456);
+    // What an evaluation stopped part-way through length 160 leaves: its passes done (here more
+    // than there are, with planted tallies) are taken, the length goes on from the next pass.
+    let mut settings = full["eval"].clone();
+    settings.as_object_mut().unwrap().remove("lengths");
+    let text = serde_json::json!({
+        "train": serde_json::to_value(&train).unwrap(),
+        "eval": settings,
+        "finished": [],
+        "in_progress": {
+            "length": 160, "passes": 1_000_000,
+            "tally": {"total": 7, "correct": 3}, "answers": {"total": 9, "correct": 4},
+            "depths": [], "gaps": [], "seconds": 1.5,
+        },
+    });
+    std::fs::write(&partial, text.to_string()).unwrap();
+    let resumed = eval("3");
+    assert_eq!(
+        resumed["lengths"][0]["tally"], full["lengths"][0]["tally"],
+        "length 128 evaluated in full"
+    );
+    assert_eq!(
+        resumed["lengths"][1]["tally"],
+        serde_json::json!({"total": 7, "correct": 3}),
+        "length 160's passes done not taken"
+    );
+    assert!(!partial.exists());
     std::fs::remove_dir_all(&run).unwrap();
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::heatmap::{heatmap_svg, Heatmap};
 use super::plot::{line_chart_svg, Chart, Series};
-use super::retrieval_resume::{partial_path, Finished, Partial};
+use super::retrieval_resume::{partial_path, Finished, InProgress, Partial, SAVE_EVERY};
 use crate::data::retrieval::mqar::MqarConfig;
 use crate::data::retrieval::passkey;
 use crate::data::retrieval::{RetrievalItem, RetrievalTask};
@@ -336,7 +336,8 @@ pub fn evaluate<B: Backend>(
                 finished
             }
             None => {
-                let finished = evaluate_length(model, train, eval, task, length, device)?;
+                let progress = partial.as_mut().map(|(path, p)| (*path, p));
+                let finished = evaluate_length(model, train, eval, task, length, device, progress)?;
                 if let Finished::Evaluated { accuracy, .. } = &finished {
                     on_length(accuracy);
                 }
@@ -380,7 +381,10 @@ pub fn evaluate<B: Backend>(
     Ok((lengths, gaps, skipped))
 }
 
-/// One length's accuracy and its gap tallies (or why it was left out).
+/// One length's accuracy and its gap tallies (or why it was left out). With `progress` (the
+/// run's partial results), passes done by an interrupted evaluation of this length are taken
+/// from there, and the passes done now are saved there as they go (at most every
+/// [`SAVE_EVERY`]).
 fn evaluate_length<B: Backend>(
     model: &LanguageModel<B>,
     train: &LmTrainConfig,
@@ -388,8 +392,8 @@ fn evaluate_length<B: Backend>(
     task: RetrievalTask,
     length: usize,
     device: &B::Device,
+    mut progress: Option<(&Path, &mut Partial)>,
 ) -> Result<Finished> {
-    let mut gaps: Vec<Tally> = Vec::new();
     let items = match test_items(task, train, eval, length) {
         Ok(items) => items,
         Err(e) => {
@@ -404,11 +408,31 @@ fn evaluate_length<B: Backend>(
     let model = model
         .clone()
         .with_chunk_size(auto_chunk(rows.min(items.len()), length));
-    let mut tally = Tally::default();
-    let mut answers_tally = Tally::default();
-    let mut depth_tallies = vec![Tally::default(); eval.depths.len()];
+    let mut done = progress
+        .as_ref()
+        .and_then(|(_, p)| p.progress(length).cloned())
+        .unwrap_or(InProgress {
+            length,
+            ..InProgress::default()
+        });
+    done.depths.resize(eval.depths.len(), Tally::default());
+    let InProgress {
+        passes: skip,
+        mut tally,
+        answers: mut answers_tally,
+        depths: mut depth_tallies,
+        mut gaps,
+        seconds: before,
+        ..
+    } = done;
     let mut bar = ProgressBar::new(format!("{task} length {length}"), items.len());
-    for (pass, batch) in items.chunks(rows).enumerate() {
+    if skip > 0 {
+        let taken = (skip * rows).min(items.len());
+        say_err!("length {length}: {taken} items taken from an interrupted evaluation");
+        bar.inc(taken);
+    }
+    let mut saved = Instant::now();
+    for (pass, batch) in items.chunks(rows).enumerate().skip(skip) {
         let refs: Vec<&RetrievalItem> = batch.iter().map(|(i, _)| i).collect();
         let verdicts = predict(&model, train, &refs, pass as u64, device)?;
         for ((item, depth), answers) in batch.iter().zip(verdicts) {
@@ -435,6 +459,21 @@ fn evaluate_length<B: Backend>(
             }
         }
         bar.inc(batch.len());
+        if let Some((path, partial)) = progress.as_mut() {
+            if saved.elapsed() >= SAVE_EVERY {
+                let now = InProgress {
+                    length,
+                    passes: pass + 1,
+                    tally: tally.clone(),
+                    answers: answers_tally.clone(),
+                    depths: depth_tallies.clone(),
+                    gaps: gaps.clone(),
+                    seconds: before + start.elapsed().as_secs_f64(),
+                };
+                partial.save_progress(path, now)?;
+                saved = Instant::now();
+            }
+        }
     }
     bar.finish();
     let result = LengthAccuracy {
@@ -446,7 +485,7 @@ fn evaluate_length<B: Backend>(
             RetrievalTask::Passkey => depth_tallies.iter().map(Tally::accuracy).collect(),
             RetrievalTask::Mqar => Vec::new(),
         },
-        seconds: start.elapsed().as_secs_f64(),
+        seconds: before + start.elapsed().as_secs_f64(),
     };
     Ok(Finished::Evaluated {
         accuracy: result,

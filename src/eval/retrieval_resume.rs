@@ -1,6 +1,9 @@
 //! The lengths a retrieval evaluation has finished, kept in `<run>/retrieval.partial.json`
 //! after each one, so that an interrupted evaluation (a long grid cell stopped at 8192) goes on
-//! from the first unfinished length instead of from the start.
+//! from the first unfinished length instead of from the start; and, within the length it was
+//! evaluating, the passes (batches of test items) it had done with their tallies
+//! ([`InProgress`], saved at most every [`SAVE_EVERY`]), so that it goes on from the next pass:
+//! a passkey length of 8192 takes hours on a CPU.
 //!
 //! A length's result depends on the run and on the evaluation's settings, never on the other
 //! lengths asked for: the test items of each length have their own seed. The file therefore
@@ -36,6 +39,31 @@ pub enum Finished {
     Skipped(SkippedLength),
 }
 
+/// How often, at most, the length in progress is saved.
+pub const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A length stopped part-way: the first `passes` batches of its test items are done, with these
+/// tallies. Items and batches are the same on every run of the same settings (each length's
+/// items have their own seed, `batch_tokens` fixes the batch), so the next pass goes on exactly
+/// where the interrupted one stopped.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct InProgress {
+    /// The length being evaluated.
+    pub length: usize,
+    /// Batches of test items done.
+    pub passes: usize,
+    /// Units scored so far.
+    pub tally: Tally,
+    /// Answers (digits, queries) scored so far.
+    pub answers: Tally,
+    /// Passkey: units by depth so far (empty for MQAR).
+    pub depths: Vec<Tally>,
+    /// Units by gap bucket so far.
+    pub gaps: Vec<Tally>,
+    /// Seconds spent on the length so far.
+    pub seconds: f64,
+}
+
 /// The contents of `retrieval.partial.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Partial {
@@ -45,6 +73,9 @@ pub struct Partial {
     pub eval: serde_json::Value,
     /// The finished lengths, in the order they finished.
     pub finished: Vec<Finished>,
+    /// The length stopped part-way, if any.
+    #[serde(default)]
+    pub in_progress: Option<InProgress>,
 }
 
 impl Finished {
@@ -86,6 +117,7 @@ impl Partial {
             train: train.clone(),
             eval: eval.clone(),
             finished: Vec::new(),
+            in_progress: None,
         };
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
@@ -124,10 +156,28 @@ impl Partial {
         self.finished.iter().find(|f| f.length() == length)
     }
 
-    /// Records a finished length and writes the file.
+    /// Records a finished length (no longer in progress) and writes the file.
     pub fn record(&mut self, path: &Path, finished: Finished) -> Result<()> {
         self.finished.retain(|f| f.length() != finished.length());
+        if self
+            .in_progress
+            .as_ref()
+            .is_some_and(|p| p.length == finished.length())
+        {
+            self.in_progress = None;
+        }
         self.finished.push(finished);
+        write_json_atomic(path, self)
+    }
+
+    /// The passes done of `length` by an interrupted evaluation, if it stopped part-way there.
+    pub fn progress(&self, length: usize) -> Option<&InProgress> {
+        self.in_progress.as_ref().filter(|p| p.length == length)
+    }
+
+    /// Records the length in progress and writes the file.
+    pub fn save_progress(&mut self, path: &Path, progress: InProgress) -> Result<()> {
+        self.in_progress = Some(progress);
         write_json_atomic(path, self)
     }
 }
