@@ -157,7 +157,7 @@ impl<B: Backend> DapeV2<B> {
                 ],
                 self.negative_slope,
                 self.mask_future_hidden,
-                span,
+                (span.query_start, span.causal),
                 budget,
             ) {
                 return out;

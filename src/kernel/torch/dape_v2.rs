@@ -23,7 +23,6 @@ use burn::tensor::TensorPrimitive;
 
 use super::dape::{accumulate, row_blocks};
 use super::{applies, applies_any, finish, Ta, Tb};
-use crate::encoding::Span;
 use crate::kernel::{cast, cast_opt};
 
 /// DAPE V2's two convolutions on LibTorch, in `Conv2d`'s layouts: `w1` `[D, C, 1, k]` (`C = 2H`
@@ -302,7 +301,8 @@ impl Backward<Tb, 6> for V2Backward {
 /// DAPE V2 (`logits + bias + f(tril([logits ‖ bias]))`, `f` two `1 × k` convolutions along the
 /// keys) on LibTorch, for logits `[batch, H, lq, lk]` and a bias map `[1, H, lq, lk]` shared by
 /// the batch (or none, over NoPE), over blocks of query rows whose hidden tensor `[batch, D,
-/// rows, lk]` stays under `budget` elements. Under autodiff it is one graph node that keeps only
+/// rows, lk]` stays under `budget` elements; `rows` gives the first query row's position and
+/// whether rows are causal (a causal row sees the keys up to its position). Under autodiff it is one graph node that keeps only
 /// its inputs (Burn's tensor path keeps every block's hidden channels and a dozen nodes' inputs).
 /// `None` on any other backend, or for shapes it does not take (the tensor path then runs).
 #[allow(clippy::too_many_arguments)]
@@ -313,7 +313,7 @@ pub(crate) fn dape_v2<B: Backend>(
     [b1, b2]: [Option<Tensor<B, 1>>; 2],
     slope: f64,
     mask_future_hidden: bool,
-    span: &Span,
+    (query_start, causal): (usize, bool),
     budget: usize,
 ) -> Option<Tensor<B, 4>> {
     let [batch, h, lq, lk] = logits.dims();
@@ -337,8 +337,8 @@ pub(crate) fn dape_v2<B: Backend>(
             b2,
             slope,
             mask_future_hidden,
-            query_start: span.query_start as i64,
-            causal: span.causal,
+            query_start: query_start as i64,
+            causal,
         };
     if applies::<B>() {
         let raw4 =
