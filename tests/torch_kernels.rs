@@ -545,6 +545,18 @@ fn fused_adamw_is_burns_adamw_and_leaves_held_tensors_alone() {
     );
 }
 
+/// Hidden biases of ±8 (alternating) plus noise of ±0.1 from `seed`: no pre-activation then lies
+/// near LeakyReLU's kink, where the two paths' roundings could take different slopes.
+fn kink_free_biases(width: usize, seed: u64) -> Param<Tensor<Ta, 1>> {
+    let signs: Vec<f32> = (0..width)
+        .map(|i| if i % 2 == 0 { 8.0 } else { -8.0 })
+        .collect();
+    Param::from_tensor(
+        Tensor::<Ta, 1>::from_floats(signs.as_slice(), &DEVICE)
+            + tensor::<Ta, 1>([width], seed, 0.1),
+    )
+}
+
 /// DAPE V1 over Kerple (a bias with learned parameters), over ALiBi (a fixed bias) and over
 /// NoPE, with hidden biases of ±8 so that no pre-activation lies near LeakyReLU's kink (where
 /// the two paths' roundings could take different slopes).
@@ -571,12 +583,7 @@ fn dape_module(base: &str) -> Dape<Ta> {
         .init::<Ta>(heads, bias, &DEVICE)
         .expect("dape");
     let width = dape.mlp_in.weight.dims()[1];
-    let signs: Vec<f32> = (0..width)
-        .map(|i| if i % 2 == 0 { 8.0 } else { -8.0 })
-        .collect();
-    dape.mlp_in.bias = Some(Param::from_tensor(
-        Tensor::<Ta, 1>::from_floats(signs.as_slice(), &DEVICE) + tensor::<Ta, 1>([width], 53, 0.1),
-    ));
+    dape.mlp_in.bias = Some(kink_free_biases(width, 53));
     dape.mlp_out.bias = Some(Param::from_tensor(tensor::<Ta, 1>([heads], 54, 1.0)));
     dape
 }
@@ -700,12 +707,7 @@ fn dape_node_over_a_map_is_the_tensor_path_in_values_and_every_gradient() {
         .expect("dape over an external map");
     // Hidden biases of ±8, as in `dape_module`: no pre-activation near LeakyReLU's kink.
     let width = dape.mlp_in.weight.dims()[1];
-    let signs: Vec<f32> = (0..width)
-        .map(|i| if i % 2 == 0 { 8.0 } else { -8.0 })
-        .collect();
-    dape.mlp_in.bias = Some(Param::from_tensor(
-        Tensor::<Ta, 1>::from_floats(signs.as_slice(), &DEVICE) + tensor::<Ta, 1>([width], 61, 0.1),
-    ));
+    dape.mlp_in.bias = Some(kink_free_biases(width, 61));
     dape.mlp_out.bias = Some(Param::from_tensor(tensor::<Ta, 1>([heads], 62, 1.0)));
     let (batch, rows, keys) = (3, 6, 9);
     let run = |maps: usize, fused: bool| -> Vec<(&str, Vec<f32>)> {
@@ -759,12 +761,7 @@ fn dape_v2_module(base: &str, mask_future_hidden: bool) -> DapeV2<Ta> {
         .init::<Ta>(heads, bias, &DEVICE)
         .expect("dape v2");
     let width = v2.conv_in.weight.dims()[0];
-    let signs: Vec<f32> = (0..width)
-        .map(|i| if i % 2 == 0 { 8.0 } else { -8.0 })
-        .collect();
-    v2.conv_in.bias = Some(Param::from_tensor(
-        Tensor::<Ta, 1>::from_floats(signs.as_slice(), &DEVICE) + tensor::<Ta, 1>([width], 73, 0.1),
-    ));
+    v2.conv_in.bias = Some(kink_free_biases(width, 73));
     v2.conv_out.bias = Some(Param::from_tensor(tensor::<Ta, 1>([heads], 74, 1.0)));
     v2
 }

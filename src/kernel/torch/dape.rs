@@ -3,7 +3,6 @@
 //! the bias map and the weights, its backward pass recomputing each block's pre-activations.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::Backward;
 use burn::backend::autodiff::ops::Ops;
@@ -12,7 +11,8 @@ use burn::backend::libtorch::TchTensor;
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 
-use super::{applies, applies_any, finish, Ta, Tb};
+use super::correction_node::Parents;
+use super::{applies, applies_any, Tb};
 use crate::kernel::cast;
 use crate::kernel::cast_opt;
 
@@ -372,62 +372,22 @@ pub(crate) fn dape_v1<B: Backend>(
         let out = Tensor::<Tb, 4>::from_primitive(TensorPrimitive::Float(TchTensor::new(out)));
         return cast(out);
     }
-    let logits: Tensor<Ta, 4> = cast(logits)?;
-    let device = logits.device();
-    let bias: Option<Tensor<Ta, 4>> = cast_opt(bias)?;
-    let (w1, w2): (Tensor<Ta, 2>, Tensor<Ta, 2>) = (cast(w1)?, cast(w2)?);
-    let b1: Option<Tensor<Ta, 1>> = cast_opt(b1)?;
-    let b2: Option<Tensor<Ta, 1>> = cast_opt(b2)?;
-    let (a, m) = (
-        logits.into_primitive().tensor(),
-        bias.map(|m| m.into_primitive().tensor()),
-    );
-    let (w1, w2) = (w1.into_primitive().tensor(), w2.into_primitive().tensor());
-    let (b1, b2) = (
-        b1.map(|b| b.into_primitive().tensor()),
-        b2.map(|b| b.into_primitive().tensor()),
-    );
+    let parents = Parents::new(logits, bias, [w1, w2], [b1, b2])?;
+    let ([w1, w2], [b1, b2]) = parents.weights();
     let mlp = DapeMlp {
-        w1: w1.primitive.clone(),
-        b1: b1.as_ref().map(|b| b.primitive.clone()),
-        w2: w2.primitive.clone(),
-        b2: b2.as_ref().map(|b| b.primitive.clone()),
+        w1,
+        b1,
+        w2,
+        b2,
         slope,
     };
-    let out = dape_forward(
-        &mlp,
-        &a.primitive.tensor,
-        m.as_ref().map(|m| &m.primitive.tensor),
-        rows,
-    );
-    // A constant stands in for an absent input: it never requires a gradient.
-    let absent = || {
-        Tensor::<Ta, 1>::zeros([1], &device)
-            .into_primitive()
-            .tensor()
-            .node
-    };
+    let (a, m) = parents.inputs();
+    let out = dape_forward(&mlp, &a.tensor, m.as_ref().map(|m| &m.tensor), rows);
     let state = DapeState {
-        logits: a.primitive.clone(),
-        bias: m.as_ref().map(|m| m.primitive.clone()),
+        logits: a,
+        bias: m,
         mlp,
         rows,
     };
-    let nodes = [
-        a.node,
-        m.map_or_else(absent, |m| m.node),
-        w1.node,
-        b1.map_or_else(absent, |b| b.node),
-        w2.node,
-        b2.map_or_else(absent, |b| b.node),
-    ];
-    let out = finish(
-        DapeBackward
-            .prepare::<NoCheckpointing>(nodes)
-            .compute_bound()
-            .stateful(),
-        state,
-        TchTensor::new(out),
-    );
-    cast(Tensor::<Ta, 4>::from_primitive(TensorPrimitive::Float(out)))
+    parents.record(DapeBackward, state, out)
 }

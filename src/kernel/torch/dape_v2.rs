@@ -12,7 +12,6 @@
 //! `DapeV2::forward_tensor_path` (`tests/torch_kernels.rs`).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::Backward;
 use burn::backend::autodiff::ops::Ops;
@@ -21,8 +20,9 @@ use burn::backend::libtorch::TchTensor;
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 
+use super::correction_node::Parents;
 use super::dape::{accumulate, row_blocks};
-use super::{applies, applies_any, finish, Ta, Tb};
+use super::{applies, applies_any, Tb};
 use crate::kernel::{cast, cast_opt};
 
 /// DAPE V2's two convolutions on LibTorch, in `Conv2d`'s layouts: `w1` `[D, C, 1, k]` (`C = 2H`
@@ -356,61 +356,16 @@ pub(crate) fn dape_v2<B: Backend>(
         let out = Tensor::<Tb, 4>::from_primitive(TensorPrimitive::Float(TchTensor::new(out)));
         return cast(out);
     }
-    let logits: Tensor<Ta, 4> = cast(logits)?;
-    let device = logits.device();
-    let bias: Option<Tensor<Ta, 4>> = cast_opt(bias)?;
-    let (w1, w2): (Tensor<Ta, 4>, Tensor<Ta, 4>) = (cast(w1)?, cast(w2)?);
-    let b1: Option<Tensor<Ta, 1>> = cast_opt(b1)?;
-    let b2: Option<Tensor<Ta, 1>> = cast_opt(b2)?;
-    let (a, m) = (
-        logits.into_primitive().tensor(),
-        bias.map(|m| m.into_primitive().tensor()),
-    );
-    let (w1, w2) = (w1.into_primitive().tensor(), w2.into_primitive().tensor());
-    let (b1, b2) = (
-        b1.map(|b| b.into_primitive().tensor()),
-        b2.map(|b| b.into_primitive().tensor()),
-    );
-    let convs = convs(
-        w1.primitive.clone(),
-        b1.as_ref().map(|b| b.primitive.clone()),
-        w2.primitive.clone(),
-        b2.as_ref().map(|b| b.primitive.clone()),
-    );
-    let out = v2_forward(
-        &convs,
-        &a.primitive.tensor,
-        m.as_ref().map(|m| &m.primitive.tensor),
-        rows,
-    );
-    // A constant stands in for an absent input: it never requires a gradient.
-    let absent = || {
-        Tensor::<Ta, 1>::zeros([1], &device)
-            .into_primitive()
-            .tensor()
-            .node
-    };
+    let parents = Parents::new(logits, bias, [w1, w2], [b1, b2])?;
+    let ([w1, w2], [b1, b2]) = parents.weights();
+    let convs = convs(w1, b1, w2, b2);
+    let (a, m) = parents.inputs();
+    let out = v2_forward(&convs, &a.tensor, m.as_ref().map(|m| &m.tensor), rows);
     let state = V2State {
-        logits: a.primitive.clone(),
-        bias: m.as_ref().map(|m| m.primitive.clone()),
+        logits: a,
+        bias: m,
         convs,
         rows,
     };
-    let nodes = [
-        a.node,
-        m.map_or_else(absent, |m| m.node),
-        w1.node,
-        b1.map_or_else(absent, |b| b.node),
-        w2.node,
-        b2.map_or_else(absent, |b| b.node),
-    ];
-    let out = finish(
-        V2Backward
-            .prepare::<NoCheckpointing>(nodes)
-            .compute_bound()
-            .stateful(),
-        state,
-        TchTensor::new(out),
-    );
-    cast(Tensor::<Ta, 4>::from_primitive(TensorPrimitive::Float(out)))
+    parents.record(V2Backward, state, out)
 }

@@ -40,6 +40,7 @@
 
 mod adamw;
 mod attention;
+mod correction_node;
 mod dape;
 mod dape_v2;
 mod layer_norm;
