@@ -8,4 +8,5 @@ pub mod lm;
 pub mod longppl;
 pub mod plot;
 pub mod retrieval;
+mod retrieval_prefix;
 pub mod retrieval_resume;

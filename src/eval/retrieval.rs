@@ -3,8 +3,9 @@
 //! `retrieval.json`, `retrieval.csv` and plots.
 //!
 //! Every item is one forward pass over its `length` tokens (query-chunked attention where the
-//! length needs it, which is exact); the prediction at a scored target is the argmax of its
-//! logits. A passkey item counts as correct when every digit is; an MQAR item contributes each
+//! length needs it, which is exact), or the same rows read after a prefix the item shares with
+//! its neighbours (a passkey depth's filler and needle text, run once: see
+//! [`super::retrieval_prefix`]); the prediction at a scored target is the argmax of its logits. A passkey item counts as correct when every digit is; an MQAR item contributes each
 //! of its queries.
 
 use std::path::Path;
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::heatmap::{heatmap_svg, Heatmap};
 use super::plot::{line_chart_svg, Chart, Series};
+use super::retrieval_prefix::{tail_logits, SharedPrefix};
 use super::retrieval_resume::{partial_path, Finished, InProgress, Partial, SAVE_EVERY};
 use crate::data::retrieval::mqar::MqarConfig;
 use crate::data::retrieval::passkey;
@@ -253,36 +255,42 @@ fn mqar_pairs(mqar: &MqarConfig, eval: &RetrievalEvalConfig) -> usize {
 }
 
 /// Whether each scored answer of `items` is predicted, per item: the argmax of the logits at
-/// every answer target equals the next token.
+/// every answer target equals the next token. A prefix that the items share with the `next`
+/// pass's is read once and kept in `shared` (see [`super::retrieval_prefix`]); at randomized
+/// positions every pass is whole.
 fn predict<B: Backend>(
     model: &LanguageModel<B>,
     train: &LmTrainConfig,
     items: &[&RetrievalItem],
+    next: &[&RetrievalItem],
     pass: u64,
+    shared: &mut Option<SharedPrefix<B>>,
     device: &B::Device,
 ) -> Result<Vec<Vec<bool>>> {
     let n = items.len();
     let length = items[0].length();
-    let inputs: Vec<i64> = items
-        .iter()
-        .flat_map(|i| i.tokens[..length].iter().map(|&t| i64::from(t)))
-        .collect();
-    let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(inputs, [n, length]), device);
-    let positions = train
-        .encoding
-        .randomized()
-        .map(|r| sample_positions(r, length, TEST_SEED, pass))
-        .transpose()?;
     // Only the rows from the first scored target on are needed for the argmax.
     let first = items
         .iter()
         .flat_map(|i| i.answer_targets.first().copied())
         .min()
         .unwrap_or(0);
-    let logits = model.forward_at(inputs, positions.as_ref())?;
-    let vocab = logits.dims()[2];
+    let logits = match train.encoding.randomized() {
+        None => tail_logits(model, items, next, first, shared, device)?,
+        Some(r) => {
+            let positions = sample_positions(r, length, TEST_SEED, pass)?;
+            let inputs: Vec<i64> = items
+                .iter()
+                .flat_map(|i| i.tokens[..length].iter().map(|&t| i64::from(t)))
+                .collect();
+            let inputs =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(inputs, [n, length]), device);
+            let logits = model.forward_at(inputs, Some(&positions))?;
+            let vocab = logits.dims()[2];
+            logits.slice([0..n, first..length, 0..vocab])
+        }
+    };
     let best = logits
-        .slice([0..n, first..length, 0..vocab])
         .argmax(2)
         .into_data()
         .convert::<i64>()
@@ -432,9 +440,25 @@ fn evaluate_length<B: Backend>(
         bar.inc(taken);
     }
     let mut saved = Instant::now();
-    for (pass, batch) in items.chunks(rows).enumerate().skip(skip) {
-        let refs: Vec<&RetrievalItem> = batch.iter().map(|(i, _)| i).collect();
-        let verdicts = predict(&model, train, &refs, pass as u64, device)?;
+    let mut shared = None;
+    let batches: Vec<&[(RetrievalItem, usize)]> = items.chunks(rows).collect();
+    for (pass, batch) in batches.iter().enumerate().skip(skip) {
+        let this: Vec<&RetrievalItem> = batch.iter().map(|(i, _)| i).collect();
+        let next: Vec<&RetrievalItem> = batches
+            .get(pass + 1)
+            .map_or(&[][..], |b| b)
+            .iter()
+            .map(|(i, _)| i)
+            .collect();
+        let verdicts = predict(
+            &model,
+            train,
+            &this,
+            &next,
+            pass as u64,
+            &mut shared,
+            device,
+        )?;
         for ((item, depth), answers) in batch.iter().zip(verdicts) {
             for &a in &answers {
                 answers_tally.add(a);
