@@ -330,8 +330,50 @@ pub struct Fire<B: Backend> {
 }
 
 impl<B: Backend> Fire<B> {
-    /// `[1, heads, seq_q, seq_k]`.
+    /// `[1, heads, seq_q, seq_k]`. In evaluation on ndarray, with ReLU or LeakyReLU, through
+    /// [`crate::kernel::scalar_mlp_bias`] (the MLP as the piecewise-linear function it is);
+    /// otherwise from tensor ops ([`Self::forward_tensors`]).
     pub fn forward(&self, span: &Span, device: &B::Device) -> Tensor<B, 4> {
+        self.forward_kernel(span, device)
+            .unwrap_or_else(|| self.forward_tensors(span, device))
+    }
+
+    /// The kernel's inputs: `ψ(d)` for every distance `d` the span reaches, and per query row
+    /// its normaliser `ψ(max(L, i)) + eps`. `None` with GELU, or where the
+    /// kernel does not apply.
+    fn forward_kernel(&self, span: &Span, device: &B::Device) -> Option<Tensor<B, 4>> {
+        let slope = match self.activation {
+            FireActivation::Relu => 0.0,
+            FireActivation::LeakyRelu => 0.01,
+            FireActivation::Gelu => return None,
+        };
+        if !crate::kernel::scalar_mlp_applies::<B>() {
+            return None;
+        }
+        let (low, high) = span.offset_range();
+        let n = low.unsigned_abs().max(high.unsigned_abs()) as usize + 1;
+        let c = self.c.val();
+        let distances = Tensor::<B, 1, Int>::arange(0..n as i64, device).float();
+        let psi = (distances * c.clone()).abs().log1p();
+        let rows = span.query_position_values();
+        let lq = rows.len();
+        let threshold = (self.l_multiplier.val() * self.init_l).abs();
+        let pos =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(rows.clone(), [lq]), device).float();
+        let normaliser = (pos.max_pair(threshold.expand([lq])) * c).abs().log1p() + self.eps;
+        let mlp = crate::kernel::ScalarMlp {
+            w1: self.mlp_in.weight.val(),
+            b1: self.mlp_in.bias.as_ref().map(|b| b.val()),
+            w2: self.mlp_out.weight.val(),
+            b2: self.mlp_out.bias.as_ref().map(|b| b.val()),
+            slope,
+        };
+        let cols = span.key_position_values();
+        crate::kernel::scalar_mlp_bias(mlp, psi, normaliser, &rows, &cols)
+    }
+
+    /// [`Self::forward`] from tensor ops: the MLP over every (query, key) pair's input.
+    pub fn forward_tensors(&self, span: &Span, device: &B::Device) -> Tensor<B, 4> {
         let (lq, lk) = (span.query_len, span.key_len);
         let c = self.c.val().reshape([1, 1]);
         // ψ is even, so |i - j| serves both causal and non-causal attention.
@@ -512,6 +554,56 @@ mod tests {
     use super::*;
     use crate::encoding::RandomizedConfig;
     use burn::backend::{Autodiff, NdArray};
+
+    /// FIRE through the piecewise-linear kernel against its tensor path, for ReLU and
+    /// LeakyReLU with every hidden unit's kink inside the inputs' range `(0, 1)`: a causal
+    /// square, a chunk of rows past the threshold `L` (each row its own normaliser), a
+    /// non-causal square, and randomized positions. GELU takes the tensor path.
+    #[test]
+    fn fire_kernel_is_the_tensor_path() {
+        type N = NdArray<f32>;
+        let device = Default::default();
+        let positions = RandomizedConfig::new(2048).sample(40, 9).unwrap();
+        let spans = [
+            (0, 30, 30, true, None),
+            (600, 40, 640, true, None),
+            (0, 24, 24, false, None),
+            (8, 32, 40, true, Some(positions)),
+        ];
+        for activation in [FireActivation::Relu, FireActivation::LeakyRelu] {
+            let mut fire = FireConfig::new()
+                .with_activation(activation)
+                .with_init_l(64.0)
+                .init::<N>(4, &device)
+                .unwrap();
+            let normal = burn::tensor::Distribution::Normal(0.0, 1.0);
+            let w1 = Tensor::<N, 2>::random([1, 32], normal, &device);
+            let kinks = Tensor::<N, 1>::random(
+                [32],
+                burn::tensor::Distribution::Uniform(0.05, 0.95),
+                &device,
+            );
+            fire.mlp_in.bias = Some(Param::from_tensor(-(w1.clone().reshape([32]) * kinks)));
+            fire.mlp_in.weight = Param::from_tensor(w1);
+            for (query_start, query_len, key_len, causal, positions) in spans.clone() {
+                let span = Span {
+                    query_start,
+                    query_len,
+                    key_len,
+                    causal,
+                    positions,
+                };
+                let ours = fire.forward(&span, &device);
+                let want = fire.forward_tensors(&span, &device);
+                assert_eq!(ours.dims(), want.dims());
+                let diff: f32 = (ours - want).abs().max().into_scalar();
+                assert!(
+                    diff < 1e-5,
+                    "{activation:?}, span {query_start}+{query_len} of {key_len}: {diff}"
+                );
+            }
+        }
+    }
 
     /// T5's per-distance lookup against the gather of every pair's bucket, in values (exactly:
     /// the same embeddings) and in the embedding's gradient: a causal square (keys ahead of a

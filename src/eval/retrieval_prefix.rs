@@ -173,10 +173,8 @@ mod tests {
     }
 
     fn model(transformer: TransformerConfig) -> LanguageModel<B> {
-        let device = Default::default();
-        B::seed(&device, 3);
         LanguageModelConfig::new(256, transformer.with_chunk_size(Some(24)))
-            .init::<B>(&device)
+            .init::<B>(&Default::default())
             .unwrap()
     }
 

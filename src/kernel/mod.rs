@@ -11,6 +11,7 @@
 //! | [`attention`], [`attention_packed`] | `ndarray/attention*.rs` | `torch/attention.rs` | `None`: the caller's tensor path |
 //! | [`batched_matmul`] | `ndarray/matmul.rs` | Burn's `matmul` | Burn's `matmul` |
 //! | [`distance_table_bias`], [`past_distance_table_bias`] | `ndarray/distance_table.rs` | `None` | `None` |
+//! | [`scalar_mlp_bias`] | `ndarray/scalar_mlp.rs` (no autodiff) | `None` | `None` |
 //! | [`fused_softmax`] | `ndarray/softmax.rs` | `torch/softmax.rs` | `Err`: the caller's tensor path |
 //! | [`stick_breaking`] | `ndarray/stick_breaking.rs` | [`stick_breaking_tensor`] | [`stick_breaking_tensor`] |
 //! | [`stick_breaking_attention`] | `ndarray/attention_sticks.rs` | `None` | `None`: the caller's tensor path |
@@ -34,6 +35,7 @@ mod gelu;
 mod layer_norm;
 mod linear;
 mod matmul;
+mod scalar_mlp;
 mod softmax;
 mod stick_breaking;
 mod token_nll;
@@ -54,6 +56,7 @@ pub use gelu::gelu;
 pub use layer_norm::{layer_norm, layer_norm_tensor};
 pub use linear::{linear, linear_layer, linear_tensor};
 pub use matmul::batched_matmul;
+pub use scalar_mlp::{scalar_mlp_applies, scalar_mlp_bias, ScalarMlp};
 pub use softmax::fused_softmax;
 pub use stick_breaking::{
     stick_breaking, stick_breaking_attention, stick_breaking_attention_applies,
