@@ -11,7 +11,7 @@
 //! | [`attention`], [`attention_packed`] | `ndarray/attention*.rs` | `torch/attention.rs` | `None`: the caller's tensor path |
 //! | [`batched_matmul`] | `ndarray/matmul.rs` | Burn's `matmul` | Burn's `matmul` |
 //! | [`distance_table_bias`], [`past_distance_table_bias`] | `ndarray/distance_table.rs` | `None` | `None` |
-//! | [`scalar_mlp_bias`] | `ndarray/scalar_mlp.rs` (no autodiff) | `None` | `None` |
+//! | [`scalar_mlp_bias`] | `ndarray/scalar_mlp.rs` | `None` | `None` |
 //! | [`fused_softmax`] | `ndarray/softmax.rs` | `torch/softmax.rs` | `Err`: the caller's tensor path |
 //! | [`stick_breaking`] | `ndarray/stick_breaking.rs` | [`stick_breaking_tensor`] | [`stick_breaking_tensor`] |
 //! | [`stick_breaking_attention`] | `ndarray/attention_sticks.rs` | `None` | `None`: the caller's tensor path |

@@ -3,7 +3,7 @@
 use burn::prelude::*;
 
 #[cfg(feature = "ndarray")]
-use super::ndarray::{applies, scalar_mlp_bias_nd};
+use super::ndarray::{applies, applies_autodiff, scalar_mlp_bias_autodiff, scalar_mlp_bias_nd};
 
 /// The MLP `1 → width → heads` of [`scalar_mlp_bias`], with a piecewise-linear activation:
 /// `act(z) = z` for `z > 0`, `slope · z` otherwise (ReLU: `slope = 0`; LeakyReLU: 0.01).
@@ -30,9 +30,12 @@ pub struct ScalarMlp<B: Backend> {
 /// the kinks and one multiply-add per head, where the tensor path computes `width` hidden values
 /// and `width · heads` multiply-adds per pair. Equal to the tensor path up to rounding.
 ///
-/// Evaluation on `NdArray<f32>` only (no autodiff); `None` elsewhere, and when a distance
-/// reaches past `table` or `normaliser` is not one value per row: the caller takes the tensor
-/// path.
+/// On `NdArray<f32>`, and on `Autodiff<NdArray<f32>>` as one graph node whose backward pass
+/// sums the bias's gradient per piece and head (the MLP's gradients follow piece by piece) and
+/// passes each pair's `∂x` to `table` and `normaliser`, whose own gradients (FIRE's `c` and `L`)
+/// flow through their `[n]` and `[rows]` ops. `None` elsewhere, under autodiff without both
+/// biases, and when a distance reaches past `table` or `normaliser` is not one value per row:
+/// the caller takes the tensor path.
 pub fn scalar_mlp_bias<B: Backend>(
     mlp: ScalarMlp<B>,
     table: Tensor<B, 1>,
@@ -41,18 +44,24 @@ pub fn scalar_mlp_bias<B: Backend>(
     cols: &[i64],
 ) -> Option<Tensor<B, 4>> {
     #[cfg(feature = "ndarray")]
-    if applies::<B>() && table.dtype() == burn::tensor::DType::F32 {
-        return scalar_mlp_bias_nd(mlp, table, normaliser, rows, cols);
+    if table.dtype() == burn::tensor::DType::F32 {
+        if applies::<B>() {
+            return scalar_mlp_bias_nd(mlp, table, normaliser, rows, cols);
+        }
+        if applies_autodiff::<B>() {
+            return scalar_mlp_bias_autodiff(mlp, table, normaliser, rows, cols);
+        }
     }
     #[cfg(not(feature = "ndarray"))]
     let _ = (mlp, table, normaliser, rows, cols);
     None
 }
 
-/// Whether [`scalar_mlp_bias`] has a kernel for backend `B`.
+/// Whether [`scalar_mlp_bias`] has a kernel for backend `B` (ndarray, with or without
+/// autodiff).
 pub fn scalar_mlp_applies<B: Backend>() -> bool {
     #[cfg(feature = "ndarray")]
-    return applies::<B>();
+    return applies::<B>() || applies_autodiff::<B>();
     #[cfg(not(feature = "ndarray"))]
     false
 }

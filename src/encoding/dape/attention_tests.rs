@@ -243,14 +243,16 @@ fn check<M: Subject>(
 /// Takes out the gradients of the layers' biases, after checking that they are zero to
 /// rounding: each sums `dZ` (through the second layer, times a slope that is the same for every
 /// pair: see `kink_free_bias`) over a row of keys, and the softmax's gradient sums to zero
-/// over every row. Nothing is left of them to compare but rounding (6e-5 seen).
+/// over every row. Nothing is left of them to compare but rounding: 6e-5 seen in one draw, up to
+/// 1.2e-3 over the draws the test harness's other threads leave (the backend's random state is
+/// shared), so the bound is 5e-3, where a missing term leaves O(0.1).
 fn zero_sums(named: Vec<(String, Vec<f32>)>) -> Vec<(String, Vec<f32>)> {
     named
         .into_iter()
         .filter(|(name, g)| {
             let sum = name == "d b1" || name == "d b2";
             let max = g.iter().fold(0f32, |m, x| m.max(x.abs()));
-            assert!(!sum || max <= 1e-3, "{name} is {max}, not zero");
+            assert!(!sum || max <= 5e-3, "{name} is {max}, not zero");
             !sum
         })
         .collect()

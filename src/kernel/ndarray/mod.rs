@@ -42,7 +42,7 @@ pub(in crate::kernel) use gelu::{gelu_autodiff, gelu_nd};
 pub(in crate::kernel) use layer_norm::{layer_norm_autodiff, layer_norm_nd};
 pub(in crate::kernel) use linear::{linear_autodiff, linear_nd};
 pub(in crate::kernel) use matmul::{matmul_autodiff, matmul_nd};
-pub(in crate::kernel) use scalar_mlp::scalar_mlp_bias_nd;
+pub(in crate::kernel) use scalar_mlp::{scalar_mlp_bias_autodiff, scalar_mlp_bias_nd};
 #[cfg(test)]
 pub(in crate::kernel) use simd::{exp, phi};
 pub(in crate::kernel) use softmax::{softmax_autodiff, softmax_nd};
