@@ -48,19 +48,28 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
+    /// The block's rows `first ..` (all of them for `first = 0`); every row's keys and
+    /// values reach `cache`.
     fn forward(
         &self,
         x: Tensor<B, 3>,
         cache: Option<&mut KvCache<B>>,
         segments: Option<Tensor<B, 2, Int>>,
         positions: Option<&Positions>,
+        first: usize,
     ) -> Result<Tensor<B, 3>> {
         let normed = self.norm_attn.forward(x.clone());
         // Absolute encodings read the positions at the embeddings, not in attention.
         let positions = positions.filter(|_| self.attention.encoding.takes_positions());
         let attended = self
             .attention
-            .forward_with(normed, positions, segments, cache)?;
+            .forward_rows(normed, positions, segments, cache, first)?;
+        let x = if first == 0 {
+            x
+        } else {
+            let l = x.dims()[1];
+            x.narrow(1, first, l - first)
+        };
         Ok(if self.parallel_residual {
             let ffn = self.ffn.forward(self.norm_ffn.forward(x.clone()));
             x + attended + ffn
@@ -286,8 +295,22 @@ impl<B: Backend> Transformer<B> {
     pub fn forward_at(
         &self,
         tokens: Tensor<B, 2, Int>,
+        caches: Option<&mut [KvCache<B>]>,
+        positions: Option<&Positions>,
+    ) -> Result<Tensor<B, 3>> {
+        self.forward_rows(tokens, caches, positions, 0)
+    }
+
+    /// [`forward_at`](Self::forward_at)'s hidden states of rows `first ..` only, `[batch, seq −
+    /// first, d_model]`: the last block skips the attention and the feed-forward network of the
+    /// rows before `first` (their keys and values still reach its cache). An error when `first`
+    /// is not below `seq`.
+    pub fn forward_rows(
+        &self,
+        tokens: Tensor<B, 2, Int>,
         mut caches: Option<&mut [KvCache<B>]>,
         positions: Option<&Positions>,
+        first: usize,
     ) -> Result<Tensor<B, 3>> {
         self.check_tokens(&tokens)?;
         if positions.is_some() && !self.takes_positions() {
@@ -324,9 +347,11 @@ impl<B: Backend> Transformer<B> {
             x = abs.embed(x, start, positions, segmented.as_ref().map(|(s, _)| s))?;
         }
         let index = segmented.as_ref().map(|(s, _)| s.index.clone());
+        let last = self.blocks.len().saturating_sub(1);
         for (i, block) in self.blocks.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            x = block.forward(x, cache, index.clone(), positions)?;
+            let rows = if i == last { first } else { 0 };
+            x = block.forward(x, cache, index.clone(), positions, rows)?;
         }
         if let (Some(caches), Some((_, state))) = (caches, segmented) {
             for cache in caches.iter_mut() {
@@ -362,7 +387,7 @@ impl<B: Backend> Transformer<B> {
         }
         let index = segmented.as_ref().map(|(s, _)| s.index.clone());
         for block in &self.blocks[..layer] {
-            x = block.forward(x, None, index.clone(), None)?;
+            x = block.forward(x, None, index.clone(), None, 0)?;
         }
         let block = &self.blocks[layer];
         block
@@ -498,6 +523,21 @@ impl<B: Backend> LanguageModel<B> {
         let hidden =
             self.transformer
                 .forward_at(tokens, Some(cache.layers.as_mut_slice()), positions)?;
+        Ok(linear_layer(&self.head, hidden))
+    }
+
+    /// [`forward_cached`](Self::forward_cached)'s logits of rows `first ..` of `tokens` only,
+    /// `[batch, new − first, vocab]`, with `cache` extended by every token (see
+    /// [`Transformer::forward_rows`]: the last block skips the other rows' attention and
+    /// feed-forward network). Without a cache, the same rows of [`forward`](Self::forward).
+    pub fn forward_rows(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: Option<&mut LmCache<B>>,
+        first: usize,
+    ) -> Result<Tensor<B, 3>> {
+        let caches = cache.map(|c| c.layers.as_mut_slice());
+        let hidden = self.transformer.forward_rows(tokens, caches, None, first)?;
         Ok(linear_layer(&self.head, hidden))
     }
 

@@ -100,9 +100,12 @@ impl<B: Backend> MultiHeadAttention<B> {
         positions: Option<&Positions>,
         cache: Option<&mut KvCache<B>>,
         segments: Option<Tensor<B, 2, Int>>,
+        first: usize,
     ) -> Tensor<B, 3> {
         if let Some(path) = self.encoding.householder() {
-            return self.attend_householder(path, x, cache);
+            let out = self.attend_householder(path, x, cache);
+            let l = out.dims()[1];
+            return out.narrow(1, first, l - first);
         }
         let [b, l, _] = x.dims();
         let device = x.device();
@@ -123,6 +126,7 @@ impl<B: Backend> MultiHeadAttention<B> {
         let reshapes = self.qk_norm.is_some() || self.temperature.is_some();
         // Scalable-Softmax scales the queries of each chunk (see `attend_chunk`).
         let packed = cache.is_none()
+            && first == 0
             && whole
             && !self.encoding.rotates()
             && !reshapes
@@ -153,7 +157,7 @@ impl<B: Backend> MultiHeadAttention<B> {
             scale,
         };
         let outputs: Vec<_> = self
-            .chunk_spans(offset, l, keys.k.dims()[2], positions)
+            .spans_from(first, offset, l, keys.k.dims()[2], positions)
             .into_iter()
             .map(|(r0, span)| self.attend_chunk(&queries, &keys, r0, &span, fused, &device))
             .collect();
@@ -331,6 +335,24 @@ impl<B: Backend> MultiHeadAttention<B> {
         self.spans_every(chunk, offset, l, keys, positions)
     }
 
+    /// [`Self::chunk_spans`] of rows `first .. l` only (the rows before `first` attend to
+    /// nothing: their keys and values still reach the cache).
+    pub(super) fn spans_from(
+        &self,
+        first: usize,
+        offset: usize,
+        l: usize,
+        keys: usize,
+        positions: Option<&Positions>,
+    ) -> Vec<(usize, Span)> {
+        let chunk = if self.chunk_size == 0 {
+            l
+        } else {
+            self.chunk_size
+        };
+        self.spans_of(first, chunk, offset, l, keys, positions)
+    }
+
     /// [`Self::chunk_spans`] with `chunk` rows per chunk (the last may have fewer).
     pub(super) fn spans_every(
         &self,
@@ -340,8 +362,21 @@ impl<B: Backend> MultiHeadAttention<B> {
         keys: usize,
         positions: Option<&Positions>,
     ) -> Vec<(usize, Span)> {
+        self.spans_of(0, chunk, offset, l, keys, positions)
+    }
+
+    /// Chunks of `chunk` rows over rows `first .. l` of this pass (the last may have fewer).
+    fn spans_of(
+        &self,
+        first: usize,
+        chunk: usize,
+        offset: usize,
+        l: usize,
+        keys: usize,
+        positions: Option<&Positions>,
+    ) -> Vec<(usize, Span)> {
         let lookahead = usize::from(self.encoding.reads_next_column());
-        (0..l)
+        (first..l)
             .step_by(chunk.max(1))
             .map(|r0| {
                 let rows = chunk.min(l - r0);

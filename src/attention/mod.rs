@@ -205,7 +205,7 @@ pub struct MultiHeadAttention<B: Backend> {
 impl<B: Backend> MultiHeadAttention<B> {
     /// Self-attention over `x: [batch, seq, d_model]` -> `[batch, seq, d_model]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.attend(x, None, None, None)
+        self.attend(x, None, None, None, 0)
     }
 
     /// Incremental (causal) self-attention: `x: [batch, new, d_model]` holds the positions that
@@ -253,8 +253,29 @@ impl<B: Backend> MultiHeadAttention<B> {
         segments: Option<Tensor<B, 2, Int>>,
         cache: Option<&mut KvCache<B>>,
     ) -> Result<Tensor<B, 3>> {
+        self.forward_rows(x, positions, segments, cache, 0)
+    }
+
+    /// [`forward_with`](Self::forward_with)'s rows `first ..` only, `[batch, seq − first,
+    /// d_model]`: every token's keys and values still reach the cache, but the rows before
+    /// `first` attend to nothing (a model's last layer, where only the last rows' outputs are
+    /// read). An error when `first` is not below `seq`.
+    pub fn forward_rows(
+        &self,
+        x: Tensor<B, 3>,
+        positions: Option<&Positions>,
+        segments: Option<Tensor<B, 2, Int>>,
+        cache: Option<&mut KvCache<B>>,
+        first: usize,
+    ) -> Result<Tensor<B, 3>> {
         self.check_inputs(&x, positions, segments.as_ref(), cache.as_deref())?;
-        Ok(self.attend(x, positions, cache, segments))
+        ensure(
+            first < x.dims()[1],
+            "first",
+            first,
+            "the first row returned must be below the number of rows given",
+        )?;
+        Ok(self.attend(x, positions, cache, segments, first))
     }
 
     /// The inputs of [`forward_with`](Self::forward_with) checked against the layer and each
