@@ -5,7 +5,8 @@
 //! Every item is one forward pass over its `length` tokens (query-chunked attention where the
 //! length needs it, which is exact), or the same rows read after a prefix the item shares with
 //! its neighbours (a passkey depth's filler and needle text, run once: see
-//! [`super::retrieval_prefix`]); the prediction at a scored target is the argmax of its logits. A passkey item counts as correct when every digit is; an MQAR item contributes each
+//! `src/eval/retrieval_prefix.rs`); the prediction at a scored target is the argmax of its
+//! logits. A passkey item counts as correct when every digit is; an MQAR item contributes each
 //! of its queries.
 
 use std::path::Path;
