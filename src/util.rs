@@ -188,7 +188,9 @@ impl Rng {
 /// Serialises the unit tests that build autodiff graphs and call `backward()`. Burn 0.21's
 /// `backward()` sweeps every graph of the process at its end and can free a step of a graph that
 /// another thread is still building, so a parameter's gradient goes missing without an error
-/// (tracel-ai/burn#5573); the test harness runs tests on several threads.
+/// (tracel-ai/burn#5573); the test harness runs tests on several threads. It also serialises
+/// the draws from the backend's shared random state: a test that reseeds it and draws the same
+/// values twice (`attention::fused_tests`) gets different ones if another test draws between.
 #[cfg(test)]
 pub(crate) fn autodiff_test_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -561,6 +561,9 @@ mod tests {
     /// non-causal square, and randomized positions. GELU takes the tensor path.
     #[test]
     fn fire_kernel_is_the_tensor_path() {
+        // The backend's random state is shared: tests that reseed it and draw twice (the fused
+        // tests) hold this lock, so every test that draws from it does.
+        let _rng = crate::util::autodiff_test_lock();
         type N = NdArray<f32>;
         let device = Default::default();
         let positions = RandomizedConfig::new(2048).sample(40, 9).unwrap();

@@ -190,6 +190,9 @@ mod tests {
     /// should be: from a depth's second item on, and not across depths.
     #[test]
     fn passes_through_a_shared_prefix_are_the_whole_pass() {
+        // The models' weights come from the backend's shared random state, which the tests that
+        // reseed it and draw twice hold this lock around.
+        let _rng = crate::util::autodiff_test_lock();
         let device = Default::default();
         // The grid's rows that differ in what the cache carries: a bias table, DAPE's MLP
         // and its convolutions over the keys, an MLP bias by row position, FoX's gates, PaTH's
