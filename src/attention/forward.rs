@@ -327,12 +327,7 @@ impl<B: Backend> MultiHeadAttention<B> {
         keys: usize,
         positions: Option<&Positions>,
     ) -> Vec<(usize, Span)> {
-        let chunk = if self.chunk_size == 0 {
-            l
-        } else {
-            self.chunk_size
-        };
-        self.spans_every(chunk, offset, l, keys, positions)
+        self.spans_from(0, offset, l, keys, positions)
     }
 
     /// [`Self::chunk_spans`] of rows `first .. l` only (the rows before `first` attend to

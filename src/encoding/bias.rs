@@ -555,6 +555,25 @@ mod tests {
     use crate::encoding::RandomizedConfig;
     use burn::backend::{Autodiff, NdArray};
 
+    /// FIRE over 4 heads with `L = 64` whose 32 hidden units each change sign inside the
+    /// inputs' range `(0, 1)` (`b1 = −w1 · u`, `u` uniform in `(0.05, 0.95)`), so that every
+    /// piece of the kernel is read.
+    fn fire_with_kinks<B: Backend>(activation: FireActivation, device: &B::Device) -> Fire<B> {
+        let mut fire = FireConfig::new()
+            .with_activation(activation)
+            .with_init_l(64.0)
+            .init::<B>(4, device)
+            .unwrap();
+        let normal = burn::tensor::Distribution::Normal(0.0, 1.0);
+        let w1 = Tensor::<B, 2>::random([1, 32], normal, device);
+        let uniform = burn::tensor::Distribution::Uniform(0.05, 0.95);
+        let kinks = Tensor::<B, 1>::random([32], uniform, device);
+        let b1 = -(w1.clone().reshape([32]) * kinks);
+        fire.mlp_in.bias = Some(Param::from_tensor(b1.detach().require_grad()));
+        fire.mlp_in.weight = Param::from_tensor(w1.detach().require_grad());
+        fire
+    }
+
     /// FIRE through the piecewise-linear kernel against its tensor path, for ReLU and
     /// LeakyReLU with every hidden unit's kink inside the inputs' range `(0, 1)`: a causal
     /// square, a chunk of rows past the threshold `L` (each row its own normaliser), a
@@ -574,20 +593,7 @@ mod tests {
             (8, 32, 40, true, Some(positions)),
         ];
         for activation in [FireActivation::Relu, FireActivation::LeakyRelu] {
-            let mut fire = FireConfig::new()
-                .with_activation(activation)
-                .with_init_l(64.0)
-                .init::<N>(4, &device)
-                .unwrap();
-            let normal = burn::tensor::Distribution::Normal(0.0, 1.0);
-            let w1 = Tensor::<N, 2>::random([1, 32], normal, &device);
-            let kinks = Tensor::<N, 1>::random(
-                [32],
-                burn::tensor::Distribution::Uniform(0.05, 0.95),
-                &device,
-            );
-            fire.mlp_in.bias = Some(Param::from_tensor(-(w1.clone().reshape([32]) * kinks)));
-            fire.mlp_in.weight = Param::from_tensor(w1);
+            let fire = fire_with_kinks::<N>(activation, &device);
             for (query_start, query_len, key_len, causal, positions) in spans.clone() {
                 let span = Span {
                     query_start,
@@ -618,21 +624,8 @@ mod tests {
         let device = Default::default();
         let spans = [(0, 30, 30, true), (48, 40, 88, true), (0, 24, 24, false)];
         for activation in [FireActivation::Relu, FireActivation::LeakyRelu] {
-            let mut fire = FireConfig::new()
-                .with_activation(activation)
-                .with_init_l(64.0)
-                .init::<A>(4, &device)
-                .unwrap();
+            let fire = fire_with_kinks::<A>(activation, &device);
             let normal = burn::tensor::Distribution::Normal(0.0, 1.0);
-            let w1 = Tensor::<A, 2>::random([1, 32], normal, &device);
-            let kinks = Tensor::<A, 1>::random(
-                [32],
-                burn::tensor::Distribution::Uniform(0.05, 0.95),
-                &device,
-            );
-            let b1 = -(w1.clone().reshape([32]) * kinks);
-            fire.mlp_in.bias = Some(Param::from_tensor(b1.detach().require_grad()));
-            fire.mlp_in.weight = Param::from_tensor(w1.detach().require_grad());
             for (query_start, query_len, key_len, causal) in spans {
                 let span = Span {
                     query_start,

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::heatmap::{heatmap_svg, Heatmap};
 use super::plot::{line_chart_svg, Chart, Series};
-use super::retrieval_prefix::{tail_logits, SharedPrefix};
+use super::retrieval_prefix::{tail_logits, token_rows, SharedPrefix};
 use super::retrieval_resume::{partial_path, Finished, InProgress, Partial, SAVE_EVERY};
 use crate::data::retrieval::mqar::MqarConfig;
 use crate::data::retrieval::passkey;
@@ -280,12 +280,7 @@ fn predict<B: Backend>(
         None => tail_logits(model, items, next, first, shared, device)?,
         Some(r) => {
             let positions = sample_positions(r, length, TEST_SEED, pass)?;
-            let inputs: Vec<i64> = items
-                .iter()
-                .flat_map(|i| i.tokens[..length].iter().map(|&t| i64::from(t)))
-                .collect();
-            let inputs =
-                Tensor::<B, 2, Int>::from_data(TensorData::new(inputs, [n, length]), device);
+            let inputs = token_rows(items, 0..length, device);
             let logits = model.forward_at(inputs, Some(&positions))?;
             let vocab = logits.dims()[2];
             logits.slice([0..n, first..length, 0..vocab])

@@ -68,7 +68,7 @@ fn common_prefix<'a>(items: impl IntoIterator<Item = &'a RetrievalItem>, limit: 
 }
 
 /// Tokens `span` of every item, `[items, span.len()]`.
-fn token_rows<B: Backend>(
+pub(super) fn token_rows<B: Backend>(
     items: &[&RetrievalItem],
     span: std::ops::Range<usize>,
     device: &B::Device,
