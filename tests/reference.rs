@@ -1066,9 +1066,11 @@ fn qk_norm_is_scale_free_and_a_window_of_one_sees_the_row_alone() {
             .abs()
             .max()
             .into_scalar();
+        // Normalising a scaled q or k rounds differently in float32: 1.1e-5 seen on one
+        // random draw, against the 1e-3 and more that the scale makes without QK-norm.
         if normalised {
             assert!(
-                diff < 1e-5,
+                diff < 1e-4,
                 "QK-norm: scaling q and k changed the output by {diff}"
             );
         } else {
