@@ -24,8 +24,10 @@
 #   longppl         LongPPL of the books models: the fixed evaluator (configs/lm/
 #                   longppl_evaluator.json, DAPE-Kerple trained at 512) finds the key tokens once
 #                   per length; every published books run of the plan is trained again from its
-#                   config (the weights are not committed) and evaluated with dape eval --longppl
-#                   (runs not published yet stay pending: the phase comes again last)
+#                   config (the weights are not committed; a run that an earlier phase trained
+#                   in this $RUNS from that config is copied instead) and evaluated with dape
+#                   eval --longppl (runs not published yet stay pending: the phase comes again
+#                   last, after lm-new, whose runs it then copies)
 #   lm-new          the methods after DAPE (issue 36): PaTH, PaTH-FoX, stick-breaking over NoPE
 #                   and an iRoPE-style hybrid (configs/lm/irope.json), on books, then on latex
 #   lm-new-seeds    seeds 1 and 2 on books of those four and of their nearest baselines without
@@ -294,6 +296,21 @@ publish_longppl() {
   "$dape" plot "${args[@]}" "${pending[@]}" --out "$dst" >/dev/null
 }
 
+# Copies the trained model of books run $1 into $3 when $3 has none yet and $1 was trained
+# from the published config $2 (an lm-new run trained in this $RUNS, say), so that the LongPPL
+# phase evaluates it instead of training it again. The copy is made whole, then renamed.
+reuse_trained() {
+  local src=$1 config=$2 out=$3 f
+  [ -f "$out/model.mpk" ] && return 0
+  [ -f "$src/model.mpk" ] && cmp -s "$src/config.json" "$config" || return 0
+  rm -rf "$out.copy" && mkdir -p "$out.copy" || return 1
+  for f in model.mpk config.json train.json; do
+    cp "$src/$f" "$out.copy/$f" || return 1
+  done
+  rm -rf "$out" && mkdir -p "$(dirname "$out")" && mv "$out.copy" "$out" || return 1
+  echo "study: longppl: $src is trained from the published config; evaluating it, not training it again"
+}
+
 longppl_phase() {
   local evaluator=$RUNS/longppl-evaluator dst=$RESULTS/longppl run out
   stop_requested && return 1
@@ -308,6 +325,10 @@ longppl_phase() {
     # A books run that has not finished yet (a later phase trains it) stays pending.
     [ -f "$RESULTS/lm-books/$run/config.json" ] || continue
     out=$RUNS/lm-books-longppl/$run
+    if ! reuse_trained "$RUNS/lm-books/$run" "$RESULTS/lm-books/$run/config.json" "$out"; then
+      echo "study: longppl $run: copying its trained books run failed; it stays pending" >&2
+      return 2
+    fi
     if ! train_once "$RESULTS/lm-books/$run/config.json" "$out"; then
       echo "study: longppl $run failed in training; it stays pending" >&2
       return 2
