@@ -41,6 +41,12 @@ impl<B: Backend> AdditiveBias<B> {
         }
     }
 
+    /// Whether the bias depends on the distance `i − j` alone (every kind but FIRE, whose
+    /// normaliser reads the query's position).
+    pub fn depends_on_distance_only(&self) -> bool {
+        !matches!(self, Self::Fire(_))
+    }
+
     /// Number of heads.
     pub fn n_heads(&self) -> usize {
         match self {

@@ -27,6 +27,8 @@
 
 #[cfg(all(test, feature = "ndarray"))]
 mod attention_tests;
+#[cfg(all(test, feature = "ndarray"))]
+mod distance_tests;
 #[cfg(feature = "ndarray")]
 mod fused;
 mod tensor_path;

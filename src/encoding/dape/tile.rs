@@ -80,6 +80,12 @@ pub(crate) trait TiledCorrection<B: Backend> {
     fn tile_weights(&self) -> TileWeights<B>;
     /// The base bias map over `span`, `[1, H, rows, keys]`; `None` over NoPE.
     fn own_bias(&self, span: &Span, device: &B::Device) -> Option<Tensor<B, 4>>;
+    /// The base bias by distance for `span`'s rows, `[H, n]` backwards (see
+    /// `DapeAttentionInputs::bias_by_distance`), where it depends on the distance alone and
+    /// `span` is causal with its tokens at their indices; `None` otherwise.
+    fn own_bias_by_distance(&self, _span: &Span, _device: &B::Device) -> Option<Tensor<B, 2>> {
+        None
+    }
 }
 
 impl<B: Backend> TiledCorrection<B> for Dape<B> {
@@ -96,6 +102,27 @@ impl<B: Backend> TiledCorrection<B> for Dape<B> {
 
     fn own_bias(&self, span: &Span, device: &B::Device) -> Option<Tensor<B, 4>> {
         self.bias.as_ref().map(|bias| bias.forward(span, device))
+    }
+
+    fn own_bias_by_distance(&self, span: &Span, device: &B::Device) -> Option<Tensor<B, 2>> {
+        let bias = self.bias.as_ref()?;
+        let n = span.query_start + span.query_len;
+        let fits = bias.depends_on_distance_only() && span.causal && span.positions.is_none();
+        if !fits || span.query_len == 0 {
+            return None;
+        }
+        // The row of one query at position n − 1 over the keys at 0 .. n: distance n − 1 − m
+        // in column m.
+        let far = Span {
+            query_start: n - 1,
+            query_len: 1,
+            key_len: n,
+            causal: true,
+            positions: None,
+        };
+        let row = bias.forward(&far, device);
+        let h = row.dims()[1];
+        Some(row.reshape([h, n]))
     }
 }
 
@@ -122,6 +149,11 @@ impl<B: Backend> TiledCorrection<B> for DapeV2<B> {
         self.bias.as_ref().map(|bias| bias.forward(span, device))
     }
 }
+
+/// The fewest query rows for which the tile reads DAPE V1's bias by distance: the table costs
+/// as much as one row's pairs (`D · H` multiply-adds per distance), and a decode step's single
+/// row would pay it for nothing.
+const BY_DISTANCE_MIN_ROWS: usize = 16;
 
 /// DAPE (`f`) and the attention around it in one kernel: `softmax(c ⊙ Z, mask) · v` with
 /// `Z = S + B + f([S ‖ B])`, `S = scale · q kᵀ`, over the rows and keys of `span`, `[batch,
@@ -152,11 +184,25 @@ pub(crate) fn tile_attention<B: Backend>(
             return None;
         }
         let weights = f.tile_weights();
-        let bias = map.or_else(|| f.own_bias(span, &weights.w1.device()));
+        let device = weights.w1.device();
+        // Evaluation of DAPE V1 over its own bias of the distance alone reads the bias and its
+        // half of the first layer by distance, and builds no map.
+        let by_distance = map.is_none()
+            && fused::applies::<B>()
+            && weights.form == TileForm::V1
+            && span.query_len >= BY_DISTANCE_MIN_ROWS;
+        let bias_by_distance = by_distance
+            .then(|| f.own_bias_by_distance(span, &device))
+            .flatten();
+        let bias = match bias_by_distance {
+            Some(_) => None,
+            None => map.or_else(|| f.own_bias(span, &device)),
+        };
         let inputs = fused::DapeAttentionInputs {
             qkv,
             heads: weights.heads(),
             bias,
+            bias_by_distance,
             f: weights,
             row_scale,
             scale,

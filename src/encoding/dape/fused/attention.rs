@@ -29,6 +29,7 @@ use rayon::prelude::*;
 
 use super::backward::ZGrad;
 use super::correction::{Correction, CorrectionGrads};
+use super::distance_half::DistanceHalf;
 use super::softmax_rows::SoftmaxInputs;
 use crate::encoding::Span;
 use crate::kernel::{gemm_new, gemm_scaled, gemm_scaled_add, softmax_row_simd, view2, Mat};
@@ -54,6 +55,10 @@ pub(crate) struct DapeTile<'a> {
     pub row_scale: Option<&'a [f32]>,
     /// Rows per block (at least 1); [`DapeTile::block_rows`] picks it from a budget of floats.
     pub block: usize,
+    /// DAPE V1's bias and first layer by distance for the forward pass ([`DistanceHalf`]: a
+    /// bias of the distance alone, rows and keys at their token indices; `bias` is then
+    /// `None`); `None`: from the bias map, per pair.
+    pub distance: Option<&'a DistanceHalf>,
 }
 
 /// The gradients of one call, row-major: q, k, v in their shapes, the bias map's (its shape;
@@ -238,9 +243,13 @@ impl<'a> DapeTile<'a> {
             logits,
             bias,
         } = self.scores(r0);
-        let mut probs = self
-            .f
-            .forward(logits, bias.as_deref(), [b, h, rb, keys], &span);
+        let mut probs = self.f.forward(
+            logits,
+            bias.as_deref(),
+            [b, h, rb, keys],
+            &span,
+            self.distance,
+        );
         probs
             .par_chunks_mut(keys.max(1))
             .enumerate()

@@ -15,6 +15,7 @@ use burn::tensor::TensorData;
 use super::super::tile::{Qkv, TileForm, TileWeights};
 use super::attention::{DapeTile, TileGrads};
 use super::correction::Correction;
+use super::distance_half::DistanceHalf;
 use super::node::{host_opt, prim, record_dape_node, register};
 use super::v1::Mlp;
 use super::v2::KeyConvs;
@@ -29,6 +30,13 @@ pub(crate) struct DapeAttentionInputs<B: Backend> {
     pub heads: usize,
     /// The base bias map, `[1 or batch, H, rows, keys]`; `None` over NoPE.
     pub bias: Option<Tensor<B, 4>>,
+    /// In place of `bias` (which is then `None`), a base bias of the distance alone, `[H, n]`,
+    /// backwards: column `m` holds the bias at distance `n − 1 − m` (the map's row for one
+    /// query at position `n − 1`), `n` at least the span's last query position plus one. For
+    /// DAPE V1 in evaluation over a causal span whose rows and keys sit at their token
+    /// indices: the tile then reads the bias and the bias's half of `f`'s first layer by
+    /// distance ([`DistanceHalf`]) and builds no map. Anything else returns `None`.
+    pub bias_by_distance: Option<Tensor<B, 2>>,
     /// DAPE's `f`.
     pub f: TileWeights<B>,
     /// Scalable-Softmax's factor per head and row, `[H, rows]`: the softmax reads `c ⊙ Z`.
@@ -50,7 +58,7 @@ pub(crate) fn dape_attention<B: Backend>(
     x: DapeAttentionInputs<B>,
     span: &Span,
 ) -> Option<Tensor<B, 4>> {
-    if !fits(&x) {
+    if !fits(&x, span) {
         return None;
     }
     if applies::<B>() {
@@ -58,6 +66,10 @@ pub(crate) fn dape_attention<B: Backend>(
         let f = correction_of(&x)?;
         let dims = tile_dims(&x)?;
         let device = x.f.w1.device();
+        let distance = match x.bias_by_distance {
+            Some(far) => Some(distance_half(&f, far, span)?),
+            None => None,
+        };
         let qkv = x.qkv.map(|t| t.into_primitive().tensor());
         let bias = x.bias.map(|m| m.into_primitive().tensor());
         let row_scale = x.row_scale.map(|c| c.into_primitive().tensor());
@@ -69,20 +81,21 @@ pub(crate) fn dape_attention<B: Backend>(
             span,
             &f,
             x.budget,
+            distance.as_ref(),
         )?;
         return cast(Tensor::<Nd, 4>::from_data(
             TensorData::new(out, out_dims(dims)),
             &device,
         ));
     }
-    if applies_autodiff::<B>() {
+    if applies_autodiff::<B>() && x.bias_by_distance.is_none() {
         return cast(record(cast_inputs::<B, Ad>(x)?, span)?);
     }
     None
 }
 
 /// Whether the shapes and element types fit the tile.
-fn fits<B: Backend>(x: &DapeAttentionInputs<B>) -> bool {
+fn fits<B: Backend>(x: &DapeAttentionInputs<B>, span: &Span) -> bool {
     let h = x.heads;
     let Some([b, _, rows, keys, dh, _]) = tile_dims(x) else {
         return false;
@@ -92,7 +105,16 @@ fn fits<B: Backend>(x: &DapeAttentionInputs<B>) -> bool {
         (mb == 1 || mb == b) && (mh, mr, mk) == (h, rows, keys)
     });
     let rows_fit = x.row_scale.as_ref().is_none_or(|c| c.dims() == [h, rows]);
-    let channels = if x.bias.is_some() { 2 * h } else { h };
+    let by_distance = x.bias_by_distance.as_ref().is_none_or(|t| {
+        let [th, n] = t.dims();
+        let f32s = t.dtype() == burn::tensor::DType::F32;
+        x.bias.is_none() && th == h && n >= span.query_start + rows && f32s
+    });
+    let channels = if x.bias.is_some() || x.bias_by_distance.is_some() {
+        2 * h
+    } else {
+        h
+    };
     let widths = x.f.dims(h).is_some_and(|[c, _, _]| c == channels);
     let f32s = x
         .qkv
@@ -104,7 +126,7 @@ fn fits<B: Backend>(x: &DapeAttentionInputs<B>) -> bool {
             .as_ref()
             .is_none_or(|t| t.dtype() == burn::tensor::DType::F32)
         && x.f.w1.dtype() == burn::tensor::DType::F32;
-    h > 0 && dh > 0 && bias_fits && rows_fit && widths && f32s
+    h > 0 && dh > 0 && bias_fits && rows_fit && by_distance && widths && f32s
 }
 
 fn cast_inputs<B: Backend, C: Backend>(
@@ -117,6 +139,7 @@ fn cast_inputs<B: Backend, C: Backend>(
         },
         heads: x.heads,
         bias: cast_opt(x.bias)?,
+        bias_by_distance: cast_opt(x.bias_by_distance)?,
         f: TileWeights {
             form: x.f.form,
             w1: cast(x.f.w1)?,
@@ -152,6 +175,21 @@ fn correction_of<B: Backend>(x: &DapeAttentionInputs<B>) -> Option<Correction> {
             mask_future_hidden,
         }),
     })
+}
+
+/// DAPE V1's bias and first layer by distance from `far` (`[H, n]`, see
+/// [`DapeAttentionInputs::bias_by_distance`]); `None` for DAPE V2, over a span that is not
+/// causal or whose tokens are not at their indices, or when `far` does not cover its rows.
+fn distance_half(f: &Correction, far: Tensor<Nd, 2>, span: &Span) -> Option<DistanceHalf> {
+    let Correction::V1(mlp) = f else {
+        return None;
+    };
+    let [h, n] = far.dims();
+    let fits = h == mlp.h && span.causal && span.positions.is_none();
+    if !fits || span.query_start + span.query_len > n {
+        return None;
+    }
+    DistanceHalf::new(mlp, &host(far)?, n)
 }
 
 /// `[batch, H, rows, keys, d_head, d_v]`; `None` when q, k and v do not fit together.
@@ -201,6 +239,7 @@ fn views<'a>(
 
 /// The tile over the host values of q, k, v (read through their strides), the bias map and
 /// the row factors; `None` when one is not `f32`.
+#[allow(clippy::too_many_arguments)]
 fn tile<'a>(
     qkv: Qkv<&'a burn_ndarray::NdArrayTensor>,
     [bias, row_scale]: [Option<&'a [f32]>; 2],
@@ -209,6 +248,7 @@ fn tile<'a>(
     span: &'a Span,
     f: &'a Correction,
     block: usize,
+    distance: Option<&'a DistanceHalf>,
 ) -> Option<DapeTile<'a>> {
     let [q, k, v] = views(qkv, dims[1])?;
     Some(DapeTile {
@@ -222,6 +262,7 @@ fn tile<'a>(
         f,
         row_scale,
         block,
+        distance,
     })
 }
 
@@ -235,11 +276,12 @@ fn run_forward(
     span: &Span,
     f: &Correction,
     budget: usize,
+    distance: Option<&DistanceHalf>,
 ) -> Option<Vec<f32>> {
     let [bias, row_scale] = [host_values(bias)?, host_values(row_scale)?];
     let block = DapeTile::block_rows(four(dims), budget);
     let host = [bias.as_deref(), row_scale.as_deref()];
-    Some(tile(qkv, host, dims, scale, span, f, block)?.forward())
+    Some(tile(qkv, host, dims, scale, span, f, block, distance)?.forward())
 }
 
 /// The row-major values of an optional tensor: `Some(None)` when absent, `None` when not `f32`.
@@ -299,6 +341,7 @@ fn record(x: DapeAttentionInputs<Ad>, span: &Span) -> Option<Tensor<Ad, 4>> {
         &span,
         &f,
         x.budget,
+        None,
     )?;
     let out = Tensor::<Nd, 4>::from_data(TensorData::new(out, out_dims(dims)), &device)
         .into_primitive()
@@ -410,6 +453,7 @@ fn tile_grads(st: &State, grad: burn_ndarray::NdArrayTensor) -> TileGrads {
         &st.span,
         &st.f,
         st.block,
+        None,
     )
     .expect("the attention-DAPE node keeps f32 tensors")
     .backward(&g)

@@ -5,7 +5,8 @@
 //! the bias block's gradient and `f`'s four weight gradients.
 
 use super::backward::ZGrad;
-use super::v1::{dape_v1, Mlp};
+use super::distance_half::DistanceHalf;
+use super::v1::{dape_v1_rows, Mlp};
 use super::v1_backward::{dape_v1_backward, V1Grads};
 use super::v2::{dape_v2, KeyConvs};
 use super::v2_backward::{dape_v2_backward, V2Grads};
@@ -34,16 +35,18 @@ pub(crate) struct CorrectionGrads {
 impl Correction {
     /// `Z = logits + bias + f(..)` for a block `logits: [batch, H, rows, keys]` and its rows
     /// of the bias map (`[1 or batch, H, rows, keys]`; `None` over NoPE). Keys after a causal
-    /// row's position get `logits + bias` only.
+    /// row's position get `logits + bias` only. `distance`: DAPE V1's first layer reads the
+    /// bias's half from that table (a bias of the distance alone; V2 ignores it).
     pub(crate) fn forward(
         &self,
         logits: Vec<f32>,
         bias: Option<&[f32]>,
         dims: [usize; 4],
         span: &Span,
+        distance: Option<&DistanceHalf>,
     ) -> Vec<f32> {
         match self {
-            Self::V1(mlp) => dape_v1(logits, bias, dims, span, mlp),
+            Self::V1(mlp) => dape_v1_rows(logits, bias, dims, span, mlp, distance),
             Self::V2(convs) => dape_v2(logits, bias, dims, span, convs),
         }
     }

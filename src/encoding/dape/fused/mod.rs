@@ -33,6 +33,7 @@
 //! | `rows.rs` | one task per query row, the bias map's rows, the keys a row can see |
 //! | `simd.rs` | blocks of 16 keys, the multiply-add, the AVX2 + FMA / baseline dispatch |
 //! | `v1.rs` | [`dape_v1`]: DAPE V1's MLP over each row |
+//! | `distance_half.rs` | the bias's half of V1's first layer once per distance, for a bias of the distance alone (evaluation in the tile) |
 //! | `v2.rs` | [`dape_v2`]: DAPE V2's two key convolutions over each row |
 //! | `backward.rs` | the backward passes' frame: row groups, deterministic weight sums, the gradient of `Z` given or formed per row |
 //! | `softmax_rows.rs` | the tile's softmax backward for one query row, run inside `f`'s backward rows |
@@ -58,6 +59,7 @@ mod attention;
 mod attention_node;
 mod backward;
 mod correction;
+mod distance_half;
 mod node;
 mod rows;
 mod simd;

@@ -59,7 +59,7 @@ pub(super) fn visible_keys(span: &Span, i: usize, lk: usize) -> usize {
     }
 }
 
-/// Runs `row(scratch, planes, bias rows, visible keys)` for every query row of
+/// Runs `row(scratch, i, planes, bias rows, visible keys)` for every query row `i` of
 /// `logits: [batch, H, rows, keys]`, in parallel over query rows, with one `init()` scratch per
 /// worker; `planes` holds the row of every (batch element, head) plane in plane order, updated
 /// in place, and the bias rows are the row of every plane of the map (`bias` is `[1 or batch,
@@ -71,13 +71,13 @@ pub(super) fn each_row<S>(
     bias: Option<&[f32]>,
     span: &Span,
     init: impl Fn() -> S + Send + Sync,
-    row: impl Fn(&mut S, &mut [&mut [f32]], &[&[f32]], usize) + Send + Sync,
+    row: impl Fn(&mut S, usize, &mut [&mut [f32]], &[&[f32]], usize) + Send + Sync,
 ) {
     rows_by_query(logits, lq, lk)
         .into_par_iter()
         .enumerate()
         .for_each_init(init, |scratch, (i, mut planes)| {
             let bias = bias_rows(bias, i, lq, lk);
-            row(scratch, &mut planes, &bias, visible_keys(span, i, lk));
+            row(scratch, i, &mut planes, &bias, visible_keys(span, i, lk));
         });
 }

@@ -8,6 +8,7 @@
 //! path, `Dape::forward_tensor_path` (`dape/tensor_path.rs`).
 
 use super::bias_fits;
+use super::distance_half::{dape_v1_by_distance, DistanceHalf};
 use super::rows::{batch_rows, each_row};
 use super::simd::{madd, simd_entry, LANES};
 use crate::encoding::Span;
@@ -79,15 +80,33 @@ pub(super) fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// forgetting attention's), or `logits + f(logits)` over NoPE when `None`. Keys after a causal
 /// row's position get `logits + bias` only.
 pub(crate) fn dape_v1(
+    logits: Vec<f32>,
+    bias: Option<&[f32]>,
+    dims: [usize; 4],
+    span: &Span,
+    mlp: &Mlp,
+) -> Vec<f32> {
+    dape_v1_rows(logits, bias, dims, span, mlp, None)
+}
+
+/// [`dape_v1`], or with `distance` its bias and the bias's half of its first layer by distance
+/// ([`DistanceHalf`]; `bias` is then not read): over a causal `span` whose rows and keys sit at
+/// their token indices, and only the keys each row sees are written (the tile masks the rest).
+pub(crate) fn dape_v1_rows(
     mut logits: Vec<f32>,
     bias: Option<&[f32]>,
     [b, h, lq, lk]: [usize; 4],
     span: &Span,
     mlp: &Mlp,
+    distance: Option<&DistanceHalf>,
 ) -> Vec<f32> {
     debug_assert_eq!(logits.len(), b * h * lq * lk);
     debug_assert!(bias.is_none_or(|m| bias_fits(m.len(), [b, h, lq, lk])));
     debug_assert_eq!(mlp.h, h);
+    if let Some(table) = distance {
+        dape_v1_by_distance(&mut logits, [b, h, lq, lk], span, mlp, table);
+        return logits;
+    }
     debug_assert_eq!(mlp.c, if bias.is_some() { 2 * h } else { h });
     each_row(
         &mut logits,
@@ -95,7 +114,7 @@ pub(crate) fn dape_v1(
         bias,
         span,
         || Scratch::new(mlp),
-        |s, planes, bias, visible| {
+        |s, _, planes, bias, visible| {
             // A map shared by two or more batch elements goes through its half of the first
             // layer once per query row, not once per batch element.
             let shared = bias.len() == h && planes.len() > h;
@@ -128,9 +147,9 @@ simd_entry! {
 }
 
 /// Per-thread working memory, `[channels][LANES]` each.
-struct Scratch {
+pub(super) struct Scratch {
     /// Gathered inputs, `C`.
-    x: Vec<[f32; LANES]>,
+    pub(super) x: Vec<[f32; LANES]>,
     /// Pre-activation hidden values, `D`.
     z: Vec<[f32; LANES]>,
     /// Hidden values after LeakyReLU, `D`.
@@ -143,7 +162,7 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(mlp: &Mlp) -> Self {
+    pub(super) fn new(mlp: &Mlp) -> Self {
         Self {
             x: vec![[0.0; LANES]; mlp.c],
             z: vec![[0.0; LANES]; mlp.d],
@@ -174,7 +193,7 @@ fn layer<const FMA: bool>(
 /// multiply-add's latency at every step; several side by side keep the unit busy and share
 /// each input's load.
 #[inline(always)]
-fn dense<const FMA: bool>(
+pub(super) fn dense<const FMA: bool>(
     out: &mut [[f32; LANES]],
     weight: &[f32],
     stride: usize,
@@ -224,15 +243,21 @@ fn leaky_relu_lanes(hidden: &mut [[f32; LANES]], z: &[[f32; LANES]], slope: f32)
 
 /// Copies keys `j0 .. j0 + n` of `rows` into the first `n` lanes of `dst`, zeroing the rest.
 #[inline(always)]
-fn gather(
+pub(super) fn gather(
     dst: &mut [[f32; LANES]],
     rows: impl Iterator<Item = impl AsRef<[f32]>>,
     j0: usize,
     n: usize,
 ) {
     for (lane, row) in dst.iter_mut().zip(rows) {
-        lane[..n].copy_from_slice(&row.as_ref()[j0..j0 + n]);
-        lane[n..].fill(0.0);
+        let row = row.as_ref();
+        if n == LANES {
+            // A whole block as one fixed-size copy: one vector load, not a call to `memmove`.
+            *lane = <[f32; LANES]>::try_from(&row[j0..j0 + LANES]).expect("a block of lanes");
+        } else {
+            lane[..n].copy_from_slice(&row[j0..j0 + n]);
+            lane[n..].fill(0.0);
+        }
     }
 }
 
@@ -240,9 +265,21 @@ fn gather(
 /// `W1[:, ..H] · x[..H]`, and LeakyReLU: fills `z` and `hidden`.
 #[inline(always)]
 fn logits_half<const FMA: bool>(mlp: &Mlp, blk: usize, s: &mut Scratch) {
-    let (c, d, h) = (mlp.c, mlp.d, mlp.h);
-    let pre = &s.pre[blk * d..(blk + 1) * d];
-    dense::<FMA>(&mut s.z, &mlp.w1, c, &s.x[..h], |k| pre[k]);
+    let d = mlp.d;
+    let pre = std::mem::take(&mut s.pre);
+    logits_half_over::<FMA>(mlp, s, |k| pre[blk * d + k]);
+    s.pre = pre;
+}
+
+/// The first layer from the bias's half `init(k)` (with `b1`) plus the logits' half
+/// `W1[:, ..H] · x[..H]`, and LeakyReLU: fills `z` and `hidden`.
+#[inline(always)]
+pub(super) fn logits_half_over<const FMA: bool>(
+    mlp: &Mlp,
+    s: &mut Scratch,
+    init: impl Fn(usize) -> [f32; LANES],
+) {
+    dense::<FMA>(&mut s.z, &mlp.w1, mlp.c, &s.x[..mlp.h], init);
     leaky_relu_lanes(&mut s.hidden, &s.z, mlp.slope);
 }
 
@@ -251,6 +288,35 @@ fn logits_half<const FMA: bool>(mlp: &Mlp, blk: usize, s: &mut Scratch) {
 fn hidden_layer<const FMA: bool>(mlp: &Mlp, s: &mut Scratch) {
     layer::<FMA>(&mut s.z, &mlp.w1, &mlp.b1, &s.x);
     leaky_relu_lanes(&mut s.hidden, &s.z, mlp.slope);
+}
+
+/// The second layer over `s.hidden` (keys `j0 .. j0 + n` of one query row), written as
+/// `logits + bias + f` into `heads` (`logits + f` without a bias).
+#[inline(always)]
+pub(super) fn second_layer_into<const FMA: bool>(
+    mlp: &Mlp,
+    heads: &mut [&mut [f32]],
+    bias: &[&[f32]],
+    j0: usize,
+    n: usize,
+    s: &mut Scratch,
+) {
+    layer::<FMA>(&mut s.out, &mlp.w2, &mlp.b2, &s.hidden);
+    for (hh, (dst, f)) in heads.iter_mut().zip(&s.out).enumerate() {
+        let dst = &mut dst[j0..j0 + n];
+        match bias.get(hh) {
+            Some(bias) => {
+                for ((o, &bv), &f) in dst.iter_mut().zip(&bias[j0..j0 + n]).zip(f) {
+                    *o += bv + f;
+                }
+            }
+            None => {
+                for (o, &f) in dst.iter_mut().zip(f) {
+                    *o += f;
+                }
+            }
+        }
+    }
 }
 
 /// `b1 + W1[:, H..] · B` for every block of the `visible` keys of one query row of a bias map
@@ -290,22 +356,7 @@ fn forward_row<const FMA: bool>(
             gather(&mut s.x[h..], bias.iter(), j0, n);
             hidden_layer::<FMA>(mlp, s);
         }
-        layer::<FMA>(&mut s.out, &mlp.w2, &mlp.b2, &s.hidden);
-        for (hh, (dst, f)) in heads.iter_mut().zip(&s.out).enumerate() {
-            let dst = &mut dst[j0..j0 + n];
-            match bias.get(hh) {
-                Some(bias) => {
-                    for ((o, &bv), &f) in dst.iter_mut().zip(&bias[j0..j0 + n]).zip(f) {
-                        *o += bv + f;
-                    }
-                }
-                None => {
-                    for (o, &f) in dst.iter_mut().zip(f) {
-                        *o += f;
-                    }
-                }
-            }
-        }
+        second_layer_into::<FMA>(mlp, heads, bias, j0, n, s);
     }
     // Future keys: masked by the caller; keep them finite.
     if visible < lk {

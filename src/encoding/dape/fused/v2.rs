@@ -59,7 +59,7 @@ pub(crate) fn dape_v2(
         bias,
         span,
         init,
-        |(x, hidden, block), planes, bias, visible| {
+        |(x, hidden, block), _, planes, bias, visible| {
             for (bi, heads) in planes.chunks_mut(h).enumerate() {
                 let rows = V2Row {
                     bias: batch_rows(bias, h, bi),
