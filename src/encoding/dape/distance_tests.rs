@@ -1,5 +1,5 @@
-//! DAPE V1's first layer by distance in the evaluation tile (`fused/distance_half.rs`) against
-//! the tile's per-pair first layer, for every base bias of the distance alone: the same bits
+//! DAPE V1's bias and first layer by distance in the evaluation tile (`fused/distance_half.rs`)
+//! against the tile over the bias map, for every base bias of the distance alone: the same bits
 //! where the batch shares the map (both sum the bias's half in the same order), float32
 //! rounding at batch 1, over a full causal forward, a causal chunk and a decode row, with one
 //! block of rows and one row per block. Against the tensor path the tile is held by
