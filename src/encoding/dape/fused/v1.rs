@@ -265,14 +265,14 @@ pub(super) fn gather(
 /// `W1[:, ..H] · x[..H]`, and LeakyReLU: fills `z` and `hidden`.
 #[inline(always)]
 fn logits_half<const FMA: bool>(mlp: &Mlp, blk: usize, s: &mut Scratch) {
-    let d = mlp.d;
-    let pre = std::mem::take(&mut s.pre);
-    logits_half_over::<FMA>(mlp, s, |k| pre[blk * d + k]);
-    s.pre = pre;
+    let (c, d, h) = (mlp.c, mlp.d, mlp.h);
+    let pre = &s.pre[blk * d..(blk + 1) * d];
+    dense::<FMA>(&mut s.z, &mlp.w1, c, &s.x[..h], |k| pre[k]);
+    leaky_relu_lanes(&mut s.hidden, &s.z, mlp.slope);
 }
 
-/// The first layer from the bias's half `init(k)` (with `b1`) plus the logits' half
-/// `W1[:, ..H] · x[..H]`, and LeakyReLU: fills `z` and `hidden`.
+/// [`logits_half`] with the bias's half `init(k)` (with `b1`) from elsewhere (a table by
+/// distance): fills `z` and `hidden`.
 #[inline(always)]
 pub(super) fn logits_half_over<const FMA: bool>(
     mlp: &Mlp,
